@@ -1,0 +1,15 @@
+//! The pure SIP core: message helpers over `rsip`, stream framing and the RFC 3261 §17
+//! transaction state machines.
+//!
+//! Nothing in here touches a socket, a runtime or a clock. Every input that depends on
+//! time takes `now` as an argument, and every output is pulled with a `poll_*` call, so the
+//! whole module is tested in virtual time with plain `#[test]`s.
+
+pub mod framing;
+pub mod header;
+pub mod message;
+pub mod transaction;
+pub mod via;
+
+pub use message::{Message, MessageError};
+pub use via::Via;

@@ -1,0 +1,548 @@
+//! Client transactions: RFC 3261 §17.1.1 (INVITE, with RFC 6026 Accepted) and §17.1.2
+//! (non-INVITE).
+
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use rsip::{Header, Method, Request, Response};
+
+use super::{due, earliest, TimerConfig};
+use crate::sip::message;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClientState {
+    /// INVITE sent, nothing heard yet.
+    Calling,
+    /// Non-INVITE sent, nothing heard yet.
+    Trying,
+    Proceeding,
+    Completed,
+    /// INVITE answered 2xx (RFC 6026): further 2xx are passed up until Timer M.
+    Accepted,
+    Terminated,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ClientEvent {
+    /// Send these bytes to the transaction's destination: the request, a retransmission of
+    /// it, or the ACK for a non-2xx final response.
+    Transmit(Bytes),
+    /// A response for the transaction user (the proxy core).
+    Response(Box<Response>),
+    /// Timer B or F fired before a final response.
+    Timeout,
+    /// The transaction is over and can be removed.
+    Terminated,
+}
+
+#[derive(Debug)]
+pub struct ClientTransaction {
+    invite: bool,
+    state: ClientState,
+    reliable: bool,
+    timers: TimerConfig,
+    request: Request,
+    wire: Bytes,
+    ack: Option<Bytes>,
+    retransmit_at: Option<Instant>,
+    retransmit_interval: Duration,
+    timeout_at: Option<Instant>,
+    linger_until: Option<Instant>,
+    saw_provisional: bool,
+    events: VecDeque<ClientEvent>,
+}
+
+impl ClientTransaction {
+    /// Starts the transaction: the request is queued for transmission at once.
+    pub fn new(now: Instant, request: Request, reliable: bool, timers: TimerConfig) -> Self {
+        let invite = request.method == Method::Invite;
+        let wire = message::encode(&request.clone().into());
+        let mut transaction = Self {
+            invite,
+            state: if invite {
+                ClientState::Calling
+            } else {
+                ClientState::Trying
+            },
+            reliable,
+            timers,
+            request,
+            wire: wire.clone(),
+            ack: None,
+            retransmit_at: (!reliable).then(|| now + timers.t1),
+            retransmit_interval: timers.t1,
+            timeout_at: Some(now + timers.transaction_timeout()),
+            linger_until: None,
+            saw_provisional: false,
+            events: VecDeque::new(),
+        };
+        transaction.events.push_back(ClientEvent::Transmit(wire));
+        transaction
+    }
+
+    pub fn state(&self) -> ClientState {
+        self.state
+    }
+
+    pub fn request(&self) -> &Request {
+        &self.request
+    }
+
+    pub fn is_invite(&self) -> bool {
+        self.invite
+    }
+
+    /// Whether a provisional response has arrived (a CANCEL may be sent, §9.1).
+    pub fn saw_provisional(&self) -> bool {
+        self.saw_provisional
+    }
+
+    /// Whether a final response has arrived.
+    pub fn is_final(&self) -> bool {
+        matches!(
+            self.state,
+            ClientState::Completed | ClientState::Accepted | ClientState::Terminated
+        )
+    }
+
+    pub fn poll_event(&mut self) -> Option<ClientEvent> {
+        self.events.pop_front()
+    }
+
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        earliest(&[self.retransmit_at, self.timeout_at, self.linger_until])
+    }
+
+    pub fn handle_response(&mut self, now: Instant, response: Response) {
+        let code = response.status_code.code();
+        let provisional = (100..200).contains(&code);
+        let success = (200..300).contains(&code);
+        match self.state {
+            ClientState::Calling | ClientState::Trying | ClientState::Proceeding if provisional => {
+                self.saw_provisional = true;
+                if self.invite {
+                    // §17.1.1.2: no more retransmissions, and Timer B no longer applies.
+                    self.retransmit_at = None;
+                    self.timeout_at = None;
+                } else if self.state == ClientState::Trying && !self.reliable {
+                    // §17.1.2.2: in Proceeding, Timer E fires every T2.
+                    self.retransmit_interval = self.timers.t2;
+                }
+                self.state = ClientState::Proceeding;
+                self.events
+                    .push_back(ClientEvent::Response(Box::new(response)));
+            }
+            ClientState::Calling | ClientState::Proceeding if success => {
+                self.state = ClientState::Accepted;
+                self.clear_running_timers();
+                self.linger_until = Some(now + self.timers.transaction_timeout());
+                self.events
+                    .push_back(ClientEvent::Response(Box::new(response)));
+            }
+            ClientState::Calling | ClientState::Proceeding => {
+                let ack = self.build_ack(&response);
+                self.ack = Some(ack.clone());
+                self.events.push_back(ClientEvent::Transmit(ack));
+                self.events
+                    .push_back(ClientEvent::Response(Box::new(response)));
+                self.complete(now, self.timers.timer_d(self.reliable));
+            }
+            ClientState::Trying => {
+                self.events
+                    .push_back(ClientEvent::Response(Box::new(response)));
+                self.complete(now, self.timers.t4_or_zero(self.reliable));
+            }
+            ClientState::Accepted if success => {
+                self.events
+                    .push_back(ClientEvent::Response(Box::new(response)));
+            }
+            ClientState::Completed if self.invite && code >= 300 => {
+                // A retransmitted final response: send the ACK again, tell nobody.
+                if let Some(ack) = &self.ack {
+                    self.events.push_back(ClientEvent::Transmit(ack.clone()));
+                }
+            }
+            // Anything else is absorbed (§17.1.2.2: Completed buffers retransmissions).
+            _ => {}
+        }
+    }
+
+    pub fn handle_timeout(&mut self, now: Instant) {
+        if due(self.linger_until, now) {
+            self.linger_until = None;
+            self.terminate();
+            return;
+        }
+        if due(self.timeout_at, now) {
+            // Timer B or F.
+            self.clear_running_timers();
+            self.events.push_back(ClientEvent::Timeout);
+            self.terminate();
+            return;
+        }
+        if due(self.retransmit_at, now) {
+            // Timer A or E.
+            self.events
+                .push_back(ClientEvent::Transmit(self.wire.clone()));
+            let next = match self.state {
+                ClientState::Calling => self.retransmit_interval * 2,
+                ClientState::Trying => (self.retransmit_interval * 2).min(self.timers.t2),
+                _ => self.timers.t2,
+            };
+            self.retransmit_interval = next;
+            self.retransmit_at = Some(now + next);
+        }
+    }
+
+    /// Ends the transaction at once, for instance after a transport error.
+    pub fn abort(&mut self) {
+        self.clear_running_timers();
+        self.linger_until = None;
+        self.terminate();
+    }
+
+    /// The CANCEL for this INVITE (RFC 3261 §9.1): same Request-URI, Call-ID, From, To,
+    /// CSeq number and Route set, and only the top Via, so it shares the INVITE's branch.
+    pub fn build_cancel(&self) -> Request {
+        self.derived_request(Method::Cancel, None)
+    }
+
+    fn build_ack(&self, response: &Response) -> Bytes {
+        let to = message::to_value(&response.headers)
+            .ok()
+            .map(str::to_string);
+        message::encode(&self.derived_request(Method::Ack, to).into())
+    }
+
+    /// A request that shares this transaction's branch (§17.1.1.3 ACK, §9.1 CANCEL).
+    fn derived_request(&self, method: Method, to_override: Option<String>) -> Request {
+        let mut headers = rsip::Headers::default();
+        let mut via_done = false;
+        for header in self.request.headers.iter() {
+            match header {
+                Header::Via(via) if !via_done => {
+                    via_done = true;
+                    let top = crate::sip::header::split_list(via.value_str())
+                        .into_iter()
+                        .next()
+                        .unwrap_or_default()
+                        .to_string();
+                    headers.push(Header::Via(top.into()));
+                }
+                Header::From(_) | Header::CallId(_) | Header::Route(_) => {
+                    headers.push(header.clone())
+                }
+                Header::To(_) => match &to_override {
+                    Some(to) => headers.push(Header::To(to.clone().into())),
+                    None => headers.push(header.clone()),
+                },
+                _ => {}
+            }
+        }
+        let seq = message::cseq(&self.request.headers)
+            .map(|(seq, _)| seq)
+            .unwrap_or(1);
+        message::set_cseq(&mut headers, seq, method);
+        message::set_max_forwards(&mut headers, 70);
+        headers.push(Header::ContentLength("0".into()));
+        Request {
+            method,
+            uri: self.request.uri.clone(),
+            version: rsip::Version::V2,
+            headers,
+            body: Vec::new(),
+        }
+    }
+
+    fn complete(&mut self, now: Instant, linger: Duration) {
+        self.clear_running_timers();
+        if linger.is_zero() {
+            self.terminate();
+        } else {
+            self.state = ClientState::Completed;
+            self.linger_until = Some(now + linger);
+        }
+    }
+
+    fn clear_running_timers(&mut self) {
+        self.retransmit_at = None;
+        self.timeout_at = None;
+    }
+
+    fn terminate(&mut self) {
+        if self.state != ClientState::Terminated {
+            self.state = ClientState::Terminated;
+            self.events.push_back(ClientEvent::Terminated);
+        }
+    }
+}
+
+/// `rsip`'s untyped headers expose their text through `UntypedHeader::value`; this
+/// small extension keeps call sites free of the trait import.
+trait ValueStr {
+    fn value_str(&self) -> &str;
+}
+
+impl ValueStr for rsip::headers::Via {
+    fn value_str(&self) -> &str {
+        rsip::headers::UntypedHeader::value(self)
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::disallowed_methods)] // tests start their virtual clock at a real Instant
+mod tests {
+    use super::*;
+    use crate::sip::message::{encode, parse};
+
+    const INVITE: &str = "INVITE sip:bob@192.0.2.2 SIP/2.0\r\n\
+        Via: SIP/2.0/UDP 192.0.2.1:5070;branch=z9hG4bKclient1;rport\r\n\
+        Via: SIP/2.0/UDP 10.0.0.9:5060;branch=z9hG4bKedge\r\n\
+        Max-Forwards: 69\r\n\
+        Route: <sip:192.0.2.2;lr>\r\n\
+        From: <sip:alice@a.example>;tag=f1\r\n\
+        To: <sip:bob@b.example>\r\n\
+        Call-ID: call-1\r\n\
+        CSeq: 7 INVITE\r\n\
+        Content-Length: 0\r\n\r\n";
+
+    fn request(text: &str) -> Request {
+        match parse(text.as_bytes(), true).unwrap() {
+            rsip::SipMessage::Request(request) => request,
+            _ => unreachable!(),
+        }
+    }
+
+    fn options() -> Request {
+        request(
+            &INVITE
+                .replace("INVITE sip", "OPTIONS sip")
+                .replace("7 INVITE", "7 OPTIONS"),
+        )
+    }
+
+    fn response(code: u16, method: &str) -> Response {
+        let text = format!(
+            "SIP/2.0 {code} X\r\nVia: SIP/2.0/UDP 192.0.2.1:5070;branch=z9hG4bKclient1\r\n\
+             From: <sip:alice@a.example>;tag=f1\r\nTo: <sip:bob@b.example>;tag=t9\r\n\
+             Call-ID: call-1\r\nCSeq: 7 {method}\r\nContent-Length: 0\r\n\r\n"
+        );
+        match parse(text.as_bytes(), true).unwrap() {
+            rsip::SipMessage::Response(response) => response,
+            _ => unreachable!(),
+        }
+    }
+
+    fn drain(transaction: &mut ClientTransaction) -> Vec<ClientEvent> {
+        std::iter::from_fn(|| transaction.poll_event()).collect()
+    }
+
+    /// Runs the clock from `start` to `end` in the steps the transaction asks for and
+    /// records when it transmitted, as offsets from `start`.
+    fn transmissions_until(
+        transaction: &mut ClientTransaction,
+        start: Instant,
+        end: Duration,
+    ) -> (Vec<Duration>, Vec<ClientEvent>) {
+        let mut sent = Vec::new();
+        let mut other = Vec::new();
+        while let Some(at) = transaction.poll_timeout() {
+            if at > start + end {
+                break;
+            }
+            transaction.handle_timeout(at);
+            for event in drain(transaction) {
+                match event {
+                    ClientEvent::Transmit(_) => sent.push(at - start),
+                    event => other.push(event),
+                }
+            }
+        }
+        (sent, other)
+    }
+
+    fn ms(values: &[u64]) -> Vec<Duration> {
+        values.iter().map(|v| Duration::from_millis(*v)).collect()
+    }
+
+    #[test]
+    fn timer_a_doubles_from_t1_and_timer_b_fires_at_64_t1() {
+        let start = Instant::now();
+        let mut invite =
+            ClientTransaction::new(start, request(INVITE), false, TimerConfig::default());
+        assert!(matches!(drain(&mut invite)[..], [ClientEvent::Transmit(_)]));
+        let (sent, other) = transmissions_until(&mut invite, start, Duration::from_secs(40));
+        // Retransmissions at 0.5, 1.5, 3.5, 7.5, 15.5, 31.5 s (intervals 0.5, 1, 2, 4, 8, 16).
+        assert_eq!(sent, ms(&[500, 1500, 3500, 7500, 15500, 31500]));
+        assert_eq!(other, vec![ClientEvent::Timeout, ClientEvent::Terminated]);
+        assert_eq!(invite.state(), ClientState::Terminated);
+        assert_eq!(invite.poll_timeout(), None);
+    }
+
+    #[test]
+    fn timer_b_fires_exactly_at_64_t1() {
+        let start = Instant::now();
+        let timers = TimerConfig {
+            t1: Duration::from_millis(100),
+            ..TimerConfig::default()
+        };
+        let mut invite = ClientTransaction::new(start, request(INVITE), false, timers);
+        drain(&mut invite);
+        let mut timeout_at = None;
+        while let Some(at) = invite.poll_timeout() {
+            invite.handle_timeout(at);
+            if drain(&mut invite).contains(&ClientEvent::Timeout) {
+                timeout_at = Some(at - start);
+            }
+        }
+        assert_eq!(timeout_at, Some(Duration::from_millis(6400)));
+    }
+
+    #[test]
+    fn reliable_invite_never_retransmits() {
+        let start = Instant::now();
+        let mut invite =
+            ClientTransaction::new(start, request(INVITE), true, TimerConfig::default());
+        drain(&mut invite);
+        let (sent, other) = transmissions_until(&mut invite, start, Duration::from_secs(40));
+        assert!(sent.is_empty());
+        assert_eq!(other, vec![ClientEvent::Timeout, ClientEvent::Terminated]);
+    }
+
+    #[test]
+    fn timer_e_doubles_to_t2_and_timer_f_fires_at_64_t1() {
+        let start = Instant::now();
+        let mut options = ClientTransaction::new(start, options(), false, TimerConfig::default());
+        drain(&mut options);
+        let (sent, other) = transmissions_until(&mut options, start, Duration::from_secs(40));
+        // Intervals 0.5, 1, 2, 4, 4, 4 ... s until Timer F at 32 s.
+        assert_eq!(
+            sent,
+            ms(&[500, 1500, 3500, 7500, 11500, 15500, 19500, 23500, 27500, 31500])
+        );
+        assert_eq!(other, vec![ClientEvent::Timeout, ClientEvent::Terminated]);
+    }
+
+    #[test]
+    fn timer_e_is_t2_after_a_provisional() {
+        let start = Instant::now();
+        let mut options = ClientTransaction::new(start, options(), false, TimerConfig::default());
+        drain(&mut options);
+        options.handle_timeout(start + Duration::from_millis(500));
+        drain(&mut options);
+        options.handle_response(start + Duration::from_millis(600), response(100, "OPTIONS"));
+        assert_eq!(options.state(), ClientState::Proceeding);
+        // The pending E (at 1.5 s) stays; after it, every T2.
+        let (sent, _) = transmissions_until(&mut options, start, Duration::from_millis(14000));
+        assert_eq!(sent, ms(&[1500, 5500, 9500, 13500]));
+    }
+
+    #[test]
+    fn non_invite_final_response_then_timer_k() {
+        let start = Instant::now();
+        let mut options = ClientTransaction::new(start, options(), false, TimerConfig::default());
+        drain(&mut options);
+        options.handle_response(start, response(200, "OPTIONS"));
+        assert!(matches!(
+            drain(&mut options)[..],
+            [ClientEvent::Response(_)]
+        ));
+        assert_eq!(options.state(), ClientState::Completed);
+        // Retransmitted final responses are absorbed.
+        options.handle_response(start, response(200, "OPTIONS"));
+        assert!(drain(&mut options).is_empty());
+        assert_eq!(options.poll_timeout(), Some(start + Duration::from_secs(5)));
+        options.handle_timeout(start + Duration::from_secs(5));
+        assert_eq!(drain(&mut options), vec![ClientEvent::Terminated]);
+    }
+
+    #[test]
+    fn non_invite_over_reliable_transport_terminates_on_final() {
+        let start = Instant::now();
+        let mut options = ClientTransaction::new(start, options(), true, TimerConfig::default());
+        drain(&mut options);
+        options.handle_response(start, response(404, "OPTIONS"));
+        let events = drain(&mut options);
+        assert!(matches!(
+            events[..],
+            [ClientEvent::Response(_), ClientEvent::Terminated]
+        ));
+    }
+
+    #[test]
+    fn invite_non_2xx_is_acked_hop_by_hop_and_timer_d_is_32s() {
+        let start = Instant::now();
+        let mut invite =
+            ClientTransaction::new(start, request(INVITE), false, TimerConfig::default());
+        drain(&mut invite);
+        invite.handle_response(start, response(180, "INVITE"));
+        assert!(invite.saw_provisional());
+        invite.handle_response(start, response(486, "INVITE"));
+        let events = drain(&mut invite);
+        let [ClientEvent::Response(_), ClientEvent::Transmit(ack), ClientEvent::Response(busy)] =
+            &events[..]
+        else {
+            panic!("unexpected events {events:?}");
+        };
+        assert_eq!(busy.status_code.code(), 486);
+        let ack = String::from_utf8(ack.to_vec()).unwrap();
+        assert!(
+            ack.starts_with("ACK sip:bob@192.0.2.2 SIP/2.0\r\n"),
+            "{ack}"
+        );
+        assert!(ack.contains("branch=z9hG4bKclient1"));
+        assert!(!ack.contains("z9hG4bKedge"), "only the top Via: {ack}");
+        assert!(ack.contains("CSeq: 7 ACK"));
+        assert!(ack.contains("tag=t9"), "To from the response: {ack}");
+        assert!(ack.contains("Route: <sip:192.0.2.2;lr>"));
+        // A retransmitted 486 is answered with the same ACK and not passed up.
+        invite.handle_response(start, response(486, "INVITE"));
+        assert!(matches!(drain(&mut invite)[..], [ClientEvent::Transmit(_)]));
+        assert_eq!(invite.poll_timeout(), Some(start + Duration::from_secs(32)));
+    }
+
+    #[test]
+    fn invite_2xx_enters_accepted_and_passes_retransmissions_until_timer_m() {
+        let start = Instant::now();
+        let mut invite =
+            ClientTransaction::new(start, request(INVITE), false, TimerConfig::default());
+        drain(&mut invite);
+        invite.handle_response(start, response(200, "INVITE"));
+        assert_eq!(invite.state(), ClientState::Accepted);
+        assert!(matches!(drain(&mut invite)[..], [ClientEvent::Response(_)]));
+        invite.handle_response(start + Duration::from_secs(1), response(200, "INVITE"));
+        assert!(matches!(drain(&mut invite)[..], [ClientEvent::Response(_)]));
+        // No ACK from the transaction for a 2xx, and no retransmission of the INVITE.
+        assert_eq!(invite.poll_timeout(), Some(start + Duration::from_secs(32)));
+        invite.handle_timeout(start + Duration::from_secs(32));
+        assert_eq!(drain(&mut invite), vec![ClientEvent::Terminated]);
+    }
+
+    #[test]
+    fn provisional_stops_timer_a_and_b_for_invite() {
+        let start = Instant::now();
+        let mut invite =
+            ClientTransaction::new(start, request(INVITE), false, TimerConfig::default());
+        drain(&mut invite);
+        invite.handle_response(start + Duration::from_millis(100), response(100, "INVITE"));
+        assert_eq!(invite.poll_timeout(), None);
+    }
+
+    #[test]
+    fn cancel_shares_branch_and_cseq_number() {
+        let invite = ClientTransaction::new(
+            Instant::now(),
+            request(INVITE),
+            false,
+            TimerConfig::default(),
+        );
+        let cancel = encode(&invite.build_cancel().into());
+        let text = String::from_utf8(cancel.to_vec()).unwrap();
+        assert!(text.starts_with("CANCEL sip:bob@192.0.2.2 SIP/2.0\r\n"));
+        assert!(text.contains("branch=z9hG4bKclient1"));
+        assert!(!text.contains("z9hG4bKedge"));
+        assert!(text.contains("CSeq: 7 CANCEL"));
+        assert!(text.contains("To: <sip:bob@b.example>\r\n"));
+    }
+}
