@@ -1,6 +1,10 @@
 //! byoc-sidecar: a SIP proxy beside a telephony Edge that owns the trunk's credentials.
 //!
 //! The pure protocol core lives in [`sip`]; [`transport`] and [`proxy`] drive it over
-//! sockets; [`config`] is the validated configuration.
+//! sockets; [`config`] is the validated configuration; [`stats`] counts what happens.
 
+pub mod config;
+pub mod proxy;
 pub mod sip;
+pub mod stats;
+pub mod transport;

@@ -1,0 +1,495 @@
+//! Configuration: the TOML schema (serde, `deny_unknown_fields`), its defaults, and
+//! [`Config::validate`], which turns the raw file into typed [`Settings`] or reports every
+//! problem at once, each naming its key and, for trunk keys, the trunk.
+//!
+//! The raw structs keep addresses and durations as strings so that one bad value does not
+//! hide the others: serde stops at the first error, `validate` does not.
+
+mod parse;
+
+pub use parse::{parse_duration, Endpoint, Listen, Transport};
+
+use std::collections::HashSet;
+use std::fmt;
+use std::net::IpAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use ipnet::IpNet;
+use serde::Deserialize;
+
+use crate::sip::transaction::TimerConfig;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    Syntax { path: String, message: String },
+    #[error("{path}: {count} problem(s):\n{list}", count = problems.len(), list = Problem::list(problems))]
+    Invalid {
+        path: String,
+        problems: Vec<Problem>,
+    },
+}
+
+/// One thing wrong with a configuration, with the key it is about.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    pub key: String,
+    pub message: String,
+}
+
+impl Problem {
+    fn list(problems: &[Problem]) -> String {
+        problems
+            .iter()
+            .map(|problem| format!("  - {problem}"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.key, self.message)
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub edge: SideConfig,
+    pub core_side: SideConfig,
+    #[serde(default)]
+    pub sip: SipConfig,
+    #[serde(default)]
+    pub log: LogConfig,
+    #[serde(default)]
+    pub trunk: Vec<TrunkConfig>,
+}
+
+/// One side of the proxy: where its peers reach us, and who may.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SideConfig {
+    /// `udp:IP:PORT` or `tcp:IP:PORT`.
+    pub listen: Vec<String>,
+    /// The address written in Via and Record-Route; required when a listener binds the
+    /// unspecified address.
+    #[serde(default)]
+    pub advertise: Option<String>,
+    /// Networks allowed to send to this side, besides the trunks' own addresses.
+    #[serde(default)]
+    pub allow: Vec<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SipConfig {
+    pub t1: String,
+    pub t2: String,
+    pub t4: String,
+    /// Largest message accepted on any transport, in bytes.
+    pub max_message_size: usize,
+    /// Server plus client transactions held at once; beyond it requests get 503.
+    pub max_transactions: usize,
+    /// Capacity of the queue from the transports to the engine.
+    pub queue_capacity: usize,
+    pub tcp_max_connections: usize,
+    pub tcp_idle_timeout: String,
+    pub tcp_connect_timeout: String,
+}
+
+impl Default for SipConfig {
+    fn default() -> Self {
+        Self {
+            t1: "500ms".into(),
+            t2: "4s".into(),
+            t4: "5s".into(),
+            max_message_size: 65_535,
+            max_transactions: 100_000,
+            queue_capacity: 8192,
+            tcp_max_connections: 1024,
+            tcp_idle_timeout: "300s".into(),
+            tcp_connect_timeout: "5s".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// `text` or `json`.
+    pub format: String,
+    /// A `tracing` filter such as `info` or `byoc_sidecar=debug`; `RUST_LOG` overrides it.
+    pub level: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            format: "text".into(),
+            level: "info".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrunkConfig {
+    pub name: String,
+    #[serde(default, rename = "match")]
+    pub matcher: MatchConfig,
+    /// Where requests from the core for this trunk go: `udp:HOST:PORT` or `tcp:HOST:PORT`.
+    pub edge: String,
+    /// Where this trunk's requests from the Edge go.
+    pub core: String,
+}
+
+/// Which Edge traffic a trunk serves. All given criteria must hold; a trunk with none
+/// matches everything, so it belongs last.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MatchConfig {
+    #[serde(default)]
+    pub source: Vec<String>,
+    #[serde(default)]
+    pub domain: Option<String>,
+    #[serde(default)]
+    pub port: Option<u16>,
+}
+
+/// The validated configuration the proxy runs with.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub edge: Side,
+    pub core_side: Side,
+    pub timers: TimerConfig,
+    pub limits: Limits,
+    pub log: LogConfig,
+    pub trunks: Vec<Trunk>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Side {
+    pub listen: Vec<Listen>,
+    pub advertise: Option<String>,
+    pub allow: Vec<IpNet>,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub max_message_size: usize,
+    pub max_transactions: usize,
+    pub queue_capacity: usize,
+    pub tcp_max_connections: usize,
+    pub tcp_idle_timeout: Duration,
+    pub tcp_connect_timeout: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct Trunk {
+    pub name: String,
+    pub sources: Vec<IpNet>,
+    pub domain: Option<String>,
+    pub port: Option<u16>,
+    pub edge: Endpoint,
+    pub core: Endpoint,
+}
+
+impl Config {
+    pub fn from_toml(text: &str, path: &str) -> Result<Self, ConfigError> {
+        toml::from_str(text).map_err(|error| ConfigError::Syntax {
+            path: path.to_string(),
+            message: error.to_string(),
+        })
+    }
+
+    /// Reads, parses and validates a file.
+    pub fn load(path: &Path) -> Result<Settings, ConfigError> {
+        let shown = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: shown.clone(),
+            source,
+        })?;
+        Self::from_toml(&text, &shown)?
+            .validate()
+            .map_err(|problems| ConfigError::Invalid {
+                path: shown,
+                problems,
+            })
+    }
+
+    /// Checks everything and returns the typed settings, or all problems found.
+    pub fn validate(&self) -> Result<Settings, Vec<Problem>> {
+        let mut problems = Problems::default();
+        let edge = validate_side("edge", &self.edge, &mut problems);
+        let core_side = validate_side("core_side", &self.core_side, &mut problems);
+        for listen in &edge.listen {
+            if core_side
+                .listen
+                .iter()
+                .any(|other| other.addr == listen.addr && other.transport == listen.transport)
+            {
+                problems.add(
+                    "core_side.listen",
+                    format!(
+                        "{listen} is also an edge listener; the two sides need distinct addresses"
+                    ),
+                );
+            }
+        }
+        let timers = self.validate_timers(&mut problems);
+        let limits = self.validate_limits(&mut problems);
+        if !matches!(self.log.format.as_str(), "text" | "json") {
+            problems.add(
+                "log.format",
+                format!("{:?} is neither \"text\" nor \"json\"", self.log.format),
+            );
+        }
+        if let Err(error) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
+            problems.add(
+                "log.level",
+                format!("{:?} is not a log filter: {error}", self.log.level),
+            );
+        }
+        let trunks = self.validate_trunks(&edge, &core_side, &mut problems);
+        if problems.0.is_empty() {
+            Ok(Settings {
+                edge,
+                core_side,
+                timers,
+                limits,
+                log: self.log.clone(),
+                trunks,
+            })
+        } else {
+            Err(problems.0)
+        }
+    }
+
+    fn validate_timers(&self, problems: &mut Problems) -> TimerConfig {
+        let defaults = TimerConfig::default();
+        let t1 = problems
+            .duration("sip.t1", &self.sip.t1)
+            .unwrap_or(defaults.t1);
+        let t2 = problems
+            .duration("sip.t2", &self.sip.t2)
+            .unwrap_or(defaults.t2);
+        let t4 = problems
+            .duration("sip.t4", &self.sip.t4)
+            .unwrap_or(defaults.t4);
+        if t1.is_zero() {
+            problems.add("sip.t1", "must be more than zero".into());
+        }
+        if t2 < t1 {
+            problems.add("sip.t2", format!("{t2:?} is less than sip.t1 ({t1:?})"));
+        }
+        if t4.is_zero() {
+            problems.add("sip.t4", "must be more than zero".into());
+        }
+        TimerConfig { t1, t2, t4 }
+    }
+
+    fn validate_limits(&self, problems: &mut Problems) -> Limits {
+        let sip = &self.sip;
+        if !(1024..=1 << 20).contains(&sip.max_message_size) {
+            problems.add(
+                "sip.max_message_size",
+                format!("{} is outside 1024..=1048576 bytes", sip.max_message_size),
+            );
+        }
+        for (key, value) in [
+            ("sip.max_transactions", sip.max_transactions),
+            ("sip.queue_capacity", sip.queue_capacity),
+            ("sip.tcp_max_connections", sip.tcp_max_connections),
+        ] {
+            if value == 0 {
+                problems.add(key, "must be more than zero".into());
+            }
+        }
+        Limits {
+            max_message_size: sip.max_message_size,
+            max_transactions: sip.max_transactions,
+            queue_capacity: sip.queue_capacity,
+            tcp_max_connections: sip.tcp_max_connections,
+            tcp_idle_timeout: problems
+                .duration("sip.tcp_idle_timeout", &sip.tcp_idle_timeout)
+                .unwrap_or(Duration::from_secs(300)),
+            tcp_connect_timeout: problems
+                .duration("sip.tcp_connect_timeout", &sip.tcp_connect_timeout)
+                .unwrap_or(Duration::from_secs(5)),
+        }
+    }
+
+    fn validate_trunks(
+        &self,
+        edge: &Side,
+        core_side: &Side,
+        problems: &mut Problems,
+    ) -> Vec<Trunk> {
+        if self.trunk.is_empty() {
+            problems.add("trunk", "no [[trunk]] is configured".into());
+        }
+        let mut names = HashSet::new();
+        let mut trunks = Vec::new();
+        for (index, raw) in self.trunk.iter().enumerate() {
+            let label = if raw.name.trim().is_empty() {
+                problems.add(&format!("trunk[{index}].name"), "must not be empty".into());
+                format!("trunk[{index}]")
+            } else {
+                format!("trunk \"{}\"", raw.name)
+            };
+            if !names.insert(raw.name.as_str()) {
+                problems.add(&format!("{label}.name"), "is used by another trunk".into());
+            }
+            let sources: Vec<IpNet> = raw
+                .matcher
+                .source
+                .iter()
+                .filter_map(|text| problems.network(&format!("{label}.match.source"), text))
+                .collect();
+            let edge_endpoint = problems.endpoint(&format!("{label}.edge"), &raw.edge);
+            let core_endpoint = problems.endpoint(&format!("{label}.core"), &raw.core);
+            for (key, endpoint, side, side_name) in [
+                ("edge", &edge_endpoint, edge, "edge"),
+                ("core", &core_endpoint, core_side, "core_side"),
+            ] {
+                if let Some(endpoint) = endpoint {
+                    if !side
+                        .listen
+                        .iter()
+                        .any(|listen| listen.transport == endpoint.transport)
+                    {
+                        problems.add(
+                            &format!("{label}.{key}"),
+                            format!(
+                                "uses {} but {side_name}.listen has no {} listener",
+                                endpoint.transport, endpoint.transport
+                            ),
+                        );
+                    }
+                }
+            }
+            if let (Some(edge), Some(core)) = (edge_endpoint, core_endpoint) {
+                trunks.push(Trunk {
+                    name: raw.name.clone(),
+                    sources,
+                    domain: raw.matcher.domain.clone(),
+                    port: raw.matcher.port,
+                    edge,
+                    core,
+                });
+            }
+        }
+        if let Some(catch_all) = self.trunk.iter().position(|raw| {
+            raw.matcher.source.is_empty()
+                && raw.matcher.domain.is_none()
+                && raw.matcher.port.is_none()
+        }) {
+            if catch_all + 1 < self.trunk.len() {
+                problems.add(
+                    &format!("trunk \"{}\".match", self.trunk[catch_all].name),
+                    "matches all traffic but is not the last trunk; the trunks after it would never match".into(),
+                );
+            }
+        }
+        trunks
+    }
+}
+
+fn validate_side(name: &str, raw: &SideConfig, problems: &mut Problems) -> Side {
+    if raw.listen.is_empty() {
+        problems.add(
+            &format!("{name}.listen"),
+            "needs at least one udp: or tcp: address".into(),
+        );
+    }
+    let listen: Vec<Listen> = raw
+        .listen
+        .iter()
+        .filter_map(|text| match text.parse::<Listen>() {
+            Ok(listen) => Some(listen),
+            Err(error) => {
+                problems.add(&format!("{name}.listen"), error.to_string());
+                None
+            }
+        })
+        .collect();
+    let advertise = raw.advertise.as_ref().map(|text| text.trim().to_string());
+    if let Some(advertise) = &advertise {
+        if advertise.is_empty()
+            || advertise.contains(|c: char| c.is_whitespace() || c == ';' || c == '>')
+        {
+            problems.add(
+                &format!("{name}.advertise"),
+                format!("{advertise:?} is not a host"),
+            );
+        }
+    }
+    if advertise.is_none()
+        && listen
+            .iter()
+            .any(|listen| listen.addr.ip().is_unspecified())
+    {
+        problems.add(
+            &format!("{name}.advertise"),
+            "is required when a listener binds an unspecified address (0.0.0.0 or ::)".into(),
+        );
+    }
+    let allow = raw
+        .allow
+        .iter()
+        .filter_map(|text| problems.network(&format!("{name}.allow"), text))
+        .collect();
+    Side {
+        listen,
+        advertise,
+        allow,
+    }
+}
+
+#[derive(Default)]
+struct Problems(Vec<Problem>);
+
+impl Problems {
+    fn add(&mut self, key: &str, message: String) {
+        self.0.push(Problem {
+            key: key.to_string(),
+            message,
+        });
+    }
+
+    fn duration(&mut self, key: &str, text: &str) -> Option<Duration> {
+        parse_duration(text)
+            .map_err(|message| self.add(key, message))
+            .ok()
+    }
+
+    fn endpoint(&mut self, key: &str, text: &str) -> Option<Endpoint> {
+        text.parse::<Endpoint>()
+            .map_err(|error| self.add(key, error.to_string()))
+            .ok()
+    }
+
+    /// A CIDR network, or a bare address taken as a single host.
+    fn network(&mut self, key: &str, text: &str) -> Option<IpNet> {
+        let text = text.trim();
+        if let Ok(net) = text.parse::<IpNet>() {
+            return Some(net);
+        }
+        if let Ok(ip) = text.parse::<IpAddr>() {
+            return Some(IpNet::from(ip));
+        }
+        self.add(key, format!("{text:?} is not an address or CIDR network"));
+        None
+    }
+}
+
+#[cfg(test)]
+mod tests;

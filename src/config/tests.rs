@@ -1,0 +1,151 @@
+use super::*;
+
+const VALID: &str = r#"
+[edge]
+listen = ["udp:127.0.0.1:5060", "tcp:127.0.0.1:5060"]
+allow = ["127.0.0.0/8"]
+
+[core_side]
+listen = ["udp:127.0.0.1:5070"]
+
+[sip]
+t1 = "100ms"
+
+[[trunk]]
+name = "org-a"
+match = { source = ["127.0.0.2"] }
+edge = "udp:127.0.0.2:5080"
+core = "udp:127.0.0.1:5090"
+
+[[trunk]]
+name = "org-b"
+edge = "tcp:127.0.0.3:5080"
+core = "udp:core.example:5090"
+"#;
+
+fn problems(text: &str) -> Vec<Problem> {
+    Config::from_toml(text, "test.toml")
+        .unwrap()
+        .validate()
+        .unwrap_err()
+}
+
+fn keys(problems: &[Problem]) -> Vec<&str> {
+    problems
+        .iter()
+        .map(|problem| problem.key.as_str())
+        .collect()
+}
+
+#[test]
+fn valid_config_gives_typed_settings_with_defaults() {
+    let settings = Config::from_toml(VALID, "test.toml")
+        .unwrap()
+        .validate()
+        .unwrap();
+    assert_eq!(settings.timers.t1, Duration::from_millis(100));
+    assert_eq!(settings.timers.t2, Duration::from_secs(4));
+    assert_eq!(settings.edge.listen.len(), 2);
+    assert_eq!(settings.trunks.len(), 2);
+    assert_eq!(
+        settings.trunks[0].sources,
+        vec!["127.0.0.2/32".parse::<IpNet>().unwrap()]
+    );
+    assert_eq!(settings.trunks[1].core.host, "core.example");
+    assert_eq!(settings.limits.max_message_size, 65_535);
+    assert_eq!(settings.log.format, "text");
+}
+
+#[test]
+fn unknown_keys_are_rejected_with_their_name() {
+    let text = VALID.replace("[sip]\n", "[sip]\nt3 = \"1s\"\n");
+    let error = Config::from_toml(&text, "test.toml")
+        .unwrap_err()
+        .to_string();
+    assert!(error.contains("t3"), "{error}");
+    let text = VALID.replace("name = \"org-a\"", "name = \"org-a\"\ncolour = \"red\"");
+    let error = Config::from_toml(&text, "test.toml")
+        .unwrap_err()
+        .to_string();
+    assert!(error.contains("colour"), "{error}");
+}
+
+#[test]
+fn every_problem_is_reported_at_once_naming_key_and_trunk() {
+    let text = VALID
+        .replace(
+            "t1 = \"100ms\"",
+            "t1 = \"100\"\nt2 = \"forever\"\nmax_message_size = 10",
+        )
+        .replace("edge = \"udp:127.0.0.2:5080\"", "edge = \"udp:127.0.0.2\"")
+        .replace(
+            "core = \"udp:core.example:5090\"",
+            "core = \"tcp:core.example:5090\"",
+        )
+        .replace("allow = [\"127.0.0.0/8\"]", "allow = [\"127.0.0.0/33\"]");
+    let found = problems(&text);
+    let keys = keys(&found);
+    for expected in [
+        "sip.t1",
+        "sip.t2",
+        "sip.max_message_size",
+        "trunk \"org-a\".edge",
+        "trunk \"org-b\".core",
+        "edge.allow",
+    ] {
+        assert!(
+            keys.contains(&expected),
+            "{expected} missing from {found:?}"
+        );
+    }
+    let core = found
+        .iter()
+        .find(|p| p.key == "trunk \"org-b\".core")
+        .unwrap();
+    assert!(
+        core.message
+            .contains("core_side.listen has no tcp listener"),
+        "{core}"
+    );
+}
+
+#[test]
+fn unspecified_listener_needs_advertise() {
+    let text = VALID.replace("udp:127.0.0.1:5070", "udp:0.0.0.0:5070");
+    assert_eq!(keys(&problems(&text)), vec!["core_side.advertise"]);
+    let fixed = text.replace("[core_side]\n", "[core_side]\nadvertise = \"192.0.2.10\"\n");
+    assert!(Config::from_toml(&fixed, "t").unwrap().validate().is_ok());
+}
+
+#[test]
+fn sides_cannot_share_a_socket() {
+    let text = VALID.replace("udp:127.0.0.1:5070", "udp:127.0.0.1:5060");
+    assert_eq!(keys(&problems(&text)), vec!["core_side.listen"]);
+}
+
+#[test]
+fn trunk_rules() {
+    let text = VALID.replace("name = \"org-b\"", "name = \"org-a\"");
+    assert!(keys(&problems(&text)).contains(&"trunk \"org-a\".name"));
+    // A catch-all trunk before another one hides it.
+    let text = VALID.replace("match = { source = [\"127.0.0.2\"] }\n", "");
+    assert_eq!(keys(&problems(&text)), vec!["trunk \"org-a\".match"]);
+    let text = VALID.split("[[trunk]]").next().unwrap().to_string();
+    assert_eq!(keys(&problems(&text)), vec!["trunk"]);
+}
+
+#[test]
+fn log_settings_are_checked() {
+    let text = format!("{VALID}\n[log]\nformat = \"xml\"\nlevel = \"info,,=[\"\n");
+    let found = problems(&text);
+    assert!(keys(&found).contains(&"log.format"), "{found:?}");
+}
+
+#[test]
+fn example_config_is_valid() {
+    let text = include_str!("../../config/sidecar.toml");
+    let settings = Config::from_toml(text, "config/sidecar.toml")
+        .unwrap()
+        .validate();
+    assert!(settings.is_ok(), "{:?}", settings.err());
+}

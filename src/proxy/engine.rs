@@ -1,0 +1,660 @@
+//! The engine task: owns the transaction tables, the TCP connection table and the timer
+//! heap, and is the only place that mutates them. It receives parsed messages from the
+//! transports, drives the pure transactions of [`crate::sip::transaction`] with the time
+//! of tokio's clock (so tests can pause it), and sends what they emit.
+//!
+//! Request handling (RFC 3261 §16) is in [`super::request`]; this file holds the loop,
+//! the bookkeeping, response relaying and sending.
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant as StdInstant;
+
+use bytes::Bytes;
+use rsip::{Request, Response, SipMessage};
+use tokio::net::UdpSocket;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use super::routing::Router;
+use crate::config::{Limits, Transport};
+use crate::sip::message;
+use crate::sip::transaction::{
+    ClientEvent, ClientKey, ClientTransaction, ServerEvent, ServerKey, ServerTransaction,
+    TimerConfig,
+};
+use crate::stats::Stats;
+use crate::transport::tcp::TcpContext;
+use crate::transport::{ConnectionId, Inbound, Side, TransportEvent};
+
+/// The prefix of every branch this proxy creates: the RFC 3261 cookie and a marker that
+/// lets responses to our own requests be recognised.
+pub const OWN_BRANCH_PREFIX: &str = "z9hG4bKbsc";
+
+pub fn new_branch() -> String {
+    format!("{OWN_BRANCH_PREFIX}{:016x}", rand::random::<u64>())
+}
+
+/// Where to send: a side, a transport and an address, and for UDP the local socket to
+/// send from (the one the request arrived on, for responses).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Destination {
+    pub side: Side,
+    pub transport: Transport,
+    pub addr: SocketAddr,
+    pub local: Option<SocketAddr>,
+}
+
+/// The sockets of one side and what it advertises.
+pub struct SideIo {
+    pub side: Side,
+    /// Host written into Via and Record-Route.
+    pub advertise: String,
+    pub udp: Vec<Arc<UdpSocket>>,
+    pub udp_locals: Vec<SocketAddr>,
+    pub tcp_port: Option<u16>,
+    pub tcp: TcpContext,
+    pub connections: HashMap<SocketAddr, (ConnectionId, mpsc::Sender<Bytes>)>,
+}
+
+impl SideIo {
+    /// The port we listen on for `transport` on this side.
+    pub fn port(&self, transport: Transport) -> Option<u16> {
+        match transport {
+            Transport::Udp => self.udp_locals.first().map(SocketAddr::port),
+            Transport::Tcp => self.tcp_port,
+        }
+    }
+
+    /// `sip:host:port;lr` (with `transport=tcp` for TCP) for Record-Route.
+    pub fn record_route_uri(&self, transport: Transport) -> Option<String> {
+        let port = self.port(transport)?;
+        Some(match transport {
+            Transport::Udp => format!("sip:{}:{port};lr", self.advertise),
+            Transport::Tcp => format!("sip:{}:{port};transport=tcp;lr", self.advertise),
+        })
+    }
+
+    fn udp_socket(&self, local: Option<SocketAddr>, to: SocketAddr) -> Option<&Arc<UdpSocket>> {
+        let by_local = local.and_then(|local| {
+            self.udp_locals
+                .iter()
+                .position(|candidate| *candidate == local)
+        });
+        let by_family = || {
+            self.udp_locals
+                .iter()
+                .position(|candidate| candidate.is_ipv4() == to.is_ipv4())
+        };
+        by_local
+            .or_else(by_family)
+            .or((!self.udp.is_empty()).then_some(0))
+            .and_then(|index| self.udp.get(index))
+    }
+}
+
+pub(super) struct ServerEntry {
+    pub key: ServerKey,
+    pub transaction: ServerTransaction,
+    pub reply_to: Destination,
+    /// The request as received (with `received`/`rport` noted), for local responses.
+    pub request: Request,
+    pub to_tag: String,
+    pub client: Option<u64>,
+    pub trunk: Option<Arc<str>>,
+    scheduled: Option<StdInstant>,
+}
+
+pub(super) struct ClientEntry {
+    pub key: ClientKey,
+    pub transaction: ClientTransaction,
+    pub destination: Destination,
+    pub server: Option<u64>,
+    /// A CANCEL arrived before any provisional response; send it on the first one.
+    pub cancel_pending: bool,
+    scheduled: Option<StdInstant>,
+}
+
+pub(super) enum Entry {
+    Server(ServerEntry),
+    Client(ClientEntry),
+}
+
+pub struct Engine {
+    pub(super) timers: TimerConfig,
+    pub(super) limits: Limits,
+    pub(super) router: Router,
+    pub(super) edge: SideIo,
+    pub(super) core: SideIo,
+    pub(super) stats: Arc<Stats>,
+    pub(super) entries: HashMap<u64, Entry>,
+    pub(super) server_index: HashMap<ServerKey, u64>,
+    pub(super) client_index: HashMap<ClientKey, u64>,
+    timer_heap: BinaryHeap<Reverse<(StdInstant, u64)>>,
+    next_id: u64,
+}
+
+/// The engine's clock: tokio's, so `tokio::time::pause` drives it in tests.
+pub fn now() -> StdInstant {
+    tokio::time::Instant::now().into_std()
+}
+
+impl Engine {
+    pub fn new(
+        timers: TimerConfig,
+        limits: Limits,
+        router: Router,
+        edge: SideIo,
+        core: SideIo,
+        stats: Arc<Stats>,
+    ) -> Self {
+        Self {
+            timers,
+            limits,
+            router,
+            edge,
+            core,
+            stats,
+            entries: HashMap::new(),
+            server_index: HashMap::new(),
+            client_index: HashMap::new(),
+            timer_heap: BinaryHeap::new(),
+            next_id: 0,
+        }
+    }
+
+    /// Runs until cancelled or every transport is gone.
+    pub async fn run(
+        mut self,
+        mut events: mpsc::Receiver<TransportEvent>,
+        cancel: CancellationToken,
+    ) {
+        loop {
+            let next_timer = self.timer_heap.peek().map(|Reverse((at, _))| *at);
+            let sleep = async {
+                match next_timer {
+                    Some(at) => tokio::time::sleep_until(tokio::time::Instant::from_std(at)).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                _ = cancel.cancelled() => break,
+                event = events.recv() => match event {
+                    Some(event) => self.handle_event(event),
+                    None => break,
+                },
+                _ = sleep => self.fire_timers(now()),
+            }
+        }
+        tracing::debug!(transactions = self.entries.len(), "engine stopped");
+    }
+
+    pub fn handle_event(&mut self, event: TransportEvent) {
+        match event {
+            TransportEvent::Message(inbound) => self.handle_message(inbound),
+            TransportEvent::ConnectionOpened {
+                side,
+                peer,
+                id,
+                sender,
+            } => {
+                self.side_mut(side).connections.insert(peer, (id, sender));
+            }
+            TransportEvent::ConnectionClosed {
+                side,
+                peer,
+                id,
+                connect_failed,
+            } => {
+                let table = &mut self.side_mut(side).connections;
+                if table.get(&peer).is_some_and(|(current, _)| *current == id) {
+                    table.remove(&peer);
+                }
+                if connect_failed {
+                    self.fail_transactions_to(Destination {
+                        side,
+                        transport: Transport::Tcp,
+                        addr: peer,
+                        local: None,
+                    });
+                }
+            }
+        }
+    }
+
+    fn handle_message(&mut self, inbound: Inbound) {
+        let Inbound {
+            side,
+            transport,
+            local,
+            peer,
+            message,
+        } = inbound;
+        let source = super::request::Source {
+            side,
+            transport,
+            local,
+            peer,
+        };
+        match message {
+            SipMessage::Request(request) => self.handle_request(source, request),
+            SipMessage::Response(response) => self.handle_response(source, response),
+        }
+    }
+
+    pub(super) fn side(&self, side: Side) -> &SideIo {
+        match side {
+            Side::Edge => &self.edge,
+            Side::Core => &self.core,
+        }
+    }
+
+    fn side_mut(&mut self, side: Side) -> &mut SideIo {
+        match side {
+            Side::Edge => &mut self.edge,
+            Side::Core => &mut self.core,
+        }
+    }
+
+    /// Sends bytes. Never waits: a full queue or a socket error drops and counts.
+    pub(super) fn send(&mut self, destination: Destination, bytes: Bytes) {
+        match destination.transport {
+            Transport::Udp => {
+                let Some(socket) = self
+                    .side(destination.side)
+                    .udp_socket(destination.local, destination.addr)
+                else {
+                    Stats::bump(&self.stats.send_failed);
+                    tracing::warn!(side = %destination.side, "no udp socket on this side to send from");
+                    return;
+                };
+                if let Err(error) = socket.try_send_to(&bytes, destination.addr) {
+                    Stats::bump(&self.stats.send_failed);
+                    tracing::debug!(to = %destination.addr, error = %error, "udp send failed");
+                }
+            }
+            Transport::Tcp => {
+                let io = self.side_mut(destination.side);
+                let sender = match io.connections.get(&destination.addr) {
+                    Some((_, sender)) if !sender.is_closed() => sender.clone(),
+                    _ => {
+                        let (id, sender) = io.tcp.connect(destination.addr);
+                        io.connections
+                            .insert(destination.addr, (id, sender.clone()));
+                        sender
+                    }
+                };
+                if let Err(error) = sender.try_send(bytes) {
+                    Stats::bump(&self.stats.send_failed);
+                    tracing::debug!(to = %destination.addr, error = %error, "tcp queue refused message");
+                }
+            }
+        }
+    }
+
+    pub(super) fn allocate_id(&mut self) -> u64 {
+        self.next_id += 1;
+        self.next_id
+    }
+
+    pub(super) fn insert_server(
+        &mut self,
+        key: ServerKey,
+        transaction: ServerTransaction,
+        reply_to: Destination,
+        request: Request,
+        trunk: Option<Arc<str>>,
+    ) -> u64 {
+        let id = self.allocate_id();
+        Stats::bump(&self.stats.server_transactions);
+        self.server_index.insert(key.clone(), id);
+        let to_tag = format!("{:08x}", rand::random::<u32>());
+        self.entries.insert(
+            id,
+            Entry::Server(ServerEntry {
+                key,
+                transaction,
+                reply_to,
+                request,
+                to_tag,
+                client: None,
+                trunk,
+                scheduled: None,
+            }),
+        );
+        id
+    }
+
+    /// Starts a client transaction for `request` (whose top Via carries `branch`).
+    pub(super) fn start_client(
+        &mut self,
+        request: Request,
+        branch: &str,
+        destination: Destination,
+        server: Option<u64>,
+    ) -> u64 {
+        let id = self.allocate_id();
+        Stats::bump(&self.stats.client_transactions);
+        let key = ClientKey::new(branch, request.method);
+        let transaction = ClientTransaction::new(
+            now(),
+            request,
+            destination.transport.is_reliable(),
+            self.timers,
+        );
+        self.client_index.insert(key.clone(), id);
+        self.entries.insert(
+            id,
+            Entry::Client(ClientEntry {
+                key,
+                transaction,
+                destination,
+                server,
+                cancel_pending: false,
+                scheduled: None,
+            }),
+        );
+        if let Some(Entry::Server(server)) = server.and_then(|server| self.entries.get_mut(&server))
+        {
+            server.client = Some(id);
+        }
+        self.pump_client(id);
+        id
+    }
+
+    /// Sends a response through server transaction `id`.
+    pub(super) fn respond(&mut self, id: u64, response: &Response) {
+        let Some(Entry::Server(server)) = self.entries.get_mut(&id) else {
+            return;
+        };
+        let code = response.status_code.code();
+        if server
+            .transaction
+            .send_response(now(), code, message::encode(&response.clone().into()))
+        {
+            self.pump_server(id);
+        }
+    }
+
+    /// Sends a response of the proxy's own making through server transaction `id`.
+    pub(super) fn respond_locally(&mut self, id: u64, status: rsip::StatusCode) {
+        let Some(Entry::Server(server)) = self.entries.get(&id) else {
+            return;
+        };
+        let response = message::response_for(&server.request, status, &server.to_tag);
+        self.respond(id, &response);
+    }
+
+    pub(super) fn pump_server(&mut self, id: u64) {
+        loop {
+            let Some(Entry::Server(server)) = self.entries.get_mut(&id) else {
+                return;
+            };
+            let Some(event) = server.transaction.poll_event() else {
+                break;
+            };
+            match event {
+                ServerEvent::Transmit(bytes) => {
+                    let destination = server.reply_to;
+                    self.send(destination, bytes);
+                }
+                ServerEvent::Timeout => {
+                    tracing::debug!(branch = %server.key.branch, "final response never acknowledged (Timer H)");
+                }
+                ServerEvent::Terminated => {
+                    self.remove(id);
+                    return;
+                }
+            }
+        }
+        self.schedule(id);
+    }
+
+    pub(super) fn pump_client(&mut self, id: u64) {
+        loop {
+            let Some(Entry::Client(client)) = self.entries.get_mut(&id) else {
+                return;
+            };
+            let Some(event) = client.transaction.poll_event() else {
+                break;
+            };
+            match event {
+                ClientEvent::Transmit(bytes) => {
+                    let destination = client.destination;
+                    self.send(destination, bytes);
+                }
+                ClientEvent::Response(response) => self.relay_response(id, *response),
+                ClientEvent::Timeout => {
+                    Stats::bump(&self.stats.client_timeouts);
+                    tracing::info!(to = %client.destination.addr, method = %client.transaction.request().method, "no final response before the transaction timeout");
+                    if let Some(server) = client.server {
+                        self.respond_if_pending(server, 408);
+                    }
+                }
+                ClientEvent::Terminated => {
+                    self.remove(id);
+                    return;
+                }
+            }
+        }
+        self.schedule(id);
+    }
+
+    /// Answers the server transaction with `code` unless a final response went out.
+    fn respond_if_pending(&mut self, server: u64, code: u16) {
+        if let Some(Entry::Server(entry)) = self.entries.get(&server) {
+            if !entry.transaction.is_final() {
+                self.respond_locally(server, message::status(code));
+            }
+        }
+    }
+
+    /// A response from the client transaction's peer, for the server side.
+    fn relay_response(&mut self, client: u64, mut response: Response) {
+        let code = response.status_code.code();
+        let Some(Entry::Client(entry)) = self.entries.get_mut(&client) else {
+            return;
+        };
+        let server = entry.server;
+        if code < 200 && entry.cancel_pending {
+            entry.cancel_pending = false;
+            self.send_cancel(client);
+        } else if code >= 200 {
+            entry.cancel_pending = false;
+        }
+        // 100 Trying is hop by hop (§16.7 step 5); a CANCEL's answer is ours alone.
+        let Some(server) = server else { return };
+        if code == 100 {
+            return;
+        }
+        if message::pop_via(&mut response.headers).is_err() {
+            Stats::bump(&self.stats.malformed_dropped);
+            return;
+        }
+        if self.entries.contains_key(&server) {
+            Stats::bump(&self.stats.responses_forwarded);
+            self.respond(server, &response);
+        } else {
+            let side = self
+                .entries
+                .get(&client)
+                .map_or(Side::Edge, |entry| match entry {
+                    Entry::Client(client) => client.destination.side.opposite(),
+                    Entry::Server(server) => server.reply_to.side,
+                });
+            self.forward_response_stateless(response, side);
+        }
+    }
+
+    /// Forwards a response whose top Via (ours) is already removed, by the next Via alone
+    /// (§16.7 when no transaction remains; §18.2.2 for the address), out of `side`.
+    fn forward_response_stateless(&mut self, response: Response, side: Side) {
+        let Ok(via) = message::top_via(&response.headers) else {
+            Stats::bump(&self.stats.stray_responses);
+            return;
+        };
+        let Some(addr) = via.response_address() else {
+            Stats::bump(&self.stats.stray_responses);
+            return;
+        };
+        let transport = if via.transport == "TCP" {
+            Transport::Tcp
+        } else {
+            Transport::Udp
+        };
+        Stats::bump(&self.stats.responses_forwarded);
+        let destination = Destination {
+            side,
+            transport,
+            addr,
+            local: None,
+        };
+        self.send(destination, message::encode(&response.into()));
+    }
+
+    fn handle_response(&mut self, source: super::request::Source, response: Response) {
+        let key = match ClientKey::for_response(&response) {
+            Ok(key) => key,
+            Err(error) => {
+                Stats::bump(&self.stats.malformed_dropped);
+                tracing::debug!(peer = %source.peer, error = %error, "dropped response without usable Via or CSeq");
+                return;
+            }
+        };
+        if let Some(&id) = self.client_index.get(&key) {
+            if let Some(Entry::Client(client)) = self.entries.get_mut(&id) {
+                client.transaction.handle_response(now(), response);
+                self.pump_client(id);
+            }
+            return;
+        }
+        if !key.branch.starts_with(OWN_BRANCH_PREFIX) {
+            Stats::bump(&self.stats.stray_responses);
+            tracing::debug!(peer = %source.peer, "dropped response to a request this proxy did not send");
+            return;
+        }
+        // A late 2xx retransmission after the transaction ended: forward it by Via.
+        let mut response = response;
+        if message::pop_via(&mut response.headers).is_ok() {
+            self.forward_response_stateless(response, source.side.opposite());
+        }
+    }
+
+    /// Sends the CANCEL for the INVITE of client transaction `client` (§16.10).
+    pub(super) fn send_cancel(&mut self, client: u64) {
+        let Some(Entry::Client(entry)) = self.entries.get(&client) else {
+            return;
+        };
+        if entry.transaction.is_final() {
+            return;
+        }
+        let cancel = entry.transaction.build_cancel();
+        let destination = entry.destination;
+        let branch = entry.key.branch.clone();
+        Stats::bump(&self.stats.cancels_forwarded);
+        self.start_client(cancel, &branch, destination, None);
+    }
+
+    /// Ends every client transaction toward `destination` (its connection failed) and
+    /// answers their requests 503 (RFC 3261 §16.7 step 7... §8.1.3.1 transport error).
+    fn fail_transactions_to(&mut self, destination: Destination) {
+        let failed: Vec<(u64, Option<u64>)> = self
+            .entries
+            .iter()
+            .filter_map(|(id, entry)| match entry {
+                Entry::Client(client)
+                    if client.destination.side == destination.side
+                        && client.destination.transport == destination.transport
+                        && client.destination.addr == destination.addr =>
+                {
+                    Some((*id, client.server))
+                }
+                _ => None,
+            })
+            .collect();
+        for (id, server) in failed {
+            if let Some(server) = server {
+                self.respond_if_pending(server, 503);
+            }
+            if let Some(Entry::Client(client)) = self.entries.get_mut(&id) {
+                client.transaction.abort();
+            }
+            self.pump_client(id);
+        }
+    }
+
+    fn remove(&mut self, id: u64) {
+        match self.entries.remove(&id) {
+            Some(Entry::Server(server)) => {
+                self.server_index.remove(&server.key);
+                if let Some(Entry::Client(client)) = server
+                    .client
+                    .and_then(|client| self.entries.get_mut(&client))
+                {
+                    client.server = None;
+                }
+            }
+            Some(Entry::Client(client)) => {
+                self.client_index.remove(&client.key);
+                if let Some(Entry::Server(server)) = client
+                    .server
+                    .and_then(|server| self.entries.get_mut(&server))
+                {
+                    if server.client == Some(id) {
+                        server.client = None;
+                    }
+                }
+            }
+            None => {}
+        }
+    }
+
+    /// Puts the entry's next deadline on the heap unless it is there already.
+    fn schedule(&mut self, id: u64) {
+        let (deadline, scheduled) = match self.entries.get_mut(&id) {
+            Some(Entry::Server(server)) => {
+                (server.transaction.poll_timeout(), &mut server.scheduled)
+            }
+            Some(Entry::Client(client)) => {
+                (client.transaction.poll_timeout(), &mut client.scheduled)
+            }
+            None => return,
+        };
+        if let Some(deadline) = deadline {
+            if *scheduled != Some(deadline) {
+                *scheduled = Some(deadline);
+                self.timer_heap.push(Reverse((deadline, id)));
+            }
+        }
+    }
+
+    /// Runs every timer due at `now`. Heap entries whose transaction has gone or moved its
+    /// deadline are skipped.
+    pub fn fire_timers(&mut self, now: StdInstant) {
+        while let Some(Reverse((at, id))) = self.timer_heap.peek().copied() {
+            if at > now {
+                break;
+            }
+            self.timer_heap.pop();
+            match self.entries.get_mut(&id) {
+                Some(Entry::Server(server)) if server.scheduled == Some(at) => {
+                    server.scheduled = None;
+                    server.transaction.handle_timeout(now);
+                    self.pump_server(id);
+                }
+                Some(Entry::Client(client)) if client.scheduled == Some(at) => {
+                    client.scheduled = None;
+                    client.transaction.handle_timeout(now);
+                    self.pump_client(id);
+                }
+                _ => {}
+            }
+        }
+    }
+
+    pub fn transaction_count(&self) -> usize {
+        self.entries.len()
+    }
+}

@@ -1,0 +1,291 @@
+//! The proxy as a whole: [`App::start`] resolves the trunks, binds every listener, and
+//! spawns the receive tasks and the engine under one cancellation token and task tracker;
+//! [`App::shutdown`] cancels them and waits, within a deadline.
+
+mod engine;
+mod request;
+pub mod routing;
+
+pub use engine::{Destination, Engine, OWN_BRANCH_PREFIX};
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU64, AtomicUsize};
+use std::sync::Arc;
+use std::time::Duration;
+
+use ipnet::IpNet;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::{Listen, Settings, Side as SideSettings, Transport};
+use crate::sip::via::strip_brackets;
+use crate::stats::Stats;
+use crate::transport::tcp::{self, TcpContext};
+use crate::transport::{udp, AllowList, ReceiveContext, Side};
+use engine::SideIo;
+use routing::{resolve_endpoint, RoutedTrunk, Router};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Udp(#[from] udp::UdpError),
+    #[error(transparent)]
+    Tcp(#[from] tcp::TcpError),
+    #[error("trunk {trunk:?}: cannot resolve {host:?}: {reason}")]
+    Resolve {
+        trunk: String,
+        host: String,
+        reason: String,
+    },
+}
+
+/// A running proxy.
+pub struct App {
+    pub stats: Arc<Stats>,
+    /// The bound listeners (ports filled in where the configuration said 0).
+    pub edge_listeners: Vec<Listen>,
+    pub core_listeners: Vec<Listen>,
+    cancel: CancellationToken,
+    tracker: TaskTracker,
+}
+
+impl App {
+    pub async fn start(settings: Settings, parent: &CancellationToken) -> Result<App, StartError> {
+        let cancel = parent.child_token();
+        let tracker = TaskTracker::new();
+        let stats = Arc::new(Stats::default());
+        let names = resolve_names(&settings).await?;
+        let trunks: Vec<RoutedTrunk> = settings
+            .trunks
+            .iter()
+            .filter_map(|trunk| {
+                Some(RoutedTrunk {
+                    name: trunk.name.as_str().into(),
+                    sources: trunk.sources.clone(),
+                    domain: trunk.domain.clone(),
+                    port: trunk.port,
+                    edge: resolve_endpoint(&trunk.edge, &names)?,
+                    core: resolve_endpoint(&trunk.core, &names)?,
+                })
+            })
+            .collect();
+        let mut edge_allow = settings.edge.allow.clone();
+        let mut core_allow = settings.core_side.allow.clone();
+        for trunk in &trunks {
+            edge_allow.push(IpNet::from(trunk.edge.addr.ip()));
+            edge_allow.extend(trunk.sources.iter().copied());
+            core_allow.push(IpNet::from(trunk.core.addr.ip()));
+        }
+        let edge_allow = Arc::new(AllowList::new(edge_allow));
+        let core_allow = Arc::new(AllowList::new(core_allow));
+
+        let (engine_sender, engine_receiver) = mpsc::channel(settings.limits.queue_capacity);
+        let shared = Shared {
+            engine: engine_sender.clone(),
+            stats: stats.clone(),
+            settings: &settings,
+            tracker: &tracker,
+            cancel: &cancel,
+        };
+        let (edge_io, edge_listeners) = shared
+            .bind_side(Side::Edge, &settings.edge, edge_allow.clone())
+            .await?;
+        let (core_io, core_listeners) = shared
+            .bind_side(Side::Core, &settings.core_side, core_allow.clone())
+            .await?;
+        let own = [(&edge_io, &edge_listeners), (&core_io, &core_listeners)]
+            .into_iter()
+            .flat_map(|(io, listeners)| {
+                listeners
+                    .iter()
+                    .map(|listen| (io.advertise.clone(), listen.addr))
+            })
+            .collect();
+        let router = Router::new(trunks, own, names, edge_allow, core_allow);
+        let engine = Engine::new(
+            settings.timers,
+            settings.limits,
+            router,
+            edge_io,
+            core_io,
+            stats.clone(),
+        );
+        drop(engine_sender);
+        tracker.spawn(engine.run(engine_receiver, cancel.clone()));
+        tracing::info!(
+            edge = %listeners_text(&edge_listeners),
+            core = %listeners_text(&core_listeners),
+            trunks = settings.trunks.len(),
+            "proxy started"
+        );
+        Ok(App {
+            stats,
+            edge_listeners,
+            core_listeners,
+            cancel,
+            tracker,
+        })
+    }
+
+    /// The bound address of the first listener of `side` with `transport`.
+    pub fn listener(&self, side: Side, transport: Transport) -> Option<SocketAddr> {
+        let listeners = match side {
+            Side::Edge => &self.edge_listeners,
+            Side::Core => &self.core_listeners,
+        };
+        listeners
+            .iter()
+            .find(|listen| listen.transport == transport)
+            .map(|listen| listen.addr)
+    }
+
+    /// Stops every task and waits for them, at most `deadline`. Returns false when some
+    /// task was still running at the deadline.
+    pub async fn shutdown(self, deadline: Duration) -> bool {
+        self.cancel.cancel();
+        self.tracker.close();
+        tokio::time::timeout(deadline, self.tracker.wait())
+            .await
+            .is_ok()
+    }
+}
+
+fn listeners_text(listeners: &[Listen]) -> String {
+    listeners
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// What the listeners of both sides share.
+struct Shared<'a> {
+    engine: mpsc::Sender<crate::transport::TransportEvent>,
+    stats: Arc<Stats>,
+    settings: &'a Settings,
+    tracker: &'a TaskTracker,
+    cancel: &'a CancellationToken,
+}
+
+impl Shared<'_> {
+    async fn bind_side(
+        &self,
+        side: Side,
+        side_settings: &SideSettings,
+        allow: Arc<AllowList>,
+    ) -> Result<(SideIo, Vec<Listen>), StartError> {
+        let limits = &self.settings.limits;
+        let receive = ReceiveContext {
+            side,
+            allow,
+            engine: self.engine.clone(),
+            stats: self.stats.clone(),
+            max_message_size: limits.max_message_size,
+        };
+        let tcp_context = TcpContext {
+            receive: receive.clone(),
+            idle_timeout: limits.tcp_idle_timeout,
+            connect_timeout: limits.tcp_connect_timeout,
+            max_connections: limits.tcp_max_connections,
+            open_connections: Arc::new(AtomicUsize::new(0)),
+            next_id: Arc::new(AtomicU64::new(1)),
+            tracker: self.tracker.clone(),
+            cancel: self.cancel.clone(),
+        };
+        let (tracker, cancel, settings) = (self.tracker, self.cancel, side_settings);
+        let mut listeners = Vec::new();
+        let mut udp_sockets = Vec::new();
+        let mut udp_locals = Vec::new();
+        let mut tcp_port = None;
+        for listen in &settings.listen {
+            match listen.transport {
+                Transport::Udp => {
+                    let socket = udp::bind(listen.addr).await?;
+                    let local = socket.local_addr().map_err(|source| udp::UdpError::Bind {
+                        addr: listen.addr,
+                        source,
+                    })?;
+                    tracker.spawn(udp::receive_loop(
+                        socket.clone(),
+                        receive.clone(),
+                        cancel.clone(),
+                    ));
+                    udp_sockets.push(socket);
+                    udp_locals.push(local);
+                    listeners.push(Listen {
+                        transport: Transport::Udp,
+                        addr: local,
+                    });
+                }
+                Transport::Tcp => {
+                    let listener = tcp::bind(listen.addr).await?;
+                    let local = listener
+                        .local_addr()
+                        .map_err(|source| tcp::TcpError::Bind {
+                            addr: listen.addr,
+                            source,
+                        })?;
+                    tcp_port.get_or_insert(local.port());
+                    tracker.spawn(tcp::accept_loop(listener, tcp_context.clone()));
+                    listeners.push(Listen {
+                        transport: Transport::Tcp,
+                        addr: local,
+                    });
+                }
+            }
+        }
+        let advertise = match &settings.advertise {
+            Some(host) => host.clone(),
+            None => listeners
+                .first()
+                .map(|listen| uri_host(listen.addr.ip()))
+                .unwrap_or_default(),
+        };
+        let io = SideIo {
+            side,
+            advertise,
+            udp: udp_sockets,
+            udp_locals,
+            tcp_port,
+            tcp: tcp_context,
+            connections: HashMap::new(),
+        };
+        Ok((io, listeners))
+    }
+}
+
+/// An IP address as a URI host (IPv6 in brackets).
+fn uri_host(ip: IpAddr) -> String {
+    match ip {
+        IpAddr::V4(v4) => v4.to_string(),
+        IpAddr::V6(v6) => format!("[{v6}]"),
+    }
+}
+
+/// Resolves every trunk host name once, at start.
+async fn resolve_names(settings: &Settings) -> Result<HashMap<String, IpAddr>, StartError> {
+    let mut names = HashMap::new();
+    for trunk in &settings.trunks {
+        for endpoint in [&trunk.edge, &trunk.core] {
+            let host = strip_brackets(&endpoint.host);
+            if host.parse::<IpAddr>().is_ok() || names.contains_key(&host.to_ascii_lowercase()) {
+                continue;
+            }
+            let resolve_error = |reason: String| StartError::Resolve {
+                trunk: trunk.name.clone(),
+                host: host.to_string(),
+                reason,
+            };
+            let mut addresses = tokio::net::lookup_host(endpoint.host_port())
+                .await
+                .map_err(|error| resolve_error(error.to_string()))?;
+            let address = addresses
+                .next()
+                .ok_or_else(|| resolve_error("no addresses".into()))?;
+            names.insert(host.to_ascii_lowercase(), address.ip());
+        }
+    }
+    Ok(names)
+}

@@ -1,0 +1,381 @@
+//! Requests through the proxy (RFC 3261 §16): validation (§16.3), retransmission and ACK
+//! matching, CANCEL (§16.10), Max-Forwards, loose routing (§16.4), Record-Route and Via
+//! (§16.6), and local rejections.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use rsip::{Method, Request};
+
+use super::engine::{new_branch, now, Destination, Engine, Entry};
+use super::routing::{Hop, RouteError};
+use crate::config::Transport;
+use crate::sip::message;
+use crate::sip::transaction::{ServerKey, ServerTransaction};
+use crate::sip::via::Via;
+use crate::stats::Stats;
+use crate::transport::Side;
+
+/// Where a message came from.
+#[derive(Debug, Clone, Copy)]
+pub struct Source {
+    pub side: Side,
+    pub transport: Transport,
+    pub local: SocketAddr,
+    pub peer: SocketAddr,
+}
+
+/// A request ready to go to the next hop.
+struct Forward {
+    request: Request,
+    branch: String,
+    destination: Destination,
+    trunk: Option<Arc<str>>,
+}
+
+/// Why a request is answered here instead of forwarded.
+#[derive(Debug)]
+struct Rejection {
+    code: u16,
+    reason: String,
+}
+
+impl Rejection {
+    fn new(code: u16, reason: impl Into<String>) -> Self {
+        Self {
+            code,
+            reason: reason.into(),
+        }
+    }
+}
+
+impl From<RouteError> for Rejection {
+    fn from(error: RouteError) -> Self {
+        Self::new(error.status(), error.to_string())
+    }
+}
+
+impl Engine {
+    pub(super) fn handle_request(&mut self, source: Source, mut request: Request) {
+        let mut via = match message::top_via(&request.headers) {
+            Ok(via) => via,
+            Err(error) => {
+                // Without a Via there is nowhere to send an error response.
+                Stats::bump(&self.stats.malformed_dropped);
+                tracing::debug!(peer = %source.peer, error = %error, "dropped request without usable Via");
+                return;
+            }
+        };
+        via.note_source(source.peer);
+        if message::replace_top_via(&mut request.headers, &via).is_err() {
+            Stats::bump(&self.stats.malformed_dropped);
+            return;
+        }
+        let reply_to = Destination {
+            side: source.side,
+            transport: source.transport,
+            addr: match source.transport {
+                Transport::Tcp => source.peer,
+                Transport::Udp => via.response_address().unwrap_or(source.peer),
+            },
+            local: Some(source.local),
+        };
+        let key = match ServerKey::for_request(&request) {
+            Ok(key) => key,
+            Err(error) => {
+                tracing::debug!(peer = %source.peer, error = %error, "rejecting request");
+                self.reject_stateless(reply_to, &request, 400, &error.to_string());
+                return;
+            }
+        };
+        if request.method == Method::Ack {
+            self.handle_ack(source, &key, request);
+            return;
+        }
+        if let Some(&id) = self.server_index.get(&key) {
+            Stats::bump(&self.stats.retransmissions_absorbed);
+            if let Some(Entry::Server(server)) = self.entries.get_mut(&id) {
+                server.transaction.handle_request_retransmission();
+            }
+            self.pump_server(id);
+            return;
+        }
+        if let Err(error) = check_mandatory_headers(&request) {
+            self.reject_stateless(reply_to, &request, 400, &error);
+            return;
+        }
+        if self.entries.len() >= self.limits.max_transactions {
+            Stats::bump(&self.stats.overload_rejected);
+            self.reject_stateless(reply_to, &request, 503, "Service Unavailable");
+            return;
+        }
+        if request.method == Method::Cancel {
+            self.handle_cancel(source, key, reply_to, request);
+            return;
+        }
+        let invite = request.method == Method::Invite;
+        let transaction =
+            ServerTransaction::new(invite, source.transport.is_reliable(), self.timers);
+        let server = self.insert_server(key, transaction, reply_to, request.clone(), None);
+        if invite {
+            // §16.7 step 5 / §17.2.1: stop the Edge's INVITE retransmissions at once.
+            self.respond_locally(server, message::status(100));
+        }
+        match self.prepare_forward(source, request) {
+            Ok(forward) => {
+                tracing::debug!(
+                    call_id = message::call_id(&forward.request.headers).unwrap_or(""),
+                    branch = %forward.branch,
+                    method = %forward.request.method,
+                    trunk = forward.trunk.as_deref().unwrap_or("-"),
+                    to = %forward.destination.addr,
+                    "forwarding request"
+                );
+                if let Some(Entry::Server(entry)) = self.entries.get_mut(&server) {
+                    entry.trunk = forward.trunk.clone();
+                }
+                self.start_client(
+                    forward.request,
+                    &forward.branch,
+                    forward.destination,
+                    Some(server),
+                );
+            }
+            Err(rejection) => {
+                Stats::bump(&self.stats.locally_rejected);
+                tracing::info!(peer = %source.peer, code = rejection.code, reason = %rejection.reason, "rejected request");
+                self.respond_locally(
+                    server,
+                    rsip::StatusCode::Other(rejection.code, reason_phrase(&rejection)),
+                );
+            }
+        }
+    }
+
+    /// ACK: for a non-2xx final response it belongs to the INVITE server transaction and
+    /// stops there (hop by hop); for a 2xx it is forwarded end to end, statelessly.
+    fn handle_ack(&mut self, source: Source, key: &ServerKey, request: Request) {
+        if let Some(&id) = self.server_index.get(key) {
+            if let Some(Entry::Server(server)) = self.entries.get_mut(&id) {
+                if server.transaction.handle_ack(now()) {
+                    self.pump_server(id);
+                    return;
+                }
+            }
+        }
+        match self.prepare_forward(source, request) {
+            Ok(forward) => {
+                Stats::bump(&self.stats.stateless_forwards);
+                self.send(
+                    forward.destination,
+                    message::encode(&forward.request.into()),
+                );
+            }
+            Err(rejection) => {
+                // An ACK is never answered; count and drop it.
+                Stats::bump(&self.stats.locally_rejected);
+                tracing::debug!(peer = %source.peer, reason = %rejection.reason, "dropped ACK that cannot be routed");
+            }
+        }
+    }
+
+    /// CANCEL (§16.10): answered 200 here; the INVITE's client transaction is cancelled
+    /// downstream once it has seen a provisional response (§9.1).
+    fn handle_cancel(
+        &mut self,
+        source: Source,
+        key: ServerKey,
+        reply_to: Destination,
+        request: Request,
+    ) {
+        let Some(&invite) = self.server_index.get(&key.with_method(Method::Invite)) else {
+            self.reject_stateless(reply_to, &request, 481, "Call/Transaction Does Not Exist");
+            return;
+        };
+        let transaction =
+            ServerTransaction::new(false, source.transport.is_reliable(), self.timers);
+        let cancel = self.insert_server(key, transaction, reply_to, request, None);
+        self.respond_locally(cancel, message::status(200));
+        let client = match self.entries.get(&invite) {
+            Some(Entry::Server(server)) if !server.transaction.is_final() => server.client,
+            _ => None,
+        };
+        let Some(client) = client else { return };
+        if let Some(Entry::Client(entry)) = self.entries.get_mut(&client) {
+            if entry.transaction.saw_provisional() {
+                self.send_cancel(client);
+            } else {
+                entry.cancel_pending = true;
+            }
+        }
+    }
+
+    /// Max-Forwards, routing, Record-Route and Via for a request going to the other side.
+    fn prepare_forward(&self, source: Source, mut request: Request) -> Result<Forward, Rejection> {
+        let max_forwards = message::max_forwards(&request.headers)
+            .map_err(|error| Rejection::new(400, error.to_string()))?;
+        if max_forwards == Some(0) {
+            return Err(Rejection::new(483, "Too Many Hops"));
+        }
+        message::set_max_forwards(
+            &mut request.headers,
+            max_forwards.map_or(70, |value| value - 1),
+        );
+        let out_side = source.side.opposite();
+        let (hop, trunk) = self.next_hop(source, &mut request, out_side)?;
+        let inbound = self.side(source.side);
+        let outbound = self.side(out_side);
+        if creates_dialog(&request) {
+            // Two entries, one per side (the core sees the top one, the Edge the other), so
+            // in-dialog requests from either end come back through the right socket.
+            if let (Some(inner), Some(outer)) = (
+                inbound.record_route_uri(source.transport),
+                outbound.record_route_uri(hop.transport),
+            ) {
+                message::push_record_route(&mut request.headers, &inner);
+                message::push_record_route(&mut request.headers, &outer);
+            }
+        }
+        let port = outbound.port(hop.transport).ok_or_else(|| {
+            Rejection::new(
+                502,
+                format!("no {} listener on the {out_side} side", hop.transport),
+            )
+        })?;
+        let branch = new_branch();
+        let mut via = Via::new(
+            hop.transport.via_token(),
+            &outbound.advertise,
+            port,
+            &branch,
+        );
+        via.set_param("rport", None);
+        message::push_via(&mut request.headers, &via);
+        Ok(Forward {
+            request,
+            branch,
+            destination: Destination {
+                side: out_side,
+                transport: hop.transport,
+                addr: hop.addr,
+                local: None,
+            },
+            trunk,
+        })
+    }
+
+    /// Route processing (§16.4) and target selection: a remaining Route wins; an
+    /// in-dialog request goes to its Request-URI; an initial one to its trunk.
+    fn next_hop(
+        &self,
+        source: Source,
+        request: &mut Request,
+        out_side: Side,
+    ) -> Result<(Hop, Option<Arc<str>>), Rejection> {
+        let mut routes = message::routes(&request.headers);
+        let original_count = routes.len();
+        // A strict-routing previous hop put our URI in the Request-URI: restore it.
+        if !routes.is_empty() && self.router.is_own(&request.uri) {
+            if let Some(last) = routes.pop() {
+                request.uri = message::route_uri(&last)
+                    .map_err(|error| Rejection::new(400, error.to_string()))?;
+            }
+        }
+        let mut removed_own = false;
+        while let Some(first) = routes.first() {
+            match message::route_uri(first) {
+                Ok(uri) if self.router.is_own(&uri) => {
+                    routes.remove(0);
+                    removed_own = true;
+                }
+                Ok(_) => break,
+                Err(error) => return Err(Rejection::new(400, error.to_string())),
+            }
+        }
+        if routes.len() != original_count {
+            message::set_routes(&mut request.headers, &routes);
+        }
+        if let Some(first) = routes.first() {
+            let uri = message::route_uri(first)
+                .map_err(|error| Rejection::new(400, error.to_string()))?;
+            return Ok((self.router.hop_for_uri(&uri, out_side)?, None));
+        }
+        let to_tag = message::to_value(&request.headers)
+            .ok()
+            .and_then(message::tag_of)
+            .is_some();
+        if removed_own || to_tag {
+            return Ok((self.router.hop_for_uri(&request.uri, out_side)?, None));
+        }
+        let trunk = match source.side {
+            Side::Edge => self.router.edge_trunk(
+                source.peer.ip(),
+                source.local.port(),
+                &request.uri.host().to_string(),
+            ),
+            Side::Core => self.router.core_trunk(source.peer.ip()),
+        }
+        .ok_or(RouteError::NoTrunk)?;
+        let hop = match source.side {
+            Side::Edge => trunk.core,
+            Side::Core => trunk.edge,
+        };
+        Ok((
+            self.router.checked(hop, out_side)?,
+            Some(trunk.name.clone()),
+        ))
+    }
+
+    /// Answers without a transaction: malformed requests, unknown CANCELs, overload.
+    fn reject_stateless(
+        &mut self,
+        reply_to: Destination,
+        request: &Request,
+        code: u16,
+        reason: &str,
+    ) {
+        Stats::bump(&self.stats.locally_rejected);
+        tracing::debug!(to = %reply_to.addr, code, reason, "rejecting request statelessly");
+        let tag = format!("{:08x}", rand::random::<u32>());
+        let response = message::response_for(request, message::status(code), &tag);
+        self.send(reply_to, message::encode(&response.into()));
+    }
+}
+
+/// The reason phrase for a local rejection: the standard one, which is what peers and
+/// operators expect to see; the detail goes to the log.
+fn reason_phrase(rejection: &Rejection) -> String {
+    match message::status(rejection.code) {
+        rsip::StatusCode::Other(_, reason) => reason,
+        other => other.to_string(),
+    }
+}
+
+/// Whether the proxy must stay in the path of the dialog this request may create.
+fn creates_dialog(request: &Request) -> bool {
+    let initial = message::to_value(&request.headers)
+        .ok()
+        .and_then(message::tag_of)
+        .is_none();
+    initial
+        && matches!(
+            request.method,
+            Method::Invite | Method::Subscribe | Method::Refer | Method::Notify
+        )
+}
+
+/// RFC 3261 §8.2 and §16.3: the headers every request needs, and a CSeq method equal to
+/// the request method.
+fn check_mandatory_headers(request: &Request) -> Result<(), String> {
+    message::call_id(&request.headers).map_err(|error| error.to_string())?;
+    message::from_value(&request.headers).map_err(|error| error.to_string())?;
+    message::to_value(&request.headers).map_err(|error| error.to_string())?;
+    let (_, method) = message::cseq(&request.headers).map_err(|error| error.to_string())?;
+    if method != request.method {
+        return Err(format!(
+            "CSeq method {method} differs from request method {}",
+            request.method
+        ));
+    }
+    Ok(())
+}

@@ -1,0 +1,370 @@
+//! Where a request goes: trunk selection for initial requests, loose routing (RFC 3261
+//! §16.4, §16.6 step 6), and the next hop of a SIP URI. Pure: addresses are resolved
+//! before the engine starts.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+
+use ipnet::IpNet;
+
+use crate::config::{Endpoint, Transport};
+use crate::sip::via::{default_port, strip_brackets};
+use crate::transport::{canonical, AllowList, Side};
+
+/// A trunk with its addresses resolved.
+#[derive(Debug, Clone)]
+pub struct RoutedTrunk {
+    pub name: Arc<str>,
+    pub sources: Vec<IpNet>,
+    pub domain: Option<String>,
+    pub port: Option<u16>,
+    pub edge: Hop,
+    pub core: Hop,
+}
+
+/// A transport and address to send to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Hop {
+    pub transport: Transport,
+    pub addr: SocketAddr,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum RouteError {
+    #[error("no trunk matches this request")]
+    NoTrunk,
+    #[error("next hop {host:?} is not an IP address or a configured host name")]
+    Unresolvable { host: String },
+    #[error("next hop {addr} is outside the {side} side's allow list")]
+    NotAllowed { addr: SocketAddr, side: Side },
+    #[error("next hop {addr} is this proxy")]
+    Loop { addr: SocketAddr },
+    #[error("unsupported URI scheme {scheme:?}")]
+    Scheme { scheme: String },
+    #[error("unsupported transport {transport:?}")]
+    Transport { transport: String },
+}
+
+impl RouteError {
+    /// The response code that reports this error to the request's sender.
+    pub fn status(&self) -> u16 {
+        match self {
+            RouteError::NoTrunk | RouteError::NotAllowed { .. } => 403,
+            RouteError::Unresolvable { .. } => 502,
+            RouteError::Loop { .. } => 482,
+            RouteError::Scheme { .. } => 416,
+            RouteError::Transport { .. } => 502,
+        }
+    }
+}
+
+/// A host and port this proxy answers on, as it would appear in a URI.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct OwnAddress {
+    host: String,
+    port: u16,
+}
+
+#[derive(Debug)]
+pub struct Router {
+    trunks: Vec<RoutedTrunk>,
+    own: Vec<OwnAddress>,
+    own_sockets: Vec<SocketAddr>,
+    names: HashMap<String, IpAddr>,
+    edge_allow: Arc<AllowList>,
+    core_allow: Arc<AllowList>,
+}
+
+impl Router {
+    /// `own` lists (advertised host, port) of every listener; `names` maps the configured
+    /// host names to the addresses they resolved to.
+    pub fn new(
+        trunks: Vec<RoutedTrunk>,
+        own: Vec<(String, SocketAddr)>,
+        names: HashMap<String, IpAddr>,
+        edge_allow: Arc<AllowList>,
+        core_allow: Arc<AllowList>,
+    ) -> Self {
+        let own_sockets = own.iter().map(|(_, socket)| *socket).collect();
+        let own = own
+            .into_iter()
+            .flat_map(|(host, socket)| {
+                [
+                    OwnAddress {
+                        host: strip_brackets(&host).to_ascii_lowercase(),
+                        port: socket.port(),
+                    },
+                    OwnAddress {
+                        host: socket.ip().to_string(),
+                        port: socket.port(),
+                    },
+                ]
+            })
+            .collect();
+        Self {
+            trunks,
+            own,
+            own_sockets,
+            names: names
+                .into_iter()
+                .map(|(name, ip)| (name.to_ascii_lowercase(), ip))
+                .collect(),
+            edge_allow,
+            core_allow,
+        }
+    }
+
+    pub fn trunks(&self) -> &[RoutedTrunk] {
+        &self.trunks
+    }
+
+    pub fn allow(&self, side: Side) -> &AllowList {
+        match side {
+            Side::Edge => &self.edge_allow,
+            Side::Core => &self.core_allow,
+        }
+    }
+
+    /// The first trunk whose criteria all hold for a request from the Edge.
+    pub fn edge_trunk(
+        &self,
+        source: IpAddr,
+        local_port: u16,
+        request_host: &str,
+    ) -> Option<&RoutedTrunk> {
+        let source = canonical(source);
+        self.trunks.iter().find(|trunk| {
+            (trunk.sources.is_empty() || trunk.sources.iter().any(|net| net.contains(&source)))
+                && trunk
+                    .domain
+                    .as_deref()
+                    .is_none_or(|domain| domain.eq_ignore_ascii_case(strip_brackets(request_host)))
+                && trunk.port.is_none_or(|port| port == local_port)
+        })
+    }
+
+    /// The trunk a request from the core belongs to: the one whose core address sent it,
+    /// else the only trunk there is.
+    pub fn core_trunk(&self, source: IpAddr) -> Option<&RoutedTrunk> {
+        let source = canonical(source);
+        self.trunks
+            .iter()
+            .find(|trunk| canonical(trunk.core.addr.ip()) == source)
+            .or_else(|| (self.trunks.len() == 1).then(|| &self.trunks[0]))
+    }
+
+    /// Whether a URI names this proxy (so a Route entry with it is ours to remove).
+    pub fn is_own(&self, uri: &rsip::Uri) -> bool {
+        let host = uri_host(uri);
+        let port = uri_port(uri);
+        self.own
+            .iter()
+            .any(|own| own.port == port && own.host == host)
+    }
+
+    /// The next hop for a URI (RFC 3263 without DNS: the host must be an IP address or a
+    /// name from the configuration), checked against the allow list of `side`.
+    pub fn hop_for_uri(&self, uri: &rsip::Uri, side: Side) -> Result<Hop, RouteError> {
+        if let Some(scheme) = &uri.scheme {
+            if !matches!(scheme, rsip::Scheme::Sip) {
+                return Err(RouteError::Scheme {
+                    scheme: scheme.to_string(),
+                });
+            }
+        }
+        let transport = match uri.transport() {
+            None | Some(rsip::Transport::Udp) => Transport::Udp,
+            Some(rsip::Transport::Tcp) => Transport::Tcp,
+            Some(other) => {
+                return Err(RouteError::Transport {
+                    transport: other.to_string(),
+                })
+            }
+        };
+        let host = uri_host(uri);
+        let ip = match host.parse::<IpAddr>() {
+            Ok(ip) => ip,
+            Err(_) => *self
+                .names
+                .get(&host)
+                .ok_or(RouteError::Unresolvable { host: host.clone() })?,
+        };
+        self.checked(
+            Hop {
+                transport,
+                addr: SocketAddr::new(ip, uri_port(uri)),
+            },
+            side,
+        )
+    }
+
+    /// Refuses a hop that is this proxy or outside the allow list of `side`.
+    pub fn checked(&self, hop: Hop, side: Side) -> Result<Hop, RouteError> {
+        if self.own_sockets.contains(&hop.addr) {
+            return Err(RouteError::Loop { addr: hop.addr });
+        }
+        if !self.allow(side).allows(hop.addr.ip()) {
+            return Err(RouteError::NotAllowed {
+                addr: hop.addr,
+                side,
+            });
+        }
+        Ok(hop)
+    }
+}
+
+fn uri_host(uri: &rsip::Uri) -> String {
+    strip_brackets(&uri.host().to_string()).to_ascii_lowercase()
+}
+
+fn uri_port(uri: &rsip::Uri) -> u16 {
+    uri.port()
+        .map(|port| *port.value())
+        .unwrap_or_else(|| default_port("UDP"))
+}
+
+/// Resolves an endpoint's host: an IP literal directly, a name through `lookup`.
+pub fn resolve_endpoint(endpoint: &Endpoint, lookup: &HashMap<String, IpAddr>) -> Option<Hop> {
+    let host = strip_brackets(&endpoint.host);
+    let ip = host
+        .parse::<IpAddr>()
+        .ok()
+        .or_else(|| lookup.get(&host.to_ascii_lowercase()).copied())?;
+    Some(Hop {
+        transport: endpoint.transport,
+        addr: SocketAddr::new(ip, endpoint.port),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hop(text: &str) -> Hop {
+        Hop {
+            transport: Transport::Udp,
+            addr: text.parse().unwrap(),
+        }
+    }
+
+    fn router() -> Router {
+        let trunk = |name: &str, sources: &[&str], domain: Option<&str>, core: &str| RoutedTrunk {
+            name: name.into(),
+            sources: sources.iter().map(|s| s.parse().unwrap()).collect(),
+            domain: domain.map(str::to_string),
+            port: None,
+            edge: hop("10.1.0.1:5060"),
+            core: hop(core),
+        };
+        let allow = |nets: &[&str]| {
+            Arc::new(AllowList::new(
+                nets.iter().map(|n| n.parse().unwrap()).collect(),
+            ))
+        };
+        Router::new(
+            vec![
+                trunk("a", &["10.1.0.0/16"], None, "198.51.100.1:5060"),
+                trunk("b", &[], Some("b.example"), "198.51.100.2:5060"),
+            ],
+            vec![
+                ("proxy.example".into(), "192.0.2.1:5060".parse().unwrap()),
+                ("192.0.2.1".into(), "192.0.2.1:5070".parse().unwrap()),
+            ],
+            HashMap::from([("core.example".to_string(), "198.51.100.9".parse().unwrap())]),
+            allow(&["10.0.0.0/8"]),
+            allow(&["198.51.100.0/24"]),
+        )
+    }
+
+    fn uri(text: &str) -> rsip::Uri {
+        rsip::Uri::try_from(text).unwrap()
+    }
+
+    #[test]
+    fn edge_trunk_by_source_then_domain() {
+        let router = router();
+        assert_eq!(
+            router
+                .edge_trunk("10.1.2.3".parse().unwrap(), 5060, "x")
+                .unwrap()
+                .name
+                .as_ref(),
+            "a"
+        );
+        assert_eq!(
+            router
+                .edge_trunk("10.2.2.3".parse().unwrap(), 5060, "B.example")
+                .unwrap()
+                .name
+                .as_ref(),
+            "b"
+        );
+        assert!(router
+            .edge_trunk("10.2.2.3".parse().unwrap(), 5060, "c.example")
+            .is_none());
+        // IPv4-mapped sources match IPv4 networks.
+        assert!(router
+            .edge_trunk("::ffff:10.1.2.3".parse().unwrap(), 5060, "x")
+            .is_some());
+    }
+
+    #[test]
+    fn core_trunk_by_core_address() {
+        let router = router();
+        assert_eq!(
+            router
+                .core_trunk("198.51.100.2".parse().unwrap())
+                .unwrap()
+                .name
+                .as_ref(),
+            "b"
+        );
+        assert!(router.core_trunk("198.51.100.7".parse().unwrap()).is_none());
+    }
+
+    #[test]
+    fn own_uris_by_advertised_name_or_address_and_port() {
+        let router = router();
+        assert!(router.is_own(&uri("sip:proxy.example;lr")));
+        assert!(router.is_own(&uri("sip:192.0.2.1:5070;lr;transport=tcp")));
+        assert!(router.is_own(&uri("sip:192.0.2.1:5060;lr")));
+        assert!(!router.is_own(&uri("sip:192.0.2.1:5080;lr")));
+        assert!(!router.is_own(&uri("sip:other.example;lr")));
+    }
+
+    #[test]
+    fn next_hop_from_uri_with_transport_and_checks() {
+        let router = router();
+        assert_eq!(
+            router.hop_for_uri(&uri("sip:bob@198.51.100.5:5090;transport=tcp"), Side::Core),
+            Ok(Hop {
+                transport: Transport::Tcp,
+                addr: "198.51.100.5:5090".parse().unwrap()
+            })
+        );
+        assert_eq!(
+            router
+                .hop_for_uri(&uri("sip:core.example"), Side::Core)
+                .unwrap()
+                .addr,
+            "198.51.100.9:5060".parse().unwrap()
+        );
+        assert!(matches!(
+            router.hop_for_uri(&uri("sip:unknown.example"), Side::Core),
+            Err(RouteError::Unresolvable { .. })
+        ));
+        let open_relay = router
+            .hop_for_uri(&uri("sip:203.0.113.1"), Side::Core)
+            .unwrap_err();
+        assert_eq!(open_relay.status(), 403);
+        let looped = router
+            .hop_for_uri(&uri("sip:192.0.2.1:5070"), Side::Core)
+            .unwrap_err();
+        assert_eq!(looped.status(), 482);
+        assert!(matches!(
+            router.hop_for_uri(&uri("sips:bob@198.51.100.5"), Side::Core),
+            Err(RouteError::Scheme { .. })
+        ));
+    }
+}

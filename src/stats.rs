@@ -1,0 +1,74 @@
+//! Counters shared by the transports and the engine. Every message that is dropped,
+//! rejected or answered by the sidecar itself is counted here; the admin endpoint exports
+//! them later, and tests read them.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+macro_rules! counters {
+    ($($(#[$doc:meta])* $name:ident),* $(,)?) => {
+        /// Monotonic counters, updated with relaxed atomics.
+        #[derive(Debug, Default)]
+        pub struct Stats {
+            $($(#[$doc])* pub $name: AtomicU64,)*
+        }
+
+        /// A plain copy of [`Stats`] at one moment.
+        #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+        pub struct StatsSnapshot {
+            $(pub $name: u64,)*
+        }
+
+        impl Stats {
+            pub fn snapshot(&self) -> StatsSnapshot {
+                StatsSnapshot {
+                    $($name: self.$name.load(Ordering::Relaxed),)*
+                }
+            }
+        }
+    };
+}
+
+counters! {
+    /// SIP messages parsed and handed to the engine.
+    messages_received,
+    /// Bytes that did not parse as SIP, or lacked a usable Via/CSeq.
+    malformed_dropped,
+    /// Messages from an address outside the side's allow list.
+    not_allowed_dropped,
+    /// Datagrams dropped because the engine queue was full.
+    queue_full_dropped,
+    /// Messages that could not be handed to a socket or connection.
+    send_failed,
+    /// Request retransmissions absorbed by a server transaction.
+    retransmissions_absorbed,
+    /// Server transactions created (requests proxied statefully).
+    server_transactions,
+    /// Client transactions created.
+    client_transactions,
+    /// Requests forwarded without a transaction (ACK for 2xx).
+    stateless_forwards,
+    /// Responses forwarded toward the peer that sent the request.
+    responses_forwarded,
+    /// Responses matching no transaction and not ours to forward.
+    stray_responses,
+    /// Requests answered 503 because the transaction table was full.
+    overload_rejected,
+    /// Requests answered with an error by the sidecar itself (400, 403, 481, 483, 502).
+    locally_rejected,
+    /// Client transactions that ended with Timer B or F.
+    client_timeouts,
+    /// CANCELs forwarded to the core or Edge.
+    cancels_forwarded,
+    /// TCP connections accepted or opened.
+    tcp_connections_opened,
+    /// TCP connections refused because of tcp_max_connections.
+    tcp_connections_refused,
+    /// TCP streams closed because of a framing error (size, Content-Length).
+    tcp_framing_errors,
+}
+
+impl Stats {
+    pub fn bump(counter: &AtomicU64) {
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+}

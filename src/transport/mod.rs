@@ -1,0 +1,134 @@
+//! Sockets: UDP listeners, TCP listeners and connections, and the handle the engine uses
+//! to send. Receive tasks check the sender against the side's allow list, frame and parse
+//! the bytes (so parsing runs on every core, not just the engine's), and queue the
+//! message for the engine on a bounded channel. Sending never blocks the engine: UDP uses
+//! `try_send_to`, each TCP connection has a bounded queue of its own.
+//!
+//! Connections are tracked by the engine (it receives `Opened`/`Closed` events) and keyed
+//! by side and peer address, so responses go back on the connection their request came in
+//! on (RFC 3261 §18.2.2) and connections to the core are reused.
+
+pub mod tcp;
+pub mod udp;
+
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use ipnet::IpNet;
+use tokio::sync::mpsc;
+
+pub use crate::config::Transport;
+
+/// Which peer a socket faces.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Side {
+    /// The Edge appliance (PBX, SBC, Genesys Cloud Edge).
+    Edge,
+    /// The core: the cloud SIP service or carrier.
+    Core,
+}
+
+impl Side {
+    pub fn opposite(self) -> Side {
+        match self {
+            Side::Edge => Side::Core,
+            Side::Core => Side::Edge,
+        }
+    }
+}
+
+impl fmt::Display for Side {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Side::Edge => "edge",
+            Side::Core => "core",
+        })
+    }
+}
+
+/// Identifies one TCP connection across reconnects to the same peer.
+pub type ConnectionId = u64;
+
+/// A parsed message and where it came from.
+#[derive(Debug)]
+pub struct Inbound {
+    pub side: Side,
+    pub transport: Transport,
+    /// The local socket address it arrived on.
+    pub local: SocketAddr,
+    pub peer: SocketAddr,
+    pub message: rsip::SipMessage,
+}
+
+/// What the transports tell the engine.
+// Messages are nearly every event; boxing them would cost an allocation each.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug)]
+pub enum TransportEvent {
+    Message(Inbound),
+    ConnectionOpened {
+        side: Side,
+        peer: SocketAddr,
+        id: ConnectionId,
+        sender: mpsc::Sender<Bytes>,
+    },
+    ConnectionClosed {
+        side: Side,
+        peer: SocketAddr,
+        id: ConnectionId,
+        /// True when an outbound connection never got established.
+        connect_failed: bool,
+    },
+}
+
+/// Networks allowed to talk to one side.
+#[derive(Debug, Clone, Default)]
+pub struct AllowList {
+    networks: Vec<IpNet>,
+}
+
+impl AllowList {
+    pub fn new(networks: Vec<IpNet>) -> Self {
+        Self { networks }
+    }
+
+    pub fn allows(&self, ip: IpAddr) -> bool {
+        let ip = canonical(ip);
+        self.networks.iter().any(|net| net.contains(&ip))
+    }
+}
+
+/// An IPv4-mapped IPv6 address as plain IPv4, so allow lists written in IPv4 match on
+/// dual-stack sockets.
+pub fn canonical(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(ip),
+        v4 => v4,
+    }
+}
+
+/// What a receive task needs to hand a message over.
+#[derive(Clone)]
+pub struct ReceiveContext {
+    pub side: Side,
+    pub allow: Arc<AllowList>,
+    pub engine: mpsc::Sender<TransportEvent>,
+    pub stats: Arc<crate::stats::Stats>,
+    pub max_message_size: usize,
+}
+
+impl ReceiveContext {
+    /// Parses one message; counts and drops what does not parse.
+    fn parse(&self, bytes: &[u8], datagram: bool, peer: SocketAddr) -> Option<rsip::SipMessage> {
+        match crate::sip::message::parse(bytes, datagram) {
+            Ok(message) => Some(message),
+            Err(error) => {
+                crate::stats::Stats::bump(&self.stats.malformed_dropped);
+                tracing::debug!(side = %self.side, %peer, error = %error, "dropped malformed message");
+                None
+            }
+        }
+    }
+}

@@ -1,0 +1,260 @@
+//! TCP: an accept loop per listener and one task per connection that frames the stream
+//! (see [`crate::sip::framing`]), answers CRLF keep-alive pings, writes what the engine
+//! queues for it, and closes after `tcp_idle_timeout` without traffic. Outbound
+//! connections (to the core, or back to an Edge whose connection went away) are opened on
+//! demand by [`TcpContext::connect`] and then behave the same.
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use super::{ConnectionId, Inbound, ReceiveContext, TransportEvent};
+use crate::config::Transport;
+use crate::sip::framing::{Frame, StreamFramer, PONG};
+use crate::stats::Stats;
+
+/// Messages queued for one connection before further sends are dropped and counted.
+const CONNECTION_QUEUE: usize = 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum TcpError {
+    #[error("cannot bind tcp:{addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        #[source]
+        source: io::Error,
+    },
+}
+
+pub async fn bind(addr: SocketAddr) -> Result<TcpListener, TcpError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| TcpError::Bind { addr, source })
+}
+
+/// Everything connection tasks of one side share.
+#[derive(Clone)]
+pub struct TcpContext {
+    pub receive: ReceiveContext,
+    pub idle_timeout: Duration,
+    pub connect_timeout: Duration,
+    pub max_connections: usize,
+    pub open_connections: Arc<AtomicUsize>,
+    pub next_id: Arc<AtomicU64>,
+    pub tracker: TaskTracker,
+    pub cancel: CancellationToken,
+}
+
+/// Counts a connection for `tcp_max_connections` while it lives.
+struct ConnectionSlot(Arc<AtomicUsize>);
+
+impl Drop for ConnectionSlot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl TcpContext {
+    fn reserve_slot(&self) -> Option<ConnectionSlot> {
+        let previous = self.open_connections.fetch_add(1, Ordering::Relaxed);
+        let slot = ConnectionSlot(self.open_connections.clone());
+        (previous < self.max_connections).then_some(slot)
+    }
+
+    fn new_id(&self) -> ConnectionId {
+        self.next_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Opens a connection to `peer` in the background and returns its id and queue at
+    /// once; what is queued is written once connected. A failed connect is reported to
+    /// the engine as `ConnectionClosed { connect_failed: true }`.
+    pub fn connect(&self, peer: SocketAddr) -> (ConnectionId, mpsc::Sender<Bytes>) {
+        let id = self.new_id();
+        let (sender, receiver) = mpsc::channel(CONNECTION_QUEUE);
+        let context = self.clone();
+        self.tracker.spawn(async move {
+            let side = context.receive.side;
+            let Some(slot) = context.reserve_slot() else {
+                Stats::bump(&context.receive.stats.tcp_connections_refused);
+                tracing::warn!(%side, %peer, "tcp connection limit reached; not connecting");
+                context.report_closed(peer, id, true).await;
+                return;
+            };
+            let connected = tokio::select! {
+                _ = context.cancel.cancelled() => return,
+                connected = tokio::time::timeout(context.connect_timeout, TcpStream::connect(peer)) => connected,
+            };
+            match connected {
+                Ok(Ok(stream)) => {
+                    Stats::bump(&context.receive.stats.tcp_connections_opened);
+                    tracing::debug!(%side, %peer, id, "tcp connection opened");
+                    context.serve(stream, peer, id, receiver).await;
+                    drop(slot);
+                }
+                Ok(Err(error)) => {
+                    tracing::warn!(%side, %peer, error = %error, "tcp connect failed");
+                    context.report_closed(peer, id, true).await;
+                }
+                Err(_) => {
+                    tracing::warn!(%side, %peer, timeout = ?context.connect_timeout, "tcp connect timed out");
+                    context.report_closed(peer, id, true).await;
+                }
+            }
+        });
+        (id, sender)
+    }
+
+    async fn report_closed(&self, peer: SocketAddr, id: ConnectionId, connect_failed: bool) {
+        let event = TransportEvent::ConnectionClosed {
+            side: self.receive.side,
+            peer,
+            id,
+            connect_failed,
+        };
+        // The engine is gone only during shutdown, when nobody needs the news.
+        let _ = self.receive.engine.send(event).await;
+    }
+
+    /// Reads, frames and writes one connection until it closes, idles out or shutdown.
+    async fn serve(
+        &self,
+        stream: TcpStream,
+        peer: SocketAddr,
+        id: ConnectionId,
+        mut outgoing: mpsc::Receiver<Bytes>,
+    ) {
+        let side = self.receive.side;
+        let local = match stream.local_addr() {
+            Ok(local) => local,
+            Err(error) => {
+                tracing::debug!(%side, %peer, error = %error, "tcp connection lost before use");
+                self.report_closed(peer, id, false).await;
+                return;
+            }
+        };
+        // Nagle would hold small SIP messages back behind unacknowledged ones.
+        if let Err(error) = stream.set_nodelay(true) {
+            tracing::debug!(%side, %peer, error = %error, "cannot set TCP_NODELAY");
+        }
+        let (mut reader, mut writer) = stream.into_split();
+        let mut framer = StreamFramer::new(self.receive.max_message_size);
+        let mut idle_deadline = Instant::now() + self.idle_timeout;
+        let reason = 'connection: loop {
+            tokio::select! {
+                _ = self.cancel.cancelled() => break 'connection "shutdown",
+                _ = tokio::time::sleep_until(idle_deadline) => break 'connection "idle",
+                read = reader.read_buf(framer.buffer_mut()) => {
+                    match read {
+                        Ok(0) => break 'connection "closed by peer",
+                        Ok(_) => {}
+                        Err(error) => {
+                            tracing::debug!(%side, %peer, error = %error, "tcp read failed");
+                            break 'connection "read error";
+                        }
+                    }
+                    idle_deadline = Instant::now() + self.idle_timeout;
+                    loop {
+                        match framer.next_frame() {
+                            Ok(None) => break,
+                            Ok(Some(Frame::Ping)) => {
+                                if writer.write_all(PONG).await.is_err() {
+                                    break 'connection "write error";
+                                }
+                            }
+                            Ok(Some(Frame::Message(bytes))) => {
+                                let Some(message) = self.receive.parse(&bytes, false, peer) else {
+                                    continue;
+                                };
+                                let event = TransportEvent::Message(Inbound {
+                                    side,
+                                    transport: Transport::Tcp,
+                                    local,
+                                    peer,
+                                    message,
+                                });
+                                // Waiting here pushes back on this peer only.
+                                if self.receive.engine.send(event).await.is_err() {
+                                    break 'connection "shutdown";
+                                }
+                                Stats::bump(&self.receive.stats.messages_received);
+                            }
+                            Err(error) => {
+                                Stats::bump(&self.receive.stats.tcp_framing_errors);
+                                tracing::warn!(%side, %peer, error = %error, "closing tcp connection: stream cannot be framed");
+                                break 'connection "framing error";
+                            }
+                        }
+                    }
+                }
+                queued = outgoing.recv() => {
+                    let Some(bytes) = queued else { break 'connection "engine dropped the connection" };
+                    if let Err(error) = writer.write_all(&bytes).await {
+                        tracing::debug!(%side, %peer, error = %error, "tcp write failed");
+                        Stats::bump(&self.receive.stats.send_failed);
+                        break 'connection "write error";
+                    }
+                    idle_deadline = Instant::now() + self.idle_timeout;
+                }
+            }
+        };
+        tracing::debug!(%side, %peer, id, reason, "tcp connection closed");
+        self.report_closed(peer, id, false).await;
+    }
+}
+
+/// Accepts connections until cancelled.
+pub async fn accept_loop(listener: TcpListener, context: TcpContext) {
+    loop {
+        let accepted = tokio::select! {
+            _ = context.cancel.cancelled() => return,
+            accepted = listener.accept() => accepted,
+        };
+        let (stream, peer) = match accepted {
+            Ok(accepted) => accepted,
+            Err(error) => {
+                // EMFILE and friends: back off briefly instead of spinning.
+                tracing::warn!(error = %error, "tcp accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let side = context.receive.side;
+        if !context.receive.allow.allows(peer.ip()) {
+            Stats::bump(&context.receive.stats.not_allowed_dropped);
+            tracing::debug!(%side, %peer, "refused tcp connection from a source outside the allow list");
+            continue;
+        }
+        let Some(slot) = context.reserve_slot() else {
+            Stats::bump(&context.receive.stats.tcp_connections_refused);
+            tracing::warn!(%side, %peer, "tcp connection limit reached; refusing connection");
+            continue;
+        };
+        Stats::bump(&context.receive.stats.tcp_connections_opened);
+        let id = context.new_id();
+        let (sender, receiver) = mpsc::channel(CONNECTION_QUEUE);
+        let opened = TransportEvent::ConnectionOpened {
+            side,
+            peer,
+            id,
+            sender,
+        };
+        if context.receive.engine.send(opened).await.is_err() {
+            return;
+        }
+        let task_context = context.clone();
+        context.tracker.spawn(async move {
+            task_context.serve(stream, peer, id, receiver).await;
+            drop(slot);
+        });
+    }
+}
