@@ -231,11 +231,13 @@ impl Config {
         let edge = validate_side("edge", &self.edge, &mut problems);
         let core_side = validate_side("core_side", &self.core_side, &mut problems);
         for listen in &edge.listen {
-            if core_side
-                .listen
-                .iter()
-                .any(|other| other.addr == listen.addr && other.transport == listen.transport)
-            {
+            // Port 0 asks the system for a free port, so it never collides.
+            let collides = listen.addr.port() != 0
+                && core_side
+                    .listen
+                    .iter()
+                    .any(|other| other.addr == listen.addr && other.transport == listen.transport);
+            if collides {
                 problems.add(
                     "core_side.listen",
                     format!(

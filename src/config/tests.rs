@@ -121,6 +121,11 @@ fn unspecified_listener_needs_advertise() {
 fn sides_cannot_share_a_socket() {
     let text = VALID.replace("udp:127.0.0.1:5070", "udp:127.0.0.1:5060");
     assert_eq!(keys(&problems(&text)), vec!["core_side.listen"]);
+    // Port 0 lets the system pick: both sides may ask for it.
+    let text = VALID
+        .replace("udp:127.0.0.1:5070", "udp:127.0.0.1:0")
+        .replace("udp:127.0.0.1:5060", "udp:127.0.0.1:0");
+    assert!(Config::from_toml(&text, "t").unwrap().validate().is_ok());
 }
 
 #[test]

@@ -1,0 +1,267 @@
+//! Shared helpers for the integration tests: free loopback ports, sipp processes that are
+//! stopped by PID when dropped, and an in-process sidecar on port-0 listeners.
+
+#![allow(dead_code)] // each test binary uses a different subset
+
+pub mod raw;
+
+use std::collections::HashMap;
+use std::net::{SocketAddr, TcpListener, UdpSocket};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use byoc_sidecar::config::{Config, Transport};
+use byoc_sidecar::proxy::App;
+use byoc_sidecar::transport::Side;
+use tokio_util::sync::CancellationToken;
+
+pub const LOOPBACK: &str = "127.0.0.1";
+
+/// The sipp binary, or a loud failure: these tests need a real peer.
+pub fn sipp_path() -> PathBuf {
+    for dir in std::env::var("PATH").unwrap_or_default().split(':') {
+        let candidate = Path::new(dir).join("sipp");
+        if candidate.is_file() {
+            return candidate;
+        }
+    }
+    panic!(
+        "sipp is not installed: run scripts/test.sh, which installs the Debian package sip-tester"
+    );
+}
+
+/// A loopback port free for both UDP and TCP right now.
+pub fn free_port() -> u16 {
+    loop {
+        let udp = UdpSocket::bind((LOOPBACK, 0)).expect("bind an ephemeral udp port");
+        let port = udp.local_addr().unwrap().port();
+        if TcpListener::bind((LOOPBACK, port)).is_ok() {
+            return port;
+        }
+    }
+}
+
+pub fn scenario(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/scenarios")
+        .join(name)
+}
+
+/// A running sipp, killed on drop.
+pub struct Sipp {
+    child: tokio::process::Child,
+    pub dir: tempfile::TempDir,
+    name: String,
+}
+
+/// How a sipp run ended.
+#[derive(Debug)]
+pub struct SippOutcome {
+    pub exit_code: Option<i32>,
+    pub successful: u64,
+    pub failed: u64,
+    pub unexpected: u64,
+    pub errors: String,
+}
+
+impl Sipp {
+    /// Starts sipp with `args` in a fresh directory, with statistics in `stats.csv`,
+    /// errors traced, no stdin, and a global timeout so it always ends.
+    pub fn start(name: &str, args: &[String]) -> Sipp {
+        let dir = tempfile::tempdir().expect("temporary directory for sipp");
+        let mut command = tokio::process::Command::new(sipp_path());
+        command
+            .current_dir(dir.path())
+            .args(args)
+            .args([
+                "-nostdin",
+                "-trace_err",
+                "-trace_stat",
+                "-stf",
+                "stats.csv",
+                "-fd",
+                "1",
+            ])
+            .args(["-timeout", "120s", "-timeout_error"])
+            .args([
+                "-cp",
+                &free_port().to_string(),
+                "-mp",
+                &free_port().to_string(),
+            ])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        let child = command.spawn().expect("start sipp");
+        Sipp {
+            child,
+            dir,
+            name: name.to_string(),
+        }
+    }
+
+    /// Waits for sipp to exit (at most `limit`) and reads its statistics.
+    pub async fn finish(mut self, limit: Duration) -> SippOutcome {
+        let status = match tokio::time::timeout(limit, self.child.wait()).await {
+            Ok(status) => status.expect("wait for sipp"),
+            Err(_) => {
+                let _ = self.child.kill().await;
+                panic!("{} did not finish within {limit:?}", self.name);
+            }
+        };
+        let stats = read_stats(&self.dir.path().join("stats.csv"));
+        let errors = std::fs::read_dir(self.dir.path())
+            .unwrap()
+            .filter_map(Result::ok)
+            .filter(|entry| entry.file_name().to_string_lossy().ends_with("_errors.log"))
+            .map(|entry| std::fs::read_to_string(entry.path()).unwrap_or_default())
+            .collect::<Vec<_>>()
+            .join("\n")
+            .lines()
+            .filter(|line| !line.contains("Failed to delete FD from epoll"))
+            .collect::<Vec<_>>()
+            .join("\n");
+        SippOutcome {
+            exit_code: status.code(),
+            successful: stats.get("SuccessfulCall(C)").copied().unwrap_or(0),
+            failed: stats.get("FailedCall(C)").copied().unwrap_or(0),
+            unexpected: stats
+                .get("FailedUnexpectedMessage(C)")
+                .copied()
+                .unwrap_or(0),
+            errors,
+        }
+    }
+}
+
+/// The cumulative counters of the last line of a sipp `-trace_stat` file.
+fn read_stats(path: &Path) -> HashMap<String, u64> {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let mut lines = text.lines().filter(|line| !line.trim().is_empty());
+    let Some(header) = lines.next() else {
+        return HashMap::new();
+    };
+    let Some(last) = lines.last() else {
+        return HashMap::new();
+    };
+    header
+        .split(';')
+        .zip(last.split(';'))
+        .filter_map(|(name, value)| Some((name.to_string(), value.trim().parse().ok()?)))
+        .collect()
+}
+
+/// Asserts a sipp run placed or answered exactly `calls` calls with no failure.
+pub fn assert_all_calls_succeeded(outcome: &SippOutcome, calls: u64, who: &str) {
+    assert_eq!(
+        (
+            outcome.exit_code,
+            outcome.successful,
+            outcome.failed,
+            outcome.unexpected
+        ),
+        (Some(0), calls, 0, 0),
+        "{who}: exit code, successful, failed, unexpected; errors:\n{}",
+        outcome.errors
+    );
+}
+
+/// sipp arguments for a UAS on `port` answering `calls` calls.
+pub fn uas_args(scenario_name: &str, port: u16, transport: Transport, calls: u64) -> Vec<String> {
+    let mut args = vec![
+        "-sf".to_string(),
+        scenario(scenario_name).display().to_string(),
+        "-i".into(),
+        LOOPBACK.into(),
+        "-p".into(),
+        port.to_string(),
+        "-m".into(),
+        calls.to_string(),
+    ];
+    if transport == Transport::Tcp {
+        args.extend(["-t".into(), "t1".into()]);
+    }
+    args
+}
+
+/// sipp arguments for a UAC placing `calls` calls at `rate` per second to `target`.
+pub fn uac_args(
+    scenario_name: &str,
+    target: SocketAddr,
+    transport: Transport,
+    calls: u64,
+    rate: u64,
+    hold_ms: u64,
+) -> Vec<String> {
+    let mut args = vec![
+        "-sf".to_string(),
+        scenario(scenario_name).display().to_string(),
+        "-i".into(),
+        LOOPBACK.into(),
+        "-p".into(),
+        free_port().to_string(),
+        target.to_string(),
+        "-m".into(),
+        calls.to_string(),
+        "-r".into(),
+        rate.to_string(),
+        "-d".into(),
+        hold_ms.to_string(),
+    ];
+    if transport == Transport::Tcp {
+        args.extend(["-t".into(), "t1".into()]);
+    }
+    args
+}
+
+/// A sidecar running in this process, listening on fresh loopback ports (UDP and TCP on
+/// both sides), with one trunk.
+pub struct Sidecar {
+    pub app: App,
+    root: CancellationToken,
+}
+
+impl Sidecar {
+    pub async fn start(edge: &str, core: &str, extra_sip: &str) -> Sidecar {
+        let text = format!(
+            r#"
+[edge]
+listen = ["udp:127.0.0.1:0", "tcp:127.0.0.1:0"]
+allow = ["127.0.0.0/8"]
+
+[core_side]
+listen = ["udp:127.0.0.1:0", "tcp:127.0.0.1:0"]
+allow = ["127.0.0.0/8"]
+
+[sip]
+{extra_sip}
+
+[[trunk]]
+name = "test"
+edge = "{edge}"
+core = "{core}"
+"#
+        );
+        let settings = Config::from_toml(&text, "test")
+            .unwrap()
+            .validate()
+            .unwrap_or_else(|problems| panic!("test config invalid: {problems:?}"));
+        let root = CancellationToken::new();
+        let app = App::start(settings, &root).await.expect("start sidecar");
+        Sidecar { app, root }
+    }
+
+    pub fn addr(&self, side: Side, transport: Transport) -> SocketAddr {
+        self.app.listener(side, transport).expect("listener")
+    }
+
+    pub async fn stop(self) {
+        assert!(
+            self.app.shutdown(Duration::from_secs(5)).await,
+            "sidecar tasks did not stop in time"
+        );
+        drop(self.root);
+    }
+}

@@ -1,0 +1,94 @@
+//! Calls through the sidecar between real sipp processes on loopback, in both directions
+//! and over UDP and TCP.
+
+mod common;
+
+use std::time::Duration;
+
+use byoc_sidecar::config::Transport;
+use byoc_sidecar::transport::Side;
+use common::*;
+
+const CALLS: u64 = 200;
+const RATE: u64 = 100;
+const HOLD_MS: u64 = 200;
+const LIMIT: Duration = Duration::from_secs(90);
+
+/// sipp UAC -> sidecar -> sipp UAS, where `direction` says which side the UAC is on.
+async fn calls_complete(uac_side: Side, transport: Transport) {
+    let uas_port = free_port();
+    let uas_target = format!("{transport}:127.0.0.1:{uas_port}");
+    // The far end stands where the other side's trunk address points.
+    let (edge, core) = match uac_side {
+        Side::Edge => ("udp:127.0.0.1:9".to_string(), uas_target),
+        Side::Core => (uas_target, "udp:127.0.0.1:9".to_string()),
+    };
+    let sidecar = Sidecar::start(&edge, &core, "").await;
+    let uas = Sipp::start("uas", &uas_args("uas.xml", uas_port, transport, CALLS));
+    // Give the UAS a moment to bind before traffic arrives.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let target = sidecar.addr(uac_side, transport);
+    let uac = Sipp::start(
+        "uac",
+        &uac_args("uac.xml", target, transport, CALLS, RATE, HOLD_MS),
+    );
+    let uac = uac.finish(LIMIT).await;
+    let uas = uas.finish(Duration::from_secs(30)).await;
+    assert_all_calls_succeeded(&uac, CALLS, "uac");
+    assert_all_calls_succeeded(&uas, CALLS, "uas");
+    let stats = sidecar.app.stats.snapshot();
+    // INVITE and BYE statefully, each ACK for a 2xx statelessly.
+    assert_eq!(stats.server_transactions, 2 * CALLS, "{stats:?}");
+    assert_eq!(stats.stateless_forwards, CALLS, "{stats:?}");
+    assert_eq!(
+        stats.malformed_dropped + stats.send_failed + stats.locally_rejected,
+        0,
+        "{stats:?}"
+    );
+    sidecar.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn udp_calls_from_edge_to_core_complete() {
+    calls_complete(Side::Edge, Transport::Udp).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tcp_calls_from_edge_to_core_complete() {
+    calls_complete(Side::Edge, Transport::Tcp).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn udp_calls_from_core_to_edge_complete() {
+    calls_complete(Side::Core, Transport::Udp).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tcp_calls_from_core_to_edge_complete() {
+    calls_complete(Side::Core, Transport::Tcp).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_after_ringing_gets_487_end_to_end() {
+    const CANCELLED: u64 = 20;
+    let uas_port = free_port();
+    let sidecar = Sidecar::start("udp:127.0.0.1:9", &format!("udp:127.0.0.1:{uas_port}"), "").await;
+    let uas = Sipp::start(
+        "uas",
+        &uas_args("uas_cancel.xml", uas_port, Transport::Udp, CANCELLED),
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let target = sidecar.addr(Side::Edge, Transport::Udp);
+    let uac = Sipp::start(
+        "uac",
+        &uac_args("uac_cancel.xml", target, Transport::Udp, CANCELLED, 20, 0),
+    );
+    let uac = uac.finish(LIMIT).await;
+    let uas = uas.finish(Duration::from_secs(30)).await;
+    // The UAC saw 200 for its CANCEL and 487 for its INVITE; the UAS saw the CANCEL and
+    // the ACK for its 487.
+    assert_all_calls_succeeded(&uac, CANCELLED, "uac");
+    assert_all_calls_succeeded(&uas, CANCELLED, "uas");
+    assert_eq!(sidecar.app.stats.snapshot().cancels_forwarded, CANCELLED);
+    sidecar.stop().await;
+}
