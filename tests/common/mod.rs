@@ -1,7 +1,10 @@
 //! Shared helpers for the integration tests: free loopback ports, sipp processes that are
 //! stopped by PID when dropped, and an in-process sidecar on port-0 listeners.
 
-#![allow(dead_code)] // each test binary uses a different subset
+#![allow(dead_code)]
+// each test binary uses a different subset
+// Test support: a failed set-up step should stop the test loudly.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 pub mod raw;
 
@@ -143,7 +146,7 @@ fn read_stats(path: &Path) -> HashMap<String, u64> {
     let Some(header) = lines.next() else {
         return HashMap::new();
     };
-    let Some(last) = lines.last() else {
+    let Some(last) = lines.next_back() else {
         return HashMap::new();
     };
     header
@@ -225,7 +228,12 @@ pub struct Sidecar {
 
 impl Sidecar {
     pub async fn start(edge: &str, core: &str, extra_sip: &str) -> Sidecar {
-        let text = format!(
+        Self::start_with(&Self::config(edge, core, extra_sip)).await
+    }
+
+    /// The test configuration: port-0 listeners, loopback allowed, one trunk.
+    pub fn config(edge: &str, core: &str, extra_sip: &str) -> String {
+        format!(
             r#"
 [edge]
 listen = ["udp:127.0.0.1:0", "tcp:127.0.0.1:0"]
@@ -243,8 +251,11 @@ name = "test"
 edge = "{edge}"
 core = "{core}"
 "#
-        );
-        let settings = Config::from_toml(&text, "test")
+        )
+    }
+
+    pub async fn start_with(text: &str) -> Sidecar {
+        let settings = Config::from_toml(text, "test")
             .unwrap()
             .validate()
             .unwrap_or_else(|problems| panic!("test config invalid: {problems:?}"));

@@ -1,0 +1,347 @@
+//! Per-message rules of the running proxy, checked with hand-driven peers: Max-Forwards,
+//! compact headers, Via received/rport, CANCEL without a transaction, the allow list,
+//! overload, and the TCP transport (framing, keep-alive, size limit, idle close, reuse).
+
+mod common;
+
+use std::time::Duration;
+
+use byoc_sidecar::config::Transport;
+use byoc_sidecar::sip::message;
+use byoc_sidecar::transport::Side;
+use common::raw::{header_values, invite, status, RawPeer};
+use common::*;
+use rsip::message::HasHeaders;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+const WAIT: Duration = Duration::from_secs(5);
+
+#[tokio::test]
+async fn max_forwards_zero_is_answered_483_and_not_forwarded() {
+    let core = RawPeer::bind().await;
+    let sidecar = Sidecar::start("udp:127.0.0.1:9", &format!("udp:{}", core.addr), "").await;
+    let edge = RawPeer::bind().await;
+    let proxy = sidecar.addr(Side::Edge, Transport::Udp);
+    let request = invite(edge.addr, proxy, "z9hG4bKmf0", "mf0@test")
+        .replace("Max-Forwards: 70", "Max-Forwards: 0");
+    edge.send(&request, proxy).await;
+    let mut codes = Vec::new();
+    while codes.last() != Some(&483) {
+        codes.push(status(&edge.receive(WAIT, "483").await.0));
+    }
+    assert_eq!(codes, vec![100, 483]);
+    let forwarded = tokio::time::timeout(
+        Duration::from_millis(300),
+        core.socket.recv_from(&mut [0u8; 10]),
+    )
+    .await;
+    assert!(
+        forwarded.is_err(),
+        "a request with Max-Forwards 0 must not be forwarded"
+    );
+    assert_eq!(sidecar.app.stats.snapshot().locally_rejected, 1);
+    sidecar.stop().await;
+}
+
+#[tokio::test]
+async fn compact_request_is_proxied_with_received_rport_and_decremented_max_forwards() {
+    let core = RawPeer::bind().await;
+    let sidecar = Sidecar::start("udp:127.0.0.1:9", &format!("udp:{}", core.addr), "").await;
+    let edge = RawPeer::bind().await;
+    let proxy = sidecar.addr(Side::Edge, Transport::Udp);
+    // Compact forms, and a sent-by that is not the real source (as behind NAT).
+    let compact = format!(
+        "OPTIONS sip:service@{proxy} SIP/2.0\r\n\
+         v: SIP/2.0/UDP 192.0.2.99:5099;rport;branch=z9hG4bKcompact\r\n\
+         f: <sip:edge@192.0.2.99>;tag=1\r\nt: <sip:service@{proxy}>\r\ni: compact@test\r\n\
+         CSeq: 7 OPTIONS\r\nMax-Forwards: 10\r\nl: 0\r\n\r\n"
+    );
+    edge.send(&compact, proxy).await;
+    let (request, from) = core.receive(WAIT, "OPTIONS at the core").await;
+    let vias = header_values(&request, "Via");
+    assert_eq!(vias.len(), 2, "{vias:?}");
+    let ours = message::top_via(request.headers()).unwrap();
+    assert!(ours.branch().unwrap().starts_with("z9hG4bK"));
+    assert!(ours.param("rport").is_some());
+    let theirs = byoc_sidecar::sip::Via::parse(&vias[1]).unwrap();
+    assert_eq!(
+        theirs.param("received"),
+        Some(Some("127.0.0.1")),
+        "{theirs}"
+    );
+    let rport = edge.addr.port().to_string();
+    assert_eq!(
+        theirs.param("rport"),
+        Some(Some(rport.as_str())),
+        "{theirs}"
+    );
+    assert_eq!(header_values(&request, "Max-Forwards"), vec!["9"]);
+    assert_eq!(header_values(&request, "Call-ID"), vec!["compact@test"]);
+    assert!(
+        header_values(&request, "Record-Route").is_empty(),
+        "OPTIONS creates no dialog"
+    );
+    // The answer goes back to the real source port, not to the sent-by 192.0.2.99:5099.
+    let answer = common::raw::answer(&request, 200, "OK", "core");
+    core.send(&answer, from).await;
+    let (response, _) = edge.receive(WAIT, "200 for OPTIONS").await;
+    assert_eq!(status(&response), 200);
+    assert_eq!(
+        header_values(&response, "Via").len(),
+        1,
+        "the proxy's Via is removed"
+    );
+    sidecar.stop().await;
+}
+
+#[tokio::test]
+async fn branches_are_unique_per_forwarded_request() {
+    let core = RawPeer::bind().await;
+    let sidecar = Sidecar::start("udp:127.0.0.1:9", &format!("udp:{}", core.addr), "").await;
+    let edge = RawPeer::bind().await;
+    let proxy = sidecar.addr(Side::Edge, Transport::Udp);
+    let mut branches = std::collections::HashSet::new();
+    for index in 0..50 {
+        edge.send(
+            &invite(
+                edge.addr,
+                proxy,
+                &format!("z9hG4bKu{index}"),
+                &format!("u{index}@test"),
+            ),
+            proxy,
+        )
+        .await;
+        let (request, _) = core.receive(WAIT, "INVITE").await;
+        branches.insert(
+            message::top_via(request.headers())
+                .unwrap()
+                .branch()
+                .unwrap()
+                .to_string(),
+        );
+    }
+    assert_eq!(branches.len(), 50);
+    sidecar.stop().await;
+}
+
+#[tokio::test]
+async fn cancel_without_matching_invite_gets_481() {
+    let sidecar = Sidecar::start("udp:127.0.0.1:9", "udp:127.0.0.1:9", "").await;
+    let edge = RawPeer::bind().await;
+    let proxy = sidecar.addr(Side::Edge, Transport::Udp);
+    let cancel = invite(edge.addr, proxy, "z9hG4bKnothing", "nothing@test")
+        .replace("INVITE sip", "CANCEL sip")
+        .replace("1 INVITE", "1 CANCEL");
+    edge.send(&cancel, proxy).await;
+    assert_eq!(status(&edge.receive(WAIT, "481").await.0), 481);
+    sidecar.stop().await;
+}
+
+#[tokio::test]
+async fn sources_outside_the_allow_list_are_dropped_and_counted() {
+    let core = RawPeer::bind().await;
+    let text = Sidecar::config("udp:127.0.0.2:9", &format!("udp:{}", core.addr), "").replacen(
+        "allow = [\"127.0.0.0/8\"]",
+        "allow = [\"127.0.0.5/32\"]",
+        1,
+    );
+    let sidecar = Sidecar::start_with(&text).await;
+    let proxy = sidecar.addr(Side::Edge, Transport::Udp);
+    // 127.0.0.1 is neither in edge.allow nor the trunk's edge address.
+    let stranger = RawPeer::bind().await;
+    stranger
+        .send(
+            &invite(stranger.addr, proxy, "z9hG4bKstranger", "s@test"),
+            proxy,
+        )
+        .await;
+    let silence = tokio::time::timeout(
+        Duration::from_millis(300),
+        stranger.socket.recv_from(&mut [0u8; 10]),
+    )
+    .await;
+    assert!(silence.is_err(), "no answer to a stranger");
+    // The trunk's own edge address is allowed without being listed.
+    let trunk_edge = tokio::net::UdpSocket::bind("127.0.0.2:0").await.unwrap();
+    let trunk_addr = trunk_edge.local_addr().unwrap();
+    let request = invite(trunk_addr, proxy, "z9hG4bKfriend", "f@test");
+    trunk_edge.send_to(request.as_bytes(), proxy).await.unwrap();
+    core.receive(WAIT, "INVITE from the trunk's edge").await;
+    assert_eq!(sidecar.app.stats.snapshot().not_allowed_dropped, 1);
+    sidecar.stop().await;
+}
+
+#[tokio::test]
+async fn full_transaction_table_answers_503() {
+    let core = RawPeer::bind().await;
+    let sidecar = Sidecar::start(
+        "udp:127.0.0.1:9",
+        &format!("udp:{}", core.addr),
+        "max_transactions = 2",
+    )
+    .await;
+    let edge = RawPeer::bind().await;
+    let proxy = sidecar.addr(Side::Edge, Transport::Udp);
+    edge.send(
+        &invite(edge.addr, proxy, "z9hG4bKfirst", "first@test"),
+        proxy,
+    )
+    .await;
+    assert_eq!(status(&edge.receive(WAIT, "100").await.0), 100);
+    core.receive(WAIT, "first INVITE").await;
+    edge.send(
+        &invite(edge.addr, proxy, "z9hG4bKsecond", "second@test"),
+        proxy,
+    )
+    .await;
+    let (response, _) = edge.receive(WAIT, "503").await;
+    assert_eq!(status(&response), 503);
+    assert_eq!(header_values(&response, "Call-ID"), vec!["second@test"]);
+    assert_eq!(sidecar.app.stats.snapshot().overload_rejected, 1);
+    sidecar.stop().await;
+}
+
+/// Byte-at-a-time and several-per-write delivery over TCP, and a CRLF keep-alive ping.
+#[tokio::test]
+async fn tcp_stream_is_framed_across_partial_and_merged_writes() {
+    let core = RawPeer::bind().await;
+    let sidecar = Sidecar::start("udp:127.0.0.1:9", &format!("udp:{}", core.addr), "").await;
+    let proxy = sidecar.addr(Side::Edge, Transport::Tcp);
+    let mut stream = TcpStream::connect(proxy).await.unwrap();
+    let local = stream.local_addr().unwrap();
+    let options = |n: u32| {
+        format!(
+            "OPTIONS sip:service@{proxy} SIP/2.0\r\nVia: SIP/2.0/TCP {local};branch=z9hG4bKtcp{n}\r\n\
+             From: <sip:edge@{local}>;tag=1\r\nTo: <sip:service@{proxy}>\r\nCall-ID: tcp{n}@test\r\n\
+             CSeq: {n} OPTIONS\r\nMax-Forwards: 70\r\nContent-Length: 4\r\n\r\nbody"
+        )
+    };
+    let first = options(1);
+    for chunk in first.as_bytes().chunks(7) {
+        stream.write_all(chunk).await.unwrap();
+        stream.flush().await.unwrap();
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let merged = format!("{}\r\n{}", options(2), options(3));
+    stream.write_all(merged.as_bytes()).await.unwrap();
+    let mut seen = Vec::new();
+    for _ in 0..3 {
+        let (request, _) = core.receive(WAIT, "OPTIONS over TCP").await;
+        seen.push(header_values(&request, "Call-ID")[0].clone());
+        assert_eq!(request.body(), b"body");
+    }
+    seen.sort();
+    assert_eq!(seen, vec!["tcp1@test", "tcp2@test", "tcp3@test"]);
+
+    stream.write_all(b"\r\n\r\n").await.unwrap();
+    let mut pong = [0u8; 2];
+    tokio::time::timeout(WAIT, stream.read_exact(&mut pong))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(&pong, b"\r\n");
+    sidecar.stop().await;
+}
+
+#[tokio::test]
+async fn tcp_message_over_the_size_limit_closes_the_connection() {
+    let sidecar = Sidecar::start(
+        "udp:127.0.0.1:9",
+        "udp:127.0.0.1:9",
+        "max_message_size = 2048",
+    )
+    .await;
+    let mut stream = TcpStream::connect(sidecar.addr(Side::Edge, Transport::Tcp))
+        .await
+        .unwrap();
+    let huge = format!(
+        "OPTIONS sip:a SIP/2.0\r\nContent-Length: 100000\r\n\r\n{}",
+        "x".repeat(4096)
+    );
+    let _ = stream.write_all(huge.as_bytes()).await;
+    let mut buffer = [0u8; 16];
+    let read = tokio::time::timeout(WAIT, stream.read(&mut buffer))
+        .await
+        .unwrap();
+    assert!(
+        matches!(read, Ok(0) | Err(_)),
+        "connection should be closed, got {read:?}"
+    );
+    assert_eq!(sidecar.app.stats.snapshot().tcp_framing_errors, 1);
+    sidecar.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn idle_tcp_connection_is_closed_after_the_idle_timeout() {
+    let sidecar = Sidecar::start(
+        "udp:127.0.0.1:9",
+        "udp:127.0.0.1:9",
+        "tcp_idle_timeout = \"30s\"",
+    )
+    .await;
+    let mut stream = TcpStream::connect(sidecar.addr(Side::Edge, Transport::Tcp))
+        .await
+        .unwrap();
+    let start = tokio::time::Instant::now();
+    let read = stream.read(&mut [0u8; 16]).await;
+    assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
+    assert_eq!(start.elapsed(), Duration::from_secs(30));
+    sidecar.stop().await;
+}
+
+/// Requests to a TCP core share one connection the sidecar opened; the answers come back
+/// on it.
+#[tokio::test]
+async fn connection_to_the_core_is_reused() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let core_addr = listener.local_addr().unwrap();
+    let sidecar = Sidecar::start("udp:127.0.0.1:9", &format!("tcp:{core_addr}"), "").await;
+    let edge = RawPeer::bind().await;
+    let proxy = sidecar.addr(Side::Edge, Transport::Udp);
+    for index in 0..3 {
+        edge.send(
+            &invite(
+                edge.addr,
+                proxy,
+                &format!("z9hG4bKreuse{index}"),
+                &format!("reuse{index}@test"),
+            ),
+            proxy,
+        )
+        .await;
+    }
+    let (mut connection, _) = tokio::time::timeout(WAIT, listener.accept())
+        .await
+        .unwrap()
+        .unwrap();
+    let mut framer = byoc_sidecar::sip::framing::StreamFramer::new(65_536);
+    let mut requests = Vec::new();
+    while requests.len() < 3 {
+        let mut buffer = [0u8; 4096];
+        let length = tokio::time::timeout(WAIT, connection.read(&mut buffer))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(length > 0, "connection closed early");
+        framer.push(&buffer[..length]);
+        while let Some(byoc_sidecar::sip::framing::Frame::Message(bytes)) =
+            framer.next_frame().unwrap()
+        {
+            requests.push(message::parse(&bytes, false).unwrap());
+        }
+    }
+    let second = tokio::time::timeout(Duration::from_millis(300), listener.accept()).await;
+    assert!(second.is_err(), "a second connection was opened");
+    // Answer the first INVITE on the same connection; it reaches the Edge.
+    let busy = common::raw::answer(&requests[0], 486, "Busy Here", "core");
+    connection.write_all(busy.as_bytes()).await.unwrap();
+    loop {
+        let (response, _) = edge.receive(WAIT, "486 at the Edge").await;
+        if status(&response) == 486 {
+            break;
+        }
+    }
+    sidecar.stop().await;
+}
