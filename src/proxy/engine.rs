@@ -33,6 +33,29 @@ use crate::transport::{ConnectionId, Inbound, Side, TransportEvent};
 /// lets responses to our own requests be recognised.
 pub const OWN_BRANCH_PREFIX: &str = "z9hG4bKbsc";
 
+/// The span every event of one transaction is logged in (STYLE rule 6). Disabled spans
+/// cost nothing; at debug level each line names the call, branch, method and trunk.
+pub fn transaction_span(
+    request: &Request,
+    branch: &str,
+    parent: Option<&tracing::Span>,
+) -> tracing::Span {
+    let call_id = message::call_id(&request.headers).unwrap_or("");
+    let span = match parent {
+        Some(parent) => {
+            tracing::debug_span!(parent: parent, "client", branch = %branch, method = %request.method)
+        }
+        None => tracing::debug_span!(
+            "transaction",
+            call_id = %call_id,
+            branch = %branch,
+            method = %request.method,
+            trunk = tracing::field::Empty
+        ),
+    };
+    span
+}
+
 pub fn new_branch() -> String {
     format!("{OWN_BRANCH_PREFIX}{:016x}", rand::random::<u64>())
 }
@@ -104,6 +127,7 @@ pub(super) struct ServerEntry {
     pub to_tag: String,
     pub client: Option<u64>,
     pub trunk: Option<Arc<str>>,
+    pub span: tracing::Span,
     scheduled: Option<StdInstant>,
 }
 
@@ -114,6 +138,7 @@ pub(super) struct ClientEntry {
     pub server: Option<u64>,
     /// A CANCEL arrived before any provisional response; send it on the first one.
     pub cancel_pending: bool,
+    pub span: tracing::Span,
     scheduled: Option<StdInstant>,
 }
 
@@ -260,6 +285,15 @@ impl Engine {
 
     /// Sends bytes. Never waits: a full queue or a socket error drops and counts.
     pub(super) fn send(&mut self, destination: Destination, bytes: Bytes) {
+        if tracing::enabled!(tracing::Level::TRACE) {
+            tracing::trace!(
+                side = %destination.side,
+                peer = %destination.addr,
+                transport = %destination.transport,
+                message = %message::redacted(&bytes),
+                "sending"
+            );
+        }
         match destination.transport {
             Transport::Udp => {
                 let Some(socket) = self
@@ -309,6 +343,7 @@ impl Engine {
     ) -> u64 {
         let id = self.allocate_id();
         Stats::bump(&self.stats.server_transactions);
+        let span = transaction_span(&request, &key.branch, None);
         self.server_index.insert(key.clone(), id);
         let to_tag = format!("{:08x}", rand::random::<u32>());
         self.entries.insert(
@@ -321,6 +356,7 @@ impl Engine {
                 to_tag,
                 client: None,
                 trunk,
+                span,
                 scheduled: None,
             }),
         );
@@ -338,6 +374,11 @@ impl Engine {
         let id = self.allocate_id();
         Stats::bump(&self.stats.client_transactions);
         let key = ClientKey::new(branch, request.method);
+        let parent = match server.and_then(|server| self.entries.get(&server)) {
+            Some(Entry::Server(entry)) => Some(entry.span.clone()),
+            _ => None,
+        };
+        let span = transaction_span(&request, branch, parent.as_ref());
         let transaction = ClientTransaction::new(
             now(),
             request,
@@ -353,6 +394,7 @@ impl Engine {
                 destination,
                 server,
                 cancel_pending: false,
+                span,
                 scheduled: None,
             }),
         );
@@ -388,6 +430,11 @@ impl Engine {
     }
 
     pub(super) fn pump_server(&mut self, id: u64) {
+        let span = match self.entries.get(&id) {
+            Some(Entry::Server(server)) => server.span.clone(),
+            _ => return,
+        };
+        let _entered = span.enter();
         loop {
             let Some(Entry::Server(server)) = self.entries.get_mut(&id) else {
                 return;
@@ -413,6 +460,11 @@ impl Engine {
     }
 
     pub(super) fn pump_client(&mut self, id: u64) {
+        let span = match self.entries.get(&id) {
+            Some(Entry::Client(client)) => client.span.clone(),
+            _ => return,
+        };
+        let _entered = span.enter();
         loop {
             let Some(Entry::Client(client)) = self.entries.get_mut(&id) else {
                 return;

@@ -117,20 +117,21 @@ impl Engine {
         let transaction =
             ServerTransaction::new(invite, source.transport.is_reliable(), self.timers);
         let server = self.insert_server(key, transaction, reply_to, request.clone(), None);
+        let span = match self.entries.get(&server) {
+            Some(Entry::Server(entry)) => entry.span.clone(),
+            _ => tracing::Span::none(),
+        };
+        let _entered = span.enter();
         if invite {
             // §16.7 step 5 / §17.2.1: stop the Edge's INVITE retransmissions at once.
             self.respond_locally(server, message::status(100));
         }
         match self.prepare_forward(source, request) {
             Ok(forward) => {
-                tracing::debug!(
-                    call_id = message::call_id(&forward.request.headers).unwrap_or(""),
-                    branch = %forward.branch,
-                    method = %forward.request.method,
-                    trunk = forward.trunk.as_deref().unwrap_or("-"),
-                    to = %forward.destination.addr,
-                    "forwarding request"
-                );
+                if let Some(trunk) = forward.trunk.as_deref() {
+                    span.record("trunk", trunk);
+                }
+                tracing::debug!(to = %forward.destination.addr, branch = %forward.branch, "forwarding request");
                 if let Some(Entry::Server(entry)) = self.entries.get_mut(&server) {
                     entry.trunk = forward.trunk.clone();
                 }

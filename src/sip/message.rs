@@ -162,6 +162,34 @@ pub fn encode(message: &SipMessage) -> Bytes {
     out.freeze()
 }
 
+/// The message as text for a log line, with the values of credential headers
+/// (Authorization, Proxy-Authorization) replaced and the body reduced to its length.
+pub fn redacted(bytes: &[u8]) -> String {
+    let text = String::from_utf8_lossy(bytes);
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let mut out = String::with_capacity(head.len() + 32);
+    for line in head.split("\r\n") {
+        match line.split_once(':') {
+            Some((name, _)) if is_credential_header(name.trim()) => {
+                out.push_str(name);
+                out.push_str(": <redacted>\r\n");
+            }
+            _ => {
+                out.push_str(line);
+                out.push_str("\r\n");
+            }
+        }
+    }
+    if !body.is_empty() {
+        out.push_str(&format!("\r\n[{} body bytes]", body.len()));
+    }
+    out
+}
+
+fn is_credential_header(name: &str) -> bool {
+    name.eq_ignore_ascii_case("Authorization") || name.eq_ignore_ascii_case("Proxy-Authorization")
+}
+
 fn content_length(headers: &Headers) -> Result<Option<usize>, MessageError> {
     headers
         .iter()
@@ -585,6 +613,19 @@ mod tests {
         let message = parse(text.as_bytes(), true).unwrap();
         let encoded = encode(&message);
         assert!(encoded.starts_with(b"SIP/2.0 403 Token expired, try again\r\n"));
+    }
+
+    #[test]
+    fn redacted_masks_credentials_and_bodies() {
+        let text = "INVITE sip:b@h SIP/2.0\r\nAuthorization: Bearer eyJsecret\r\n\
+            proxy-authorization : Digest response=\"abc\"\r\nCall-ID: x\r\n\r\nv=0 secret-sdp";
+        let shown = redacted(text.as_bytes());
+        assert!(!shown.contains("eyJsecret"), "{shown}");
+        assert!(!shown.contains("abc"), "{shown}");
+        assert!(!shown.contains("secret-sdp"), "{shown}");
+        assert!(shown.contains("Authorization: <redacted>"));
+        assert!(shown.contains("Call-ID: x"));
+        assert!(shown.contains("[14 body bytes]"));
     }
 
     #[test]

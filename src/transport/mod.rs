@@ -122,6 +122,9 @@ pub struct ReceiveContext {
 impl ReceiveContext {
     /// Parses one message; counts and drops what does not parse.
     fn parse(&self, bytes: &[u8], datagram: bool, peer: SocketAddr) -> Option<rsip::SipMessage> {
+        if tracing::enabled!(tracing::Level::TRACE) {
+            tracing::trace!(side = %self.side, %peer, message = %crate::sip::message::redacted(bytes), "received");
+        }
         match crate::sip::message::parse(bytes, datagram) {
             Ok(message) => Some(message),
             Err(error) => {

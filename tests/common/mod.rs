@@ -171,8 +171,8 @@ pub fn assert_all_calls_succeeded(outcome: &SippOutcome, calls: u64, who: &str) 
     );
 }
 
-/// sipp arguments for a UAS on `port` answering `calls` calls.
-pub fn uas_args(scenario_name: &str, port: u16, transport: Transport, calls: u64) -> Vec<String> {
+/// sipp arguments shared by both ends: scenario, local address, call count, transport.
+fn sipp_args(scenario_name: &str, port: u16, transport: Transport, calls: u64) -> Vec<String> {
     let mut args = vec![
         "-sf".to_string(),
         scenario(scenario_name).display().to_string(),
@@ -189,7 +189,13 @@ pub fn uas_args(scenario_name: &str, port: u16, transport: Transport, calls: u64
     args
 }
 
-/// sipp arguments for a UAC placing `calls` calls at `rate` per second to `target`.
+/// sipp arguments for a UAS on `port` answering `calls` calls.
+pub fn uas_args(scenario_name: &str, port: u16, transport: Transport, calls: u64) -> Vec<String> {
+    sipp_args(scenario_name, port, transport, calls)
+}
+
+/// sipp arguments for a UAC placing `calls` calls at `rate` per second to `target`,
+/// holding each for `hold_ms`.
 pub fn uac_args(
     scenario_name: &str,
     target: SocketAddr,
@@ -198,24 +204,14 @@ pub fn uac_args(
     rate: u64,
     hold_ms: u64,
 ) -> Vec<String> {
-    let mut args = vec![
-        "-sf".to_string(),
-        scenario(scenario_name).display().to_string(),
-        "-i".into(),
-        LOOPBACK.into(),
-        "-p".into(),
-        free_port().to_string(),
+    let mut args = sipp_args(scenario_name, free_port(), transport, calls);
+    args.extend([
         target.to_string(),
-        "-m".into(),
-        calls.to_string(),
         "-r".into(),
         rate.to_string(),
         "-d".into(),
         hold_ms.to_string(),
-    ];
-    if transport == Transport::Tcp {
-        args.extend(["-t".into(), "t1".into()]);
-    }
+    ]);
     args
 }
 
