@@ -3,7 +3,10 @@
 # directly, measured side by side in one run. A benchmark, not a test: it prints numbers
 # and asserts nothing.
 #
-#   scripts/bench-cps.sh [repetitions] [seconds-per-step]
+#   scripts/bench-cps.sh [repetitions] [seconds-per-step]     (0 repetitions: efficiency only)
+#
+# Afterwards it places 1000 calls/s for 10 s through the sidecar and reports the sidecar's
+# CPU time per call and its peak RSS.
 #
 # Each step places rate x seconds calls (INVITE/100/180/200/ACK/BYE/200, no hold time)
 # from a sipp UAC to a sipp UAS over UDP on loopback. A step passes when sipp reports 0
@@ -48,6 +51,7 @@ core = "udp:127.0.0.1:$uas_port"
 TOML
     "$binary" run --config "$work/sidecar.toml" 2>"$work/sidecar.log" &
     local sidecar=$!
+    echo "$sidecar" > "$work/sidecar.pid"
     target=127.0.0.1:$edge_port
   else
     target=127.0.0.1:$uas_port
@@ -63,7 +67,12 @@ TOML
       >/dev/null 2>&1) || status=$?
   end=$(date +%s.%N)
   kill "$uas" 2>/dev/null || true; wait "$uas" 2>/dev/null || true
-  if [ "$path" = sidecar ]; then kill "$sidecar"; wait "$sidecar" 2>/dev/null || true; fi
+  if [ "$path" = sidecar ]; then
+    # CPU ticks (user + system) and peak RSS, read before the process goes away.
+    awk '{ print $14 + $15 }' "/proc/$sidecar/stat" > "$work/sidecar.ticks"
+    awk '/VmHWM/ { print $2 }' "/proc/$sidecar/status" > "$work/sidecar.hwm"
+    kill "$sidecar"; wait "$sidecar" 2>/dev/null || true
+  fi
   local slow
   slow=$(python3 -c "print(1 if ($end - $start) > $calls / $rate * 1.1 + 1 else 0)")
   if [ "$status" -eq 0 ] && [ "$slow" -eq 0 ]; then echo pass; else echo fail; fi
@@ -87,10 +96,15 @@ search() {
 median() { sort -n | awk '{ values[NR] = $1 } END { print values[int((NR + 1) / 2)] }'; }
 
 : > "$work/sidecar.results"; : > "$work/direct.results"
-for run in $(seq "$repetitions"); do
+[ "$repetitions" -gt 0 ] && for run in $(seq "$repetitions"); do
   s=$(search sidecar); d=$(search direct)
   echo "run $run: through the sidecar $s calls/s, direct $d calls/s"
   echo "$s" >> "$work/sidecar.results"; echo "$d" >> "$work/direct.results"
 done
 s=$(median < "$work/sidecar.results"); d=$(median < "$work/direct.results")
-python3 -c "print(f'median of $repetitions: through the sidecar $s calls/s, direct $d calls/s, ratio {$s / $d:.2f}')"
+[ "$repetitions" -gt 0 ] && python3 -c "print(f'median of $repetitions: through the sidecar $s calls/s, direct $d calls/s, ratio {$s / $d:.2f}')"
+
+seconds=10
+result=$(step 1000 sidecar)
+ticks=$(cat "$work/sidecar.ticks"); hwm=$(cat "$work/sidecar.hwm"); hz=$(getconf CLK_TCK)
+python3 -c "print(f'1000 calls/s for 10 s through the sidecar: {\"$result\"}, sidecar CPU {$ticks / $hz:.2f} s = {$ticks / $hz / 10000 * 1e6:.0f} us per call, peak RSS {$hwm / 1024:.1f} MiB')"

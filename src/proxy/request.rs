@@ -116,7 +116,13 @@ impl Engine {
         let invite = request.method == Method::Invite;
         let transaction =
             ServerTransaction::new(invite, source.transport.is_reliable(), self.timers);
-        let server = self.insert_server(key, transaction, reply_to, request.clone(), None);
+        let server = self.insert_server(
+            key,
+            transaction,
+            reply_to,
+            message::skeleton(&request),
+            None,
+        );
         let span = match self.entries.get(&server) {
             Some(Entry::Server(entry)) => entry.span.clone(),
             _ => tracing::Span::none(),

@@ -425,6 +425,35 @@ pub fn route_uri(value: &str) -> Result<rsip::Uri, MessageError> {
     })
 }
 
+/// A copy of `request` with only what later responses, ACKs and CANCELs are built from:
+/// Request-URI, Via, From, To, Call-ID, CSeq and Route, and no body. Transactions linger
+/// for up to 64·T1 after they end, so keeping less matters under load.
+pub fn skeleton(request: &rsip::Request) -> rsip::Request {
+    let headers: Vec<Header> = request
+        .headers
+        .iter()
+        .filter(|header| {
+            matches!(
+                header,
+                Header::Via(_)
+                    | Header::From(_)
+                    | Header::To(_)
+                    | Header::CallId(_)
+                    | Header::CSeq(_)
+                    | Header::Route(_)
+            )
+        })
+        .cloned()
+        .collect();
+    rsip::Request {
+        method: request.method,
+        uri: request.uri.clone(),
+        version: request.version.clone(),
+        headers: headers.into(),
+        body: Vec::new(),
+    }
+}
+
 /// The headers of a response built by this element for `request` (RFC 3261 §8.2.6):
 /// Via, From, To, Call-ID and CSeq copied, a To tag added when the request had none and
 /// the status is not 100.

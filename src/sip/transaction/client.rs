@@ -58,6 +58,7 @@ impl ClientTransaction {
     pub fn new(now: Instant, request: Request, reliable: bool, timers: TimerConfig) -> Self {
         let invite = request.method == Method::Invite;
         let wire = message::encode(&request.clone().into());
+        let request = message::skeleton(&request);
         let mut transaction = Self {
             invite,
             state: if invite {
@@ -85,6 +86,7 @@ impl ClientTransaction {
         self.state
     }
 
+    /// The request's method, URI and dialog headers (see [`message::skeleton`]).
     pub fn request(&self) -> &Request {
         &self.request
     }
