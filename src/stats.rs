@@ -51,9 +51,13 @@ counters! {
     responses_forwarded,
     /// Responses matching no transaction and not ours to forward.
     stray_responses,
+    /// Responses a server transaction refused because a final one went out already.
+    responses_absorbed,
+    /// ACKs matching no transaction and not in a dialog this proxy record-routed.
+    stray_acks,
     /// Requests answered 503 because the transaction table was full.
     overload_rejected,
-    /// Requests answered with an error by the sidecar itself (400, 403, 481, 483, 502).
+    /// Requests answered with an error by the sidecar itself (400, 403, 481, 482, 483, 502).
     locally_rejected,
     /// Client transactions that ended with Timer B or F.
     client_timeouts,

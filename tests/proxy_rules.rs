@@ -345,3 +345,76 @@ async fn connection_to_the_core_is_reused() {
     }
     sidecar.stop().await;
 }
+
+#[tokio::test]
+async fn request_that_already_passed_through_the_proxy_is_a_loop() {
+    let core = RawPeer::bind().await;
+    let sidecar = Sidecar::start("udp:127.0.0.1:9", &format!("udp:{}", core.addr), "").await;
+    let edge = RawPeer::bind().await;
+    let proxy = sidecar.addr(Side::Edge, Transport::Udp);
+    let core_side = sidecar.addr(Side::Core, Transport::Udp);
+    let looped = invite(edge.addr, proxy, "z9hG4bKloop", "loop@test").replace(
+        "Max-Forwards: 70",
+        &format!(
+            "Via: SIP/2.0/UDP {core_side};branch=z9hG4bKbsc0123456789abcdef\r\nMax-Forwards: 70"
+        ),
+    );
+    edge.send(&looped, proxy).await;
+    assert_eq!(status(&edge.receive(WAIT, "482").await.0), 482);
+    sidecar.stop().await;
+}
+
+/// A request with a To tag that is not in a dialog this proxy record-routed goes to its
+/// trunk's core, whatever its Request-URI says: an Edge cannot steer requests to another
+/// allowed host (such as another trunk's core) by writing it into the Request-URI.
+#[tokio::test]
+async fn in_dialog_request_without_our_route_goes_to_the_trunk() {
+    let core = RawPeer::bind().await;
+    let elsewhere = RawPeer::bind().await;
+    let sidecar = Sidecar::start("udp:127.0.0.1:9", &format!("udp:{}", core.addr), "").await;
+    let edge = RawPeer::bind().await;
+    let proxy = sidecar.addr(Side::Edge, Transport::Udp);
+    let bye = format!(
+        "BYE sip:x@{} SIP/2.0\r\nVia: SIP/2.0/UDP {};branch=z9hG4bKsteer\r\n\
+         From: <sip:edge@a>;tag=1\r\nTo: <sip:x@b>;tag=2\r\nCall-ID: steer@test\r\n\
+         CSeq: 2 BYE\r\nMax-Forwards: 70\r\nContent-Length: 0\r\n\r\n",
+        elsewhere.addr, edge.addr
+    );
+    edge.send(&bye, proxy).await;
+    core.receive(WAIT, "BYE at the trunk's core").await;
+    let leaked = tokio::time::timeout(
+        Duration::from_millis(300),
+        elsewhere.socket.recv_from(&mut [0u8; 10]),
+    )
+    .await;
+    assert!(
+        leaked.is_err(),
+        "the BYE reached the host named in its Request-URI"
+    );
+    sidecar.stop().await;
+}
+
+#[tokio::test]
+async fn ack_outside_any_record_routed_dialog_is_dropped() {
+    let core = RawPeer::bind().await;
+    let sidecar = Sidecar::start("udp:127.0.0.1:9", &format!("udp:{}", core.addr), "").await;
+    let edge = RawPeer::bind().await;
+    let proxy = sidecar.addr(Side::Edge, Transport::Udp);
+    let ack = invite(edge.addr, proxy, "z9hG4bKlateack", "late@test")
+        .replace("INVITE sip", "ACK sip")
+        .replace("1 INVITE", "1 ACK")
+        .replace("To: <sip:service@", "To: <sip:x@")
+        .replace(
+            &format!("To: <sip:x@{proxy}>"),
+            &format!("To: <sip:x@{proxy}>;tag=9"),
+        );
+    edge.send(&ack, proxy).await;
+    let forwarded = tokio::time::timeout(
+        Duration::from_millis(300),
+        core.socket.recv_from(&mut [0u8; 10]),
+    )
+    .await;
+    assert!(forwarded.is_err(), "a stray ACK was forwarded");
+    assert_eq!(sidecar.app.stats.snapshot().stray_acks, 1);
+    sidecar.stop().await;
+}

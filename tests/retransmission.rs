@@ -197,3 +197,53 @@ async fn unacknowledged_final_response_is_retransmitted_on_timer_g_until_timer_h
     assert!(silence.is_err(), "retransmissions continued past Timer H");
     sidecar.stop().await;
 }
+
+/// RFC 3261 §16.8 Timer C: an INVITE that rings without a final answer is cancelled by
+/// the proxy when Timer C fires; a core that then stays silent gets the INVITE given up
+/// 64·T1 later, and the Edge hears 487.
+#[tokio::test(start_paused = true)]
+async fn ringing_without_answer_is_cancelled_by_timer_c() {
+    let core = RawPeer::bind().await;
+    let sidecar = Sidecar::start(
+        "udp:127.0.0.1:9",
+        &format!("udp:{}", core.addr),
+        "timer_c = \"10s\"",
+    )
+    .await;
+    let edge = RawPeer::bind().await;
+    let proxy = sidecar.addr(Side::Edge, Transport::Udp);
+    edge.send(&invite(edge.addr, proxy, "z9hG4bKring", "ring@test"), proxy)
+        .await;
+    let (request, from) = core
+        .receive(Duration::from_secs(1), "INVITE at the core")
+        .await;
+    core.send(&answer(&request, 180, "Ringing", "core-tag"), from)
+        .await;
+    let rang = tokio::time::Instant::now();
+
+    let (cancel, _) = core
+        .receive(Duration::from_secs(60), "CANCEL from Timer C")
+        .await;
+    assert_eq!(rang.elapsed(), Duration::from_secs(10));
+    let SipMessage::Request(cancel_request) = &cancel else {
+        panic!("expected a CANCEL")
+    };
+    assert_eq!(cancel_request.method, rsip::Method::Cancel);
+    assert_eq!(
+        message::top_via(cancel.headers()).unwrap().branch(),
+        message::top_via(request.headers()).unwrap().branch(),
+        "a CANCEL shares its INVITE's branch"
+    );
+    core.send(&answer(&cancel, 200, "OK", "core-tag"), from)
+        .await;
+
+    let mut codes = Vec::new();
+    while codes.last() != Some(&487) {
+        codes.push(status(
+            &edge.receive(Duration::from_secs(60), "487").await.0,
+        ));
+    }
+    assert_eq!(codes, vec![100, 180, 487]);
+    assert_eq!(rang.elapsed(), Duration::from_secs(10 + 32));
+    sidecar.stop().await;
+}

@@ -94,6 +94,9 @@ pub struct SipConfig {
     pub t1: String,
     pub t2: String,
     pub t4: String,
+    /// Timer C: how long an INVITE may ring without a final response before the proxy
+    /// cancels it (RFC 3261 §16.8 asks for more than 3 minutes).
+    pub timer_c: String,
     /// Largest message accepted on any transport, in bytes.
     pub max_message_size: usize,
     /// Server plus client transactions held at once; beyond it requests get 503.
@@ -111,6 +114,7 @@ impl Default for SipConfig {
             t1: "500ms".into(),
             t2: "4s".into(),
             t4: "5s".into(),
+            timer_c: "180s".into(),
             max_message_size: 65_535,
             max_transactions: 100_000,
             queue_capacity: 8192,
@@ -286,16 +290,50 @@ impl Config {
         let t4 = problems
             .duration("sip.t4", &self.sip.t4)
             .unwrap_or(defaults.t4);
-        if t1.is_zero() {
-            problems.add("sip.t1", "must be more than zero".into());
+        let timer_c = problems
+            .duration("sip.timer_c", &self.sip.timer_c)
+            .unwrap_or(defaults.timer_c);
+        // Bounds keep every derived timer (64·T1, doubling intervals) far from overflow
+        // and the proxy within reach of the RFC's intent.
+        for (key, value, low, high) in [
+            (
+                "sip.t1",
+                t1,
+                Duration::from_millis(1),
+                Duration::from_secs(10),
+            ),
+            (
+                "sip.t2",
+                t2,
+                Duration::from_millis(1),
+                Duration::from_secs(60),
+            ),
+            (
+                "sip.t4",
+                t4,
+                Duration::from_millis(1),
+                Duration::from_secs(60),
+            ),
+            (
+                "sip.timer_c",
+                timer_c,
+                Duration::from_secs(1),
+                Duration::from_secs(3600),
+            ),
+        ] {
+            if value < low || value > high {
+                problems.add(key, format!("{value:?} is outside {low:?}..={high:?}"));
+            }
         }
         if t2 < t1 {
             problems.add("sip.t2", format!("{t2:?} is less than sip.t1 ({t1:?})"));
         }
-        if t4.is_zero() {
-            problems.add("sip.t4", "must be more than zero".into());
+        TimerConfig {
+            t1,
+            t2,
+            t4,
+            timer_c,
         }
-        TimerConfig { t1, t2, t4 }
     }
 
     fn validate_limits(&self, problems: &mut Problems) -> Limits {

@@ -110,6 +110,20 @@ fn every_problem_is_reported_at_once_naming_key_and_trunk() {
 }
 
 #[test]
+fn timers_are_bounded() {
+    let text = VALID.replace(
+        "t1 = \"100ms\"",
+        "t1 = \"0ms\"\nt4 = \"2h\"\ntimer_c = \"0s\"",
+    );
+    let found = problems(&text);
+    assert_eq!(
+        keys(&found),
+        vec!["sip.t1", "sip.t4", "sip.timer_c"],
+        "{found:?}"
+    );
+}
+
+#[test]
 fn unspecified_listener_needs_advertise() {
     let text = VALID.replace("udp:127.0.0.1:5070", "udp:0.0.0.0:5070");
     assert_eq!(keys(&problems(&text)), vec!["core_side.advertise"]);

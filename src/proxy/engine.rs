@@ -125,6 +125,9 @@ pub(super) struct ServerEntry {
     /// The request as received (with `received`/`rport` noted), for local responses.
     pub request: Request,
     pub to_tag: String,
+    /// Over TCP, where to connect if the request's connection is gone (§18.2.2:
+    /// `received` with the sent-by port).
+    pub reconnect: Option<SocketAddr>,
     pub client: Option<u64>,
     pub trunk: Option<Arc<str>>,
     pub span: tracing::Span,
@@ -138,6 +141,8 @@ pub(super) struct ClientEntry {
     pub server: Option<u64>,
     /// A CANCEL arrived before any provisional response; send it on the first one.
     pub cancel_pending: bool,
+    /// A CANCEL went out for this INVITE (from the Edge's CANCEL or Timer C).
+    pub cancel_sent: bool,
     pub span: tracing::Span,
     scheduled: Option<StdInstant>,
 }
@@ -354,6 +359,7 @@ impl Engine {
                 reply_to,
                 request,
                 to_tag,
+                reconnect: None,
                 client: None,
                 trunk,
                 span,
@@ -394,6 +400,7 @@ impl Engine {
                 destination,
                 server,
                 cancel_pending: false,
+                cancel_sent: false,
                 span,
                 scheduled: None,
             }),
@@ -406,18 +413,22 @@ impl Engine {
         id
     }
 
-    /// Sends a response through server transaction `id`.
-    pub(super) fn respond(&mut self, id: u64, response: &Response) {
+    /// Sends a response through server transaction `id`. False when the transaction is
+    /// gone or its state refuses the response (a final one went out already).
+    pub(super) fn respond(&mut self, id: u64, response: &Response) -> bool {
         let Some(Entry::Server(server)) = self.entries.get_mut(&id) else {
-            return;
+            return false;
         };
         let code = response.status_code.code();
-        if server
-            .transaction
-            .send_response(now(), code, message::encode(&response.clone().into()))
-        {
+        let accepted = server.transaction.send_response(
+            now(),
+            code,
+            message::encode(&response.clone().into()),
+        );
+        if accepted {
             self.pump_server(id);
         }
+        accepted
     }
 
     /// Sends a response of the proxy's own making through server transaction `id`.
@@ -444,7 +455,17 @@ impl Engine {
             };
             match event {
                 ServerEvent::Transmit(bytes) => {
-                    let destination = server.reply_to;
+                    let (mut destination, reconnect) = (server.reply_to, server.reconnect);
+                    if destination.transport == Transport::Tcp {
+                        let connected = self
+                            .side(destination.side)
+                            .connections
+                            .get(&destination.addr)
+                            .is_some_and(|(_, sender)| !sender.is_closed());
+                        if let (false, Some(reconnect)) = (connected, reconnect) {
+                            destination.addr = reconnect;
+                        }
+                    }
                     self.send(destination, bytes);
                 }
                 ServerEvent::Timeout => {
@@ -481,9 +502,16 @@ impl Engine {
                 ClientEvent::Timeout => {
                     Stats::bump(&self.stats.client_timeouts);
                     tracing::info!(to = %client.destination.addr, method = %client.transaction.request().method, "no final response before the transaction timeout");
+                    // After a CANCEL the request was terminated on purpose (§16.10);
+                    // otherwise nobody answered in time.
+                    let code = if client.cancel_sent { 487 } else { 408 };
                     if let Some(server) = client.server {
-                        self.respond_if_pending(server, 408);
+                        self.respond_if_pending(server, code);
                     }
+                }
+                ClientEvent::TimerC => {
+                    tracing::info!(to = %client.destination.addr, "no final response before Timer C; cancelling");
+                    self.send_cancel(id);
                 }
                 ClientEvent::Terminated => {
                     self.remove(id);
@@ -526,8 +554,11 @@ impl Engine {
             return;
         }
         if self.entries.contains_key(&server) {
-            Stats::bump(&self.stats.responses_forwarded);
-            self.respond(server, &response);
+            if self.respond(server, &response) {
+                Stats::bump(&self.stats.responses_forwarded);
+            } else {
+                Stats::bump(&self.stats.responses_absorbed);
+            }
         } else {
             let side = self
                 .entries
@@ -587,7 +618,13 @@ impl Engine {
             tracing::debug!(peer = %source.peer, "dropped response to a request this proxy did not send");
             return;
         }
-        // A late 2xx retransmission after the transaction ended: forward it by Via.
+        // A late 2xx retransmission for an INVITE after the transaction ended (§16.7
+        // step 1): forward it by Via. Nothing else is forwarded without a transaction.
+        let success = (200..300).contains(&response.status_code.code());
+        if !success || key.method.0 != rsip::Method::Invite {
+            Stats::bump(&self.stats.stray_responses);
+            return;
+        }
         let mut response = response;
         if message::pop_via(&mut response.headers).is_ok() {
             self.forward_response_stateless(response, source.side.opposite());
@@ -605,6 +642,11 @@ impl Engine {
         let cancel = entry.transaction.build_cancel();
         let destination = entry.destination;
         let branch = entry.key.branch.clone();
+        if let Some(Entry::Client(entry)) = self.entries.get_mut(&client) {
+            entry.cancel_sent = true;
+            entry.transaction.note_cancel_sent(now());
+        }
+        self.schedule(client);
         Stats::bump(&self.stats.cancels_forwarded);
         self.start_client(cancel, &branch, destination, None);
     }

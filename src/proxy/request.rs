@@ -104,13 +104,18 @@ impl Engine {
             self.reject_stateless(reply_to, &request, 400, &error);
             return;
         }
+        // A CANCEL is let through a full table: it ends an INVITE and so frees room.
+        if request.method == Method::Cancel {
+            self.handle_cancel(source, key, reply_to, request);
+            return;
+        }
         if self.entries.len() >= self.limits.max_transactions {
             Stats::bump(&self.stats.overload_rejected);
             self.reject_stateless(reply_to, &request, 503, "Service Unavailable");
             return;
         }
-        if request.method == Method::Cancel {
-            self.handle_cancel(source, key, reply_to, request);
+        if self.is_looping(&request) {
+            self.reject_stateless(reply_to, &request, 482, "Loop Detected");
             return;
         }
         let invite = request.method == Method::Invite;
@@ -169,6 +174,17 @@ impl Engine {
                     return;
                 }
             }
+        }
+        // An ACK for a 2xx travels the route set this proxy record-routed; one without our
+        // Route is a hop-by-hop ACK whose transaction is gone (after Timer H or I).
+        let ours = message::routes(&request.headers)
+            .first()
+            .and_then(|route| message::route_uri(route).ok())
+            .is_some_and(|uri| self.router.is_own(&uri));
+        if !ours {
+            Stats::bump(&self.stats.stray_acks);
+            tracing::debug!(peer = %source.peer, "dropped ACK outside any record-routed dialog");
+            return;
         }
         match self.prepare_forward(source, request) {
             Ok(forward) => {
@@ -271,8 +287,10 @@ impl Engine {
         })
     }
 
-    /// Route processing (§16.4) and target selection: a remaining Route wins; an
-    /// in-dialog request goes to its Request-URI; an initial one to its trunk.
+    /// Route processing (§16.4) and target selection: a remaining Route wins; a request
+    /// in a dialog this proxy record-routed goes to its Request-URI (the remote target);
+    /// anything else goes to its trunk, as to an outbound proxy. An Edge therefore cannot
+    /// reach another trunk's core by writing its address into a Request-URI.
     fn next_hop(
         &self,
         source: Source,
@@ -307,11 +325,7 @@ impl Engine {
                 .map_err(|error| Rejection::new(400, error.to_string()))?;
             return Ok((self.router.hop_for_uri(&uri, out_side)?, None));
         }
-        let to_tag = message::to_value(&request.headers)
-            .ok()
-            .and_then(message::tag_of)
-            .is_some();
-        if removed_own || to_tag {
+        if removed_own {
             return Ok((self.router.hop_for_uri(&request.uri, out_side)?, None));
         }
         let trunk = match source.side {
@@ -331,6 +345,25 @@ impl Engine {
             self.router.checked(hop, out_side)?,
             Some(trunk.name.clone()),
         ))
+    }
+
+    /// §16.3 step 4: a request that already passed through this proxy (one of its Vias
+    /// carries our branch prefix and one of our addresses) is looping.
+    fn is_looping(&self, request: &Request) -> bool {
+        request
+            .headers
+            .iter()
+            .filter_map(|header| match header {
+                rsip::Header::Via(via) => Some(rsip::headers::UntypedHeader::value(via)),
+                _ => None,
+            })
+            .flat_map(crate::sip::header::split_list)
+            .filter_map(|value| Via::parse(value).ok())
+            .any(|via| {
+                via.branch()
+                    .is_some_and(|branch| branch.starts_with(super::OWN_BRANCH_PREFIX))
+                    && self.router.is_own_host(&via.host, via.port)
+            })
     }
 
     /// Answers without a transaction: malformed requests, unknown CANCELs, overload.

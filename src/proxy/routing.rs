@@ -163,6 +163,15 @@ impl Router {
             .any(|own| own.port == port && own.host == host)
     }
 
+    /// Whether `host` and `port` (as in a Via sent-by) name this proxy.
+    pub fn is_own_host(&self, host: &str, port: Option<u16>) -> bool {
+        let host = strip_brackets(host).to_ascii_lowercase();
+        let port = port.unwrap_or_else(|| default_port("UDP"));
+        self.own
+            .iter()
+            .any(|own| own.port == port && own.host == host)
+    }
+
     /// The next hop for a URI (RFC 3263 without DNS: the host must be an IP address or a
     /// name from the configuration), checked against the allow list of `side`.
     pub fn hop_for_uri(&self, uri: &rsip::Uri, side: Side) -> Result<Hop, RouteError> {

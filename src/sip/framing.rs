@@ -32,6 +32,9 @@ pub enum FrameError {
 pub struct StreamFramer {
     buffer: BytesMut,
     max_message: usize,
+    /// How much of the buffer is known to hold no CRLFCRLF, so a message arriving in
+    /// small pieces is scanned once, not once per piece.
+    scanned: usize,
 }
 
 impl StreamFramer {
@@ -39,6 +42,7 @@ impl StreamFramer {
         Self {
             buffer: BytesMut::with_capacity(4096),
             max_message,
+            scanned: 0,
         }
     }
 
@@ -60,6 +64,7 @@ impl StreamFramer {
     pub fn next_frame(&mut self) -> Result<Option<Frame>, FrameError> {
         loop {
             if self.buffer.starts_with(b"\r\n\r\n") {
+                self.scanned = 0;
                 self.buffer.advance(4);
                 return Ok(Some(Frame::Ping));
             }
@@ -68,6 +73,7 @@ impl StreamFramer {
                     // Possibly the first half of a ping: wait for the rest.
                     None | Some(b'\r') if self.buffer.len() < 4 => return Ok(None),
                     _ => {
+                        self.scanned = 0;
                         self.buffer.advance(2);
                         continue;
                     }
@@ -75,7 +81,10 @@ impl StreamFramer {
             }
             break;
         }
-        let Some(header_end) = find_header_end(&self.buffer) else {
+        // Resume three bytes back: the terminator may straddle the previous end.
+        let from = self.scanned.saturating_sub(3);
+        let Some(header_end) = find_header_end(&self.buffer[from..]).map(|end| end + from) else {
+            self.scanned = self.buffer.len();
             if self.buffer.len() > self.max_message {
                 return Err(FrameError::TooLarge {
                     limit: self.max_message,
@@ -94,6 +103,7 @@ impl StreamFramer {
             self.buffer.reserve(total - self.buffer.len());
             return Ok(None);
         }
+        self.scanned = 0;
         Ok(Some(Frame::Message(self.buffer.split_to(total).freeze())))
     }
 }

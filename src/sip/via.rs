@@ -123,6 +123,9 @@ impl Via {
     /// from. `received` is set when the sent-by host differs from the source address, and
     /// always when the client asked for `rport`; an empty `rport` gets the source port.
     pub fn note_source(&mut self, source: SocketAddr) {
+        // Whatever the sender wrote into `received` is not to be trusted.
+        self.params
+            .retain(|(name, _)| !name.eq_ignore_ascii_case("received"));
         let wants_rport = self.param("rport").is_some();
         let host_is_source = strip_brackets(&self.host)
             .parse::<IpAddr>()
@@ -134,6 +137,21 @@ impl Via {
         if wants_rport {
             self.set_param("rport", Some(source.port().to_string()));
         }
+    }
+
+    /// Where to open a new connection for a response over a reliable transport when the
+    /// request's connection is gone (§18.2.2): `received` (else the host) and the sent-by
+    /// port.
+    pub fn reconnect_address(&self) -> Option<SocketAddr> {
+        let host = self
+            .param("received")
+            .flatten()
+            .unwrap_or(strip_brackets(&self.host));
+        let ip: IpAddr = strip_brackets(host).parse().ok()?;
+        Some(SocketAddr::new(
+            ip,
+            self.port.unwrap_or_else(|| default_port(&self.transport)),
+        ))
     }
 
     /// Where a response to this Via goes over an unreliable transport (RFC 3261 §18.2.2,
@@ -304,6 +322,21 @@ mod tests {
         assert_eq!(natted.param("received"), Some(Some("192.0.2.7")));
         // Without rport the response goes to the sent-by port (RFC 3261 §18.2.2).
         assert_eq!(natted.response_address(), Some(addr("192.0.2.7:5070")));
+    }
+
+    #[test]
+    fn received_written_by_the_sender_is_replaced_or_dropped() {
+        // Host equal to the source: a forged received must not redirect responses.
+        let mut forged =
+            Via::parse("SIP/2.0/UDP 10.0.0.1:5060;branch=z9hG4bK1;received=192.0.2.66").unwrap();
+        forged.note_source(addr("10.0.0.1:5060"));
+        assert_eq!(forged.param("received"), None);
+        assert_eq!(forged.response_address(), Some(addr("10.0.0.1:5060")));
+        let mut other =
+            Via::parse("SIP/2.0/TCP pbx:5070;branch=z9hG4bK1;received=192.0.2.66").unwrap();
+        other.note_source(addr("10.0.0.2:40000"));
+        assert_eq!(other.param("received"), Some(Some("10.0.0.2")));
+        assert_eq!(other.reconnect_address(), Some(addr("10.0.0.2:5070")));
     }
 
     #[test]

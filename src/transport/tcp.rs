@@ -80,13 +80,14 @@ impl TcpContext {
     /// the engine as `ConnectionClosed { connect_failed: true }`.
     pub fn connect(&self, peer: SocketAddr) -> (ConnectionId, mpsc::Sender<Bytes>) {
         let id = self.new_id();
-        let (sender, receiver) = mpsc::channel(CONNECTION_QUEUE);
+        let (sender, mut receiver) = mpsc::channel(CONNECTION_QUEUE);
         let context = self.clone();
         self.tracker.spawn(async move {
             let side = context.receive.side;
             let Some(slot) = context.reserve_slot() else {
                 Stats::bump(&context.receive.stats.tcp_connections_refused);
                 tracing::warn!(%side, %peer, "tcp connection limit reached; not connecting");
+                context.discard(&mut receiver);
                 context.report_closed(peer, id, true).await;
                 return;
             };
@@ -103,15 +104,25 @@ impl TcpContext {
                 }
                 Ok(Err(error)) => {
                     tracing::warn!(%side, %peer, error = %error, "tcp connect failed");
+                    context.discard(&mut receiver);
                     context.report_closed(peer, id, true).await;
                 }
                 Err(_) => {
                     tracing::warn!(%side, %peer, timeout = ?context.connect_timeout, "tcp connect timed out");
+                    context.discard(&mut receiver);
                     context.report_closed(peer, id, true).await;
                 }
             }
         });
         (id, sender)
+    }
+
+    /// Counts what was queued for a connection that will never carry it.
+    fn discard(&self, queue: &mut mpsc::Receiver<Bytes>) {
+        queue.close();
+        while queue.try_recv().is_ok() {
+            Stats::bump(&self.receive.stats.send_failed);
+        }
     }
 
     async fn report_closed(&self, peer: SocketAddr, id: ConnectionId, connect_failed: bool) {
@@ -208,6 +219,7 @@ impl TcpContext {
             }
         };
         tracing::debug!(%side, %peer, id, reason, "tcp connection closed");
+        self.discard(&mut outgoing);
         self.report_closed(peer, id, false).await;
     }
 }

@@ -30,8 +30,11 @@ pub enum ClientEvent {
     Transmit(Bytes),
     /// A response for the transaction user (the proxy core).
     Response(Box<Response>),
-    /// Timer B or F fired before a final response.
+    /// Timer B or F fired before a final response (or 64·T1 passed after a CANCEL).
     Timeout,
+    /// Timer C fired: an INVITE had a provisional response but no final one for too
+    /// long; the proxy core should CANCEL it (RFC 3261 §16.8).
+    TimerC,
     /// The transaction is over and can be removed.
     Terminated,
 }
@@ -49,6 +52,7 @@ pub struct ClientTransaction {
     retransmit_interval: Duration,
     timeout_at: Option<Instant>,
     linger_until: Option<Instant>,
+    timer_c_at: Option<Instant>,
     saw_provisional: bool,
     events: VecDeque<ClientEvent>,
 }
@@ -75,6 +79,7 @@ impl ClientTransaction {
             retransmit_interval: timers.t1,
             timeout_at: Some(now + timers.transaction_timeout()),
             linger_until: None,
+            timer_c_at: None,
             saw_provisional: false,
             events: VecDeque::new(),
         };
@@ -113,7 +118,12 @@ impl ClientTransaction {
     }
 
     pub fn poll_timeout(&self) -> Option<Instant> {
-        earliest(&[self.retransmit_at, self.timeout_at, self.linger_until])
+        earliest(&[
+            self.retransmit_at,
+            self.timeout_at,
+            self.linger_until,
+            self.timer_c_at,
+        ])
     }
 
     pub fn handle_response(&mut self, now: Instant, response: Response) {
@@ -124,9 +134,13 @@ impl ClientTransaction {
             ClientState::Calling | ClientState::Trying | ClientState::Proceeding if provisional => {
                 self.saw_provisional = true;
                 if self.invite {
-                    // §17.1.1.2: no more retransmissions, and Timer B no longer applies.
+                    // §17.1.1.2: no more retransmissions, and Timer B no longer applies;
+                    // §16.7 step 2: a provisional other than 100 restarts Timer C.
                     self.retransmit_at = None;
                     self.timeout_at = None;
+                    if code > 100 || self.timer_c_at.is_none() {
+                        self.timer_c_at = Some(now + self.timers.timer_c);
+                    }
                 } else if self.state == ClientState::Trying && !self.reliable {
                     // §17.1.2.2: in Proceeding, Timer E fires every T2.
                     self.retransmit_interval = self.timers.t2;
@@ -135,14 +149,14 @@ impl ClientTransaction {
                 self.events
                     .push_back(ClientEvent::Response(Box::new(response)));
             }
-            ClientState::Calling | ClientState::Proceeding if success => {
+            ClientState::Calling | ClientState::Proceeding if self.invite && success => {
                 self.state = ClientState::Accepted;
                 self.clear_running_timers();
                 self.linger_until = Some(now + self.timers.transaction_timeout());
                 self.events
                     .push_back(ClientEvent::Response(Box::new(response)));
             }
-            ClientState::Calling | ClientState::Proceeding => {
+            ClientState::Calling | ClientState::Proceeding if self.invite => {
                 let ack = self.build_ack(&response);
                 self.ack = Some(ack.clone());
                 self.events.push_back(ClientEvent::Transmit(ack));
@@ -150,7 +164,7 @@ impl ClientTransaction {
                     .push_back(ClientEvent::Response(Box::new(response)));
                 self.complete(now, self.timers.timer_d(self.reliable));
             }
-            ClientState::Trying => {
+            ClientState::Trying | ClientState::Proceeding if !self.invite => {
                 self.events
                     .push_back(ClientEvent::Response(Box::new(response)));
                 self.complete(now, self.timers.t4_or_zero(self.reliable));
@@ -170,14 +184,30 @@ impl ClientTransaction {
         }
     }
 
+    /// A CANCEL for this INVITE went out: if no final response arrives within 64·T1 the
+    /// transaction is given up (§9.1) and reported as timed out.
+    pub fn note_cancel_sent(&mut self, now: Instant) {
+        if self.invite && !self.is_final() {
+            self.timer_c_at = None;
+            self.timeout_at = Some(now + self.timers.transaction_timeout());
+        }
+    }
+
     pub fn handle_timeout(&mut self, now: Instant) {
         if due(self.linger_until, now) {
             self.linger_until = None;
             self.terminate();
             return;
         }
+        if due(self.timer_c_at, now) {
+            // Timer C (§16.8): ask the proxy core to cancel; the answer to the CANCEL,
+            // or 64·T1 of silence, ends the transaction.
+            self.timer_c_at = None;
+            self.events.push_back(ClientEvent::TimerC);
+            return;
+        }
         if due(self.timeout_at, now) {
-            // Timer B or F.
+            // Timer B or F, or 64·T1 after a CANCEL.
             self.clear_running_timers();
             self.events.push_back(ClientEvent::Timeout);
             self.terminate();
@@ -270,6 +300,7 @@ impl ClientTransaction {
     fn clear_running_timers(&mut self) {
         self.retransmit_at = None;
         self.timeout_at = None;
+        self.timer_c_at = None;
     }
 
     fn terminate(&mut self) {
@@ -528,7 +559,73 @@ mod tests {
             ClientTransaction::new(start, request(INVITE), false, TimerConfig::default());
         drain(&mut invite);
         invite.handle_response(start + Duration::from_millis(100), response(100, "INVITE"));
-        assert_eq!(invite.poll_timeout(), None);
+        // Only Timer C is left.
+        assert_eq!(
+            invite.poll_timeout(),
+            Some(start + Duration::from_millis(100) + Duration::from_secs(180))
+        );
+    }
+
+    #[test]
+    fn timer_c_restarts_on_provisionals_then_asks_for_a_cancel() {
+        let start = Instant::now();
+        let mut invite =
+            ClientTransaction::new(start, request(INVITE), false, TimerConfig::default());
+        drain(&mut invite);
+        invite.handle_response(start, response(180, "INVITE"));
+        invite.handle_response(start + Duration::from_secs(100), response(183, "INVITE"));
+        drain(&mut invite);
+        let fires = start + Duration::from_secs(280);
+        assert_eq!(invite.poll_timeout(), Some(fires));
+        invite.handle_timeout(fires);
+        assert_eq!(drain(&mut invite), vec![ClientEvent::TimerC]);
+        // After the CANCEL, 64·T1 without a final response ends it.
+        invite.note_cancel_sent(fires);
+        assert_eq!(invite.poll_timeout(), Some(fires + Duration::from_secs(32)));
+        invite.handle_timeout(fires + Duration::from_secs(32));
+        assert_eq!(
+            drain(&mut invite),
+            vec![ClientEvent::Timeout, ClientEvent::Terminated]
+        );
+    }
+
+    #[test]
+    fn non_invite_in_proceeding_completes_with_timer_k_and_sends_no_ack() {
+        // REGISTER -> 100 -> 401 must not be ACKed, and must linger T4, not Timer D.
+        let register = request(
+            &INVITE
+                .replace("INVITE sip", "REGISTER sip")
+                .replace("7 INVITE", "7 REGISTER"),
+        );
+        let start = Instant::now();
+        let mut transaction =
+            ClientTransaction::new(start, register, false, TimerConfig::default());
+        drain(&mut transaction);
+        transaction.handle_response(start, response(100, "REGISTER"));
+        transaction.handle_response(start, response(401, "REGISTER"));
+        let events = drain(&mut transaction);
+        assert!(
+            matches!(
+                events[..],
+                [ClientEvent::Response(_), ClientEvent::Response(_)]
+            ),
+            "{events:?}"
+        );
+        assert_eq!(transaction.state(), ClientState::Completed);
+        assert_eq!(
+            transaction.poll_timeout(),
+            Some(start + Duration::from_secs(5))
+        );
+
+        let mut ok = ClientTransaction::new(start, options(), false, TimerConfig::default());
+        drain(&mut ok);
+        ok.handle_response(start, response(100, "OPTIONS"));
+        ok.handle_response(start, response(200, "OPTIONS"));
+        assert_eq!(
+            ok.state(),
+            ClientState::Completed,
+            "no Accepted state for non-INVITE"
+        );
     }
 
     #[test]

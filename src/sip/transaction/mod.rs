@@ -15,6 +15,7 @@
 //! | F     | non-INVITE client    | 64·T1                                    |
 //! | K     | non-INVITE client    | T4 unreliable, 0 reliable                |
 //! | M     | INVITE client        | 64·T1 (RFC 6026)                          |
+//! | C     | INVITE client (proxy)| `timer_c`, default 180 s (§16.8)          |
 //! | G     | INVITE server        | T1 doubling up to T2 (unreliable only)    |
 //! | H     | INVITE server        | 64·T1                                    |
 //! | I     | INVITE server        | T4 unreliable, 0 reliable                |
@@ -41,6 +42,8 @@ pub struct TimerConfig {
     pub t1: Duration,
     pub t2: Duration,
     pub t4: Duration,
+    /// Timer C (§16.8): how long a proxied INVITE may ring without a final response.
+    pub timer_c: Duration,
 }
 
 impl Default for TimerConfig {
@@ -49,6 +52,7 @@ impl Default for TimerConfig {
             t1: Duration::from_millis(500),
             t2: Duration::from_secs(4),
             t4: Duration::from_secs(5),
+            timer_c: Duration::from_secs(180),
         }
     }
 }

@@ -343,6 +343,7 @@ mod tests {
             t1: Duration::from_millis(100),
             t2: Duration::from_millis(400),
             t4: Duration::from_millis(1000),
+            timer_c: Duration::from_secs(180),
         };
         let start = Instant::now();
         let mut invite = ServerTransaction::new(true, false, timers);
