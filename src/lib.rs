@@ -4,6 +4,7 @@
 //! sockets; [`config`] is the validated configuration; [`stats`] counts what happens.
 
 pub mod config;
+pub mod credentials;
 pub mod proxy;
 pub mod sip;
 pub mod stats;

@@ -25,7 +25,14 @@ pub struct EphemeralSource {
 }
 
 /// The credential valid until `expiry` (Unix seconds).
-pub fn credential(user: &str, secret: &Secret, algorithm: HmacAlgorithm, expiry: u64) -> CredentialValue {
+// HMAC takes keys of any length (RFC 2104 §2), so `new_from_slice` cannot fail.
+#[allow(clippy::expect_used)]
+pub fn credential(
+    user: &str,
+    secret: &Secret,
+    algorithm: HmacAlgorithm,
+    expiry: u64,
+) -> CredentialValue {
     let username = format!("{expiry}:{user}");
     let digest = match algorithm {
         HmacAlgorithm::Sha1 => {
@@ -55,7 +62,12 @@ impl Source for EphemeralSource {
                 reason: "system clock is before 1970; cannot compute an expiry".into(),
             })
             .map(|now| Fetched {
-                value: credential(&self.user, &self.secret, self.algorithm, (now + self.lifetime).as_secs()),
+                value: credential(
+                    &self.user,
+                    &self.secret,
+                    self.algorithm,
+                    (now + self.lifetime).as_secs(),
+                ),
                 lifetime: Some(self.lifetime),
                 granted_scopes: None,
             });

@@ -51,7 +51,11 @@ pub fn claims(token: &str, organization_claim: Option<&str>) -> Option<Claims> {
         .or_else(|| object.get("scp"))
         .map(|value| match value {
             Value::String(text) => text.split_whitespace().map(str::to_string).collect(),
-            Value::Array(items) => items.iter().filter_map(Value::as_str).map(str::to_string).collect(),
+            Value::Array(items) => items
+                .iter()
+                .filter_map(Value::as_str)
+                .map(str::to_string)
+                .collect(),
             _ => Vec::new(),
         });
     Some(Claims {
@@ -104,7 +108,8 @@ pub fn diagnose(
     skew_threshold_seconds: i64,
 ) -> Vec<Diagnostic> {
     let mut found = Vec::new();
-    if let (Some(exp), Some(expected)) = (claims.and_then(|claims| claims.expires), expected_expiry) {
+    if let (Some(exp), Some(expected)) = (claims.and_then(|claims| claims.expires), expected_expiry)
+    {
         let difference = exp - expected;
         if difference.abs() > skew_threshold_seconds {
             found.push(Diagnostic::ExpiryDisagreement {
@@ -112,7 +117,10 @@ pub fn diagnose(
             });
         }
     }
-    if let (Some(configured), Some(token)) = (organization, claims.and_then(|claims| claims.organization.as_deref())) {
+    if let (Some(configured), Some(token)) = (
+        organization,
+        claims.and_then(|claims| claims.organization.as_deref()),
+    ) {
         if configured != token {
             found.push(Diagnostic::OrganizationMismatch {
                 configured: configured.to_string(),
@@ -121,7 +129,11 @@ pub fn diagnose(
         }
     }
     if let Some(granted) = granted {
-        let missing: Vec<String> = scopes.iter().filter(|scope| !granted.contains(scope)).cloned().collect();
+        let missing: Vec<String> = scopes
+            .iter()
+            .filter(|scope| !granted.contains(scope))
+            .cloned()
+            .collect();
         if !missing.is_empty() {
             found.push(Diagnostic::MissingScopes { missing });
         }
@@ -168,7 +180,10 @@ mod tests {
         assert_eq!(claims("2YotnFZFEjr1zCsicMWpAA", None), None);
         assert_eq!(claims("a.b.c", None), None);
         assert_eq!(claims("a.e30.c.d", None), None);
-        assert_eq!(claims(&format!("h.{}.s", URL_SAFE_NO_PAD.encode("[1,2]")), None), None);
+        assert_eq!(
+            claims(&format!("h.{}.s", URL_SAFE_NO_PAD.encode("[1,2]")), None),
+            None
+        );
         assert_eq!(claims("", None), None);
     }
 
@@ -182,16 +197,37 @@ mod tests {
         };
         let scopes = vec!["trunk:write".to_string(), "trunk:read".to_string()];
         let granted = vec!["trunk:read".to_string()];
-        let found = diagnose(Some(&claims), Some(1000 + 3600), Some(&granted), Some("org-a"), &scopes, 30);
+        let found = diagnose(
+            Some(&claims),
+            Some(1000 + 3600),
+            Some(&granted),
+            Some("org-a"),
+            &scopes,
+            30,
+        );
         assert_eq!(
             found,
             vec![
-                Diagnostic::ExpiryDisagreement { exp_minus_expected_seconds: 120 },
-                Diagnostic::OrganizationMismatch { configured: "org-a".into(), token: "org-b".into() },
-                Diagnostic::MissingScopes { missing: vec!["trunk:write".into()] },
+                Diagnostic::ExpiryDisagreement {
+                    exp_minus_expected_seconds: 120
+                },
+                Diagnostic::OrganizationMismatch {
+                    configured: "org-a".into(),
+                    token: "org-b".into()
+                },
+                Diagnostic::MissingScopes {
+                    missing: vec!["trunk:write".into()]
+                },
             ]
         );
-        let within = diagnose(Some(&claims), Some(1000 + 3600 + 100), None, Some("org-b"), &scopes, 30);
+        let within = diagnose(
+            Some(&claims),
+            Some(1000 + 3600 + 100),
+            None,
+            Some("org-b"),
+            &scopes,
+            30,
+        );
         assert!(within.is_empty(), "{within:?}");
     }
 }

@@ -97,7 +97,10 @@ pub struct ForceLimiter {
 
 impl ForceLimiter {
     pub fn new(interval: Duration) -> Self {
-        Self { interval, last: None }
+        Self {
+            interval,
+            last: None,
+        }
     }
 
     /// True (and the slot taken) when a forced refresh may go now.
@@ -146,7 +149,10 @@ mod tests {
             refresh_buffer: secs(45),
             ..RefreshPolicy::default()
         };
-        assert_eq!(policy.refresh_at(start, start + secs(100), 0.9), start + secs(55));
+        assert_eq!(
+            policy.refresh_at(start, start + secs(100), 0.9),
+            start + secs(55)
+        );
     }
 
     #[test]
@@ -156,7 +162,10 @@ mod tests {
         let policy = RefreshPolicy::default();
         let start = Instant::now();
         assert!(policy.buffer_exceeds_half(secs(10)));
-        assert_eq!(policy.refresh_at(start, start + secs(10), 0.0), start + secs(5));
+        assert_eq!(
+            policy.refresh_at(start, start + secs(10), 0.0),
+            start + secs(5)
+        );
     }
 
     #[test]
@@ -177,17 +186,27 @@ mod tests {
     #[test]
     fn retry_after_is_honoured_up_to_the_slow_retry_interval() {
         let policy = RefreshPolicy::default();
-        let asked = Failure::Transient { retry_after: Some(secs(30)) };
+        let asked = Failure::Transient {
+            retry_after: Some(secs(30)),
+        };
         assert_eq!(policy.retry_delay(asked, 1, 0.5), secs(30));
-        let absurd = Failure::Transient { retry_after: Some(secs(86_400)) };
+        let absurd = Failure::Transient {
+            retry_after: Some(secs(86_400)),
+        };
         assert_eq!(policy.retry_delay(absurd, 1, 0.5), secs(300));
     }
 
     #[test]
     fn configuration_errors_retry_slowly() {
         let policy = RefreshPolicy::default();
-        assert_eq!(policy.retry_delay(Failure::Configuration, 1, 0.0), secs(300));
-        assert_eq!(policy.retry_delay(Failure::Configuration, 50, 0.9), secs(300));
+        assert_eq!(
+            policy.retry_delay(Failure::Configuration, 1, 0.0),
+            secs(300)
+        );
+        assert_eq!(
+            policy.retry_delay(Failure::Configuration, 50, 0.9),
+            secs(300)
+        );
     }
 
     #[test]

@@ -33,7 +33,10 @@ impl Secret {
 
 pub fn fingerprint(bytes: &[u8]) -> String {
     let digest = Sha256::digest(bytes);
-    digest[..4].iter().map(|byte| format!("{byte:02x}")).collect()
+    digest[..4]
+        .iter()
+        .map(|byte| format!("{byte:02x}"))
+        .collect()
 }
 
 impl fmt::Debug for Secret {
@@ -52,8 +55,14 @@ mod tests {
         let shown = format!("{secret:?} {:?}", vec![secret.clone()]);
         assert!(!shown.contains("hunter2"), "{shown}");
         assert_eq!(secret.fingerprint().len(), 8);
-        assert_eq!(secret.fingerprint(), Secret::new("hunter2-very-secret").fingerprint());
-        assert_ne!(secret.fingerprint(), Secret::new("hunter3-very-secret").fingerprint());
+        assert_eq!(
+            secret.fingerprint(),
+            Secret::new("hunter2-very-secret").fingerprint()
+        );
+        assert_ne!(
+            secret.fingerprint(),
+            Secret::new("hunter3-very-secret").fingerprint()
+        );
         assert!(!secret.fingerprint().contains("hunter"));
     }
 }

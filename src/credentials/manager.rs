@@ -1,0 +1,451 @@
+//! Keeps one credential fresh (DESIGN.md item 4).
+//!
+//! - A single refresher task per credential talks to the [`Source`]; readers never do.
+//!   [`CredentialManager::current`] is one atomic load (`arc-swap`).
+//! - Expiry is measured from the monotonic time read *before* the request was sent.
+//! - Refresh happens at the point [`RefreshPolicy::refresh_at`] picks; failures back off
+//!   per [`RefreshPolicy::retry_delay`]; a configuration error is retried slowly and
+//!   logged once per change of state, not per attempt.
+//! - The current credential is served until it really expires, then `None` ("no
+//!   credential"): an expired credential is never handed out.
+//! - A new credential gets the next generation; the same value fetched again keeps its
+//!   generation (and gets the new expiry).
+//! - [`CredentialManager::force_refresh`] refreshes only while the rejected generation is
+//!   still current, lets one caller through per `force_interval`, and makes every
+//!   concurrent caller wait for that one attempt.
+//! - Each attempt runs in its own task, so even a panicking source cannot take the
+//!   refresher down with it.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use arc_swap::ArcSwapOption;
+use tokio::sync::{watch, Notify};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use super::jwt::{self, Diagnostic};
+use super::schedule::{ForceLimiter, RefreshPolicy};
+use super::{Credential, CredentialValue, FetchError, Fetched, Source};
+
+/// How long a forced refresh waits for its attempt before answering with what there is.
+const FORCE_WAIT: Duration = Duration::from_secs(30);
+
+#[derive(Debug, Clone)]
+pub struct ManagerOptions {
+    /// The trunk the credential belongs to, for logs.
+    pub trunk: String,
+    pub organization: Option<String>,
+    pub scopes: Vec<String>,
+    /// JWT claim holding the organization, tried before the usual names.
+    pub organization_claim: Option<String>,
+    pub policy: RefreshPolicy,
+    /// `exp` versus `expires_in` disagreement tolerated before warning.
+    pub skew_threshold: Duration,
+}
+
+/// Counters for the metrics exporter.
+#[derive(Debug, Default)]
+pub struct CredentialStats {
+    pub attempts: AtomicU64,
+    pub refreshed: AtomicU64,
+    pub transient_failures: AtomicU64,
+    pub configuration_failures: AtomicU64,
+    pub forced: AtomicU64,
+    pub forced_coalesced: AtomicU64,
+    pub forced_rate_limited: AtomicU64,
+}
+
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct CredentialStatsSnapshot {
+    pub attempts: u64,
+    pub refreshed: u64,
+    pub transient_failures: u64,
+    pub configuration_failures: u64,
+    pub forced: u64,
+    pub forced_coalesced: u64,
+    pub forced_rate_limited: u64,
+}
+
+#[derive(Debug)]
+struct ForceState {
+    limiter: ForceLimiter,
+    /// A forced refresh is requested or under way.
+    pending: bool,
+    /// The last attempt failed with a configuration error: forcing would only hammer.
+    configuration_error: bool,
+}
+
+struct Shared {
+    options: ManagerOptions,
+    current: ArcSwapOption<Credential>,
+    force: Mutex<ForceState>,
+    wake: Notify,
+    /// Counts finished attempts; forced refreshes wait on it.
+    finished: watch::Sender<u64>,
+    stats: CredentialStats,
+    refresher_alive: AtomicBool,
+}
+
+/// A handle to one managed credential; cheap to clone.
+#[derive(Clone)]
+pub struct CredentialManager {
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for CredentialManager {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let current = self.shared.current.load();
+        f.debug_struct("CredentialManager")
+            .field("trunk", &self.shared.options.trunk)
+            .field(
+                "generation",
+                &current.as_ref().map(|credential| credential.generation),
+            )
+            .field(
+                "fingerprint",
+                &current
+                    .as_ref()
+                    .map(|credential| credential.fingerprint.clone()),
+            )
+            .finish()
+    }
+}
+
+impl CredentialManager {
+    /// Starts the refresher task; the first attempt is made at once.
+    pub fn start(
+        source: Arc<dyn Source>,
+        options: ManagerOptions,
+        cancel: CancellationToken,
+        tracker: &TaskTracker,
+    ) -> Self {
+        let (finished, _) = watch::channel(0);
+        let shared = Arc::new(Shared {
+            force: Mutex::new(ForceState {
+                limiter: ForceLimiter::new(options.policy.force_interval),
+                pending: false,
+                configuration_error: false,
+            }),
+            options,
+            current: ArcSwapOption::empty(),
+            wake: Notify::new(),
+            finished,
+            stats: CredentialStats::default(),
+            refresher_alive: AtomicBool::new(true),
+        });
+        tracker.spawn(refresher(shared.clone(), source, cancel));
+        Self { shared }
+    }
+
+    /// The credential to use now, or `None` when there is no valid one.
+    pub fn current(&self) -> Option<Arc<Credential>> {
+        let now = Instant::now().into_std();
+        self.shared
+            .current
+            .load_full()
+            .filter(|credential| credential.is_valid_at(now))
+    }
+
+    /// The last credential obtained, even if expired (for diagnostics and metrics).
+    pub fn latest(&self) -> Option<Arc<Credential>> {
+        self.shared.current.load_full()
+    }
+
+    pub fn trunk(&self) -> &str {
+        &self.shared.options.trunk
+    }
+
+    pub fn refresher_alive(&self) -> bool {
+        self.shared.refresher_alive.load(Ordering::Relaxed)
+    }
+
+    pub fn stats(&self) -> CredentialStatsSnapshot {
+        let stats = &self.shared.stats;
+        let load = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
+        CredentialStatsSnapshot {
+            attempts: load(&stats.attempts),
+            refreshed: load(&stats.refreshed),
+            transient_failures: load(&stats.transient_failures),
+            configuration_failures: load(&stats.configuration_failures),
+            forced: load(&stats.forced),
+            forced_coalesced: load(&stats.forced_coalesced),
+            forced_rate_limited: load(&stats.forced_rate_limited),
+        }
+    }
+
+    /// A receiver that ticks after every attempt, successful or not.
+    pub fn attempts(&self) -> watch::Receiver<u64> {
+        self.shared.finished.subscribe()
+    }
+
+    /// The core rejected generation `rejected`: get a newer credential if one can be had.
+    /// Returns the current credential afterwards (which may still be `rejected` when the
+    /// source handed out the same value, or `None`).
+    pub async fn force_refresh(&self, rejected: u64) -> Option<Arc<Credential>> {
+        if let Some(current) = self.current() {
+            if current.generation != rejected {
+                return Some(current);
+            }
+        }
+        let stats = &self.shared.stats;
+        {
+            let mut force = self.lock_force();
+            if force.pending {
+                stats.forced_coalesced.fetch_add(1, Ordering::Relaxed);
+            } else if force.configuration_error
+                || !force.limiter.try_acquire(Instant::now().into_std())
+            {
+                stats.forced_rate_limited.fetch_add(1, Ordering::Relaxed);
+                return self.current();
+            } else {
+                force.pending = true;
+                stats.forced.fetch_add(1, Ordering::Relaxed);
+                self.shared.wake.notify_one();
+            }
+        }
+        let mut finished = self.shared.finished.subscribe();
+        let wait = finished.wait_for(|_| {
+            let newer = self
+                .shared
+                .current
+                .load()
+                .as_ref()
+                .is_some_and(|credential| credential.generation != rejected);
+            newer || !self.lock_force().pending
+        });
+        // Past the limit, answer with what there is; the refresher carries on.
+        let _ = tokio::time::timeout(FORCE_WAIT, wait).await;
+        self.current()
+    }
+
+    fn lock_force(&self) -> std::sync::MutexGuard<'_, ForceState> {
+        lock(&self.shared.force)
+    }
+}
+
+/// The force state is plain data; a panic elsewhere while holding it leaves it usable.
+fn lock(mutex: &Mutex<ForceState>) -> std::sync::MutexGuard<'_, ForceState> {
+    mutex
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// What the refresher remembers between attempts.
+#[derive(Default)]
+struct RefresherMemory {
+    consecutive_failures: u32,
+    /// The last failure logged, so a failure that repeats is not logged again.
+    last_failure: Option<String>,
+    last_diagnostics: Vec<Diagnostic>,
+    warned_buffer: bool,
+}
+
+async fn refresher(shared: Arc<Shared>, source: Arc<dyn Source>, cancel: CancellationToken) {
+    let options = &shared.options;
+    let organization = options.organization.as_deref().unwrap_or("-");
+    let scopes = options.scopes.join(" ");
+    tracing::info!(trunk = %options.trunk, organization, scopes, source = %source.describe(), "credential manager started");
+    let mut changes = source.changes();
+    let mut memory = RefresherMemory::default();
+    let mut next_attempt = Instant::now();
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => break,
+            _ = tokio::time::sleep_until(next_attempt) => {}
+            _ = shared.wake.notified() => {}
+            changed = wait_for_change(&mut changes) => {
+                if !changed {
+                    changes = None;
+                    continue;
+                }
+            }
+        }
+        let forced = lock(&shared.force).pending;
+        let sent_at = Instant::now();
+        let wall_sent_at = SystemTime::now();
+        shared.stats.attempts.fetch_add(1, Ordering::Relaxed);
+        let attempt_source = source.clone();
+        let attempt = tokio::spawn(async move { attempt_source.fetch().await });
+        let result = tokio::select! {
+            _ = cancel.cancelled() => break,
+            result = attempt => result.unwrap_or_else(|error| Err(FetchError::Transient {
+                reason: format!("credential source failed: {error}"),
+                retry_after: None,
+            })),
+        };
+        next_attempt = match result {
+            Ok(fetched) => on_success(&shared, &mut memory, fetched, sent_at, wall_sent_at),
+            Err(error) => on_failure(&shared, &mut memory, &error, &source.describe()),
+        };
+        {
+            let mut force = lock(&shared.force);
+            if forced {
+                force.pending = false;
+            }
+        }
+        shared.finished.send_modify(|count| *count += 1);
+    }
+    shared.refresher_alive.store(false, Ordering::Relaxed);
+    tracing::debug!(trunk = %shared.options.trunk, "credential manager stopped");
+}
+
+/// Waits for the source's change channel to tick; false when it closed (or there is none,
+/// in which case it never returns).
+async fn wait_for_change(changes: &mut Option<watch::Receiver<u64>>) -> bool {
+    match changes {
+        Some(receiver) => receiver.changed().await.is_ok(),
+        None => std::future::pending().await,
+    }
+}
+
+fn on_success(
+    shared: &Shared,
+    memory: &mut RefresherMemory,
+    fetched: Fetched,
+    sent_at: Instant,
+    wall_sent_at: SystemTime,
+) -> Instant {
+    let options = &shared.options;
+    let policy = &options.policy;
+    memory.consecutive_failures = 0;
+    lock(&shared.force).configuration_error = false;
+    if let Some(previous) = memory.last_failure.take() {
+        tracing::info!(trunk = %options.trunk, previous_error = %previous, "credential source recovered");
+    }
+    let expires = fetched.lifetime.map(|lifetime| sent_at + lifetime);
+    let previous = shared.current.load_full();
+    let fingerprint = fetched.value.fingerprint();
+    let unchanged = previous
+        .as_ref()
+        .is_some_and(|previous| previous.value == fetched.value);
+    let generation = match &previous {
+        Some(previous) if unchanged => previous.generation,
+        Some(previous) => previous.generation + 1,
+        None => 1,
+    };
+    let credential = Arc::new(Credential {
+        value: fetched.value.clone(),
+        generation,
+        fingerprint: fingerprint.clone(),
+        obtained: sent_at.into_std(),
+        expires: expires.map(Instant::into_std),
+    });
+    shared.current.store(Some(credential));
+    shared.stats.refreshed.fetch_add(1, Ordering::Relaxed);
+    let lifetime_seconds = fetched.lifetime.map(|lifetime| lifetime.as_secs());
+    if unchanged {
+        tracing::debug!(trunk = %options.trunk, generation, fingerprint, expires_in_seconds = ?lifetime_seconds, "credential unchanged");
+    } else {
+        tracing::info!(trunk = %options.trunk, generation, fingerprint, expires_in_seconds = ?lifetime_seconds, "credential refreshed");
+    }
+    report_diagnostics(options, memory, &fetched, wall_sent_at);
+    match expires {
+        Some(expires) => {
+            let lifetime = expires - sent_at;
+            if policy.buffer_exceeds_half(lifetime) && !memory.warned_buffer {
+                memory.warned_buffer = true;
+                tracing::warn!(
+                    trunk = %options.trunk,
+                    lifetime_seconds = lifetime.as_secs_f64(),
+                    refresh_buffer_seconds = policy.refresh_buffer.as_secs_f64(),
+                    "refresh_buffer is more than half the credential lifetime; refreshing at 50-60 % of the lifetime instead"
+                );
+            }
+            let at = policy.refresh_at(
+                sent_at.into_std(),
+                expires.into_std(),
+                rand::random::<f64>(),
+            );
+            Instant::from_std(at)
+        }
+        // Valid until replaced: only a change notification (or a force) brings news.
+        None => Instant::now() + Duration::from_secs(365 * 24 * 3600),
+    }
+}
+
+fn on_failure(
+    shared: &Shared,
+    memory: &mut RefresherMemory,
+    error: &FetchError,
+    source: &str,
+) -> Instant {
+    let options = &shared.options;
+    memory.consecutive_failures = memory.consecutive_failures.saturating_add(1);
+    let counter = match error {
+        FetchError::Configuration { .. } => &shared.stats.configuration_failures,
+        FetchError::Transient { .. } => &shared.stats.transient_failures,
+    };
+    counter.fetch_add(1, Ordering::Relaxed);
+    lock(&shared.force).configuration_error = matches!(error, FetchError::Configuration { .. });
+    let delay = options.policy.retry_delay(
+        error.failure(),
+        memory.consecutive_failures,
+        rand::random::<f64>(),
+    );
+    let summary = format!("{}: {error}", error.class());
+    let still_valid = shared
+        .current
+        .load()
+        .as_ref()
+        .is_some_and(|credential| credential.is_valid_at(Instant::now().into_std()));
+    if memory.last_failure.as_deref() != Some(summary.as_str()) {
+        let organization = options.organization.as_deref().unwrap_or("-");
+        let scopes = options.scopes.join(" ");
+        match error {
+            FetchError::Configuration { .. } => tracing::error!(
+                trunk = %options.trunk, organization, scopes, source, error = %error,
+                retry_in_seconds = delay.as_secs_f64(),
+                "credential request rejected: configuration problem (client id, secret, scopes or organization)"
+            ),
+            FetchError::Transient { .. } => tracing::warn!(
+                trunk = %options.trunk, organization, source, error = %error, still_valid,
+                retry_in_seconds = delay.as_secs_f64(),
+                "credential refresh failed; retrying with backoff"
+            ),
+        }
+        memory.last_failure = Some(summary);
+    } else {
+        tracing::debug!(trunk = %options.trunk, error = %error, attempt = memory.consecutive_failures, "credential refresh failed again");
+    }
+    Instant::now() + delay
+}
+
+fn report_diagnostics(
+    options: &ManagerOptions,
+    memory: &mut RefresherMemory,
+    fetched: &Fetched,
+    wall_sent_at: SystemTime,
+) {
+    let CredentialValue::Token(token) = &fetched.value else {
+        return;
+    };
+    let claims = jwt::claims(token.expose(), options.organization_claim.as_deref());
+    let expected_expiry = fetched.lifetime.and_then(|lifetime| {
+        let at = wall_sent_at
+            .checked_add(lifetime)?
+            .duration_since(UNIX_EPOCH)
+            .ok()?;
+        i64::try_from(at.as_secs()).ok()
+    });
+    let granted = fetched
+        .granted_scopes
+        .clone()
+        .or_else(|| claims.as_ref().and_then(|claims| claims.scopes.clone()));
+    let found = jwt::diagnose(
+        claims.as_ref(),
+        expected_expiry,
+        granted.as_deref(),
+        options.organization.as_deref(),
+        &options.scopes,
+        i64::try_from(options.skew_threshold.as_secs()).unwrap_or(i64::MAX),
+    );
+    if found != memory.last_diagnostics {
+        for diagnostic in &found {
+            tracing::warn!(trunk = %options.trunk, diagnostic = %diagnostic, "credential diagnostic");
+        }
+        memory.last_diagnostics = found;
+    }
+}

@@ -1,0 +1,406 @@
+//! OAuth 2.0 client credentials (RFC 6749 §4.4) over HTTPS with `reqwest` and rustls.
+//!
+//! The organization id goes in a configurable header (default `X-Genesys-Organization`);
+//! the client authenticates with HTTP Basic (§2.3.1, the default) or in the form body;
+//! redirects are not followed (a redirected token request is a configuration problem, and
+//! following it could hand the secret to another host). Answers are sorted into
+//! configuration errors, retried slowly, and transient ones, retried with backoff
+//! (RFC 6749 §5.2 error codes; 408, 429 with Retry-After, 5xx, bad bodies, timeouts).
+
+use std::time::Duration;
+
+use base64::engine::general_purpose::STANDARD;
+use base64::Engine as _;
+use serde_json::Value;
+
+use super::{CredentialValue, FetchError, FetchFuture, Fetched, Secret, Source};
+
+/// Token responses larger than this are not a token response.
+const MAX_BODY: usize = 64 * 1024;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClientAuth {
+    /// `Authorization: Basic base64(client_id:client_secret)`.
+    Basic,
+    /// `client_id` and `client_secret` in the form body.
+    Body,
+}
+
+#[derive(Debug)]
+pub struct OAuth2Source {
+    client: reqwest::Client,
+    pub token_url: String,
+    pub client_id: String,
+    client_secret: Secret,
+    pub scopes: Vec<String>,
+    pub organization: Option<String>,
+    pub organization_header: String,
+    pub client_auth: ClientAuth,
+    pub extra_params: Vec<(String, String)>,
+    /// Lifetime assumed when the response has no `expires_in` (and no JWT `exp`).
+    pub default_lifetime: Duration,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("cannot build the HTTP client: {0}")]
+pub struct ClientError(String);
+
+/// Everything an [`OAuth2Source`] is made from.
+#[derive(Debug)]
+pub struct OAuth2Settings {
+    pub token_url: String,
+    pub client_id: String,
+    pub client_secret: Secret,
+    pub scopes: Vec<String>,
+    pub organization: Option<String>,
+    pub organization_header: String,
+    pub client_auth: ClientAuth,
+    pub extra_params: Vec<(String, String)>,
+    pub request_timeout: Duration,
+    pub default_lifetime: Duration,
+}
+
+/// Makes rustls use the `ring` provider (installing it once per process).
+pub fn install_crypto_provider() {
+    // Fails only when a provider is installed already, which is what we want.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
+impl OAuth2Source {
+    pub fn new(settings: OAuth2Settings) -> Result<Self, ClientError> {
+        install_crypto_provider();
+        let client = reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
+            .timeout(settings.request_timeout)
+            .connect_timeout(settings.request_timeout)
+            .user_agent(concat!("byoc-sidecar/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .map_err(|error| ClientError(error.to_string()))?;
+        Ok(Self {
+            client,
+            token_url: settings.token_url,
+            client_id: settings.client_id,
+            client_secret: settings.client_secret,
+            scopes: settings.scopes,
+            organization: settings.organization,
+            organization_header: settings.organization_header,
+            client_auth: settings.client_auth,
+            extra_params: settings.extra_params,
+            default_lifetime: settings.default_lifetime,
+        })
+    }
+
+    async fn request(&self) -> Result<Fetched, FetchError> {
+        let mut form: Vec<(&str, &str)> = vec![("grant_type", "client_credentials")];
+        let scope = self.scopes.join(" ");
+        if !scope.is_empty() {
+            form.push(("scope", &scope));
+        }
+        for (name, value) in &self.extra_params {
+            form.push((name, value));
+        }
+        let mut request = self
+            .client
+            .post(&self.token_url)
+            .header("Accept", "application/json");
+        match self.client_auth {
+            ClientAuth::Basic => {
+                let credentials = Secret::new(format!(
+                    "{}:{}",
+                    form_urlencode(&self.client_id),
+                    form_urlencode(self.client_secret.expose())
+                ));
+                let header =
+                    Secret::new(format!("Basic {}", STANDARD.encode(credentials.expose())));
+                let mut value =
+                    reqwest::header::HeaderValue::from_str(header.expose()).map_err(|_| {
+                        FetchError::Configuration {
+                            reason: "client id or secret cannot be sent in an HTTP header".into(),
+                        }
+                    })?;
+                value.set_sensitive(true);
+                request = request.header(reqwest::header::AUTHORIZATION, value);
+            }
+            ClientAuth::Body => {
+                form.push(("client_id", &self.client_id));
+                form.push(("client_secret", self.client_secret.expose()));
+            }
+        }
+        if let Some(organization) = &self.organization {
+            request = request.header(self.organization_header.as_str(), organization.as_str());
+        }
+        let response = request
+            .form(&form)
+            .send()
+            .await
+            .map_err(|error| transport_error(&error))?;
+        let status = response.status().as_u16();
+        let retry_after = response
+            .headers()
+            .get(reqwest::header::RETRY_AFTER)
+            .and_then(|value| value.to_str().ok())
+            .and_then(|value| value.trim().parse::<u64>().ok())
+            .map(Duration::from_secs);
+        let body = read_body(response).await?;
+        classify(status, &body, retry_after, self.default_lifetime)
+    }
+}
+
+impl Source for OAuth2Source {
+    fn fetch(&self) -> FetchFuture<'_> {
+        Box::pin(self.request())
+    }
+
+    fn describe(&self) -> String {
+        format!("oauth2 client {:?} at {}", self.client_id, self.token_url)
+    }
+}
+
+/// `application/x-www-form-urlencoded` for the Basic credentials (RFC 6749 §2.3.1).
+fn form_urlencode(value: &str) -> String {
+    let mut out = String::with_capacity(value.len());
+    for byte in value.bytes() {
+        match byte {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'*' => {
+                out.push(byte as char)
+            }
+            b' ' => out.push('+'),
+            other => out.push_str(&format!("%{other:02X}")),
+        }
+    }
+    out
+}
+
+/// A failure before any answer: connection refused or reset, timeout, TLS. The error text
+/// names the URL and the cause, never a header or the body.
+fn transport_error(error: &reqwest::Error) -> FetchError {
+    let what = if error.is_timeout() {
+        "timed out"
+    } else if error.is_connect() {
+        "could not connect"
+    } else {
+        "failed"
+    };
+    let mut cause = String::new();
+    let mut source = std::error::Error::source(error);
+    while let Some(inner) = source {
+        cause = inner.to_string();
+        source = inner.source();
+    }
+    FetchError::Transient {
+        reason: format!("token request {what}: {cause}"),
+        retry_after: None,
+    }
+}
+
+async fn read_body(mut response: reqwest::Response) -> Result<Vec<u8>, FetchError> {
+    let mut body = Vec::new();
+    loop {
+        match response.chunk().await {
+            Ok(Some(chunk)) => {
+                if body.len() + chunk.len() > MAX_BODY {
+                    return Err(FetchError::Transient {
+                        reason: format!("token endpoint sent more than {MAX_BODY} bytes"),
+                        retry_after: None,
+                    });
+                }
+                body.extend_from_slice(&chunk);
+            }
+            Ok(None) => return Ok(body),
+            Err(error) => return Err(transport_error(&error)),
+        }
+    }
+}
+
+/// Sorts an answer into a credential or an error class (RFC 6749 §5.1, §5.2).
+pub fn classify(
+    status: u16,
+    body: &[u8],
+    retry_after: Option<Duration>,
+    default_lifetime: Duration,
+) -> Result<Fetched, FetchError> {
+    let json: Option<Value> = serde_json::from_slice(body).ok();
+    if status == 200 {
+        return parse_success(json.as_ref(), default_lifetime);
+    }
+    let error_code = json
+        .as_ref()
+        .and_then(|json| json.get("error"))
+        .and_then(Value::as_str)
+        .map(|code| {
+            code.chars()
+                .filter(|c| c.is_ascii_graphic())
+                .take(64)
+                .collect::<String>()
+        });
+    let description = json
+        .as_ref()
+        .and_then(|json| json.get("error_description"))
+        .and_then(Value::as_str)
+        .map(|text| {
+            text.chars()
+                .filter(|c| !c.is_control())
+                .take(200)
+                .collect::<String>()
+        });
+    let detail = match (&error_code, &description) {
+        (Some(code), Some(description)) => format!("{code}: {description}"),
+        (Some(code), None) => code.clone(),
+        (None, _) => "no OAuth error code".to_string(),
+    };
+    match status {
+        408 | 429 | 500..=599 => Err(FetchError::Transient {
+            reason: format!("token endpoint answered {status} ({detail})"),
+            retry_after,
+        }),
+        300..=399 => Err(FetchError::Configuration {
+            reason: format!(
+                "token endpoint answered {status} (a redirect, not followed): check token_url"
+            ),
+        }),
+        _ => Err(FetchError::Configuration {
+            reason: format!("token endpoint answered {status} ({detail})"),
+        }),
+    }
+}
+
+fn parse_success(json: Option<&Value>, default_lifetime: Duration) -> Result<Fetched, FetchError> {
+    let unusable = |what: &str| FetchError::Transient {
+        reason: format!("token endpoint answered 200 with an unusable body: {what}"),
+        retry_after: None,
+    };
+    let json = json.ok_or_else(|| unusable("not JSON"))?;
+    let token = json
+        .get("access_token")
+        .and_then(Value::as_str)
+        .filter(|token| !token.is_empty())
+        .ok_or_else(|| unusable("no access_token"))?;
+    if let Some(kind) = json.get("token_type").and_then(Value::as_str) {
+        if !kind.eq_ignore_ascii_case("bearer") {
+            return Err(FetchError::Configuration {
+                reason: format!(
+                    "token endpoint issued a {kind:?} token; only Bearer tokens are supported"
+                ),
+            });
+        }
+    }
+    let lifetime = match json.get("expires_in") {
+        Some(Value::Number(number)) => number.as_f64(),
+        Some(Value::String(text)) => text.trim().parse::<f64>().ok(),
+        _ => None,
+    };
+    let lifetime = match lifetime {
+        Some(seconds) if seconds.is_finite() && seconds > 0.0 => {
+            Duration::from_secs_f64(seconds.min(1e9))
+        }
+        Some(_) => return Err(unusable("expires_in is not a positive number")),
+        None => super::jwt::claims(token, None)
+            .and_then(|claims| Some((claims.expires? - claims.issued?).max(0)))
+            .filter(|seconds| *seconds > 0)
+            .map(|seconds| Duration::from_secs(seconds as u64))
+            .unwrap_or(default_lifetime),
+    };
+    let granted_scopes = json
+        .get("scope")
+        .and_then(Value::as_str)
+        .map(|scopes| scopes.split_whitespace().map(str::to_string).collect());
+    Ok(Fetched {
+        value: CredentialValue::Token(Secret::new(token)),
+        lifetime: Some(lifetime),
+        granted_scopes,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const DAY: Duration = Duration::from_secs(86_400);
+
+    #[test]
+    fn success_gives_token_lifetime_and_scopes() {
+        let body =
+            br#"{"access_token":"abc","token_type":"bearer","expires_in":3600,"scope":"a b"}"#;
+        let fetched = classify(200, body, None, DAY).unwrap();
+        assert_eq!(fetched.value, CredentialValue::Token(Secret::new("abc")));
+        assert_eq!(fetched.lifetime, Some(Duration::from_secs(3600)));
+        assert_eq!(fetched.granted_scopes, Some(vec!["a".into(), "b".into()]));
+        let string_lifetime =
+            classify(200, br#"{"access_token":"x","expires_in":"60"}"#, None, DAY).unwrap();
+        assert_eq!(string_lifetime.lifetime, Some(Duration::from_secs(60)));
+        let no_lifetime = classify(200, br#"{"access_token":"x"}"#, None, DAY).unwrap();
+        assert_eq!(no_lifetime.lifetime, Some(DAY));
+    }
+
+    #[test]
+    fn unusable_200_bodies_are_transient() {
+        for body in [
+            &b""[..],
+            b"<html>",
+            b"{}",
+            br#"{"access_token":""}"#,
+            br#"{"access_token":"x","expires_in":-5}"#,
+        ] {
+            let error = classify(200, body, None, DAY).unwrap_err();
+            assert_eq!(error.class(), "transient", "{error}");
+        }
+    }
+
+    #[test]
+    fn oauth_errors_are_configuration_problems() {
+        let error = classify(401, br#"{"error":"invalid_client"}"#, None, DAY).unwrap_err();
+        assert_eq!(error.class(), "configuration");
+        assert!(
+            error.to_string().contains("401 (invalid_client)"),
+            "{error}"
+        );
+        let error = classify(
+            400,
+            br#"{"error":"invalid_scope","error_description":"org mismatch"}"#,
+            None,
+            DAY,
+        )
+        .unwrap_err();
+        assert!(
+            error.to_string().contains("invalid_scope: org mismatch"),
+            "{error}"
+        );
+        assert_eq!(
+            classify(302, b"", None, DAY).unwrap_err().class(),
+            "configuration"
+        );
+        assert_eq!(
+            classify(
+                200,
+                br#"{"access_token":"x","token_type":"mac"}"#,
+                None,
+                DAY
+            )
+            .unwrap_err()
+            .class(),
+            "configuration"
+        );
+    }
+
+    #[test]
+    fn overload_and_server_errors_are_transient_with_retry_after() {
+        let error = classify(429, b"slow down", Some(Duration::from_secs(7)), DAY).unwrap_err();
+        assert_eq!(
+            error.failure(),
+            super::super::schedule::Failure::Transient {
+                retry_after: Some(Duration::from_secs(7))
+            }
+        );
+        for status in [408, 500, 502, 503, 504] {
+            assert_eq!(
+                classify(status, b"", None, DAY).unwrap_err().class(),
+                "transient"
+            );
+        }
+    }
+
+    #[test]
+    fn basic_credentials_are_form_encoded() {
+        assert_eq!(form_urlencode("a b:c/d+é"), "a+b%3Ac%2Fd%2B%C3%A9");
+    }
+}
