@@ -1,0 +1,537 @@
+//! The credential manager against the simulated token endpoint (and a scripted source for
+//! the exact-timing cases), in tokio's paused clock where timing matters. Every test runs
+//! under a TRACE-level log capture and finally asserts that neither the client secret nor
+//! any token the endpoint issued appears in it.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::io::Write;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use byoc_sidecar::credentials::file::{FileFormat, FileSource};
+use byoc_sidecar::credentials::oauth2::{ClientAuth, OAuth2Settings, OAuth2Source};
+use byoc_sidecar::credentials::schedule::RefreshPolicy;
+use byoc_sidecar::credentials::{
+    CredentialManager, CredentialValue, FetchError, FetchFuture, Fetched, ManagerOptions, Secret,
+    Source,
+};
+use byoc_sidecar::sim::idp::{Fault, Idp, IdpSettings, SimClient, TokenKind};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+const CLIENT_SECRET: &str = "client-secret-that-must-never-be-logged-7f3a";
+
+// ---- log capture -------------------------------------------------------------------
+
+fn log_buffer() -> &'static Arc<Mutex<Vec<u8>>> {
+    static BUFFER: OnceLock<Arc<Mutex<Vec<u8>>>> = OnceLock::new();
+    BUFFER.get_or_init(|| {
+        let buffer = Arc::new(Mutex::new(Vec::new()));
+        let sink = buffer.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::TRACE)
+            .with_ansi(false)
+            .with_writer(move || Sink(sink.clone()))
+            .finish();
+        tracing::subscriber::set_global_default(subscriber)
+            .expect("one global subscriber per test binary");
+        buffer
+    })
+}
+
+struct Sink(Arc<Mutex<Vec<u8>>>);
+
+impl Write for Sink {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(bytes);
+        Ok(bytes.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+fn logs() -> String {
+    String::from_utf8_lossy(&log_buffer().lock().unwrap()).into_owned()
+}
+
+/// The capture holds neither the secret nor any token `idp` issued.
+fn assert_nothing_leaked(idp: Option<&Idp>, secrets: &[&str]) {
+    let text = logs();
+    // The capture works: it holds the manager's own lines, fingerprints included.
+    assert!(
+        text.contains("credential manager started"),
+        "log capture is empty"
+    );
+    for secret in secrets {
+        assert!(!text.contains(secret), "a secret appeared in the logs");
+    }
+    for issued in idp.map(Idp::issued).unwrap_or_default() {
+        assert!(
+            !text.contains(&issued.token),
+            "an issued token appeared in the logs"
+        );
+        // Not even the random part of it.
+        let tail = &issued.token[issued.token.len() - 16..];
+        assert!(
+            !text.contains(tail),
+            "part of an issued token appeared in the logs"
+        );
+    }
+}
+
+// ---- set-up ------------------------------------------------------------------------
+
+struct Fixture {
+    idp: Idp,
+    manager: CredentialManager,
+    cancel: CancellationToken,
+}
+
+fn policy() -> RefreshPolicy {
+    RefreshPolicy {
+        refresh_buffer: Duration::from_secs(15),
+        backoff_initial: Duration::from_secs(1),
+        backoff_max: Duration::from_secs(8),
+        slow_retry: Duration::from_secs(60),
+        force_interval: Duration::from_secs(5),
+    }
+}
+
+async fn fixture(
+    ttl: Duration,
+    secret: &str,
+    organization: &str,
+    policy: RefreshPolicy,
+) -> Fixture {
+    log_buffer();
+    let cancel = CancellationToken::new();
+    let tracker = TaskTracker::new();
+    let client = SimClient {
+        id: "edge-a".into(),
+        secret: CLIENT_SECRET.into(),
+        organization: "org-a".into(),
+    };
+    let idp = Idp::start(
+        IdpSettings::new(vec![client], ttl, TokenKind::Jwt),
+        "127.0.0.1:0".parse().unwrap(),
+        cancel.clone(),
+        &tracker,
+    )
+    .await
+    .unwrap();
+    let source = OAuth2Source::new(OAuth2Settings {
+        token_url: idp.url(),
+        client_id: "edge-a".into(),
+        client_secret: Secret::new(secret),
+        scopes: vec!["trunk:write".into()],
+        organization: Some(organization.into()),
+        organization_header: "X-Genesys-Organization".into(),
+        client_auth: ClientAuth::Basic,
+        extra_params: vec![],
+        request_timeout: Duration::from_secs(2),
+        default_lifetime: Duration::from_secs(300),
+    })
+    .unwrap();
+    let manager =
+        CredentialManager::start(Arc::new(source), options(policy), cancel.clone(), &tracker);
+    Fixture {
+        idp,
+        manager,
+        cancel,
+    }
+}
+
+fn options(policy: RefreshPolicy) -> ManagerOptions {
+    ManagerOptions {
+        trunk: "org-a-trunk".into(),
+        organization: Some("org-a".into()),
+        scopes: vec!["trunk:write".into()],
+        organization_claim: None,
+        policy,
+        skew_threshold: Duration::from_secs(30),
+    }
+}
+
+/// Waits (in whatever clock runs) until `attempts` more attempts finished.
+async fn attempts_finished(manager: &CredentialManager, count: u64) {
+    let mut attempts = manager.attempts();
+    let start = *attempts.borrow_and_update();
+    tokio::time::timeout(
+        Duration::from_secs(600),
+        attempts.wait_for(|seen| *seen >= start + count),
+    )
+    .await
+    .expect("attempts in time")
+    .unwrap();
+}
+
+async fn first_credential(manager: &CredentialManager) -> u64 {
+    let mut attempts = manager.attempts();
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        attempts.wait_for(|_| manager.current().is_some()),
+    )
+    .await
+    .expect("a first credential")
+    .unwrap();
+    manager.current().unwrap().generation
+}
+
+// ---- forced refresh ----------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn thousand_concurrent_forced_refreshes_make_one_token_request() {
+    let fixture = fixture(Duration::from_secs(3600), CLIENT_SECRET, "org-a", policy()).await;
+    let generation = first_credential(&fixture.manager).await;
+    let before = fixture.idp.requests();
+    let calls: Vec<_> = (0..1000)
+        .map(|_| {
+            let manager = fixture.manager.clone();
+            tokio::spawn(async move { manager.force_refresh(generation).await })
+        })
+        .collect();
+    for call in calls {
+        let credential = call
+            .await
+            .unwrap()
+            .expect("a credential after the forced refresh");
+        assert_eq!(credential.generation, generation + 1);
+    }
+    assert_eq!(
+        fixture.idp.requests(),
+        before + 1,
+        "exactly one token request"
+    );
+    let stats = fixture.manager.stats();
+    assert_eq!(stats.forced, 1);
+    assert_eq!(
+        stats.forced_coalesced + stats.forced_rate_limited + stats.forced,
+        1000 - already_newer(&stats)
+    );
+
+    // The rejected generation is history now: no request, the current one comes back.
+    let current = fixture.manager.force_refresh(generation).await.unwrap();
+    assert_eq!(current.generation, generation + 1);
+    assert_eq!(fixture.idp.requests(), before + 1);
+
+    // Rejecting the new one within the rate-limit interval makes no request either.
+    let limited = fixture.manager.force_refresh(generation + 1).await.unwrap();
+    assert_eq!(limited.generation, generation + 1);
+    assert_eq!(fixture.idp.requests(), before + 1);
+    assert_eq!(
+        fixture.manager.stats().forced_rate_limited,
+        stats.forced_rate_limited + 1
+    );
+    fixture.cancel.cancel();
+    assert_nothing_leaked(Some(&fixture.idp), &[CLIENT_SECRET]);
+}
+
+/// Callers that arrived after the new generation was published return at once and are
+/// in no counter.
+fn already_newer(stats: &byoc_sidecar::credentials::manager::CredentialStatsSnapshot) -> u64 {
+    1000 - stats.forced - stats.forced_coalesced - stats.forced_rate_limited
+}
+
+// ---- outages -----------------------------------------------------------------------
+
+#[tokio::test(start_paused = true)]
+async fn outage_of_five_lifetimes_serves_the_token_until_expiry_then_none_and_recovers() {
+    let ttl = Duration::from_secs(60);
+    let fixture = fixture(ttl, CLIENT_SECRET, "org-a", policy()).await;
+    let generation = first_credential(&fixture.manager).await;
+    let credential = fixture.manager.current().unwrap();
+    let expires = tokio::time::Instant::from_std(credential.expires.unwrap());
+    fixture.idp.set_fault(Some(Fault::Status {
+        code: 503,
+        retry_after: None,
+    }));
+    let outage_end = tokio::time::Instant::now() + ttl * 5;
+
+    // Walk through the outage in 250 ms steps of virtual time.
+    let mut saw_none = false;
+    while tokio::time::Instant::now() < outage_end {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        let now = tokio::time::Instant::now();
+        match fixture.manager.current() {
+            Some(current) => {
+                assert!(now < expires, "an expired credential was served");
+                assert_eq!(current.generation, generation);
+            }
+            None => {
+                assert!(now >= expires, "credential withdrawn before it expired");
+                saw_none = true;
+            }
+        }
+        assert!(fixture.manager.refresher_alive());
+    }
+    assert!(saw_none);
+    let failures = fixture.manager.stats().transient_failures;
+    assert!(failures >= 30, "retried throughout the outage: {failures}");
+
+    fixture.idp.set_fault(None);
+    let recovered_at = tokio::time::Instant::now();
+    let mut attempts = fixture.manager.attempts();
+    attempts
+        .wait_for(|_| fixture.manager.current().is_some())
+        .await
+        .unwrap();
+    assert!(
+        recovered_at.elapsed() <= policy().backoff_max,
+        "fresh token within one backoff step"
+    );
+    assert_eq!(
+        fixture.manager.current().unwrap().generation,
+        generation + 1
+    );
+    assert!(fixture.manager.refresher_alive());
+    fixture.cancel.cancel();
+    assert_nothing_leaked(Some(&fixture.idp), &[CLIENT_SECRET]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn unusable_answers_are_transient_and_retry_after_is_honoured() {
+    let fixture = fixture(Duration::from_secs(3600), CLIENT_SECRET, "org-a", policy()).await;
+    fixture.idp.push_faults([
+        Fault::EmptyBody,
+        Fault::Garbage,
+        Fault::Drop,
+        Fault::Delay(Duration::from_secs(10)), // beyond the 2 s request timeout
+        Fault::Status {
+            code: 429,
+            retry_after: Some(20),
+        },
+    ]);
+    let mut attempts = fixture.manager.attempts();
+    let mut finished_at = Vec::new();
+    let start = tokio::time::Instant::now();
+    while finished_at.len() < 6 {
+        attempts.changed().await.unwrap();
+        finished_at.push(start.elapsed());
+    }
+    let stats = fixture.manager.stats();
+    assert_eq!(
+        (
+            stats.transient_failures,
+            stats.configuration_failures,
+            stats.refreshed
+        ),
+        (5, 0, 1)
+    );
+    assert!(fixture.manager.current().is_some());
+    // The attempt after the 429 came no sooner than its Retry-After of 20 s.
+    assert!(
+        finished_at[5] - finished_at[4] >= Duration::from_secs(20),
+        "{finished_at:?}"
+    );
+    assert!(
+        finished_at[5] - finished_at[4] < Duration::from_secs(21),
+        "{finished_at:?}"
+    );
+    fixture.cancel.cancel();
+    assert_nothing_leaked(Some(&fixture.idp), &[CLIENT_SECRET]);
+}
+
+// ---- configuration errors ------------------------------------------------------------
+
+async fn configuration_error_story(secret: &str, organization: &str, expected: &str) {
+    let fixture = fixture(Duration::from_secs(3600), secret, organization, policy()).await;
+    attempts_finished(&fixture.manager, 1).await;
+    let start = tokio::time::Instant::now();
+    tokio::time::sleep(Duration::from_secs(200)).await;
+    // Attempts at 0, 60, 120, 180 s: one per slow-retry interval.
+    let stats = fixture.manager.stats();
+    assert_eq!(stats.configuration_failures, 4, "{stats:?}");
+    assert_eq!(fixture.idp.requests(), 4);
+    assert!(fixture.manager.current().is_none());
+    // Forcing does not hammer a misconfigured endpoint.
+    assert!(fixture.manager.force_refresh(0).await.is_none());
+    assert_eq!(fixture.idp.requests(), 4);
+    assert!(start.elapsed() >= Duration::from_secs(200));
+    fixture.cancel.cancel();
+
+    let text = logs();
+    let lines: Vec<&str> = text
+        .lines()
+        .filter(|line| line.contains("configuration problem") && line.contains(expected))
+        .collect();
+    assert_eq!(lines.len(), 1, "logged once per state change: {lines:#?}");
+    for needle in [
+        "org-a-trunk",
+        "organization=\"org-a\"",
+        "scopes=\"trunk:write\"",
+    ] {
+        assert!(
+            lines[0].contains(needle),
+            "{needle} missing from {}",
+            lines[0]
+        );
+    }
+    assert_nothing_leaked(Some(&fixture.idp), &[CLIENT_SECRET, secret]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn invalid_client_is_a_configuration_error_retried_slowly_and_logged_once() {
+    configuration_error_story("wrong-secret-value-0b1d", "org-a", "invalid_client").await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn wrong_organization_gets_invalid_scope_retried_slowly_and_logged_once() {
+    // A separate client so the two stories' log lines stay apart.
+    configuration_error_story(CLIENT_SECRET, "org-b", "invalid_scope").await;
+}
+
+// ---- scripted source: exact schedule ---------------------------------------------------
+
+struct Scripted {
+    lifetime: Duration,
+    serial: Mutex<u64>,
+}
+
+impl Source for Scripted {
+    fn fetch(&self) -> FetchFuture<'_> {
+        let mut serial = self.serial.lock().unwrap();
+        *serial += 1;
+        let value = CredentialValue::Token(Secret::new(format!("scripted-{serial}")));
+        let lifetime = self.lifetime;
+        Box::pin(async move {
+            Ok::<_, FetchError>(Fetched {
+                value,
+                lifetime: Some(lifetime),
+                granted_scopes: None,
+            })
+        })
+    }
+    fn describe(&self) -> String {
+        "scripted".into()
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn proactive_refresh_happens_between_50_and_60_percent_of_the_lifetime() {
+    log_buffer();
+    let tracker = TaskTracker::new();
+    let cancel = CancellationToken::new();
+    let source = Arc::new(Scripted {
+        lifetime: Duration::from_secs(1000),
+        serial: Mutex::new(0),
+    });
+    let manager = CredentialManager::start(source, options(policy()), cancel.clone(), &tracker);
+    first_credential(&manager).await;
+    let start = tokio::time::Instant::now();
+    let mut previous = start;
+    for generation in 2..=6 {
+        let mut attempts = manager.attempts();
+        attempts.changed().await.unwrap();
+        let now = tokio::time::Instant::now();
+        let gap = now - previous;
+        assert!(
+            gap >= Duration::from_secs(500) && gap <= Duration::from_secs(600),
+            "refresh after {gap:?}"
+        );
+        assert_eq!(manager.current().unwrap().generation, generation);
+        previous = now;
+    }
+    let debug = format!("{:?} {:?}", manager, manager.current());
+    assert!(
+        !debug.contains("scripted-"),
+        "Debug output shows the token: {debug}"
+    );
+    cancel.cancel();
+}
+
+// ---- file source -----------------------------------------------------------------------
+
+async fn file_manager(
+    path: &std::path::Path,
+    format: FileFormat,
+) -> (CredentialManager, CancellationToken) {
+    log_buffer();
+    let tracker = TaskTracker::new();
+    let cancel = CancellationToken::new();
+    let source = FileSource::start(
+        path.to_path_buf(),
+        format,
+        Duration::from_millis(250),
+        cancel.clone(),
+        &tracker,
+    );
+    let manager = CredentialManager::start(
+        Arc::new(source),
+        options(policy()),
+        cancel.clone(),
+        &tracker,
+    );
+    (manager, cancel)
+}
+
+/// Waits (real time) until the generation reaches `generation`; returns how long it took.
+async fn generation_reached(manager: &CredentialManager, generation: u64) -> Duration {
+    let start = std::time::Instant::now();
+    while manager.current().map(|credential| credential.generation) != Some(generation) {
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "generation {generation} never came"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    start.elapsed()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn file_rewritten_in_place_or_swapped_by_rename_or_symlink_is_picked_up_within_a_second() {
+    let dir = tempfile::tempdir().unwrap();
+    // Kubernetes-style: token -> ..data/token, ..data -> a timestamped directory.
+    let version = |name: &str, token: &str| {
+        let path = dir.path().join(name);
+        std::fs::create_dir_all(&path).unwrap();
+        std::fs::write(path.join("token"), token).unwrap();
+    };
+    version("v1", "file-token-one-5d2c");
+    std::os::unix::fs::symlink("v1", dir.path().join("..data")).unwrap();
+    std::os::unix::fs::symlink("..data/token", dir.path().join("token")).unwrap();
+    let path = dir.path().join("token");
+    let (manager, cancel) = file_manager(&path, FileFormat::Token).await;
+    generation_reached(&manager, 1).await;
+
+    // 1. In place, through the links.
+    std::fs::write(dir.path().join("v1/token"), "file-token-two-88af\n").unwrap();
+    assert!(generation_reached(&manager, 2).await < Duration::from_secs(1));
+    // 2. Atomic symlink swap, the way kubelet updates a secret volume.
+    version("v2", "file-token-three-19e0");
+    std::os::unix::fs::symlink("v2", dir.path().join("..data_tmp")).unwrap();
+    std::fs::rename(dir.path().join("..data_tmp"), dir.path().join("..data")).unwrap();
+    assert!(generation_reached(&manager, 3).await < Duration::from_secs(1));
+    // 3. Atomic rename of a new file over the old one.
+    let plain = dir.path().join("plain");
+    std::fs::write(&plain, "alice\nfirst-password-a1\n").unwrap();
+    let (userpass, cancel_userpass) = file_manager(&plain, FileFormat::UsernamePassword).await;
+    generation_reached(&userpass, 1).await;
+    std::fs::write(dir.path().join("plain.new"), "alice\nsecond-password-b2\n").unwrap();
+    std::fs::rename(dir.path().join("plain.new"), &plain).unwrap();
+    assert!(generation_reached(&userpass, 2).await < Duration::from_secs(1));
+    match &userpass.current().unwrap().value {
+        CredentialValue::UserPassword { username, password } => {
+            assert_eq!(username, "alice");
+            assert_eq!(password.expose(), "second-password-b2");
+        }
+        other => panic!("unexpected {other:?}"),
+    }
+    // Touching without changing the content is not a new credential.
+    std::fs::write(&plain, "alice\nsecond-password-b2\n").unwrap();
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert_eq!(userpass.current().unwrap().generation, 2);
+    cancel.cancel();
+    cancel_userpass.cancel();
+    assert_nothing_leaked(
+        None,
+        &[
+            "file-token-one-5d2c",
+            "file-token-two-88af",
+            "file-token-three-19e0",
+            "first-password-a1",
+            "second-password-b2",
+        ],
+    );
+}
