@@ -468,7 +468,7 @@ async fn file_manager(
 
 /// Waits (real time) until the generation reaches `generation`; returns how long it took.
 async fn generation_reached(manager: &CredentialManager, generation: u64) -> Duration {
-    let start = std::time::Instant::now();
+    let start = tokio::time::Instant::now();
     while manager.current().map(|credential| credential.generation) != Some(generation) {
         assert!(
             start.elapsed() < Duration::from_secs(5),
@@ -534,4 +534,74 @@ async fn file_rewritten_in_place_or_swapped_by_rename_or_symlink_is_picked_up_wi
             "second-password-b2",
         ],
     );
+}
+
+// ---- wiring ------------------------------------------------------------------------------
+
+/// A trunk with `[trunk.credentials]` gets a running manager when the proxy starts, and its
+/// gauges describe the token it fetched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxy_starts_a_manager_per_trunk_credential() {
+    log_buffer();
+    let cancel = CancellationToken::new();
+    let tracker = TaskTracker::new();
+    let client = SimClient {
+        id: "edge-b".into(),
+        secret: CLIENT_SECRET.into(),
+        organization: "org-b".into(),
+    };
+    let idp = Idp::start(
+        IdpSettings::new(vec![client], Duration::from_secs(600), TokenKind::Opaque),
+        "127.0.0.1:0".parse().unwrap(),
+        cancel.clone(),
+        &tracker,
+    )
+    .await
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let secret_path = dir.path().join("secret");
+    std::fs::write(&secret_path, CLIENT_SECRET).unwrap();
+    let text = format!(
+        r#"
+[edge]
+listen = ["udp:127.0.0.1:0"]
+[core_side]
+listen = ["udp:127.0.0.1:0"]
+[[trunk]]
+name = "org-b"
+edge = "udp:127.0.0.1:9"
+core = "udp:127.0.0.1:9"
+[trunk.credentials]
+kind = "oauth2"
+token_url = "{}"
+client_id = "edge-b"
+client_secret_file = "{}"
+organization = "org-b"
+scopes = ["trunk:write"]
+"#,
+        idp.url(),
+        secret_path.display()
+    );
+    let settings = byoc_sidecar::config::Config::from_toml(&text, "t")
+        .unwrap()
+        .validate()
+        .unwrap();
+    let root = CancellationToken::new();
+    let app = byoc_sidecar::proxy::App::start(settings, &root)
+        .await
+        .unwrap();
+    let manager = app
+        .credentials
+        .get("org-b")
+        .expect("a manager for the trunk")
+        .clone();
+    first_credential(&manager).await;
+    let gauges = manager.gauges();
+    assert_eq!(gauges.generation, 1);
+    assert!(gauges.valid);
+    assert!(gauges.time_to_expiry.unwrap() > Duration::from_secs(590));
+    assert_eq!(idp.tokens_issued(), 1);
+    assert!(app.shutdown(Duration::from_secs(5)).await);
+    cancel.cancel();
+    assert_nothing_leaked(Some(&idp), &[CLIENT_SECRET]);
 }

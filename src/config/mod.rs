@@ -5,8 +5,10 @@
 //! The raw structs keep addresses and durations as strings so that one bad value does not
 //! hide the others: serde stops at the first error, `validate` does not.
 
+mod credentials;
 mod parse;
 
+pub use credentials::{CredentialSettings, CredentialsConfig, SourceSettings};
 pub use parse::{parse_duration, Endpoint, Listen, Transport};
 
 use std::collections::HashSet;
@@ -153,6 +155,9 @@ pub struct TrunkConfig {
     pub edge: String,
     /// Where this trunk's requests from the Edge go.
     pub core: String,
+    /// The credentials this trunk presents to the core.
+    #[serde(default)]
+    pub credentials: Option<CredentialsConfig>,
 }
 
 /// Which Edge traffic a trunk serves. All given criteria must hold; a trunk with none
@@ -204,6 +209,7 @@ pub struct Trunk {
     pub port: Option<u16>,
     pub edge: Endpoint,
     pub core: Endpoint,
+    pub credentials: Option<CredentialSettings>,
 }
 
 impl Config {
@@ -416,8 +422,13 @@ impl Config {
                     }
                 }
             }
+            let credentials = raw
+                .credentials
+                .as_ref()
+                .and_then(|credentials| credentials.validate(&label, problems));
             if let (Some(edge), Some(core)) = (edge_endpoint, core_endpoint) {
                 trunks.push(Trunk {
+                    credentials,
                     name: raw.name.clone(),
                     sources,
                     domain: raw.matcher.domain.clone(),

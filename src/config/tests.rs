@@ -168,3 +168,115 @@ fn example_config_is_valid() {
         .validate();
     assert!(settings.is_ok(), "{:?}", settings.err());
 }
+
+fn with_credentials(table: &str) -> String {
+    VALID.replacen(
+        "core = \"udp:127.0.0.1:5090\"\n",
+        &format!("core = \"udp:127.0.0.1:5090\"\n\n[trunk.credentials]\n{table}\n"),
+        1,
+    )
+}
+
+#[test]
+fn oauth2_credentials_validate_and_read_the_secret_without_showing_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let secret_path = dir.path().join("secret");
+    std::fs::write(&secret_path, "  s3cret-from-file-91aa\n").unwrap();
+    let text = with_credentials(&format!(
+        "kind = \"oauth2\"\ntoken_url = \"https://login.example.com/oauth/token\"\nclient_id = \"edge-a\"\n\
+         client_secret_file = \"{}\"\nscopes = [\"trunk:write\"]\norganization = \"org-a\"\nrefresh_buffer = \"20s\"\n\
+         extra_params = {{ audience = \"sip\" }}",
+        secret_path.display()
+    ));
+    let settings = Config::from_toml(&text, "t").unwrap().validate().unwrap();
+    let credentials = settings.trunks[0].credentials.as_ref().unwrap();
+    assert_eq!(credentials.policy.refresh_buffer, Duration::from_secs(20));
+    assert_eq!(credentials.organization.as_deref(), Some("org-a"));
+    match &credentials.source {
+        SourceSettings::OAuth2 {
+            client_secret,
+            organization_header,
+            extra_params,
+            ..
+        } => {
+            assert_eq!(client_secret.expose(), "s3cret-from-file-91aa");
+            assert_eq!(organization_header, "X-Genesys-Organization");
+            assert_eq!(
+                extra_params,
+                &vec![("audience".to_string(), "sip".to_string())]
+            );
+        }
+        other => panic!("unexpected {other:?}"),
+    }
+    let debug = format!("{settings:?}");
+    assert!(
+        !debug.contains("s3cret-from-file"),
+        "secret in Debug output"
+    );
+}
+
+#[test]
+fn credential_problems_are_all_reported_with_trunk_and_key() {
+    let text = with_credentials(
+        "kind = \"oauth2\"\ntoken_url = \"http://user:pw@login.example.com/token\"\n\
+         client_secret_file = \"/nonexistent/secret\"\nclient_secret_env = \"X\"\npath = \"/tmp/x\"\nslow_retry = \"soon\"",
+    );
+    let found = problems(&text);
+    let keys = keys(&found);
+    for expected in [
+        "trunk \"org-a\".credentials.path",
+        "trunk \"org-a\".credentials.slow_retry",
+        "trunk \"org-a\".credentials.client_secret_file",
+        "trunk \"org-a\".credentials.token_url",
+        "trunk \"org-a\".credentials.client_id",
+    ] {
+        assert!(
+            keys.contains(&expected),
+            "{expected} missing from {found:#?}"
+        );
+    }
+    let url = found.iter().find(|p| p.key.ends_with("token_url")).unwrap();
+    assert!(url.message.contains("credentials in the URL"), "{url}");
+    assert!(
+        !format!("{found:?}").contains("pw@"),
+        "the URL's password was echoed"
+    );
+
+    let plain_http = with_credentials(
+        "kind = \"oauth2\"\ntoken_url = \"http://login.example.com/token\"\nclient_id = \"a\"\nclient_secret_env = \"PATH\"",
+    );
+    assert_eq!(
+        keys_of(&plain_http),
+        vec!["trunk \"org-a\".credentials.token_url"]
+    );
+    let loopback = plain_http.replace("login.example.com", "127.0.0.1:8080");
+    assert!(Config::from_toml(&loopback, "t")
+        .unwrap()
+        .validate()
+        .is_ok());
+
+    assert_eq!(
+        keys_of(&with_credentials("kind = \"kerberos\"")),
+        vec!["trunk \"org-a\".credentials.kind"]
+    );
+    assert_eq!(
+        keys_of(&with_credentials("kind = \"static\"")),
+        vec!["trunk \"org-a\".credentials.kind"]
+    );
+    assert_eq!(
+        keys_of(&with_credentials(
+            "kind = \"ephemeral\"\nsecret_env = \"PATH\"\nalgorithm = \"md5\""
+        )),
+        vec![
+            "trunk \"org-a\".credentials.user",
+            "trunk \"org-a\".credentials.algorithm"
+        ]
+    );
+}
+
+fn keys_of(text: &str) -> Vec<String> {
+    problems(text)
+        .into_iter()
+        .map(|problem| problem.key)
+        .collect()
+}

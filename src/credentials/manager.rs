@@ -69,6 +69,19 @@ pub struct CredentialStatsSnapshot {
     pub forced_rate_limited: u64,
 }
 
+/// Point-in-time values for the metrics exporter.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct CredentialGauges {
+    /// Generation of the last credential obtained (0: none yet).
+    pub generation: u64,
+    /// Time since the request that produced it was sent.
+    pub age: Option<Duration>,
+    /// Time until it expires (zero once expired); `None` without a lifetime.
+    pub time_to_expiry: Option<Duration>,
+    /// Whether a valid credential is available now (readiness).
+    pub valid: bool,
+}
+
 #[derive(Debug)]
 struct ForceState {
     limiter: ForceLimiter,
@@ -173,6 +186,21 @@ impl CredentialManager {
             forced: load(&stats.forced),
             forced_coalesced: load(&stats.forced_coalesced),
             forced_rate_limited: load(&stats.forced_rate_limited),
+        }
+    }
+
+    pub fn gauges(&self) -> CredentialGauges {
+        let now = Instant::now().into_std();
+        match self.shared.current.load_full() {
+            None => CredentialGauges::default(),
+            Some(credential) => CredentialGauges {
+                generation: credential.generation,
+                age: Some(now.saturating_duration_since(credential.obtained)),
+                time_to_expiry: credential
+                    .expires
+                    .map(|expires| expires.saturating_duration_since(now)),
+                valid: credential.is_valid_at(now),
+            },
         }
     }
 

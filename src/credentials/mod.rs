@@ -154,6 +154,73 @@ impl Source for StaticSource {
     }
 }
 
+/// Builds the source a trunk's configuration describes and starts its manager.
+pub fn start_manager(
+    trunk: &str,
+    settings: &crate::config::CredentialSettings,
+    cancel: tokio_util::sync::CancellationToken,
+    tracker: &tokio_util::task::TaskTracker,
+) -> Result<CredentialManager, oauth2::ClientError> {
+    use crate::config::SourceSettings;
+    let source: std::sync::Arc<dyn Source> = match &settings.source {
+        SourceSettings::OAuth2 {
+            token_url,
+            client_id,
+            client_secret,
+            organization_header,
+            client_auth,
+            extra_params,
+            request_timeout,
+            default_lifetime,
+        } => std::sync::Arc::new(oauth2::OAuth2Source::new(oauth2::OAuth2Settings {
+            token_url: token_url.clone(),
+            client_id: client_id.clone(),
+            client_secret: client_secret.clone(),
+            scopes: settings.scopes.clone(),
+            organization: settings.organization.clone(),
+            organization_header: organization_header.clone(),
+            client_auth: *client_auth,
+            extra_params: extra_params.clone(),
+            request_timeout: *request_timeout,
+            default_lifetime: *default_lifetime,
+        })?),
+        SourceSettings::File {
+            path,
+            format,
+            poll_interval,
+        } => std::sync::Arc::new(file::FileSource::start(
+            path.clone(),
+            *format,
+            *poll_interval,
+            cancel.clone(),
+            tracker,
+        )),
+        SourceSettings::Ephemeral {
+            user,
+            secret,
+            algorithm,
+            lifetime,
+        } => std::sync::Arc::new(ephemeral::EphemeralSource {
+            user: user.clone(),
+            secret: secret.clone(),
+            algorithm: *algorithm,
+            lifetime: *lifetime,
+        }),
+        SourceSettings::Static { value } => std::sync::Arc::new(StaticSource {
+            value: value.clone(),
+        }),
+    };
+    let options = ManagerOptions {
+        trunk: trunk.to_string(),
+        organization: settings.organization.clone(),
+        scopes: settings.scopes.clone(),
+        organization_claim: settings.organization_claim.clone(),
+        policy: settings.policy,
+        skew_threshold: std::time::Duration::from_secs(30),
+    };
+    Ok(CredentialManager::start(source, options, cancel, tracker))
+}
+
 /// Reads a secret from a file (trimmed of surrounding whitespace) or an environment
 /// variable; the error names the file or variable, never the content.
 pub fn read_secret(file: Option<&std::path::Path>, env: Option<&str>) -> Result<Secret, String> {

@@ -39,11 +39,19 @@ pub enum StartError {
         host: String,
         reason: String,
     },
+    #[error("trunk {trunk:?}: {source}")]
+    Credentials {
+        trunk: String,
+        #[source]
+        source: crate::credentials::oauth2::ClientError,
+    },
 }
 
 /// A running proxy.
 pub struct App {
     pub stats: Arc<Stats>,
+    /// One credential manager per trunk that has credentials, by trunk name.
+    pub credentials: HashMap<String, crate::credentials::CredentialManager>,
     /// The bound listeners (ports filled in where the configuration said 0).
     pub edge_listeners: Vec<Listen>,
     pub core_listeners: Vec<Listen>,
@@ -57,6 +65,22 @@ impl App {
         let tracker = TaskTracker::new();
         let stats = Arc::new(Stats::default());
         let names = resolve_names(&settings).await?;
+        let mut credentials = HashMap::new();
+        for trunk in &settings.trunks {
+            if let Some(credential_settings) = &trunk.credentials {
+                let manager = crate::credentials::start_manager(
+                    &trunk.name,
+                    credential_settings,
+                    cancel.clone(),
+                    &tracker,
+                )
+                .map_err(|source| StartError::Credentials {
+                    trunk: trunk.name.clone(),
+                    source,
+                })?;
+                credentials.insert(trunk.name.clone(), manager);
+            }
+        }
         let trunks: Vec<RoutedTrunk> = settings
             .trunks
             .iter()
@@ -122,6 +146,7 @@ impl App {
         );
         Ok(App {
             stats,
+            credentials,
             edge_listeners,
             core_listeners,
             cancel,
