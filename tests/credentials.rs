@@ -605,3 +605,64 @@ scopes = ["trunk:write"]
     cancel.cancel();
     assert_nothing_leaked(Some(&idp), &[CLIENT_SECRET]);
 }
+
+struct WrongOrgJwt;
+
+impl Source for WrongOrgJwt {
+    fn fetch(&self) -> FetchFuture<'_> {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        // Claims 10 minutes more life than expires_in says, for another organization,
+        // without one of the configured scopes.
+        let token = byoc_sidecar::credentials::jwt::encode_unverified(
+            &serde_json::json!({"org_id": "org-x", "scope": "trunk:read", "iat": now, "exp": now + 3600 + 600}),
+            "diagnostic-signature-4c1e",
+        );
+        Box::pin(async move {
+            Ok::<_, FetchError>(Fetched {
+                value: CredentialValue::Token(Secret::new(token)),
+                lifetime: Some(Duration::from_secs(3600)),
+                granted_scopes: None,
+            })
+        })
+    }
+    fn describe(&self) -> String {
+        "wrong-org jwt".into()
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn jwt_claims_are_diagnosed_once_without_verifying_the_token() {
+    log_buffer();
+    let tracker = TaskTracker::new();
+    let cancel = CancellationToken::new();
+    let mut options = options(policy());
+    options.trunk = "diagnosed-trunk".into();
+    options.scopes = vec!["trunk:read".into(), "trunk:write".into()];
+    let manager =
+        CredentialManager::start(Arc::new(WrongOrgJwt), options, cancel.clone(), &tracker);
+    first_credential(&manager).await;
+    let generation = manager.current().unwrap().generation;
+    // A forced refresh gets the same diagnostics: they are not logged again.
+    manager.force_refresh(generation).await;
+    cancel.cancel();
+    let text = logs();
+    let diagnostics: Vec<&str> = text
+        .lines()
+        .filter(|line| line.contains("credential diagnostic") && line.contains("diagnosed-trunk"))
+        .collect();
+    assert_eq!(diagnostics.len(), 3, "{diagnostics:#?}");
+    assert!(diagnostics.iter().any(
+        |line| line.contains("issued for organization \\\"org-x\\\"") || line.contains("org-x")
+    ));
+    assert!(diagnostics
+        .iter()
+        .any(|line| line.contains("lacks configured scopes: trunk:write")));
+    assert!(diagnostics.iter().any(|line| line.contains("by 600 s")));
+    assert!(
+        !text.contains("diagnostic-signature-4c1e"),
+        "the token leaked"
+    );
+}

@@ -95,6 +95,18 @@ pub enum SourceSettings {
     },
 }
 
+impl SourceSettings {
+    /// The configured `kind`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            SourceSettings::OAuth2 { .. } => "oauth2",
+            SourceSettings::File { .. } => "file",
+            SourceSettings::Ephemeral { .. } => "ephemeral",
+            SourceSettings::Static { .. } => "static",
+        }
+    }
+}
+
 impl CredentialsConfig {
     /// The keys given, by name, for the "does not apply" check.
     fn given(&self) -> Vec<&'static str> {
