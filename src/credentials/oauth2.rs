@@ -29,16 +29,7 @@ pub enum ClientAuth {
 #[derive(Debug)]
 pub struct OAuth2Source {
     client: reqwest::Client,
-    pub token_url: String,
-    pub client_id: String,
-    client_secret: Secret,
-    pub scopes: Vec<String>,
-    pub organization: Option<String>,
-    pub organization_header: String,
-    pub client_auth: ClientAuth,
-    pub extra_params: Vec<(String, String)>,
-    /// Lifetime assumed when the response has no `expires_in` (and no JWT `exp`).
-    pub default_lifetime: Duration,
+    settings: OAuth2Settings,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -57,6 +48,7 @@ pub struct OAuth2Settings {
     pub client_auth: ClientAuth,
     pub extra_params: Vec<(String, String)>,
     pub request_timeout: Duration,
+    /// Lifetime assumed when the response has no `expires_in` (and no JWT `exp`).
     pub default_lifetime: Duration,
 }
 
@@ -76,39 +68,28 @@ impl OAuth2Source {
             .user_agent(concat!("byoc-sidecar/", env!("CARGO_PKG_VERSION")))
             .build()
             .map_err(|error| ClientError(error.to_string()))?;
-        Ok(Self {
-            client,
-            token_url: settings.token_url,
-            client_id: settings.client_id,
-            client_secret: settings.client_secret,
-            scopes: settings.scopes,
-            organization: settings.organization,
-            organization_header: settings.organization_header,
-            client_auth: settings.client_auth,
-            extra_params: settings.extra_params,
-            default_lifetime: settings.default_lifetime,
-        })
+        Ok(Self { client, settings })
     }
 
     async fn request(&self) -> Result<Fetched, FetchError> {
         let mut form: Vec<(&str, &str)> = vec![("grant_type", "client_credentials")];
-        let scope = self.scopes.join(" ");
+        let scope = self.settings.scopes.join(" ");
         if !scope.is_empty() {
             form.push(("scope", &scope));
         }
-        for (name, value) in &self.extra_params {
+        for (name, value) in &self.settings.extra_params {
             form.push((name, value));
         }
         let mut request = self
             .client
-            .post(&self.token_url)
+            .post(&self.settings.token_url)
             .header("Accept", "application/json");
-        match self.client_auth {
+        match self.settings.client_auth {
             ClientAuth::Basic => {
                 let credentials = Secret::new(format!(
                     "{}:{}",
-                    form_urlencode(&self.client_id),
-                    form_urlencode(self.client_secret.expose())
+                    form_urlencode(&self.settings.client_id),
+                    form_urlencode(self.settings.client_secret.expose())
                 ));
                 let header =
                     Secret::new(format!("Basic {}", STANDARD.encode(credentials.expose())));
@@ -122,12 +103,15 @@ impl OAuth2Source {
                 request = request.header(reqwest::header::AUTHORIZATION, value);
             }
             ClientAuth::Body => {
-                form.push(("client_id", &self.client_id));
-                form.push(("client_secret", self.client_secret.expose()));
+                form.push(("client_id", &self.settings.client_id));
+                form.push(("client_secret", self.settings.client_secret.expose()));
             }
         }
-        if let Some(organization) = &self.organization {
-            request = request.header(self.organization_header.as_str(), organization.as_str());
+        if let Some(organization) = &self.settings.organization {
+            request = request.header(
+                self.settings.organization_header.as_str(),
+                organization.as_str(),
+            );
         }
         let response = request
             .form(&form)
@@ -142,7 +126,7 @@ impl OAuth2Source {
             .and_then(|value| value.trim().parse::<u64>().ok())
             .map(Duration::from_secs);
         let body = read_body(response).await?;
-        classify(status, &body, retry_after, self.default_lifetime)
+        classify(status, &body, retry_after, self.settings.default_lifetime)
     }
 }
 
@@ -152,7 +136,10 @@ impl Source for OAuth2Source {
     }
 
     fn describe(&self) -> String {
-        format!("oauth2 client {:?} at {}", self.client_id, self.token_url)
+        format!(
+            "oauth2 client {:?} at {}",
+            self.settings.client_id, self.settings.token_url
+        )
     }
 }
 
