@@ -5,6 +5,7 @@
 //! time takes `now` as an argument, and every output is pulled with a `poll_*` call, so the
 //! whole module is tested in virtual time with plain `#[test]`s.
 
+pub mod auth;
 pub mod framing;
 pub mod header;
 pub mod message;
