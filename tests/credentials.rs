@@ -666,3 +666,173 @@ async fn jwt_claims_are_diagnosed_once_without_verifying_the_token() {
         "the token leaked"
     );
 }
+
+// ---- robustness ------------------------------------------------------------------------
+
+/// What one fetch does: how long it takes, and the lifetime it yields or a failure.
+type Step = Box<dyn Fn(u64) -> (Duration, Result<Duration, ()>) + Send + Sync>;
+
+/// A source whose every fetch is decided by a function of the fetch number (1-based).
+struct Steps {
+    fetches: Arc<std::sync::atomic::AtomicU64>,
+    step: Step,
+}
+
+impl Source for Steps {
+    fn fetch(&self) -> FetchFuture<'_> {
+        let number = self
+            .fetches
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst)
+            + 1;
+        let (delay, outcome) = (self.step)(number);
+        if number == 1 && delay == Duration::MAX {
+            panic!("scripted panic holding step-secret-9a1f");
+        }
+        Box::pin(async move {
+            tokio::time::sleep(delay).await;
+            match outcome {
+                Ok(lifetime) => Ok(Fetched {
+                    value: CredentialValue::Token(Secret::new(format!("step-token-{number}"))),
+                    lifetime: Some(lifetime),
+                    granted_scopes: None,
+                }),
+                Err(()) => Err(FetchError::Transient {
+                    reason: "scripted failure".into(),
+                    retry_after: Some(Duration::from_secs(100)),
+                }),
+            }
+        })
+    }
+    fn describe(&self) -> String {
+        "steps".into()
+    }
+}
+
+fn steps(
+    policy: RefreshPolicy,
+    step: impl Fn(u64) -> (Duration, Result<Duration, ()>) + Send + Sync + 'static,
+) -> (
+    CredentialManager,
+    Arc<std::sync::atomic::AtomicU64>,
+    CancellationToken,
+) {
+    log_buffer();
+    let fetches = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let cancel = CancellationToken::new();
+    let source = Steps {
+        fetches: fetches.clone(),
+        step: Box::new(step),
+    };
+    let manager = CredentialManager::start(
+        Arc::new(source),
+        options(policy),
+        cancel.clone(),
+        &TaskTracker::new(),
+    );
+    (manager, fetches, cancel)
+}
+
+fn fetched(counter: &std::sync::atomic::AtomicU64) -> u64 {
+    counter.load(std::sync::atomic::Ordering::SeqCst)
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_panicking_source_does_not_kill_the_refresher() {
+    let (manager, _fetches, cancel) =
+        steps(policy(), |_| (Duration::MAX, Ok(Duration::from_secs(600))));
+    // The first fetch panics; the next one, after a backoff, succeeds.
+    let (manager2, fetches2, cancel2) = steps(policy(), |number| {
+        if number == 1 {
+            (Duration::MAX, Ok(Duration::from_secs(600)))
+        } else {
+            (Duration::ZERO, Ok(Duration::from_secs(600)))
+        }
+    });
+    first_credential(&manager2).await;
+    assert!(manager2.refresher_alive());
+    assert_eq!(fetched(&fetches2), 2);
+    assert!(manager.refresher_alive());
+    let text = logs();
+    assert!(text.contains("credential source panicked"));
+    assert!(
+        !text.contains("step-secret-9a1f"),
+        "the panic message reached the log"
+    );
+    cancel.cancel();
+    cancel2.cancel();
+}
+
+/// A forced refresh overtaken by a scheduled one that already replaced the rejected
+/// generation makes no request of its own.
+#[tokio::test(start_paused = true)]
+async fn forced_refresh_overtaken_by_a_scheduled_one_makes_no_extra_request() {
+    let policy = RefreshPolicy {
+        refresh_buffer: Duration::from_secs(8),
+        ..policy()
+    };
+    // Each fetch takes 1 s; tokens live 10 s, so with an 8 s buffer a refresh starts 2 s
+    // after each request was sent.
+    let (manager, fetches, cancel) = steps(policy, |_| {
+        (Duration::from_secs(1), Ok(Duration::from_secs(10)))
+    });
+    let start = tokio::time::Instant::now();
+    first_credential(&manager).await; // t = 1 s, generation 1
+    tokio::time::sleep_until(start + Duration::from_millis(2500)).await; // fetch 2 in flight
+    assert_eq!(fetched(&fetches), 2);
+    let after = manager.force_refresh(1).await.unwrap(); // returns when fetch 2 lands (t = 3)
+    assert_eq!(after.generation, 2);
+    // The next scheduled refresh is due at t = 4 s (fetch 2 was sent at 2 s); before it,
+    // nothing may fetch.
+    tokio::time::sleep_until(start + Duration::from_millis(3900)).await;
+    assert_eq!(
+        fetched(&fetches),
+        2,
+        "the stale forced refresh fetched anyway"
+    );
+    assert_eq!(manager.stats().forced, 1);
+    cancel.cancel();
+}
+
+#[tokio::test(start_paused = true)]
+async fn forcing_during_backoff_makes_no_request() {
+    let (manager, fetches, cancel) = steps(policy(), |number| {
+        if number == 1 {
+            (Duration::ZERO, Ok(Duration::from_secs(3600)))
+        } else {
+            (Duration::ZERO, Err(()))
+        }
+    });
+    let generation = first_credential(&manager).await;
+    // A forced refresh fails with Retry-After 100 s (capped at slow_retry, 60 s): the
+    // next attempt is due at 60 s.
+    manager.force_refresh(generation).await;
+    assert_eq!(fetched(&fetches), 2);
+    tokio::time::sleep(Duration::from_secs(6)).await; // past the 5 s rate-limit interval
+    let limited = manager.stats().forced_rate_limited;
+    let answer = manager.force_refresh(generation).await;
+    assert_eq!(
+        answer.map(|credential| credential.generation),
+        Some(generation)
+    );
+    assert_eq!(
+        fetched(&fetches),
+        2,
+        "forcing inside the backoff window made a request"
+    );
+    assert_eq!(manager.stats().forced_rate_limited, limited + 1);
+    cancel.cancel();
+}
+
+#[tokio::test(start_paused = true)]
+async fn credential_arriving_nearly_expired_is_a_failure_not_a_busy_loop() {
+    let (manager, fetches, cancel) = steps(policy(), |_| {
+        (Duration::ZERO, Ok(Duration::from_millis(500)))
+    });
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    assert!(manager.current().is_none());
+    let count = fetched(&fetches);
+    // Backoff from 1 s doubling to 8 s: a handful of attempts in 30 s, not thousands.
+    assert!((3..=20).contains(&count), "{count} attempts in 30 s");
+    assert_eq!(manager.stats().transient_failures, count);
+    cancel.cancel();
+}

@@ -15,6 +15,10 @@ use crate::credentials::oauth2::ClientAuth;
 use crate::credentials::schedule::RefreshPolicy;
 use crate::credentials::{read_secret, Secret};
 
+const DAY: Duration = Duration::from_secs(24 * 3600);
+/// The longest lifetime a credential may be configured with.
+const MAX_LIFETIME: Duration = Duration::from_secs(30 * 24 * 3600);
+
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CredentialsConfig {
@@ -265,6 +269,36 @@ impl CredentialsConfig {
                 "must be at least backoff_initial, which must be more than zero".into(),
             );
         }
+        // Bounds that keep every schedule sane (no busy loop, no overflow).
+        for (name, value, low, high) in [
+            ("refresh_buffer", policy.refresh_buffer, Duration::ZERO, DAY),
+            (
+                "backoff_initial",
+                policy.backoff_initial,
+                Duration::from_millis(10),
+                DAY,
+            ),
+            (
+                "backoff_max",
+                policy.backoff_max,
+                Duration::from_millis(10),
+                DAY,
+            ),
+            ("slow_retry", policy.slow_retry, Duration::from_secs(1), DAY),
+            (
+                "force_refresh_interval",
+                policy.force_interval,
+                Duration::ZERO,
+                DAY,
+            ),
+        ] {
+            if value < low || value > high {
+                problems.add(
+                    &key(name),
+                    format!("{value:?} is outside {low:?}..={high:?}"),
+                );
+            }
+        }
         let secret = |problems: &mut Problems,
                       file: &Option<PathBuf>,
                       env: &Option<String>,
@@ -349,6 +383,27 @@ impl CredentialsConfig {
                     &self.default_lifetime,
                     Duration::from_secs(300),
                 );
+                for (name, value, low, high) in [
+                    (
+                        "request_timeout",
+                        request_timeout,
+                        Duration::from_millis(100),
+                        Duration::from_secs(300),
+                    ),
+                    (
+                        "default_lifetime",
+                        default_lifetime,
+                        Duration::from_secs(2),
+                        MAX_LIFETIME,
+                    ),
+                ] {
+                    if value < low || value > high {
+                        problems.add(
+                            &key(name),
+                            format!("{value:?} is outside {low:?}..={high:?}"),
+                        );
+                    }
+                }
                 SourceSettings::OAuth2 {
                     token_url: token_url.unwrap_or_default(),
                     client_id: client_id.unwrap_or_default(),
@@ -423,8 +478,11 @@ impl CredentialsConfig {
                     &self.lifetime,
                     Duration::from_secs(3600),
                 );
-                if lifetime < Duration::from_secs(2) {
-                    problems.add(&key("lifetime"), "must be at least 2s".into());
+                if lifetime < Duration::from_secs(2) || lifetime > MAX_LIFETIME {
+                    problems.add(
+                        &key("lifetime"),
+                        format!("{lifetime:?} is outside 2s..={MAX_LIFETIME:?}"),
+                    );
                 }
                 SourceSettings::Ephemeral {
                     user: user.unwrap_or_default(),

@@ -274,6 +274,21 @@ fn credential_problems_are_all_reported_with_trunk_and_key() {
     );
 }
 
+#[test]
+fn credential_durations_are_bounded() {
+    let text = with_credentials(
+        "kind = \"ephemeral\"\nuser = \"u\"\nsecret_env = \"PATH\"\nslow_retry = \"0s\"\nbackoff_max = \"99999h\"\nlifetime = \"1s\"",
+    );
+    assert_eq!(
+        keys_of(&text),
+        vec![
+            "trunk \"org-a\".credentials.backoff_max",
+            "trunk \"org-a\".credentials.slow_retry",
+            "trunk \"org-a\".credentials.lifetime"
+        ]
+    );
+}
+
 fn keys_of(text: &str) -> Vec<String> {
     problems(text)
         .into_iter()

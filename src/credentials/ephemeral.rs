@@ -60,16 +60,17 @@ impl Source for EphemeralSource {
             .duration_since(UNIX_EPOCH)
             .map_err(|_| FetchError::Configuration {
                 reason: "system clock is before 1970; cannot compute an expiry".into(),
+                detail: None,
             })
-            .map(|now| Fetched {
-                value: credential(
-                    &self.user,
-                    &self.secret,
-                    self.algorithm,
-                    (now + self.lifetime).as_secs(),
-                ),
-                lifetime: Some(self.lifetime),
-                granted_scopes: None,
+            .map(|now| {
+                // The server checks whole seconds: report the lifetime up to the second
+                // written into the username, not beyond it.
+                let expiry = (now + self.lifetime).as_secs();
+                Fetched {
+                    value: credential(&self.user, &self.secret, self.algorithm, expiry),
+                    lifetime: Some(Duration::from_secs(expiry).saturating_sub(now)),
+                    granted_scopes: None,
+                }
             });
         Box::pin(async move { result })
     }

@@ -110,8 +110,8 @@ pub fn diagnose(
     let mut found = Vec::new();
     if let (Some(exp), Some(expected)) = (claims.and_then(|claims| claims.expires), expected_expiry)
     {
-        let difference = exp - expected;
-        if difference.abs() > skew_threshold_seconds {
+        let difference = exp.saturating_sub(expected);
+        if difference.saturating_abs() > skew_threshold_seconds {
             found.push(Diagnostic::ExpiryDisagreement {
                 exp_minus_expected_seconds: difference,
             });

@@ -33,6 +33,14 @@ use super::{Credential, CredentialValue, FetchError, Fetched, Source};
 /// How long a forced refresh waits for its attempt before answering with what there is.
 const FORCE_WAIT: Duration = Duration::from_secs(30);
 
+/// The longest one attempt may take, whatever the source does (the OAuth2 source has its
+/// own, shorter, request timeout).
+const ATTEMPT_LIMIT: Duration = Duration::from_secs(60);
+
+/// A credential that arrives with less life than this left is treated as a failure: using
+/// it would mean asking again at once, and again.
+const MIN_USEFUL_LIFETIME: Duration = Duration::from_secs(1);
+
 #[derive(Debug, Clone)]
 pub struct ManagerOptions {
     /// The trunk the credential belongs to, for logs.
@@ -85,10 +93,13 @@ pub struct CredentialGauges {
 #[derive(Debug)]
 struct ForceState {
     limiter: ForceLimiter,
-    /// A forced refresh is requested or under way.
-    pending: bool,
+    /// The generation a forced refresh was asked to replace, while it is requested or
+    /// under way.
+    pending: Option<u64>,
     /// The last attempt failed with a configuration error: forcing would only hammer.
     configuration_error: bool,
+    /// No forced attempt before this (the backoff or `Retry-After` after a failure).
+    not_before: Option<Instant>,
 }
 
 struct Shared {
@@ -139,8 +150,9 @@ impl CredentialManager {
         let shared = Arc::new(Shared {
             force: Mutex::new(ForceState {
                 limiter: ForceLimiter::new(options.policy.force_interval),
-                pending: false,
+                pending: None,
                 configuration_error: false,
+                not_before: None,
             }),
             options,
             current: ArcSwapOption::empty(),
@@ -220,16 +232,20 @@ impl CredentialManager {
         }
         let stats = &self.shared.stats;
         {
+            let now = Instant::now();
             let mut force = self.lock_force();
-            if force.pending {
+            let backing_off = force.not_before.is_some_and(|not_before| now < not_before);
+            if force.pending == Some(rejected) {
                 stats.forced_coalesced.fetch_add(1, Ordering::Relaxed);
-            } else if force.configuration_error
-                || !force.limiter.try_acquire(Instant::now().into_std())
+            } else if force.pending.is_some()
+                || force.configuration_error
+                || backing_off
+                || !force.limiter.try_acquire(now.into_std())
             {
                 stats.forced_rate_limited.fetch_add(1, Ordering::Relaxed);
                 return self.current();
             } else {
-                force.pending = true;
+                force.pending = Some(rejected);
                 stats.forced.fetch_add(1, Ordering::Relaxed);
                 self.shared.wake.notify_one();
             }
@@ -242,7 +258,7 @@ impl CredentialManager {
                 .load()
                 .as_ref()
                 .is_some_and(|credential| credential.generation != rejected);
-            newer || !self.lock_force().pending
+            newer || self.lock_force().pending != Some(rejected)
         });
         // Past the limit, answer with what there is; the refresher carries on.
         let _ = tokio::time::timeout(FORCE_WAIT, wait).await;
@@ -271,7 +287,17 @@ struct RefresherMemory {
     warned_buffer: bool,
 }
 
+/// Marks the refresher dead however it ends (returning or unwinding).
+struct AliveGuard<'a>(&'a AtomicBool);
+
+impl Drop for AliveGuard<'_> {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Relaxed);
+    }
+}
+
 async fn refresher(shared: Arc<Shared>, source: Arc<dyn Source>, cancel: CancellationToken) {
+    let _alive = AliveGuard(&shared.refresher_alive);
     let options = &shared.options;
     let organization = options.organization.as_deref().unwrap_or("-");
     let scopes = options.scopes.join(" ");
@@ -283,7 +309,26 @@ async fn refresher(shared: Arc<Shared>, source: Arc<dyn Source>, cancel: Cancell
         tokio::select! {
             _ = cancel.cancelled() => break,
             _ = tokio::time::sleep_until(next_attempt) => {}
-            _ = shared.wake.notified() => {}
+            _ = shared.wake.notified() => {
+                // A permit can outlive the request that left it, and a forced refresh can
+                // be overtaken by a scheduled one: fetch only for a rejection that stands.
+                let stands = {
+                    let mut force = lock(&shared.force);
+                    let current = shared.current.load().as_ref().map(|credential| credential.generation);
+                    match force.pending {
+                        Some(rejected) if current.is_none_or(|current| current == rejected) => true,
+                        Some(_) => {
+                            force.pending = None;
+                            false
+                        }
+                        None => false,
+                    }
+                };
+                if !stands {
+                    shared.finished.send_modify(|count| *count += 1);
+                    continue;
+                }
+            }
             changed = wait_for_change(&mut changes) => {
                 if !changed {
                     changes = None;
@@ -291,19 +336,32 @@ async fn refresher(shared: Arc<Shared>, source: Arc<dyn Source>, cancel: Cancell
                 }
             }
         }
-        let forced = lock(&shared.force).pending;
+        let forced = lock(&shared.force).pending.is_some();
         let sent_at = Instant::now();
         let wall_sent_at = SystemTime::now();
         shared.stats.attempts.fetch_add(1, Ordering::Relaxed);
         let attempt_source = source.clone();
-        let attempt = tokio::spawn(async move { attempt_source.fetch().await });
+        let attempt = tokio::spawn(async move {
+            tokio::time::timeout(ATTEMPT_LIMIT, attempt_source.fetch())
+                .await
+                .unwrap_or_else(|_| {
+                    Err(FetchError::Transient {
+                        reason: format!(
+                            "credential source did not answer within {ATTEMPT_LIMIT:?}"
+                        ),
+                        retry_after: None,
+                    })
+                })
+        });
         let result = tokio::select! {
             _ = cancel.cancelled() => break,
-            result = attempt => result.unwrap_or_else(|error| Err(FetchError::Transient {
-                reason: format!("credential source failed: {error}"),
+            // The panic's message is not logged: it could quote what the source held.
+            result = attempt => result.unwrap_or_else(|_| Err(FetchError::Transient {
+                reason: "credential source panicked".into(),
                 retry_after: None,
             })),
         };
+        let result = result.and_then(|fetched| usable(fetched, sent_at));
         next_attempt = match result {
             Ok(fetched) => on_success(&shared, &mut memory, fetched, sent_at, wall_sent_at),
             Err(error) => on_failure(&shared, &mut memory, &error, &source.describe()),
@@ -311,13 +369,31 @@ async fn refresher(shared: Arc<Shared>, source: Arc<dyn Source>, cancel: Cancell
         {
             let mut force = lock(&shared.force);
             if forced {
-                force.pending = false;
+                force.pending = None;
             }
         }
         shared.finished.send_modify(|count| *count += 1);
     }
-    shared.refresher_alive.store(false, Ordering::Relaxed);
     tracing::debug!(trunk = %shared.options.trunk, "credential manager stopped");
+}
+
+/// Bounds a fetched lifetime and refuses a credential that is (nearly) dead on arrival.
+fn usable(mut fetched: Fetched, sent_at: Instant) -> Result<Fetched, FetchError> {
+    if let Some(lifetime) = fetched.lifetime {
+        let lifetime = lifetime.min(super::schedule::MAX_SPAN);
+        let left = (sent_at + lifetime).saturating_duration_since(Instant::now());
+        if left < MIN_USEFUL_LIFETIME {
+            return Err(FetchError::Transient {
+                reason: format!(
+                    "the credential arrived with {:.3} s of life left",
+                    left.as_secs_f64()
+                ),
+                retry_after: None,
+            });
+        }
+        fetched.lifetime = Some(lifetime);
+    }
+    Ok(fetched)
 }
 
 /// Waits for the source's change channel to tick; false when it closed (or there is none,
@@ -339,7 +415,11 @@ fn on_success(
     let options = &shared.options;
     let policy = &options.policy;
     memory.consecutive_failures = 0;
-    lock(&shared.force).configuration_error = false;
+    {
+        let mut force = lock(&shared.force);
+        force.configuration_error = false;
+        force.not_before = None;
+    }
     if let Some(previous) = memory.last_failure.take() {
         tracing::info!(trunk = %options.trunk, previous_error = %previous, "credential source recovered");
     }
@@ -373,13 +453,13 @@ fn on_success(
     match expires {
         Some(expires) => {
             let lifetime = expires - sent_at;
-            if policy.buffer_exceeds_half(lifetime) && !memory.warned_buffer {
+            if policy.buffer_too_long(lifetime) && !memory.warned_buffer {
                 memory.warned_buffer = true;
                 tracing::warn!(
                     trunk = %options.trunk,
                     lifetime_seconds = lifetime.as_secs_f64(),
                     refresh_buffer_seconds = policy.refresh_buffer.as_secs_f64(),
-                    "refresh_buffer is more than half the credential lifetime; refreshing at 50-60 % of the lifetime instead"
+                    "refresh_buffer is more than 90 % of the credential lifetime; refreshing at 50-60 % of the lifetime instead"
                 );
             }
             let at = policy.refresh_at(
@@ -407,13 +487,17 @@ fn on_failure(
         FetchError::Transient { .. } => &shared.stats.transient_failures,
     };
     counter.fetch_add(1, Ordering::Relaxed);
-    lock(&shared.force).configuration_error = matches!(error, FetchError::Configuration { .. });
     let delay = options.policy.retry_delay(
         error.failure(),
         memory.consecutive_failures,
         rand::random::<f64>(),
     );
-    let summary = format!("{}: {error}", error.class());
+    {
+        let mut force = lock(&shared.force);
+        force.configuration_error = matches!(error, FetchError::Configuration { .. });
+        force.not_before = Some(Instant::now() + delay);
+    }
+    let summary = error.state_key();
     let still_valid = shared
         .current
         .load()

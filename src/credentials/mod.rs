@@ -84,19 +84,36 @@ pub struct Fetched {
     pub granted_scopes: Option<Vec<String>>,
 }
 
-#[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum FetchError {
-    /// Will not fix itself: a wrong client id, secret, scope or organization, a missing
-    /// file. Retried slowly.
-    #[error("{reason}")]
-    Configuration { reason: String },
+    /// Will not fix itself: a wrong client id, secret, scope or organization. Retried
+    /// slowly. `detail` is what the server said, if anything.
+    Configuration {
+        reason: String,
+        detail: Option<String>,
+    },
     /// Worth retrying with backoff.
-    #[error("{reason}")]
     Transient {
         reason: String,
         retry_after: Option<Duration>,
     },
 }
+
+impl std::fmt::Display for FetchError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            FetchError::Configuration {
+                reason,
+                detail: Some(detail),
+            } => write!(f, "{reason} ({detail})"),
+            FetchError::Configuration { reason, .. } | FetchError::Transient { reason, .. } => {
+                f.write_str(reason)
+            }
+        }
+    }
+}
+
+impl std::error::Error for FetchError {}
 
 impl FetchError {
     pub fn failure(&self) -> schedule::Failure {
@@ -105,6 +122,16 @@ impl FetchError {
             FetchError::Transient { retry_after, .. } => schedule::Failure::Transient {
                 retry_after: *retry_after,
             },
+        }
+    }
+
+    /// What stays the same while the failure stays the same: class and reason, without
+    /// server-supplied detail that may vary per attempt (trace ids, timestamps).
+    pub fn state_key(&self) -> String {
+        match self {
+            FetchError::Configuration { reason, .. } | FetchError::Transient { reason, .. } => {
+                format!("{}: {reason}", self.class())
+            }
         }
     }
 

@@ -97,6 +97,7 @@ impl OAuth2Source {
                     reqwest::header::HeaderValue::from_str(header.expose()).map_err(|_| {
                         FetchError::Configuration {
                             reason: "client id or secret cannot be sent in an HTTP header".into(),
+                            detail: None,
                         }
                     })?;
                 value.set_sensitive(true);
@@ -123,10 +124,10 @@ impl OAuth2Source {
             .headers()
             .get(reqwest::header::RETRY_AFTER)
             .and_then(|value| value.to_str().ok())
-            .and_then(|value| value.trim().parse::<u64>().ok())
-            .map(Duration::from_secs);
+            .and_then(|value| parse_retry_after(value, std::time::SystemTime::now()));
         let body = read_body(response).await?;
         classify(status, &body, retry_after, self.settings.default_lifetime)
+            .map_err(|error| scrub(error, &self.settings.client_secret))
     }
 }
 
@@ -140,6 +141,43 @@ impl Source for OAuth2Source {
             "oauth2 client {:?} at {}",
             self.settings.client_id, self.settings.token_url
         )
+    }
+}
+
+/// `Retry-After` (RFC 9110 §10.2.3): delay-seconds or an HTTP-date.
+pub fn parse_retry_after(value: &str, now: std::time::SystemTime) -> Option<Duration> {
+    let value = value.trim();
+    if let Ok(seconds) = value.parse::<u64>() {
+        return Some(Duration::from_secs(seconds));
+    }
+    let at = httpdate::parse_http_date(value).ok()?;
+    Some(at.duration_since(now).unwrap_or(Duration::ZERO))
+}
+
+/// Removes the client secret (as sent, raw or form-encoded) from what the server said,
+/// in case it echoes submitted parameters back in `error_description`.
+fn scrub(error: FetchError, secret: &Secret) -> FetchError {
+    let clean = |text: String| {
+        let mut text = text;
+        for form in [secret.expose().to_string(), form_urlencode(secret.expose())] {
+            if !form.is_empty() {
+                text = text.replace(&form, "<redacted>");
+            }
+        }
+        text
+    };
+    match error {
+        FetchError::Configuration { reason, detail } => FetchError::Configuration {
+            reason: clean(reason),
+            detail: detail.map(clean),
+        },
+        FetchError::Transient {
+            reason,
+            retry_after,
+        } => FetchError::Transient {
+            reason: clean(reason),
+            retry_after,
+        },
     }
 }
 
@@ -230,23 +268,21 @@ pub fn classify(
                 .take(200)
                 .collect::<String>()
         });
-    let detail = match (&error_code, &description) {
-        (Some(code), Some(description)) => format!("{code}: {description}"),
-        (Some(code), None) => code.clone(),
-        (None, _) => "no OAuth error code".to_string(),
-    };
+    let code = error_code.unwrap_or_else(|| "no OAuth error code".to_string());
     match status {
         408 | 429 | 500..=599 => Err(FetchError::Transient {
-            reason: format!("token endpoint answered {status} ({detail})"),
+            reason: format!("token endpoint answered {status} ({code})"),
             retry_after,
         }),
         300..=399 => Err(FetchError::Configuration {
             reason: format!(
                 "token endpoint answered {status} (a redirect, not followed): check token_url"
             ),
+            detail: None,
         }),
         _ => Err(FetchError::Configuration {
-            reason: format!("token endpoint answered {status} ({detail})"),
+            reason: format!("token endpoint answered {status} ({code})"),
+            detail: description,
         }),
     }
 }
@@ -266,8 +302,10 @@ fn parse_success(json: Option<&Value>, default_lifetime: Duration) -> Result<Fet
         if !kind.eq_ignore_ascii_case("bearer") {
             return Err(FetchError::Configuration {
                 reason: format!(
-                    "token endpoint issued a {kind:?} token; only Bearer tokens are supported"
+                    "token endpoint issued a {:?} token; only Bearer tokens are supported",
+                    kind.chars().take(32).collect::<String>()
                 ),
+                detail: None,
             });
         }
     }
@@ -282,9 +320,10 @@ fn parse_success(json: Option<&Value>, default_lifetime: Duration) -> Result<Fet
         }
         Some(_) => return Err(unusable("expires_in is not a positive number")),
         None => super::jwt::claims(token, None)
-            .and_then(|claims| Some((claims.expires? - claims.issued?).max(0)))
+            .and_then(|claims| claims.expires?.checked_sub(claims.issued?))
+            .and_then(|seconds| u64::try_from(seconds).ok())
             .filter(|seconds| *seconds > 0)
-            .map(|seconds| Duration::from_secs(seconds as u64))
+            .map(|seconds| Duration::from_secs(seconds).min(super::schedule::MAX_SPAN))
             .unwrap_or(default_lifetime),
     };
     let granted_scopes = json
@@ -348,10 +387,19 @@ mod tests {
             DAY,
         )
         .unwrap_err();
-        assert!(
-            error.to_string().contains("invalid_scope: org mismatch"),
-            "{error}"
+        assert_eq!(
+            error.to_string(),
+            "token endpoint answered 400 (invalid_scope) (org mismatch)"
         );
+        // Detail that varies per attempt does not make a new state.
+        let again = classify(
+            400,
+            br#"{"error":"invalid_scope","error_description":"trace 2"}"#,
+            None,
+            DAY,
+        )
+        .unwrap_err();
+        assert_eq!(error.state_key(), again.state_key());
         assert_eq!(
             classify(302, b"", None, DAY).unwrap_err().class(),
             "configuration"
@@ -384,6 +432,58 @@ mod tests {
                 "transient"
             );
         }
+    }
+
+    #[test]
+    fn echoed_secret_is_scrubbed_from_the_description() {
+        let secret = Secret::new("p@ss word");
+        let body = br#"{"error":"invalid_client","error_description":"bad secret p@ss word / p%40ss+word"}"#;
+        let error = scrub(classify(401, body, None, DAY).unwrap_err(), &secret);
+        let text = error.to_string();
+        assert!(
+            !text.contains("p@ss word") && !text.contains("p%40ss+word"),
+            "{text}"
+        );
+        assert!(text.contains("<redacted>"));
+    }
+
+    #[test]
+    fn retry_after_in_seconds_or_as_a_date() {
+        let now = std::time::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+        assert_eq!(
+            parse_retry_after(" 120 ", now),
+            Some(Duration::from_secs(120))
+        );
+        let later = httpdate::fmt_http_date(now + Duration::from_secs(90));
+        assert_eq!(
+            parse_retry_after(&later, now),
+            Some(Duration::from_secs(90))
+        );
+        let past = httpdate::fmt_http_date(now - Duration::from_secs(90));
+        assert_eq!(parse_retry_after(&past, now), Some(Duration::ZERO));
+        assert_eq!(parse_retry_after("soon", now), None);
+    }
+
+    #[test]
+    fn jwt_lifetime_without_expires_in_is_bounded() {
+        let token = crate::credentials::jwt::encode_unverified(
+            &serde_json::json!({"exp": i64::MAX, "iat": i64::MIN}),
+            "s",
+        );
+        let body = serde_json::json!({"access_token": token}).to_string();
+        assert_eq!(
+            classify(200, body.as_bytes(), None, DAY).unwrap().lifetime,
+            Some(DAY)
+        );
+        let token = crate::credentials::jwt::encode_unverified(
+            &serde_json::json!({"exp": i64::MAX, "iat": 0}),
+            "s",
+        );
+        let body = serde_json::json!({"access_token": token}).to_string();
+        assert_eq!(
+            classify(200, body.as_bytes(), None, DAY).unwrap().lifetime,
+            Some(super::super::schedule::MAX_SPAN)
+        );
     }
 
     #[test]

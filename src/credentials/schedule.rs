@@ -13,8 +13,17 @@
 
 use std::time::{Duration, Instant};
 
-/// The smallest retry delay, so full jitter never turns into a busy loop.
+/// The smallest delay between attempts, so no combination of jitter, configuration or
+/// token lifetime turns the refresher into a busy loop.
 pub const MIN_RETRY: Duration = Duration::from_millis(100);
+
+/// The longest lifetime or delay the schedule works with: far beyond any real token,
+/// and far from `Instant` overflow.
+pub const MAX_SPAN: Duration = Duration::from_secs(366 * 24 * 3600);
+
+/// The share of the lifetime `refresh_buffer` may take before it stops being honoured:
+/// a buffer of 95 % of a 10 s token would mean a refresh every 0.5 s.
+const MAX_BUFFER_SHARE: f64 = 0.9;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RefreshPolicy {
@@ -50,28 +59,29 @@ pub enum Failure {
 impl RefreshPolicy {
     /// When to refresh a credential obtained at `obtained` that expires at `expires`;
     /// `jitter` is uniform in [0, 1). The point is 50–60 % into the lifetime, pulled
-    /// earlier to `expires - refresh_buffer` when that comes first. When the buffer is
-    /// more than half the lifetime it cannot be honoured sensibly and the 50–60 % point
-    /// stands (see [`RefreshPolicy::buffer_exceeds_half`]).
+    /// earlier to `expires - refresh_buffer` when that comes first. A buffer of more than
+    /// 90 % of the lifetime cannot be honoured sensibly (it would refresh almost at once,
+    /// again and again), so then the 50–60 % point stands (see
+    /// [`RefreshPolicy::buffer_too_long`]). Never sooner than [`MIN_RETRY`].
     pub fn refresh_at(&self, obtained: Instant, expires: Instant, jitter: f64) -> Instant {
-        let lifetime = expires.saturating_duration_since(obtained);
+        let lifetime = expires.saturating_duration_since(obtained).min(MAX_SPAN);
         let fraction = 0.5 + 0.1 * jitter.clamp(0.0, 1.0);
-        let point = obtained + lifetime.mul_f64(fraction);
-        if self.buffer_exceeds_half(lifetime) {
-            return point;
+        let mut at = obtained + lifetime.mul_f64(fraction);
+        if !self.buffer_too_long(lifetime) {
+            at = at.min(obtained + (lifetime - self.refresh_buffer));
         }
-        point.min(expires - self.refresh_buffer)
+        at.max(obtained + MIN_RETRY)
     }
 
-    pub fn buffer_exceeds_half(&self, lifetime: Duration) -> bool {
-        self.refresh_buffer.saturating_mul(2) > lifetime
+    pub fn buffer_too_long(&self, lifetime: Duration) -> bool {
+        self.refresh_buffer > lifetime.mul_f64(MAX_BUFFER_SHARE)
     }
 
     /// The delay before the next attempt after `consecutive` failures (1 for the first),
     /// `jitter` uniform in [0, 1).
     pub fn retry_delay(&self, failure: Failure, consecutive: u32, jitter: f64) -> Duration {
         match failure {
-            Failure::Configuration => self.slow_retry,
+            Failure::Configuration => self.slow_retry.clamp(MIN_RETRY, MAX_SPAN),
             Failure::Transient { retry_after } => {
                 let exponent = consecutive.saturating_sub(1).min(30);
                 let ceiling = self
@@ -79,10 +89,11 @@ impl RefreshPolicy {
                     .saturating_mul(1u32 << exponent)
                     .min(self.backoff_max);
                 let delay = ceiling.mul_f64(jitter.clamp(0.0, 1.0)).max(MIN_RETRY);
-                match retry_after {
+                let delay = match retry_after {
                     Some(asked) => delay.max(asked.min(self.slow_retry)),
                     None => delay,
-                }
+                };
+                delay.min(MAX_SPAN)
             }
         }
     }
@@ -153,19 +164,52 @@ mod tests {
             policy.refresh_at(start, start + secs(100), 0.9),
             start + secs(55)
         );
+        // A 20 s token with a 15 s buffer refreshes at 5 s, not at the 10-12 s point.
+        let policy = RefreshPolicy::default();
+        assert_eq!(
+            policy.refresh_at(start, start + secs(20), 0.5),
+            start + secs(5)
+        );
     }
 
     #[test]
-    fn buffer_longer_than_half_the_lifetime_keeps_the_proportional_point() {
+    fn buffer_longer_than_the_lifetime_keeps_the_proportional_point() {
         // A 10 s token with the default 15 s buffer: refreshing at "expiry - 15 s" would be
         // before it was even issued, so the 50-60 % point is used.
         let policy = RefreshPolicy::default();
         let start = Instant::now();
-        assert!(policy.buffer_exceeds_half(secs(10)));
+        assert!(policy.buffer_too_long(secs(10)));
+        assert!(!policy.buffer_too_long(secs(17)));
         assert_eq!(
             policy.refresh_at(start, start + secs(10), 0.0),
             start + secs(5)
         );
+    }
+
+    #[test]
+    fn degenerate_inputs_never_give_a_busy_loop_or_an_overflow() {
+        let start = Instant::now();
+        let policy = RefreshPolicy {
+            slow_retry: Duration::ZERO,
+            backoff_initial: Duration::ZERO,
+            ..RefreshPolicy::default()
+        };
+        assert_eq!(
+            policy.retry_delay(Failure::Configuration, 1, 0.0),
+            MIN_RETRY
+        );
+        assert_eq!(
+            policy.retry_delay(Failure::Transient { retry_after: None }, 1, 0.0),
+            MIN_RETRY
+        );
+        // An already expired or instant-lifetime token: not before MIN_RETRY.
+        assert_eq!(policy.refresh_at(start, start, 0.5), start + MIN_RETRY);
+        let huge = RefreshPolicy {
+            slow_retry: Duration::MAX,
+            ..RefreshPolicy::default()
+        };
+        assert_eq!(huge.retry_delay(Failure::Configuration, 1, 0.0), MAX_SPAN);
+        let _ = start + huge.retry_delay(Failure::Configuration, 1, 0.0);
     }
 
     #[test]
