@@ -1,0 +1,130 @@
+//! The `byoc-sidecar` binary as an operator runs it: `check` exit codes and messages,
+//! and `run` stopping cleanly on SIGTERM and SIGINT.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+const BINARY: &str = env!("CARGO_BIN_EXE_byoc-sidecar");
+
+fn write_config(dir: &tempfile::TempDir, text: &str) -> std::path::PathBuf {
+    let path = dir.path().join("sidecar.toml");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+fn loopback_config() -> String {
+    common::Sidecar::config("udp:127.0.0.1:9", "udp:127.0.0.1:9", "")
+}
+
+#[test]
+fn check_exits_0_on_the_example_and_64_listing_every_problem() {
+    let example = Command::new(BINARY)
+        .args(["check", "--config"])
+        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/config/sidecar.toml"))
+        .output()
+        .unwrap();
+    assert_eq!(
+        example.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&example.stderr)
+    );
+    assert!(String::from_utf8_lossy(&example.stdout).contains("valid"));
+
+    let dir = tempfile::tempdir().unwrap();
+    let broken = loopback_config()
+        .replace("[sip]\n", "[sip]\nt1 = \"soon\"\nmax_message_size = 1\n")
+        .replace("core = \"udp:127.0.0.1:9\"", "core = \"sctp:127.0.0.1:9\"");
+    let output = Command::new(BINARY)
+        .args(["check", "--config"])
+        .arg(write_config(&dir, &broken))
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(64));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    for key in ["sip.t1", "sip.max_message_size", "trunk \"test\".core"] {
+        assert!(stderr.contains(key), "{key} missing from:\n{stderr}");
+    }
+    assert!(stderr.contains("3 problem(s)"), "{stderr}");
+
+    let syntax = Command::new(BINARY)
+        .args(["check", "--config"])
+        .arg(write_config(&dir, "[edge\n"))
+        .output()
+        .unwrap();
+    assert_eq!(syntax.status.code(), Some(64));
+    let missing = Command::new(BINARY)
+        .args(["check", "--config", "/nonexistent/sidecar.toml"])
+        .output()
+        .unwrap();
+    assert_eq!(missing.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("/nonexistent/sidecar.toml"));
+}
+
+/// Starts `run`, waits for "proxy started", sends `signal`, and expects exit code 0.
+fn stops_cleanly_on(signal: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(&dir, &loopback_config());
+    let mut child = Command::new(BINARY)
+        .args(["run", "--config"])
+        .arg(&config)
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let mut lines = BufReader::new(stderr).lines();
+    let started = lines
+        .by_ref()
+        .map_while(Result::ok)
+        .any(|line| line.contains("proxy started"));
+    assert!(started, "the proxy never said it started");
+    let status = Command::new("kill")
+        .args(["-s", signal, &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let rest: Vec<String> = lines.map_while(Result::ok).collect();
+    // Up to 10 s in 20 ms steps (a bound on the test, not a timing assertion).
+    let mut exit = None;
+    for _ in 0..500 {
+        exit = child.try_wait().unwrap();
+        if exit.is_some() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let exit = exit.unwrap_or_else(|| panic!("still running 10 s after {signal}"));
+    assert_eq!(
+        exit.code(),
+        Some(0),
+        "exit after {signal}; log:\n{}",
+        rest.join("\n")
+    );
+    assert!(
+        rest.iter().any(|line| line.contains("shutting down")),
+        "{rest:?}"
+    );
+    assert!(
+        !rest
+            .iter()
+            .any(|line| line.contains("still running at the shutdown deadline")),
+        "{rest:?}"
+    );
+}
+
+#[test]
+fn run_stops_cleanly_on_sigterm() {
+    stops_cleanly_on("TERM");
+}
+
+#[test]
+fn run_stops_cleanly_on_sigint() {
+    stops_cleanly_on("INT");
+}
