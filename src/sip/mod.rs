@@ -6,6 +6,7 @@
 //! whole module is tested in virtual time with plain `#[test]`s.
 
 pub mod auth;
+pub mod dialog;
 pub mod framing;
 pub mod header;
 pub mod message;

@@ -1,0 +1,241 @@
+//! Dialog CSeq offsets (DESIGN.md item 6), pure.
+//!
+//! When the proxy re-sends a request toward the core with fresh credentials, the new
+//! request carries CSeq + 1, so from then on the core counts the dialog's CSeq higher than
+//! the Edge does. This table remembers, per dialog, by how much: later Edge -> core
+//! requests of the dialog (ACK for 2xx, BYE, re-INVITE, UPDATE, INFO, PRACK) are shifted
+//! up by it, and what goes back to the Edge carries the Edge's own numbers. Requests from
+//! the core to the Edge use the core's own CSeq space and are untouched.
+//!
+//! The table is bounded; a dialog is forgotten when it has been idle for `idle`, or
+//! `linger` after it ended (long enough for retransmissions of the ending request).
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+/// A dialog as the Edge side knows it: the Call-ID and the Edge's own tag.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct DialogKey {
+    pub call_id: String,
+    pub edge_tag: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct DialogState {
+    offset: u32,
+    forget_at: Instant,
+    ended: bool,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum DialogError {
+    #[error("dialog table is full ({capacity} dialogs)")]
+    Full { capacity: usize },
+    #[error("CSeq {cseq} shifted by {offset} leaves the 31-bit range of RFC 3261 §8.1.1.5")]
+    OutOfRange { cseq: u32, offset: u32 },
+}
+
+/// The largest CSeq RFC 3261 §8.1.1.5 allows (it must stay below 2^31).
+pub const MAX_CSEQ: u32 = (1 << 31) - 1;
+
+#[derive(Debug)]
+pub struct DialogTable {
+    dialogs: HashMap<DialogKey, DialogState>,
+    capacity: usize,
+    idle: Duration,
+    linger: Duration,
+}
+
+impl DialogTable {
+    pub fn new(capacity: usize, idle: Duration, linger: Duration) -> Self {
+        Self {
+            dialogs: HashMap::new(),
+            capacity,
+            idle,
+            linger,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.dialogs.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.dialogs.is_empty()
+    }
+
+    /// A re-send raised the core's CSeq for this dialog by `by`; returns the dialog's
+    /// total offset.
+    pub fn add_offset(
+        &mut self,
+        now: Instant,
+        key: &DialogKey,
+        by: u32,
+    ) -> Result<u32, DialogError> {
+        if !self.dialogs.contains_key(key) && self.dialogs.len() >= self.capacity {
+            self.expire(now);
+            if self.dialogs.len() >= self.capacity {
+                return Err(DialogError::Full {
+                    capacity: self.capacity,
+                });
+            }
+        }
+        let idle = self.idle;
+        let state = self.dialogs.entry(key.clone()).or_insert(DialogState {
+            offset: 0,
+            forget_at: now + idle,
+            ended: false,
+        });
+        state.offset = state.offset.saturating_add(by);
+        if !state.ended {
+            state.forget_at = now + idle;
+        }
+        Ok(state.offset)
+    }
+
+    /// The offset of a dialog (0 when it has none); a known dialog counts as active.
+    pub fn offset(&mut self, now: Instant, key: &DialogKey) -> u32 {
+        let idle = self.idle;
+        match self.dialogs.get_mut(key) {
+            Some(state) => {
+                if !state.ended {
+                    state.forget_at = now + idle;
+                }
+                state.offset
+            }
+            None => 0,
+        }
+    }
+
+    /// The CSeq toward the core for an Edge request of this dialog.
+    pub fn shift_up(
+        &mut self,
+        now: Instant,
+        key: &DialogKey,
+        cseq: u32,
+    ) -> Result<u32, DialogError> {
+        let offset = self.offset(now, key);
+        cseq.checked_add(offset)
+            .filter(|shifted| *shifted <= MAX_CSEQ)
+            .ok_or(DialogError::OutOfRange { cseq, offset })
+    }
+
+    /// The dialog ended (its BYE was answered): forget it `linger` from now.
+    pub fn end(&mut self, now: Instant, key: &DialogKey) {
+        if let Some(state) = self.dialogs.get_mut(key) {
+            state.ended = true;
+            state.forget_at = now + self.linger;
+        }
+    }
+
+    /// Forgets idle and ended dialogs whose time is up; returns how many.
+    pub fn expire(&mut self, now: Instant) -> usize {
+        let before = self.dialogs.len();
+        self.dialogs.retain(|_, state| state.forget_at > now);
+        before - self.dialogs.len()
+    }
+
+    /// When the next dialog is due to be forgotten.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        self.dialogs.values().map(|state| state.forget_at).min()
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::disallowed_methods)] // tests start their virtual clock at a real Instant
+mod tests {
+    use super::*;
+
+    fn key(call_id: &str) -> DialogKey {
+        DialogKey {
+            call_id: call_id.into(),
+            edge_tag: "edge-tag".into(),
+        }
+    }
+
+    fn table() -> DialogTable {
+        DialogTable::new(2, Duration::from_secs(3600), Duration::from_secs(32))
+    }
+
+    #[test]
+    fn offsets_accumulate_and_shift_later_requests() {
+        let now = Instant::now();
+        let mut dialogs = table();
+        assert_eq!(
+            dialogs.shift_up(now, &key("a"), 2).unwrap(),
+            2,
+            "unknown dialog: unshifted"
+        );
+        assert_eq!(dialogs.add_offset(now, &key("a"), 1).unwrap(), 1);
+        // The BYE the Edge numbers 2 goes to the core as 3.
+        assert_eq!(dialogs.shift_up(now, &key("a"), 2).unwrap(), 3);
+        // A rejected re-INVITE re-sent again raises it further.
+        assert_eq!(dialogs.add_offset(now, &key("a"), 1).unwrap(), 2);
+        assert_eq!(dialogs.shift_up(now, &key("a"), 3).unwrap(), 5);
+        // Another dialog with the same Call-ID but another Edge tag is another dialog.
+        let other = DialogKey {
+            call_id: "a".into(),
+            edge_tag: "other".into(),
+        };
+        assert_eq!(dialogs.shift_up(now, &other, 3).unwrap(), 3);
+    }
+
+    #[test]
+    fn cseq_stays_within_31_bits() {
+        let now = Instant::now();
+        let mut dialogs = table();
+        dialogs.add_offset(now, &key("a"), 1).unwrap();
+        assert_eq!(
+            dialogs.shift_up(now, &key("a"), MAX_CSEQ),
+            Err(DialogError::OutOfRange {
+                cseq: MAX_CSEQ,
+                offset: 1
+            })
+        );
+    }
+
+    #[test]
+    fn table_is_bounded_and_expired_dialogs_make_room() {
+        let now = Instant::now();
+        let mut dialogs = table();
+        dialogs.add_offset(now, &key("a"), 1).unwrap();
+        dialogs.add_offset(now, &key("b"), 1).unwrap();
+        assert_eq!(
+            dialogs.add_offset(now, &key("c"), 1),
+            Err(DialogError::Full { capacity: 2 })
+        );
+        // An existing dialog can still grow.
+        assert_eq!(dialogs.add_offset(now, &key("a"), 1), Ok(2));
+        dialogs.end(now, &key("b"));
+        let later = now + Duration::from_secs(32);
+        assert_eq!(
+            dialogs.add_offset(later, &key("c"), 1),
+            Ok(1),
+            "b was forgotten after linger"
+        );
+        assert_eq!(dialogs.len(), 2);
+    }
+
+    #[test]
+    fn ended_dialogs_linger_then_go_and_idle_ones_expire() {
+        let now = Instant::now();
+        let mut dialogs = table();
+        dialogs.add_offset(now, &key("a"), 1).unwrap();
+        dialogs.add_offset(now, &key("b"), 1).unwrap();
+        dialogs.end(now, &key("a"));
+        // A retransmitted BYE during the linger still gets the offset.
+        assert_eq!(
+            dialogs
+                .shift_up(now + Duration::from_secs(10), &key("a"), 2)
+                .unwrap(),
+            3
+        );
+        assert_eq!(dialogs.poll_timeout(), Some(now + Duration::from_secs(32)));
+        assert_eq!(dialogs.expire(now + Duration::from_secs(32)), 1);
+        // b stays while used; once idle for an hour it goes.
+        dialogs.offset(now + Duration::from_secs(1800), &key("b"));
+        assert_eq!(dialogs.expire(now + Duration::from_secs(3600)), 0);
+        assert_eq!(dialogs.expire(now + Duration::from_secs(5400)), 1);
+        assert!(dialogs.is_empty());
+    }
+}
