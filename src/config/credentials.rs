@@ -292,12 +292,7 @@ impl CredentialsConfig {
                 DAY,
             ),
         ] {
-            if value < low || value > high {
-                problems.add(
-                    &key(name),
-                    format!("{value:?} is outside {low:?}..={high:?}"),
-                );
-            }
+            problems.within(&key(name), value, low, high);
         }
         let secret = |problems: &mut Problems,
                       file: &Option<PathBuf>,
@@ -397,12 +392,7 @@ impl CredentialsConfig {
                         MAX_LIFETIME,
                     ),
                 ] {
-                    if value < low || value > high {
-                        problems.add(
-                            &key(name),
-                            format!("{value:?} is outside {low:?}..={high:?}"),
-                        );
-                    }
+                    problems.within(&key(name), value, low, high);
                 }
                 SourceSettings::OAuth2 {
                     token_url: token_url.unwrap_or_default(),
@@ -478,12 +468,12 @@ impl CredentialsConfig {
                     &self.lifetime,
                     Duration::from_secs(3600),
                 );
-                if lifetime < Duration::from_secs(2) || lifetime > MAX_LIFETIME {
-                    problems.add(
-                        &key("lifetime"),
-                        format!("{lifetime:?} is outside 2s..={MAX_LIFETIME:?}"),
-                    );
-                }
+                problems.within(
+                    &key("lifetime"),
+                    lifetime,
+                    Duration::from_secs(2),
+                    MAX_LIFETIME,
+                );
                 SourceSettings::Ephemeral {
                     user: user.unwrap_or_default(),
                     secret: secret.unwrap_or_else(|| Secret::new("")),

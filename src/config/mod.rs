@@ -327,9 +327,7 @@ impl Config {
                 Duration::from_secs(3600),
             ),
         ] {
-            if value < low || value > high {
-                problems.add(key, format!("{value:?} is outside {low:?}..={high:?}"));
-            }
+            problems.within(key, value, low, high);
         }
         if t2 < t1 {
             problems.add("sip.t2", format!("{t2:?} is less than sip.t1 ({t1:?})"));
@@ -514,6 +512,13 @@ impl Problems {
             key: key.to_string(),
             message,
         });
+    }
+
+    /// Reports `value` when it lies outside `low..=high`.
+    fn within(&mut self, key: &str, value: Duration, low: Duration, high: Duration) {
+        if value < low || value > high {
+            self.add(key, format!("{value:?} is outside {low:?}..={high:?}"));
+        }
     }
 
     fn duration(&mut self, key: &str, text: &str) -> Option<Duration> {
