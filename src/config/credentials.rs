@@ -100,6 +100,18 @@ pub enum SourceSettings {
 }
 
 impl SourceSettings {
+    /// Whether the source produces a bearer token (rather than a username and password).
+    pub fn yields_token(&self) -> bool {
+        match self {
+            SourceSettings::OAuth2 { .. } => true,
+            SourceSettings::File { format, .. } => *format == FileFormat::Token,
+            SourceSettings::Ephemeral { .. } => false,
+            SourceSettings::Static { value } => {
+                matches!(value, crate::credentials::CredentialValue::Token(_))
+            }
+        }
+    }
+
     /// The configured `kind`.
     pub fn kind(&self) -> &'static str {
         match self {

@@ -155,9 +155,23 @@ pub struct TrunkConfig {
     pub edge: String,
     /// Where this trunk's requests from the Edge go.
     pub core: String,
+    /// How the trunk authenticates toward the core: `none` (the default: requests pass
+    /// as the Edge sent them) or `bearer` (RFC 8898, from the trunk's credentials).
+    #[serde(default)]
+    pub auth: Option<String>,
     /// The credentials this trunk presents to the core.
     #[serde(default)]
     pub credentials: Option<CredentialsConfig>,
+}
+
+/// How a trunk authenticates toward the core.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuthMode {
+    /// Requests pass with whatever the Edge put in them.
+    None,
+    /// `Authorization: Bearer <token>` on every request toward the core (RFC 8898); an
+    /// `Authorization` or `Proxy-Authorization` from the Edge is replaced.
+    Bearer,
 }
 
 /// Which Edge traffic a trunk serves. All given criteria must hold; a trunk with none
@@ -209,6 +223,7 @@ pub struct Trunk {
     pub port: Option<u16>,
     pub edge: Endpoint,
     pub core: Endpoint,
+    pub auth: AuthMode,
     pub credentials: Option<CredentialSettings>,
 }
 
@@ -424,8 +439,37 @@ impl Config {
                 .credentials
                 .as_ref()
                 .and_then(|credentials| credentials.validate(&label, problems));
+            let auth = match raw.auth.as_deref().unwrap_or("none") {
+                "none" => AuthMode::None,
+                "bearer" => AuthMode::Bearer,
+                "digest" => {
+                    problems.add(
+                        &format!("{label}.auth"),
+                        "\"digest\" is not supported yet (it arrives with answering challenges); use \"bearer\" or \"none\"".into(),
+                    );
+                    AuthMode::None
+                }
+                other => {
+                    problems.add(
+                        &format!("{label}.auth"),
+                        format!("{other:?} is neither \"none\" nor \"bearer\""),
+                    );
+                    AuthMode::None
+                }
+            };
+            if auth == AuthMode::Bearer {
+                match &raw.credentials {
+                    None => problems.add(&format!("{label}.auth"), "\"bearer\" needs a [trunk.credentials] table".into()),
+                    Some(_) if credentials.as_ref().is_some_and(|settings| !settings.source.yields_token()) => problems.add(
+                        &format!("{label}.auth"),
+                        "\"bearer\" needs credentials that are a token (oauth2, file with format = \"token\", or static token_file/token_env)".into(),
+                    ),
+                    Some(_) => {}
+                }
+            }
             if let (Some(edge), Some(core)) = (edge_endpoint, core_endpoint) {
                 trunks.push(Trunk {
+                    auth,
                     credentials,
                     name: raw.name.clone(),
                     sources,

@@ -295,3 +295,42 @@ fn keys_of(text: &str) -> Vec<String> {
         .map(|problem| problem.key)
         .collect()
 }
+
+#[test]
+fn auth_modes_need_matching_credentials() {
+    let base = VALID.replacen(
+        "core = \"udp:127.0.0.1:5090\"\n",
+        "core = \"udp:127.0.0.1:5090\"\nauth = \"AUTH\"\n",
+        1,
+    );
+    let auth = |mode: &str| base.replace("AUTH", mode);
+    assert_eq!(
+        keys_of(&auth("bearer")),
+        vec!["trunk \"org-a\".auth"],
+        "bearer without credentials"
+    );
+    assert_eq!(
+        keys_of(&auth("digest")),
+        vec!["trunk \"org-a\".auth"],
+        "digest is not there yet"
+    );
+    assert_eq!(keys_of(&auth("magic")), vec!["trunk \"org-a\".auth"]);
+    let ephemeral = format!(
+        "{}\n[trunk.credentials]\nkind = \"ephemeral\"\nuser = \"u\"\nsecret_env = \"PATH\"\n",
+        auth("bearer")
+            .split("[[trunk]]\nname = \"org-b\"")
+            .next()
+            .unwrap()
+    );
+    let found = problems(&format!("{ephemeral}\n[[trunk]]\nname = \"org-b\"\nedge = \"tcp:127.0.0.3:5080\"\ncore = \"udp:core.example:5090\"\n"));
+    assert_eq!(
+        keys(&found),
+        vec!["trunk \"org-a\".auth"],
+        "bearer needs a token: {found:?}"
+    );
+    let settings = Config::from_toml(&auth("none"), "t")
+        .unwrap()
+        .validate()
+        .unwrap();
+    assert_eq!(settings.trunks[0].auth, AuthMode::None);
+}

@@ -56,6 +56,9 @@ pub fn transaction_span(
     span
 }
 
+/// The Record-Route URI parameter that carries the trunk of a dialog.
+pub const TRUNK_PARAM: &str = "bsct";
+
 pub fn new_branch() -> String {
     format!("{OWN_BRANCH_PREFIX}{:016x}", rand::random::<u64>())
 }
@@ -91,13 +94,19 @@ impl SideIo {
         }
     }
 
-    /// `sip:host:port;lr` (with `transport=tcp` for TCP) for Record-Route.
-    pub fn record_route_uri(&self, transport: Transport) -> Option<String> {
+    /// `sip:host:port;lr` (with `transport=tcp` for TCP) for Record-Route, with the
+    /// trunk's index in a [`TRUNK_PARAM`] parameter when the trunk is known, so that
+    /// in-dialog requests, which come back with this URI in their Route, find it again.
+    pub fn record_route_uri(&self, transport: Transport, trunk: Option<usize>) -> Option<String> {
         let port = self.port(transport)?;
-        Some(match transport {
+        let mut uri = match transport {
             Transport::Udp => format!("sip:{}:{port};lr", self.advertise),
             Transport::Tcp => format!("sip:{}:{port};transport=tcp;lr", self.advertise),
-        })
+        };
+        if let Some(trunk) = trunk {
+            uri.push_str(&format!(";{TRUNK_PARAM}={trunk}"));
+        }
+        Some(uri)
     }
 
     fn udp_socket(&self, local: Option<SocketAddr>, to: SocketAddr) -> Option<&Arc<UdpSocket>> {

@@ -84,9 +84,13 @@ impl App {
         let trunks: Vec<RoutedTrunk> = settings
             .trunks
             .iter()
-            .filter_map(|trunk| {
+            .enumerate()
+            .filter_map(|(index, trunk)| {
                 Some(RoutedTrunk {
+                    index,
                     name: trunk.name.as_str().into(),
+                    auth: trunk.auth,
+                    credentials: credentials.get(&trunk.name).cloned(),
                     sources: trunk.sources.clone(),
                     domain: trunk.domain.clone(),
                     port: trunk.port,

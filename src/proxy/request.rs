@@ -7,9 +7,10 @@ use std::sync::Arc;
 
 use rsip::{Method, Request};
 
-use super::engine::{new_branch, now, Destination, Engine, Entry};
+use super::engine::{new_branch, now, Destination, Engine, Entry, TRUNK_PARAM};
 use super::routing::{Hop, RouteError};
-use crate::config::Transport;
+use crate::config::{AuthMode, Transport};
+use crate::credentials::CredentialValue;
 use crate::sip::message;
 use crate::sip::transaction::{ServerKey, ServerTransaction};
 use crate::sip::via::Via;
@@ -245,15 +246,17 @@ impl Engine {
             max_forwards.map_or(70, |value| value - 1),
         );
         let out_side = source.side.opposite();
-        let (hop, trunk) = self.next_hop(source, &mut request, out_side)?;
+        let (hop, trunk_index) = self.next_hop(source, &mut request, out_side)?;
+        let trunk = trunk_index.and_then(|index| self.router.trunk(index));
+        self.apply_credentials(&mut request, out_side, trunk)?;
         let inbound = self.side(source.side);
         let outbound = self.side(out_side);
         if creates_dialog(&request) {
             // Two entries, one per side (the core sees the top one, the Edge the other), so
             // in-dialog requests from either end come back through the right socket.
             if let (Some(inner), Some(outer)) = (
-                inbound.record_route_uri(source.transport),
-                outbound.record_route_uri(hop.transport),
+                inbound.record_route_uri(source.transport, trunk_index),
+                outbound.record_route_uri(hop.transport, trunk_index),
             ) {
                 message::push_record_route(&mut request.headers, &inner);
                 message::push_record_route(&mut request.headers, &outer);
@@ -283,8 +286,57 @@ impl Engine {
                 addr: hop.addr,
                 local: None,
             },
-            trunk,
+            trunk: trunk.map(|trunk| trunk.name.clone()),
         })
+    }
+
+    /// Credentials go toward the core only, and only the trunk's own (DESIGN.md item 5):
+    /// on a `bearer` trunk whatever the Edge put in `Authorization` or
+    /// `Proxy-Authorization` is replaced by the trunk's current token; toward the Edge
+    /// both headers are removed. Without a valid token the request is refused with 503
+    /// rather than sent unauthenticated or with an expired token.
+    fn apply_credentials(
+        &self,
+        request: &mut Request,
+        out_side: Side,
+        trunk: Option<&super::routing::RoutedTrunk>,
+    ) -> Result<(), Rejection> {
+        let strip = |request: &mut Request| {
+            request.headers.retain(|header| {
+                !matches!(
+                    header,
+                    rsip::Header::Authorization(_) | rsip::Header::ProxyAuthorization(_)
+                )
+            })
+        };
+        let Some(trunk) = trunk.filter(|_| out_side == Side::Core) else {
+            if out_side == Side::Edge {
+                strip(request);
+            }
+            return Ok(());
+        };
+        if trunk.auth != AuthMode::Bearer {
+            return Ok(());
+        }
+        strip(request);
+        let credential = trunk
+            .credentials
+            .as_ref()
+            .and_then(|manager| manager.current())
+            .ok_or_else(|| {
+                Rejection::new(503, format!("trunk {} has no valid credential", trunk.name))
+            })?;
+        let CredentialValue::Token(token) = &credential.value else {
+            return Err(Rejection::new(
+                503,
+                format!("trunk {} has no token", trunk.name),
+            ));
+        };
+        request.headers.push(rsip::Header::Authorization(
+            format!("Bearer {}", token.expose()).into(),
+        ));
+        tracing::debug!(trunk = %trunk.name, generation = credential.generation, fingerprint = %credential.fingerprint, "bearer credential attached");
+        Ok(())
     }
 
     /// Route processing (§16.4) and target selection: a remaining Route wins; a request
@@ -296,7 +348,7 @@ impl Engine {
         source: Source,
         request: &mut Request,
         out_side: Side,
-    ) -> Result<(Hop, Option<Arc<str>>), Rejection> {
+    ) -> Result<(Hop, Option<usize>), Rejection> {
         let mut routes = message::routes(&request.headers);
         let original_count = routes.len();
         // A strict-routing previous hop put our URI in the Request-URI: restore it.
@@ -307,9 +359,11 @@ impl Engine {
             }
         }
         let mut removed_own = false;
+        let mut dialog_trunk = None;
         while let Some(first) = routes.first() {
             match message::route_uri(first) {
                 Ok(uri) if self.router.is_own(&uri) => {
+                    dialog_trunk = dialog_trunk.or_else(|| self.trunk_of_route(first));
                     routes.remove(0);
                     removed_own = true;
                 }
@@ -323,10 +377,13 @@ impl Engine {
         if let Some(first) = routes.first() {
             let uri = message::route_uri(first)
                 .map_err(|error| Rejection::new(400, error.to_string()))?;
-            return Ok((self.router.hop_for_uri(&uri, out_side)?, None));
+            return Ok((self.router.hop_for_uri(&uri, out_side)?, dialog_trunk));
         }
         if removed_own {
-            return Ok((self.router.hop_for_uri(&request.uri, out_side)?, None));
+            return Ok((
+                self.router.hop_for_uri(&request.uri, out_side)?,
+                dialog_trunk,
+            ));
         }
         let trunk = match source.side {
             Side::Edge => self.router.edge_trunk(
@@ -341,10 +398,17 @@ impl Engine {
             Side::Edge => trunk.core,
             Side::Core => trunk.edge,
         };
-        Ok((
-            self.router.checked(hop, out_side)?,
-            Some(trunk.name.clone()),
-        ))
+        Ok((self.router.checked(hop, out_side)?, Some(trunk.index)))
+    }
+
+    /// The trunk index our Record-Route wrote into a Route value, if it names a trunk.
+    fn trunk_of_route(&self, route: &str) -> Option<usize> {
+        let uri = crate::sip::header::name_addr_uri(route);
+        let params = &uri[uri.find(';')?..];
+        let index = crate::sip::header::param(params, TRUNK_PARAM)??
+            .parse::<usize>()
+            .ok()?;
+        self.router.trunk(index).map(|trunk| trunk.index)
     }
 
     /// §16.3 step 4: a request that already passed through this proxy (one of its Vias

@@ -15,7 +15,12 @@ use crate::transport::{canonical, AllowList, Side};
 /// A trunk with its addresses resolved.
 #[derive(Debug, Clone)]
 pub struct RoutedTrunk {
+    /// Position in the configuration; written into our Record-Route so in-dialog requests
+    /// find their trunk again.
+    pub index: usize,
     pub name: Arc<str>,
+    pub auth: crate::config::AuthMode,
+    pub credentials: Option<crate::credentials::CredentialManager>,
     pub sources: Vec<IpNet>,
     pub domain: Option<String>,
     pub port: Option<u16>,
@@ -117,6 +122,10 @@ impl Router {
 
     pub fn trunks(&self) -> &[RoutedTrunk] {
         &self.trunks
+    }
+
+    pub fn trunk(&self, index: usize) -> Option<&RoutedTrunk> {
+        self.trunks.get(index)
     }
 
     pub fn allow(&self, side: Side) -> &AllowList {
@@ -259,7 +268,10 @@ mod tests {
 
     fn router() -> Router {
         let trunk = |name: &str, sources: &[&str], domain: Option<&str>, core: &str| RoutedTrunk {
+            index: 0,
             name: name.into(),
+            auth: crate::config::AuthMode::None,
+            credentials: None,
             sources: sources.iter().map(|s| s.parse().unwrap()).collect(),
             domain: domain.map(str::to_string),
             port: None,

@@ -1,0 +1,182 @@
+//! RFC 8898 Bearer toward the core: every request of a `bearer` trunk, initial and
+//! in-dialog, carries the trunk's current token in place of whatever the Edge sent, no
+//! credential travels toward the Edge, and without a valid token nothing is sent.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use std::time::Duration;
+
+use byoc_sidecar::config::Transport;
+use byoc_sidecar::transport::Side;
+use common::raw::{header_values, invite, status, RawPeer};
+use common::Sidecar;
+use rsip::SipMessage;
+
+const WAIT: Duration = Duration::from_secs(5);
+
+fn bearer_config(core: std::net::SocketAddr, token_path: &std::path::Path) -> String {
+    format!(
+        "{}auth = \"bearer\"\n\n[trunk.credentials]\nkind = \"file\"\npath = \"{}\"\n",
+        Sidecar::config("udp:127.0.0.1:9", &format!("udp:{core}"), ""),
+        token_path.display()
+    )
+}
+
+async fn wait_for_generation(sidecar: &Sidecar, generation: u64) {
+    let manager = sidecar.app.credentials.get("test").unwrap();
+    for _ in 0..250 {
+        if manager.current().map(|credential| credential.generation) == Some(generation) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("generation {generation} never came");
+}
+
+fn split(values: Vec<String>) -> Vec<String> {
+    values
+        .iter()
+        .flat_map(|value| byoc_sidecar::sip::header::split_list(value))
+        .map(str::to_string)
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_request_toward_the_core_carries_the_current_token_and_nothing_goes_to_the_edge() {
+    let dir = tempfile::tempdir().unwrap();
+    let token_path = dir.path().join("token");
+    std::fs::write(&token_path, "bearer-token-one").unwrap();
+    let core = RawPeer::bind().await;
+    let sidecar = Sidecar::start_with(&bearer_config(core.addr, &token_path)).await;
+    wait_for_generation(&sidecar, 1).await;
+    let edge = RawPeer::bind().await;
+    let proxy = sidecar.addr(Side::Edge, Transport::Udp);
+
+    // The Edge sends credentials of its own; they must not reach the core.
+    let request = invite(edge.addr, proxy, "z9hG4bKbearer", "bearer@test").replace(
+        "Max-Forwards: 70\r\n",
+        "Max-Forwards: 70\r\nAuthorization: Digest username=\"edge\", response=\"x\"\r\nProxy-Authorization: Basic ZWRnZTpwdw==\r\n",
+    );
+    edge.send(&request, proxy).await;
+    let (forwarded, core_sidecar) = core.receive(WAIT, "INVITE at the core").await;
+    assert_eq!(
+        header_values(&forwarded, "Authorization"),
+        vec!["Bearer bearer-token-one"]
+    );
+    assert!(header_values(&forwarded, "Proxy-Authorization").is_empty());
+    let record_route = split(header_values(&forwarded, "Record-Route"));
+    assert_eq!(record_route.len(), 2);
+    assert!(
+        record_route.iter().all(|uri| uri.contains(";bsct=0")),
+        "{record_route:?}"
+    );
+
+    // The core answers 200 with the Record-Route echoed and its own Contact.
+    let mut ok = common::raw::answer(&forwarded, 200, "OK", "core-tag");
+    ok = ok.replace(
+        "Content-Length: 0\r\n",
+        &format!(
+            "Record-Route: {}\r\nContact: <sip:core@{}>\r\nContent-Length: 0\r\n",
+            record_route.join(", "),
+            core.addr
+        ),
+    );
+    core.send(&ok, core_sidecar).await;
+    let answer = loop {
+        let (response, _) = edge.receive(WAIT, "200 at the Edge").await;
+        if status(&response) == 200 {
+            break response;
+        }
+    };
+    assert!(header_values(&answer, "Authorization").is_empty());
+
+    let mut routes = split(header_values(&answer, "Record-Route"));
+    routes.reverse();
+    let to = header_values(&answer, "To")[0].clone();
+    let in_dialog = |method: &str, cseq: u32, branch: &str| {
+        format!(
+            "{method} sip:core@{} SIP/2.0\r\nVia: SIP/2.0/UDP {};branch={branch}\r\n\
+             From: <sip:edge@{}>;tag=edge-tag\r\nTo: {to}\r\nCall-ID: bearer@test\r\n\
+             CSeq: {cseq} {method}\r\nRoute: {}\r\nMax-Forwards: 70\r\nContent-Length: 0\r\n\r\n",
+            core.addr,
+            edge.addr,
+            edge.addr,
+            routes.join(", ")
+        )
+    };
+    edge.send(&in_dialog("ACK", 1, "z9hG4bKbearerack"), proxy)
+        .await;
+    let (ack, _) = core.receive(WAIT, "ACK at the core").await;
+    assert!(matches!(&ack, SipMessage::Request(request) if request.method == rsip::Method::Ack));
+    assert_eq!(
+        header_values(&ack, "Authorization"),
+        vec!["Bearer bearer-token-one"]
+    );
+
+    // A request from the core toward the Edge loses any credential on the way.
+    let core_routes = record_route.join(", ");
+    let info = format!(
+        "INFO sip:edge@{} SIP/2.0\r\nVia: SIP/2.0/UDP {};branch=z9hG4bKcoreinfo\r\n\
+         From: {to}\r\nTo: <sip:edge@{}>;tag=edge-tag\r\nCall-ID: bearer@test\r\nCSeq: 1 INFO\r\n\
+         Route: {core_routes}\r\nAuthorization: Bearer core-side-secret\r\nMax-Forwards: 70\r\nContent-Length: 0\r\n\r\n",
+        edge.addr, core.addr, edge.addr
+    );
+    core.send(&info, sidecar.addr(Side::Core, Transport::Udp))
+        .await;
+    let (info_at_edge, _) = edge.receive(WAIT, "INFO at the Edge").await;
+    assert!(
+        matches!(&info_at_edge, SipMessage::Request(request) if request.method == rsip::Method::Info)
+    );
+    assert!(
+        header_values(&info_at_edge, "Authorization").is_empty(),
+        "a credential reached the Edge"
+    );
+
+    // The token rotates; the BYE carries the new one.
+    std::fs::write(&token_path, "bearer-token-two").unwrap();
+    wait_for_generation(&sidecar, 2).await;
+    edge.send(&in_dialog("BYE", 2, "z9hG4bKbearerbye"), proxy)
+        .await;
+    let bye = loop {
+        let (message, _) = core.receive(WAIT, "BYE at the core").await;
+        if matches!(&message, SipMessage::Request(request) if request.method == rsip::Method::Bye) {
+            break message;
+        }
+    };
+    assert_eq!(
+        header_values(&bye, "Authorization"),
+        vec!["Bearer bearer-token-two"]
+    );
+    sidecar.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_valid_token_requests_get_503_and_nothing_reaches_the_core() {
+    let dir = tempfile::tempdir().unwrap();
+    let core = RawPeer::bind().await;
+    let sidecar = Sidecar::start_with(&bearer_config(core.addr, &dir.path().join("missing"))).await;
+    let edge = RawPeer::bind().await;
+    let proxy = sidecar.addr(Side::Edge, Transport::Udp);
+    edge.send(
+        &invite(edge.addr, proxy, "z9hG4bKnotoken", "notoken@test"),
+        proxy,
+    )
+    .await;
+    let mut codes = Vec::new();
+    while codes.last() != Some(&503) {
+        codes.push(status(&edge.receive(WAIT, "503").await.0));
+    }
+    assert_eq!(codes, vec![100, 503]);
+    let leaked = tokio::time::timeout(
+        Duration::from_millis(300),
+        core.socket.recv_from(&mut [0u8; 10]),
+    )
+    .await;
+    assert!(
+        leaked.is_err(),
+        "an unauthenticated request reached the core"
+    );
+    sidecar.stop().await;
+}
