@@ -63,6 +63,14 @@ counters! {
     client_timeouts,
     /// CANCELs forwarded to the core or Edge.
     cancels_forwarded,
+    /// 401/403 answers from the core kept from the Edge while a fresh credential is got.
+    rejections_absorbed,
+    /// Requests re-sent to the core with a newer credential.
+    resends,
+    /// Rejections passed on to the Edge because no newer credential could be had.
+    resends_impossible,
+    /// In-dialog requests whose CSeq could not be translated (dialog table full).
+    dialog_translation_failures,
     /// TCP connections accepted or opened.
     tcp_connections_opened,
     /// TCP connections refused because of tcp_max_connections.

@@ -180,3 +180,208 @@ async fn without_a_valid_token_requests_get_503_and_nothing_reaches_the_core() {
     );
     sidecar.stop().await;
 }
+
+// ---- one re-send with a fresh credential ---------------------------------------------
+
+fn cseq(message: &SipMessage) -> String {
+    header_values(message, "CSeq")[0].clone()
+}
+
+fn is_request(message: &SipMessage, method: rsip::Method) -> bool {
+    matches!(message, SipMessage::Request(request) if request.method == method)
+}
+
+/// The next request of `method` at `peer`, skipping others (ACKs for absorbed answers).
+async fn next_request(peer: &RawPeer, method: rsip::Method) -> (SipMessage, std::net::SocketAddr) {
+    loop {
+        let (message, from) = peer.receive(WAIT, "a request").await;
+        if is_request(&message, method) {
+            return (message, from);
+        }
+    }
+}
+
+/// The next final response at the Edge.
+async fn final_response(edge: &RawPeer) -> SipMessage {
+    loop {
+        let (message, _) = edge.receive(WAIT, "a final response").await;
+        if status(&message) >= 200 {
+            return message;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stale_token_403_is_retried_once_with_cseq_plus_one_and_the_dialog_is_translated() {
+    let dir = tempfile::tempdir().unwrap();
+    let token_path = dir.path().join("token");
+    std::fs::write(&token_path, "rotating-token-one").unwrap();
+    let core = RawPeer::bind().await;
+    let sidecar = Sidecar::start_with(&bearer_config(core.addr, &token_path)).await;
+    wait_for_generation(&sidecar, 1).await;
+    let edge = RawPeer::bind().await;
+    let proxy = sidecar.addr(Side::Edge, Transport::Udp);
+    edge.send(
+        &invite(edge.addr, proxy, "z9hG4bKstale", "stale@test"),
+        proxy,
+    )
+    .await;
+
+    let (first, from) = next_request(&core, rsip::Method::Invite).await;
+    assert_eq!(cseq(&first), "1 INVITE");
+    // The token rotated meanwhile and the core revoked the old one.
+    std::fs::write(&token_path, "rotating-token-two").unwrap();
+    core.send(
+        &common::raw::answer(&first, 403, "Forbidden", "core-tag"),
+        from,
+    )
+    .await;
+
+    let (second, from) = next_request(&core, rsip::Method::Invite).await;
+    assert_eq!(cseq(&second), "2 INVITE", "re-sent with CSeq + 1");
+    assert_eq!(
+        header_values(&second, "Authorization"),
+        vec!["Bearer rotating-token-two"]
+    );
+    assert_eq!(
+        header_values(&second, "Call-ID"),
+        header_values(&first, "Call-ID")
+    );
+    assert_eq!(
+        header_values(&second, "From"),
+        header_values(&first, "From")
+    );
+    let branch = |message: &SipMessage| {
+        byoc_sidecar::sip::message::top_via(rsip::message::HasHeaders::headers(message))
+            .unwrap()
+            .branch()
+            .unwrap()
+            .to_string()
+    };
+    assert_ne!(branch(&first), branch(&second), "a new client transaction");
+
+    let record_route = split(header_values(&second, "Record-Route"));
+    let ok = common::raw::answer(&second, 200, "OK", "core-tag").replace(
+        "Content-Length: 0\r\n",
+        &format!(
+            "Record-Route: {}\r\nContact: <sip:core@{}>\r\nContent-Length: 0\r\n",
+            record_route.join(", "),
+            core.addr
+        ),
+    );
+    core.send(&ok, from).await;
+    let answer = final_response(&edge).await;
+    assert_eq!(status(&answer), 200, "the Edge never sees the 403");
+    assert_eq!(cseq(&answer), "1 INVITE", "the Edge's own CSeq");
+
+    let mut routes = split(header_values(&answer, "Record-Route"));
+    routes.reverse();
+    let to = header_values(&answer, "To")[0].clone();
+    let in_dialog = |method: &str, number: u32, branch: &str| {
+        format!(
+            "{method} sip:core@{} SIP/2.0\r\nVia: SIP/2.0/UDP {};branch={branch}\r\n\
+             From: <sip:edge@{}>;tag=edge-tag\r\nTo: {to}\r\nCall-ID: stale@test\r\n\
+             CSeq: {number} {method}\r\nRoute: {}\r\nMax-Forwards: 70\r\nContent-Length: 0\r\n\r\n",
+            core.addr,
+            edge.addr,
+            edge.addr,
+            routes.join(", ")
+        )
+    };
+    edge.send(&in_dialog("ACK", 1, "z9hG4bKstaleack"), proxy)
+        .await;
+    let (ack, _) = next_request(&core, rsip::Method::Ack).await;
+    assert_eq!(
+        cseq(&ack),
+        "2 ACK",
+        "the ACK for the 2xx follows the INVITE's new number"
+    );
+    edge.send(&in_dialog("BYE", 2, "z9hG4bKstalebye"), proxy)
+        .await;
+    let (bye, from) = next_request(&core, rsip::Method::Bye).await;
+    assert_eq!(cseq(&bye), "3 BYE", "later requests keep the offset");
+    core.send(&common::raw::answer(&bye, 200, "OK", "core-tag"), from)
+        .await;
+    let bye_answer = final_response(&edge).await;
+    assert_eq!(
+        (status(&bye_answer), cseq(&bye_answer)),
+        (200, "2 BYE".to_string())
+    );
+    let stats = sidecar.app.stats.snapshot();
+    assert_eq!(
+        (
+            stats.rejections_absorbed,
+            stats.resends,
+            stats.resends_impossible
+        ),
+        (1, 1, 0)
+    );
+    sidecar.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn persistent_403_gets_exactly_one_resend_then_reaches_the_edge() {
+    let dir = tempfile::tempdir().unwrap();
+    let token_path = dir.path().join("token");
+    std::fs::write(&token_path, "persistent-one").unwrap();
+    let core = RawPeer::bind().await;
+    let sidecar = Sidecar::start_with(&bearer_config(core.addr, &token_path)).await;
+    wait_for_generation(&sidecar, 1).await;
+    let edge = RawPeer::bind().await;
+    let proxy = sidecar.addr(Side::Edge, Transport::Udp);
+    edge.send(&invite(edge.addr, proxy, "z9hG4bKperm", "perm@test"), proxy)
+        .await;
+    let (first, from) = next_request(&core, rsip::Method::Invite).await;
+    std::fs::write(&token_path, "persistent-two").unwrap();
+    core.send(&common::raw::answer(&first, 403, "Forbidden", "t"), from)
+        .await;
+    let (second, from) = next_request(&core, rsip::Method::Invite).await;
+    core.send(&common::raw::answer(&second, 403, "Forbidden", "t"), from)
+        .await;
+    let answer = final_response(&edge).await;
+    assert_eq!(
+        (status(&answer), cseq(&answer)),
+        (403, "1 INVITE".to_string())
+    );
+    // No third INVITE.
+    let third = tokio::time::timeout(
+        Duration::from_millis(500),
+        next_request(&core, rsip::Method::Invite),
+    )
+    .await;
+    assert!(third.is_err(), "a second rejection must be final");
+    assert_eq!(sidecar.app.stats.snapshot().resends, 1);
+    sidecar.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rejection_without_a_newer_credential_goes_to_the_edge() {
+    let dir = tempfile::tempdir().unwrap();
+    let token_path = dir.path().join("token");
+    std::fs::write(&token_path, "unchanged-token").unwrap();
+    let core = RawPeer::bind().await;
+    let sidecar = Sidecar::start_with(&bearer_config(core.addr, &token_path)).await;
+    wait_for_generation(&sidecar, 1).await;
+    let edge = RawPeer::bind().await;
+    let proxy = sidecar.addr(Side::Edge, Transport::Udp);
+    edge.send(&invite(edge.addr, proxy, "z9hG4bKsame", "same@test"), proxy)
+        .await;
+    let (first, from) = next_request(&core, rsip::Method::Invite).await;
+    core.send(&common::raw::answer(&first, 403, "Forbidden", "t"), from)
+        .await;
+    let answer = final_response(&edge).await;
+    assert_eq!(
+        (status(&answer), cseq(&answer)),
+        (403, "1 INVITE".to_string())
+    );
+    let stats = sidecar.app.stats.snapshot();
+    assert_eq!(
+        (
+            stats.rejections_absorbed,
+            stats.resends,
+            stats.resends_impossible
+        ),
+        (1, 0, 1)
+    );
+    sidecar.stop().await;
+}

@@ -139,6 +139,10 @@ pub(super) struct ServerEntry {
     pub reconnect: Option<SocketAddr>,
     pub client: Option<u64>,
     pub trunk: Option<Arc<str>>,
+    /// A rejected request waiting for a fresh credential to be re-sent.
+    pub pending_resend: Option<Box<super::resend::PendingResend>>,
+    /// The Edge cancelled this INVITE (matters while a re-send is pending).
+    pub cancel_requested: bool,
     pub span: tracing::Span,
     scheduled: Option<StdInstant>,
 }
@@ -152,6 +156,9 @@ pub(super) struct ClientEntry {
     pub cancel_pending: bool,
     /// A CANCEL went out for this INVITE (from the Edge's CANCEL or Timer C).
     pub cancel_sent: bool,
+    /// What is needed to re-send the request once with a fresh credential, while that is
+    /// still possible (bearer trunks toward the core; a re-send has none).
+    pub resend: Option<Box<super::resend::ResendInfo>>,
     pub span: tracing::Span,
     scheduled: Option<StdInstant>,
 }
@@ -173,6 +180,12 @@ pub struct Engine {
     pub(super) client_index: HashMap<ClientKey, u64>,
     timer_heap: BinaryHeap<Reverse<(StdInstant, u64)>>,
     next_id: u64,
+    /// CSeq offsets of dialogs whose requests were re-sent (DESIGN.md item 6).
+    pub(super) dialogs: crate::sip::dialog::DialogTable,
+    last_dialog_sweep: StdInstant,
+    /// A way back into this engine's own queue, for work finished elsewhere (a forced
+    /// credential refresh). Weak, so the queue still closes when the transports stop.
+    pub(super) internal: mpsc::WeakSender<TransportEvent>,
 }
 
 /// The engine's clock: tokio's, so `tokio::time::pause` drives it in tests.
@@ -188,7 +201,13 @@ impl Engine {
         edge: SideIo,
         core: SideIo,
         stats: Arc<Stats>,
+        internal: mpsc::WeakSender<TransportEvent>,
     ) -> Self {
+        let dialogs = crate::sip::dialog::DialogTable::new(
+            limits.max_transactions,
+            std::time::Duration::from_secs(4 * 3600),
+            timers.transaction_timeout(),
+        );
         Self {
             timers,
             limits,
@@ -201,6 +220,9 @@ impl Engine {
             client_index: HashMap::new(),
             timer_heap: BinaryHeap::new(),
             next_id: 0,
+            dialogs,
+            last_dialog_sweep: now(),
+            internal,
         }
     }
 
@@ -233,6 +255,9 @@ impl Engine {
     pub fn handle_event(&mut self, event: TransportEvent) {
         match event {
             TransportEvent::Message(inbound) => self.handle_message(inbound),
+            TransportEvent::CredentialRefreshed { server, credential } => {
+                self.finish_resend(server, credential)
+            }
             TransportEvent::ConnectionOpened {
                 side,
                 peer,
@@ -371,6 +396,8 @@ impl Engine {
                 reconnect: None,
                 client: None,
                 trunk,
+                pending_resend: None,
+                cancel_requested: false,
                 span,
                 scheduled: None,
             }),
@@ -385,6 +412,7 @@ impl Engine {
         branch: &str,
         destination: Destination,
         server: Option<u64>,
+        resend: Option<Box<super::resend::ResendInfo>>,
     ) -> u64 {
         let id = self.allocate_id();
         Stats::bump(&self.stats.client_transactions);
@@ -410,6 +438,7 @@ impl Engine {
                 server,
                 cancel_pending: false,
                 cancel_sent: false,
+                resend,
                 span,
                 scheduled: None,
             }),
@@ -558,16 +587,15 @@ impl Engine {
         if code == 100 {
             return;
         }
+        if self.absorb_rejection(client, server, &response) {
+            return;
+        }
         if message::pop_via(&mut response.headers).is_err() {
             Stats::bump(&self.stats.malformed_dropped);
             return;
         }
         if self.entries.contains_key(&server) {
-            if self.respond(server, &response) {
-                Stats::bump(&self.stats.responses_forwarded);
-            } else {
-                Stats::bump(&self.stats.responses_absorbed);
-            }
+            self.deliver(server, response);
         } else {
             let side = self
                 .entries
@@ -577,6 +605,32 @@ impl Engine {
                     Entry::Server(server) => server.reply_to.side,
                 });
             self.forward_response_stateless(response, side);
+        }
+    }
+
+    /// Sends a response (our Via already removed) back through server transaction
+    /// `server`, with the CSeq the sender of the request used: after a re-send the core
+    /// counts higher than the Edge (DESIGN.md item 6). A 2xx to a BYE ends the dialog's
+    /// CSeq offset.
+    pub(super) fn deliver(&mut self, server: u64, mut response: Response) {
+        let original = match self.entries.get(&server) {
+            Some(Entry::Server(entry)) => message::cseq(&entry.request.headers).ok(),
+            _ => None,
+        };
+        if let (Some((seq, method)), Ok((current, _))) =
+            (original, message::cseq(&response.headers))
+        {
+            if seq != current {
+                message::set_cseq(&mut response.headers, seq, method);
+            }
+            if method == rsip::Method::Bye && (200..300).contains(&response.status_code.code()) {
+                self.end_dialog(&response);
+            }
+        }
+        if self.respond(server, &response) {
+            Stats::bump(&self.stats.responses_forwarded);
+        } else {
+            Stats::bump(&self.stats.responses_absorbed);
         }
     }
 
@@ -657,7 +711,7 @@ impl Engine {
         }
         self.schedule(client);
         Stats::bump(&self.stats.cancels_forwarded);
-        self.start_client(cancel, &branch, destination, None);
+        self.start_client(cancel, &branch, destination, None, None);
     }
 
     /// Ends every client transaction toward `destination` (its connection failed) and
@@ -736,6 +790,12 @@ impl Engine {
     /// Runs every timer due at `now`. Heap entries whose transaction has gone or moved its
     /// deadline are skipped.
     pub fn fire_timers(&mut self, now: StdInstant) {
+        if now.saturating_duration_since(self.last_dialog_sweep)
+            >= std::time::Duration::from_secs(1)
+        {
+            self.last_dialog_sweep = now;
+            self.dialogs.expire(now);
+        }
         while let Some(Reverse((at, id))) = self.timer_heap.peek().copied() {
             if at > now {
                 break;

@@ -4,6 +4,7 @@
 
 mod engine;
 mod request;
+mod resend;
 pub mod routing;
 
 pub use engine::{Destination, Engine, OWN_BRANCH_PREFIX};
@@ -139,6 +140,7 @@ impl App {
             edge_io,
             core_io,
             stats.clone(),
+            engine_sender.downgrade(),
         );
         drop(engine_sender);
         tracker.spawn(engine.run(engine_receiver, cancel.clone()));

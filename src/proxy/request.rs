@@ -32,6 +32,9 @@ struct Forward {
     branch: String,
     destination: Destination,
     trunk: Option<Arc<str>>,
+    trunk_index: Option<usize>,
+    /// The generation of the credential attached, if any.
+    generation: Option<u64>,
 }
 
 /// Why a request is answered here instead of forwarded.
@@ -138,6 +141,10 @@ impl Engine {
             // §16.7 step 5 / §17.2.1: stop the Edge's INVITE retransmissions at once.
             self.respond_locally(server, message::status(100));
         }
+        let mut request = request;
+        if source.side == Side::Edge {
+            self.translate_cseq(&mut request);
+        }
         match self.prepare_forward(source, request) {
             Ok(forward) => {
                 if let Some(trunk) = forward.trunk.as_deref() {
@@ -147,11 +154,23 @@ impl Engine {
                 if let Some(Entry::Server(entry)) = self.entries.get_mut(&server) {
                     entry.trunk = forward.trunk.clone();
                 }
+                let resend =
+                    forward
+                        .generation
+                        .zip(forward.trunk_index)
+                        .map(|(generation, trunk)| {
+                            Box::new(super::resend::ResendInfo {
+                                request: forward.request.clone(),
+                                generation,
+                                trunk,
+                            })
+                        });
                 self.start_client(
                     forward.request,
                     &forward.branch,
                     forward.destination,
                     Some(server),
+                    resend,
                 );
             }
             Err(rejection) => {
@@ -187,6 +206,10 @@ impl Engine {
             tracing::debug!(peer = %source.peer, "dropped ACK outside any record-routed dialog");
             return;
         }
+        let mut request = request;
+        if source.side == Side::Edge {
+            self.translate_cseq(&mut request);
+        }
         match self.prepare_forward(source, request) {
             Ok(forward) => {
                 Stats::bump(&self.stats.stateless_forwards);
@@ -220,8 +243,12 @@ impl Engine {
             ServerTransaction::new(false, source.transport.is_reliable(), self.timers);
         let cancel = self.insert_server(key, transaction, reply_to, request, None);
         self.respond_locally(cancel, message::status(200));
-        let client = match self.entries.get(&invite) {
-            Some(Entry::Server(server)) if !server.transaction.is_final() => server.client,
+        let client = match self.entries.get_mut(&invite) {
+            Some(Entry::Server(server)) if !server.transaction.is_final() => {
+                // Held for a re-send that may be pending (see `resend`).
+                server.cancel_requested = true;
+                server.client
+            }
             _ => None,
         };
         let Some(client) = client else { return };
@@ -248,7 +275,7 @@ impl Engine {
         let out_side = source.side.opposite();
         let (hop, trunk_index) = self.next_hop(source, &mut request, out_side)?;
         let trunk = trunk_index.and_then(|index| self.router.trunk(index));
-        self.apply_credentials(&mut request, out_side, trunk)?;
+        let generation = self.apply_credentials(&mut request, out_side, trunk)?;
         let inbound = self.side(source.side);
         let outbound = self.side(out_side);
         if creates_dialog(&request) {
@@ -287,6 +314,8 @@ impl Engine {
                 local: None,
             },
             trunk: trunk.map(|trunk| trunk.name.clone()),
+            trunk_index,
+            generation,
         })
     }
 
@@ -300,7 +329,7 @@ impl Engine {
         request: &mut Request,
         out_side: Side,
         trunk: Option<&super::routing::RoutedTrunk>,
-    ) -> Result<(), Rejection> {
+    ) -> Result<Option<u64>, Rejection> {
         let strip = |request: &mut Request| {
             request.headers.retain(|header| {
                 !matches!(
@@ -313,10 +342,10 @@ impl Engine {
             if out_side == Side::Edge {
                 strip(request);
             }
-            return Ok(());
+            return Ok(None);
         };
         if trunk.auth != AuthMode::Bearer {
-            return Ok(());
+            return Ok(None);
         }
         strip(request);
         let credential = trunk
@@ -336,7 +365,7 @@ impl Engine {
             format!("Bearer {}", token.expose()).into(),
         ));
         tracing::debug!(trunk = %trunk.name, generation = credential.generation, fingerprint = %credential.fingerprint, "bearer credential attached");
-        Ok(())
+        Ok(Some(credential.generation))
     }
 
     /// Route processing (§16.4) and target selection: a remaining Route wins; a request

@@ -81,6 +81,12 @@ pub enum TransportEvent {
         /// True when an outbound connection never got established.
         connect_failed: bool,
     },
+    /// Engine-internal: the forced credential refresh that server transaction `server`
+    /// waits on finished (see `proxy::resend`).
+    CredentialRefreshed {
+        server: u64,
+        credential: Option<std::sync::Arc<crate::credentials::Credential>>,
+    },
 }
 
 /// Networks allowed to talk to one side.

@@ -1,0 +1,224 @@
+//! One re-send with fresh credentials (DESIGN.md item 6), for `bearer` trunks.
+//!
+//! The core answers a request 401 or 403: the rejected credential may simply be stale
+//! (rotated, revoked on reissue). The answer is kept from the Edge, the trunk's
+//! credential manager is asked for a newer generation (`force_refresh`, coalesced and
+//! rate-limited there), and if one comes the request goes out again as a new client
+//! transaction: new branch, CSeq + 1, the new token. The dialog remembers the offset so
+//! later requests from the Edge are numbered as the core now expects, and responses
+//! toward the Edge carry the Edge's own CSeq ([`Engine::deliver`]). A second rejection
+//! is final, as is a rejection when no newer credential exists. A CANCEL that arrives
+//! while the re-send waits is held and sent on the new branch.
+
+use std::sync::Arc;
+
+use rsip::{Request, Response};
+
+use super::engine::{new_branch, now, Destination, Engine, Entry};
+use crate::credentials::{Credential, CredentialValue};
+use crate::sip::dialog::{DialogKey, MAX_CSEQ};
+use crate::sip::message;
+use crate::stats::Stats;
+use crate::transport::TransportEvent;
+
+/// What a client transaction keeps to be able to re-send its request.
+#[derive(Debug)]
+pub struct ResendInfo {
+    /// The request as it was forwarded (our Via on top, the old token).
+    pub request: Request,
+    /// The credential generation it carried.
+    pub generation: u64,
+    /// The trunk (its index) whose credentials to refresh.
+    pub trunk: usize,
+}
+
+/// A rejected request waiting for its forced refresh.
+#[derive(Debug)]
+pub struct PendingResend {
+    info: ResendInfo,
+    destination: Destination,
+    /// The rejection as the Edge would see it, should no newer credential come.
+    rejected: Response,
+}
+
+/// The dialog key of a request or response from the Edge's side: Call-ID and From tag.
+fn dialog_key(headers: &rsip::Headers, tag_of_to: bool) -> Option<DialogKey> {
+    let call_id = message::call_id(headers).ok()?;
+    let value = if tag_of_to {
+        message::to_value(headers).ok()?
+    } else {
+        message::from_value(headers).ok()?
+    };
+    Some(DialogKey {
+        call_id: call_id.to_string(),
+        edge_tag: message::tag_of(value)?.to_string(),
+    })
+}
+
+impl Engine {
+    /// A 401 or 403 for a request that may be re-sent: absorb it and ask for a newer
+    /// credential. Returns false when the response should be relayed as usual.
+    pub(super) fn absorb_rejection(
+        &mut self,
+        client: u64,
+        server: u64,
+        response: &Response,
+    ) -> bool {
+        if !matches!(response.status_code.code(), 401 | 403) {
+            return false;
+        }
+        let Some(Entry::Client(entry)) = self.entries.get_mut(&client) else {
+            return false;
+        };
+        if entry.cancel_sent || entry.resend.is_none() {
+            return false;
+        }
+        let destination = entry.destination;
+        let Some(info) = entry.resend.take() else {
+            return false;
+        };
+        let Some(manager) = self
+            .router
+            .trunk(info.trunk)
+            .and_then(|trunk| trunk.credentials.clone())
+        else {
+            return false;
+        };
+        let Some(internal) = self.internal.upgrade() else {
+            return false;
+        };
+        let mut rejected = response.clone();
+        if message::pop_via(&mut rejected.headers).is_err() {
+            return false;
+        }
+        let Some(Entry::Server(server_entry)) = self.entries.get_mut(&server) else {
+            return false;
+        };
+        if server_entry.transaction.is_final() {
+            return false;
+        }
+        let rejected_generation = info.generation;
+        tracing::info!(
+            trunk = manager.trunk(),
+            generation = rejected_generation,
+            status = response.status_code.code(),
+            "core rejected the credential; refreshing to re-send once"
+        );
+        server_entry.pending_resend = Some(Box::new(PendingResend {
+            info: *info,
+            destination,
+            rejected,
+        }));
+        Stats::bump(&self.stats.rejections_absorbed);
+        tokio::spawn(async move {
+            let credential = manager.force_refresh(rejected_generation).await;
+            // The engine may have stopped meanwhile; then nobody waits for this.
+            let _ = internal
+                .send(TransportEvent::CredentialRefreshed { server, credential })
+                .await;
+        });
+        true
+    }
+
+    /// The forced refresh for server transaction `server` finished: re-send with the newer
+    /// credential, or pass the rejection on when there is none.
+    pub(super) fn finish_resend(&mut self, server: u64, credential: Option<Arc<Credential>>) {
+        let Some(Entry::Server(entry)) = self.entries.get_mut(&server) else {
+            return;
+        };
+        let Some(pending) = entry.pending_resend.take() else {
+            return;
+        };
+        if entry.transaction.is_final() {
+            return;
+        }
+        let cancel_requested = entry.cancel_requested;
+        let PendingResend {
+            info,
+            destination,
+            rejected,
+        } = *pending;
+        let token = credential
+            .filter(|credential| credential.generation > info.generation)
+            .and_then(|credential| match &credential.value {
+                CredentialValue::Token(token) => Some((credential.generation, token.clone())),
+                CredentialValue::UserPassword { .. } => None,
+            });
+        let resent = token.and_then(|(generation, token)| {
+            Some((generation, rebuild(info.request, token.expose())?))
+        });
+        let Some((generation, (request, branch))) = resent else {
+            Stats::bump(&self.stats.resends_impossible);
+            tracing::info!(
+                generation = info.generation,
+                status = rejected.status_code.code(),
+                "no newer credential; passing the rejection to the Edge"
+            );
+            self.deliver(server, rejected);
+            return;
+        };
+        if let Some(key) = dialog_key(&request.headers, false) {
+            if let Err(error) = self.dialogs.add_offset(now(), &key, 1) {
+                Stats::bump(&self.stats.dialog_translation_failures);
+                tracing::warn!(error = %error, "cannot record the dialog's CSeq offset");
+            }
+        }
+        Stats::bump(&self.stats.resends);
+        tracing::info!(generation, branch = %branch, "re-sending with a newer credential");
+        let client = self.start_client(request, &branch, destination, Some(server), None);
+        if cancel_requested {
+            if let Some(Entry::Client(entry)) = self.entries.get_mut(&client) {
+                entry.cancel_pending = true;
+            }
+        }
+    }
+
+    /// Ends the CSeq offset of the dialog a BYE's 2xx closes, whichever end sent the BYE.
+    pub(super) fn end_dialog(&mut self, response: &Response) {
+        let now = now();
+        for tag_of_to in [false, true] {
+            if let Some(key) = dialog_key(&response.headers, tag_of_to) {
+                self.dialogs.end(now, &key);
+            }
+        }
+    }
+
+    /// Numbers a request from the Edge as the core expects it in this dialog.
+    pub(super) fn translate_cseq(&mut self, request: &mut Request) {
+        let Some(key) = dialog_key(&request.headers, false) else {
+            return;
+        };
+        let Ok((seq, method)) = message::cseq(&request.headers) else {
+            return;
+        };
+        match self.dialogs.shift_up(now(), &key, seq) {
+            Ok(shifted) if shifted != seq => {
+                message::set_cseq(&mut request.headers, shifted, method)
+            }
+            Ok(_) => {}
+            Err(error) => {
+                Stats::bump(&self.stats.dialog_translation_failures);
+                tracing::warn!(error = %error, "cannot translate the CSeq of an in-dialog request");
+            }
+        }
+    }
+}
+
+/// The re-sent request: a new branch in our Via, CSeq + 1, the new token. `None` when
+/// the request lacks what that needs (it was forwarded, so this does not happen).
+fn rebuild(mut request: Request, token: &str) -> Option<(Request, String)> {
+    let mut via = message::pop_via(&mut request.headers).ok()?;
+    let branch = new_branch();
+    via.set_param("branch", Some(branch.clone()));
+    message::push_via(&mut request.headers, &via);
+    let (seq, method) = message::cseq(&request.headers).ok()?;
+    let next = seq.checked_add(1).filter(|next| *next <= MAX_CSEQ)?;
+    message::set_cseq(&mut request.headers, next, method);
+    request
+        .headers
+        .retain(|header| !matches!(header, rsip::Header::Authorization(_)));
+    request.headers.push(rsip::Header::Authorization(
+        format!("Bearer {token}").into(),
+    ));
+    Some((request, branch))
+}
