@@ -385,3 +385,107 @@ async fn rejection_without_a_newer_credential_goes_to_the_edge() {
     );
     sidecar.stop().await;
 }
+
+/// The Edge cancels while the re-send waits for its token: the CANCEL is answered at once,
+/// held, and sent to the core on the re-sent INVITE's branch; the Edge gets 487.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_arriving_during_the_resend_follows_the_new_branch_and_the_edge_gets_487() {
+    use byoc_sidecar::sim::idp::{Fault, Idp, IdpSettings, SimClient, TokenKind};
+    let cancel_token = tokio_util::sync::CancellationToken::new();
+    let tracker = tokio_util::task::TaskTracker::new();
+    let client = SimClient {
+        id: "edge-c".into(),
+        secret: "cancel-test-secret".into(),
+        organization: "org-c".into(),
+    };
+    let idp = Idp::start(
+        IdpSettings::new(vec![client], Duration::from_secs(600), TokenKind::Opaque),
+        "127.0.0.1:0".parse().unwrap(),
+        cancel_token.clone(),
+        &tracker,
+    )
+    .await
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let secret = dir.path().join("secret");
+    std::fs::write(&secret, "cancel-test-secret").unwrap();
+    let core = RawPeer::bind().await;
+    let text = format!(
+        "{}auth = \"bearer\"\n\n[trunk.credentials]\nkind = \"oauth2\"\ntoken_url = \"{}\"\nclient_id = \"edge-c\"\n\
+         client_secret_file = \"{}\"\norganization = \"org-c\"\n",
+        Sidecar::config("udp:127.0.0.1:9", &format!("udp:{}", core.addr), ""),
+        idp.url(),
+        secret.display()
+    );
+    let sidecar = Sidecar::start_with(&text).await;
+    wait_for_generation(&sidecar, 1).await;
+    let edge = RawPeer::bind().await;
+    let proxy = sidecar.addr(Side::Edge, Transport::Udp);
+    let request = invite(
+        edge.addr,
+        proxy,
+        "z9hG4bKcancelresend",
+        "cancel-resend@test",
+    );
+    edge.send(&request, proxy).await;
+    let (first, from) = next_request(&core, rsip::Method::Invite).await;
+
+    // The forced refresh will take 800 ms; the Edge cancels meanwhile.
+    idp.push_faults([Fault::Delay(Duration::from_millis(800))]);
+    core.send(
+        &common::raw::answer(&first, 403, "Forbidden", "core-tag"),
+        from,
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let cancel = request
+        .replacen("INVITE sip", "CANCEL sip", 1)
+        .replace("1 INVITE", "1 CANCEL");
+    edge.send(&cancel, proxy).await;
+    let cancel_answer = loop {
+        let (message, _) = edge.receive(WAIT, "200 for the CANCEL").await;
+        if cseq(&message).ends_with("CANCEL") {
+            break message;
+        }
+    };
+    assert_eq!(status(&cancel_answer), 200);
+
+    let (second, from) = next_request(&core, rsip::Method::Invite).await;
+    assert_eq!(cseq(&second), "2 INVITE");
+    core.send(
+        &common::raw::answer(&second, 180, "Ringing", "core-tag"),
+        from,
+    )
+    .await;
+    let (core_cancel, from) = next_request(&core, rsip::Method::Cancel).await;
+    let branch = |message: &SipMessage| {
+        byoc_sidecar::sip::message::top_via(rsip::message::HasHeaders::headers(message))
+            .unwrap()
+            .branch()
+            .unwrap()
+            .to_string()
+    };
+    assert_eq!(
+        branch(&core_cancel),
+        branch(&second),
+        "the CANCEL goes on the re-sent INVITE's branch"
+    );
+    assert_eq!(cseq(&core_cancel), "2 CANCEL");
+    core.send(
+        &common::raw::answer(&core_cancel, 200, "OK", "core-tag"),
+        from,
+    )
+    .await;
+    core.send(
+        &common::raw::answer(&second, 487, "Request Terminated", "core-tag"),
+        from,
+    )
+    .await;
+    let answer = final_response(&edge).await;
+    assert_eq!(
+        (status(&answer), cseq(&answer)),
+        (487, "1 INVITE".to_string())
+    );
+    sidecar.stop().await;
+    cancel_token.cancel();
+}
