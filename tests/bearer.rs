@@ -296,16 +296,32 @@ async fn stale_token_403_is_retried_once_with_cseq_plus_one_and_the_dialog_is_tr
         "2 ACK",
         "the ACK for the 2xx follows the INVITE's new number"
     );
-    edge.send(&in_dialog("BYE", 2, "z9hG4bKstalebye"), proxy)
+    // A re-INVITE after the translation (a known breakage in other proxies).
+    edge.send(&in_dialog("INVITE", 2, "z9hG4bKstalereinvite"), proxy)
+        .await;
+    let (reinvite, from) = next_request(&core, rsip::Method::Invite).await;
+    assert_eq!(cseq(&reinvite), "3 INVITE");
+    core.send(&common::raw::answer(&reinvite, 200, "OK", "core-tag"), from)
+        .await;
+    let reinvite_answer = final_response(&edge).await;
+    assert_eq!(
+        (status(&reinvite_answer), cseq(&reinvite_answer)),
+        (200, "2 INVITE".to_string())
+    );
+    edge.send(&in_dialog("ACK", 2, "z9hG4bKstaleack2"), proxy)
+        .await;
+    let (ack, _) = next_request(&core, rsip::Method::Ack).await;
+    assert_eq!(cseq(&ack), "3 ACK");
+    edge.send(&in_dialog("BYE", 3, "z9hG4bKstalebye"), proxy)
         .await;
     let (bye, from) = next_request(&core, rsip::Method::Bye).await;
-    assert_eq!(cseq(&bye), "3 BYE", "later requests keep the offset");
+    assert_eq!(cseq(&bye), "4 BYE", "later requests keep the offset");
     core.send(&common::raw::answer(&bye, 200, "OK", "core-tag"), from)
         .await;
     let bye_answer = final_response(&edge).await;
     assert_eq!(
         (status(&bye_answer), cseq(&bye_answer)),
-        (200, "2 BYE".to_string())
+        (200, "3 BYE".to_string())
     );
     let stats = sidecar.app.stats.snapshot();
     assert_eq!(
@@ -488,4 +504,105 @@ async fn cancel_arriving_during_the_resend_follows_the_new_branch_and_the_edge_g
     );
     sidecar.stop().await;
     cancel_token.cancel();
+}
+
+/// BYE after PRACK (RFC 3262) once a re-send raised the dialog's CSeq: the PRACK's CSeq
+/// and the INVITE CSeq quoted in its RAck are both translated, and so is everything after.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prack_and_bye_after_a_resend_are_translated_including_rack() {
+    let dir = tempfile::tempdir().unwrap();
+    let token_path = dir.path().join("token");
+    std::fs::write(&token_path, "prack-token-one").unwrap();
+    let core = RawPeer::bind().await;
+    let sidecar = Sidecar::start_with(&bearer_config(core.addr, &token_path)).await;
+    wait_for_generation(&sidecar, 1).await;
+    let edge = RawPeer::bind().await;
+    let proxy = sidecar.addr(Side::Edge, Transport::Udp);
+    edge.send(
+        &invite(edge.addr, proxy, "z9hG4bKprack", "prack@test"),
+        proxy,
+    )
+    .await;
+    let (first, from) = next_request(&core, rsip::Method::Invite).await;
+    std::fs::write(&token_path, "prack-token-two").unwrap();
+    core.send(
+        &common::raw::answer(&first, 403, "Forbidden", "core-tag"),
+        from,
+    )
+    .await;
+    let (second, from) = next_request(&core, rsip::Method::Invite).await;
+    assert_eq!(cseq(&second), "2 INVITE");
+
+    // A reliable 183 (RSeq 1) establishes the early dialog.
+    let record_route = split(header_values(&second, "Record-Route"));
+    let dialog_headers = format!(
+        "Record-Route: {}\r\nContact: <sip:core@{}>\r\nContent-Length: 0\r\n",
+        record_route.join(", "),
+        core.addr
+    );
+    let progress = common::raw::answer(&second, 183, "Session Progress", "core-tag").replace(
+        "Content-Length: 0\r\n",
+        &format!("Require: 100rel\r\nRSeq: 1\r\n{dialog_headers}"),
+    );
+    core.send(&progress, from).await;
+    let early = loop {
+        let (message, _) = edge.receive(WAIT, "183 at the Edge").await;
+        if status(&message) == 183 {
+            break message;
+        }
+    };
+    assert_eq!(cseq(&early), "1 INVITE");
+
+    let mut routes = split(header_values(&early, "Record-Route"));
+    routes.reverse();
+    let to = header_values(&early, "To")[0].clone();
+    let in_dialog = |method: &str, number: u32, branch: &str, extra: &str| {
+        format!(
+            "{method} sip:core@{} SIP/2.0\r\nVia: SIP/2.0/UDP {};branch={branch}\r\n\
+             From: <sip:edge@{}>;tag=edge-tag\r\nTo: {to}\r\nCall-ID: prack@test\r\n\
+             CSeq: {number} {method}\r\nRoute: {}\r\n{extra}Max-Forwards: 70\r\nContent-Length: 0\r\n\r\n",
+            core.addr,
+            edge.addr,
+            edge.addr,
+            routes.join(", ")
+        )
+    };
+    edge.send(
+        &in_dialog("PRACK", 2, "z9hG4bKprack1", "RAck: 1 1 INVITE\r\n"),
+        proxy,
+    )
+    .await;
+    let (prack, from) = next_request(&core, rsip::Method::PRack).await;
+    assert_eq!(cseq(&prack), "3 PRACK");
+    assert_eq!(
+        header_values(&prack, "RAck"),
+        vec!["1 2 INVITE"],
+        "RAck names the INVITE as the core numbered it"
+    );
+    core.send(&common::raw::answer(&prack, 200, "OK", "core-tag"), from)
+        .await;
+    assert_eq!(cseq(&final_response(&edge).await), "2 PRACK");
+
+    let ok = common::raw::answer(&second, 200, "OK", "core-tag")
+        .replace("Content-Length: 0\r\n", &dialog_headers);
+    core.send(&ok, from).await;
+    let answer = final_response(&edge).await;
+    assert_eq!(
+        (status(&answer), cseq(&answer)),
+        (200, "1 INVITE".to_string())
+    );
+    edge.send(&in_dialog("ACK", 1, "z9hG4bKprackack", ""), proxy)
+        .await;
+    assert_eq!(
+        cseq(&next_request(&core, rsip::Method::Ack).await.0),
+        "2 ACK"
+    );
+    edge.send(&in_dialog("BYE", 3, "z9hG4bKprackbye", ""), proxy)
+        .await;
+    let (bye, from) = next_request(&core, rsip::Method::Bye).await;
+    assert_eq!(cseq(&bye), "4 BYE");
+    core.send(&common::raw::answer(&bye, 200, "OK", "core-tag"), from)
+        .await;
+    assert_eq!(cseq(&final_response(&edge).await), "3 BYE");
+    sidecar.stop().await;
 }

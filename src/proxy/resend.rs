@@ -193,12 +193,31 @@ impl Engine {
         };
         match self.dialogs.shift_up(now(), &key, seq) {
             Ok(shifted) if shifted != seq => {
-                message::set_cseq(&mut request.headers, shifted, method)
+                message::set_cseq(&mut request.headers, shifted, method);
+                if method == rsip::Method::PRack {
+                    self.translate_rack(request, shifted - seq);
+                }
             }
             Ok(_) => {}
             Err(error) => {
                 Stats::bump(&self.stats.dialog_translation_failures);
                 tracing::warn!(error = %error, "cannot translate the CSeq of an in-dialog request");
+            }
+        }
+    }
+}
+
+impl Engine {
+    /// A PRACK's RAck quotes the INVITE's CSeq: shift it like the CSeq header.
+    fn translate_rack(&mut self, request: &mut Request, offset: u32) {
+        for header in request.headers.iter_mut() {
+            if let rsip::Header::Other(name, value) = header {
+                if name.eq_ignore_ascii_case("RAck") {
+                    match crate::sip::dialog::shift_rack(value, offset) {
+                        Some(shifted) => *value = shifted,
+                        None => Stats::bump(&self.stats.dialog_translation_failures),
+                    }
+                }
             }
         }
     }

@@ -141,6 +141,23 @@ impl DialogTable {
     }
 }
 
+/// Shifts the CSeq number inside a PRACK's `RAck: <RSeq> <CSeq> <method>` (RFC 3262
+/// §7.2), which quotes the INVITE's CSeq and so needs the same translation as the CSeq
+/// header. `None` when the value is malformed or would leave the 31-bit range.
+pub fn shift_rack(value: &str, offset: u32) -> Option<String> {
+    let mut parts = value.split_whitespace();
+    let (rseq, cseq, method) = (parts.next()?, parts.next()?, parts.next()?);
+    if parts.next().is_some() {
+        return None;
+    }
+    let shifted = cseq
+        .parse::<u32>()
+        .ok()?
+        .checked_add(offset)
+        .filter(|value| *value <= MAX_CSEQ)?;
+    Some(format!("{rseq} {shifted} {method}"))
+}
+
 #[cfg(test)]
 #[allow(clippy::disallowed_methods)] // tests start their virtual clock at a real Instant
 mod tests {
@@ -178,6 +195,21 @@ mod tests {
             edge_tag: "other".into(),
         };
         assert_eq!(dialogs.shift_up(now, &other, 3).unwrap(), 3);
+    }
+
+    #[test]
+    fn rack_quotes_the_invite_cseq_and_shifts_with_it() {
+        assert_eq!(
+            shift_rack("776656 1 INVITE", 1).as_deref(),
+            Some("776656 2 INVITE")
+        );
+        assert_eq!(
+            shift_rack(" 5  9  INVITE ", 2).as_deref(),
+            Some("5 11 INVITE")
+        );
+        assert_eq!(shift_rack("1 x INVITE", 1), None);
+        assert_eq!(shift_rack("1 2", 1), None);
+        assert_eq!(shift_rack(&format!("1 {MAX_CSEQ} INVITE"), 1), None);
     }
 
     #[test]
