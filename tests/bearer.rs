@@ -487,6 +487,11 @@ async fn cancel_arriving_during_the_resend_follows_the_new_branch_and_the_edge_g
         "the CANCEL goes on the re-sent INVITE's branch"
     );
     assert_eq!(cseq(&core_cancel), "2 CANCEL");
+    assert_eq!(
+        header_values(&core_cancel, "Authorization"),
+        header_values(&second, "Authorization"),
+        "the CANCEL carries the INVITE's token"
+    );
     core.send(
         &common::raw::answer(&core_cancel, 200, "OK", "core-tag"),
         from,
@@ -604,5 +609,142 @@ async fn prack_and_bye_after_a_resend_are_translated_including_rack() {
     core.send(&common::raw::answer(&bye, 200, "OK", "core-tag"), from)
         .await;
     assert_eq!(cseq(&final_response(&edge).await), "3 BYE");
+    sidecar.stop().await;
+}
+
+/// Finding from review: the INVITE went out unshifted, then a PRACK was re-sent. The ACK
+/// for the INVITE's 2xx must keep the INVITE's number, later requests move up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ack_keeps_its_invites_number_when_a_later_prack_was_resent() {
+    let dir = tempfile::tempdir().unwrap();
+    let token_path = dir.path().join("token");
+    std::fs::write(&token_path, "midcall-token-one").unwrap();
+    let core = RawPeer::bind().await;
+    let sidecar = Sidecar::start_with(&bearer_config(core.addr, &token_path)).await;
+    wait_for_generation(&sidecar, 1).await;
+    let edge = RawPeer::bind().await;
+    let proxy = sidecar.addr(Side::Edge, Transport::Udp);
+    edge.send(
+        &invite(edge.addr, proxy, "z9hG4bKmidcall", "midcall@test"),
+        proxy,
+    )
+    .await;
+    let (first, from) = next_request(&core, rsip::Method::Invite).await;
+    assert_eq!(cseq(&first), "1 INVITE");
+    let record_route = split(header_values(&first, "Record-Route"));
+    let dialog_headers = format!(
+        "Record-Route: {}\r\nContact: <sip:core@{}>\r\nContent-Length: 0\r\n",
+        record_route.join(", "),
+        core.addr
+    );
+    let progress = common::raw::answer(&first, 183, "Session Progress", "core-tag").replace(
+        "Content-Length: 0\r\n",
+        &format!("Require: 100rel\r\nRSeq: 1\r\n{dialog_headers}"),
+    );
+    core.send(&progress, from).await;
+    let early = loop {
+        let (message, _) = edge.receive(WAIT, "183").await;
+        if status(&message) == 183 {
+            break message;
+        }
+    };
+    let mut routes = split(header_values(&early, "Record-Route"));
+    routes.reverse();
+    let to = header_values(&early, "To")[0].clone();
+    let in_dialog = |method: &str, number: u32, branch: &str, extra: &str| {
+        format!(
+            "{method} sip:core@{} SIP/2.0\r\nVia: SIP/2.0/UDP {};branch={branch}\r\n\
+             From: <sip:edge@{}>;tag=edge-tag\r\nTo: {to}\r\nCall-ID: midcall@test\r\n\
+             CSeq: {number} {method}\r\nRoute: {}\r\n{extra}Max-Forwards: 70\r\nContent-Length: 0\r\n\r\n",
+            core.addr,
+            edge.addr,
+            edge.addr,
+            routes.join(", ")
+        )
+    };
+    // The token rotates while ringing; the PRACK is rejected and re-sent.
+    std::fs::write(&token_path, "midcall-token-two").unwrap();
+    edge.send(
+        &in_dialog("PRACK", 2, "z9hG4bKmidprack", "RAck: 1 1 INVITE\r\n"),
+        proxy,
+    )
+    .await;
+    let (prack, from) = next_request(&core, rsip::Method::PRack).await;
+    assert_eq!(cseq(&prack), "2 PRACK");
+    core.send(
+        &common::raw::answer(&prack, 403, "Forbidden", "core-tag"),
+        from,
+    )
+    .await;
+    let (prack_again, from) = next_request(&core, rsip::Method::PRack).await;
+    assert_eq!(cseq(&prack_again), "3 PRACK");
+    assert_eq!(
+        header_values(&prack_again, "RAck"),
+        vec!["1 1 INVITE"],
+        "the INVITE went out as 1"
+    );
+    core.send(
+        &common::raw::answer(&prack_again, 200, "OK", "core-tag"),
+        from,
+    )
+    .await;
+    assert_eq!(cseq(&final_response(&edge).await), "2 PRACK");
+
+    core.send(
+        &common::raw::answer(&first, 200, "OK", "core-tag")
+            .replace("Content-Length: 0\r\n", &dialog_headers),
+        from,
+    )
+    .await;
+    assert_eq!(cseq(&final_response(&edge).await), "1 INVITE");
+    edge.send(&in_dialog("ACK", 1, "z9hG4bKmidack", ""), proxy)
+        .await;
+    assert_eq!(
+        cseq(&next_request(&core, rsip::Method::Ack).await.0),
+        "1 ACK",
+        "the ACK matches the INVITE as sent"
+    );
+    edge.send(&in_dialog("BYE", 3, "z9hG4bKmidbye", ""), proxy)
+        .await;
+    let (bye, from) = next_request(&core, rsip::Method::Bye).await;
+    assert_eq!(cseq(&bye), "4 BYE");
+    core.send(&common::raw::answer(&bye, 200, "OK", "core-tag"), from)
+        .await;
+    assert_eq!(cseq(&final_response(&edge).await), "3 BYE");
+    sidecar.stop().await;
+}
+
+/// Finding from review: an Edge cannot borrow another trunk's token by writing that
+/// trunk's index into a Route to the sidecar.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forged_trunk_parameter_borrows_no_credentials() {
+    let dir = tempfile::tempdir().unwrap();
+    let token_path = dir.path().join("token");
+    std::fs::write(&token_path, "guarded-token").unwrap();
+    let core = RawPeer::bind().await;
+    // Trunk 0 serves only 127.0.0.2 and has a token; trunk 1 takes everyone else.
+    let text = Sidecar::config("udp:127.0.0.2:9", &format!("udp:{}", core.addr), "")
+        .replace("name = \"test\"", "name = \"test\"\nmatch = { source = [\"127.0.0.2/32\"] }")
+        + &format!(
+            "auth = \"bearer\"\n\n[trunk.credentials]\nkind = \"file\"\npath = \"{}\"\n\n[[trunk]]\nname = \"open\"\nedge = \"udp:127.0.0.1:9\"\ncore = \"udp:{}\"\n",
+            token_path.display(),
+            core.addr
+        );
+    let sidecar = Sidecar::start_with(&text).await;
+    wait_for_generation(&sidecar, 1).await;
+    let edge = RawPeer::bind().await; // 127.0.0.1: trunk "open"
+    let proxy = sidecar.addr(Side::Edge, Transport::Udp);
+    let forged = format!(
+        "BYE sip:x@{} SIP/2.0\r\nVia: SIP/2.0/UDP {};branch=z9hG4bKforged\r\nRoute: <sip:{proxy};lr;bsct=0>\r\n\
+         From: <sip:edge@a>;tag=1\r\nTo: <sip:x@b>;tag=2\r\nCall-ID: forged@test\r\n\
+         CSeq: 2 BYE\r\nMax-Forwards: 70\r\nContent-Length: 0\r\n\r\n",
+        core.addr, edge.addr
+    );
+    edge.send(&forged, proxy).await;
+    let (bye, _) = next_request(&core, rsip::Method::Bye).await;
+    assert!(
+        header_values(&bye, "Authorization").is_empty(),
+        "trunk 0's token was attached"
+    );
     sidecar.stop().await;
 }

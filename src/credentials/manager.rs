@@ -30,8 +30,9 @@ use super::jwt::{self, Diagnostic};
 use super::schedule::{ForceLimiter, RefreshPolicy};
 use super::{Credential, CredentialValue, FetchError, Fetched, Source};
 
-/// How long a forced refresh waits for its attempt before answering with what there is.
-const FORCE_WAIT: Duration = Duration::from_secs(30);
+/// How long a forced refresh waits for its attempt before answering with what there is:
+/// well inside the 32 s a client waits for a non-INVITE transaction (Timer F).
+const FORCE_WAIT: Duration = Duration::from_secs(10);
 
 /// The longest one attempt may take, whatever the source does (the OAuth2 source has its
 /// own, shorter, request timeout).

@@ -205,7 +205,7 @@ impl Engine {
     ) -> Self {
         let dialogs = crate::sip::dialog::DialogTable::new(
             limits.max_transactions,
-            std::time::Duration::from_secs(4 * 3600),
+            std::time::Duration::from_secs(12 * 3600),
             timers.transaction_timeout(),
         );
         Self {
@@ -582,6 +582,13 @@ impl Engine {
         } else if code >= 200 {
             entry.cancel_pending = false;
         }
+        // Past the first final answer only an absorbed rejection needs the copy.
+        let keep_copy = matches!(code, 401 | 403);
+        if code >= 200 && !keep_copy {
+            if let Some(Entry::Client(entry)) = self.entries.get_mut(&client) {
+                entry.resend = None;
+            }
+        }
         // 100 Trying is hop by hop (§16.7 step 5); a CANCEL's answer is ours alone.
         let Some(server) = server else { return };
         if code == 100 {
@@ -623,7 +630,18 @@ impl Engine {
             if seq != current {
                 message::set_cseq(&mut response.headers, seq, method);
             }
-            if method == rsip::Method::Bye && (200..300).contains(&response.status_code.code()) {
+            let code = response.status_code.code();
+            let initial = match self.entries.get(&server) {
+                Some(Entry::Server(entry)) => message::to_value(&entry.request.headers)
+                    .ok()
+                    .and_then(message::tag_of)
+                    .is_none(),
+                _ => false,
+            };
+            // A dialog ends with its BYE's 2xx, or never starts when its INVITE fails.
+            if (method == rsip::Method::Bye && (200..300).contains(&code))
+                || (method == rsip::Method::Invite && initial && code >= 300)
+            {
                 self.end_dialog(&response);
             }
         }

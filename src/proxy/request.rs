@@ -339,9 +339,9 @@ impl Engine {
             })
         };
         let Some(trunk) = trunk.filter(|_| out_side == Side::Core) else {
-            if out_side == Side::Edge {
-                strip(request);
-            }
+            // Toward the Edge never; toward the core without a trunk, nothing the Edge
+            // sent is vouched for either.
+            strip(request);
             return Ok(None);
         };
         if trunk.auth != AuthMode::Bearer {
@@ -392,7 +392,7 @@ impl Engine {
         while let Some(first) = routes.first() {
             match message::route_uri(first) {
                 Ok(uri) if self.router.is_own(&uri) => {
-                    dialog_trunk = dialog_trunk.or_else(|| self.trunk_of_route(first));
+                    dialog_trunk = dialog_trunk.or_else(|| self.trunk_of_route(first, source));
                     routes.remove(0);
                     removed_own = true;
                 }
@@ -409,10 +409,10 @@ impl Engine {
             return Ok((self.router.hop_for_uri(&uri, out_side)?, dialog_trunk));
         }
         if removed_own {
-            return Ok((
-                self.router.hop_for_uri(&request.uri, out_side)?,
-                dialog_trunk,
-            ));
+            // A Route to us without our trunk parameter (an Edge preloading us as its
+            // outbound proxy): the trunk is the one the source belongs to.
+            let trunk = dialog_trunk.or_else(|| self.source_trunk(source, request));
+            return Ok((self.router.hop_for_uri(&request.uri, out_side)?, trunk));
         }
         let trunk = match source.side {
             Side::Edge => self.router.edge_trunk(
@@ -430,14 +430,34 @@ impl Engine {
         Ok((self.router.checked(hop, out_side)?, Some(trunk.index)))
     }
 
-    /// The trunk index our Record-Route wrote into a Route value, if it names a trunk.
-    fn trunk_of_route(&self, route: &str) -> Option<usize> {
+    /// The trunk index our Record-Route wrote into a Route value, if it names a trunk
+    /// the sender may use: an Edge cannot borrow another trunk's credentials by writing
+    /// that trunk's index into a Route.
+    fn trunk_of_route(&self, route: &str, source: Source) -> Option<usize> {
         let uri = crate::sip::header::name_addr_uri(route);
         let params = &uri[uri.find(';')?..];
         let index = crate::sip::header::param(params, TRUNK_PARAM)??
             .parse::<usize>()
             .ok()?;
-        self.router.trunk(index).map(|trunk| trunk.index)
+        let trunk = self.router.trunk(index)?;
+        let allowed = match source.side {
+            Side::Edge => self.router.edge_may_use(trunk, source.peer.ip()),
+            Side::Core => true,
+        };
+        allowed.then_some(trunk.index)
+    }
+
+    /// The trunk a request belongs to by where it came from.
+    fn source_trunk(&self, source: Source, request: &Request) -> Option<usize> {
+        match source.side {
+            Side::Edge => self.router.edge_trunk(
+                source.peer.ip(),
+                source.local.port(),
+                &request.uri.host().to_string(),
+            ),
+            Side::Core => self.router.core_trunk(source.peer.ip()),
+        }
+        .map(|trunk| trunk.index)
     }
 
     /// §16.3 step 4: a request that already passed through this proxy (one of its Vias

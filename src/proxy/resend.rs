@@ -133,6 +133,10 @@ impl Engine {
             return;
         }
         let cancel_requested = entry.cancel_requested;
+        // The number the Edge gave the request: offset steps are kept in the Edge's count.
+        let edge_cseq = message::cseq(&entry.request.headers)
+            .ok()
+            .map(|(seq, _)| seq);
         let PendingResend {
             info,
             destination,
@@ -157,10 +161,25 @@ impl Engine {
             self.deliver(server, rejected);
             return;
         };
-        if let Some(key) = dialog_key(&request.headers, false) {
-            if let Err(error) = self.dialogs.add_offset(now(), &key, 1) {
-                Stats::bump(&self.stats.dialog_translation_failures);
-                tracing::warn!(error = %error, "cannot record the dialog's CSeq offset");
+        // The dialog must remember the new numbering before the request goes out; a
+        // re-send whose dialog would lose track of it would break the call later.
+        if in_or_creating_dialog(&request) {
+            let recorded = dialog_key(&request.headers, false)
+                .zip(edge_cseq)
+                .map(|(key, edge_cseq)| self.dialogs.add_offset(now(), &key, edge_cseq));
+            match recorded {
+                Some(Ok(_)) => {}
+                Some(Err(error)) => {
+                    Stats::bump(&self.stats.dialog_translation_failures);
+                    tracing::warn!(error = %error, "cannot record the dialog's CSeq offset; passing the rejection on");
+                    self.deliver(server, rejected);
+                    return;
+                }
+                None => {
+                    Stats::bump(&self.stats.resends_impossible);
+                    self.deliver(server, rejected);
+                    return;
+                }
             }
         }
         Stats::bump(&self.stats.resends);
@@ -194,9 +213,6 @@ impl Engine {
         match self.dialogs.shift_up(now(), &key, seq) {
             Ok(shifted) if shifted != seq => {
                 message::set_cseq(&mut request.headers, shifted, method);
-                if method == rsip::Method::PRack {
-                    self.translate_rack(request, shifted - seq);
-                }
             }
             Ok(_) => {}
             Err(error) => {
@@ -204,15 +220,28 @@ impl Engine {
                 tracing::warn!(error = %error, "cannot translate the CSeq of an in-dialog request");
             }
         }
+        if method == rsip::Method::PRack {
+            self.translate_rack(request, &key);
+        }
     }
 }
 
 impl Engine {
-    /// A PRACK's RAck quotes the INVITE's CSeq: shift it like the CSeq header.
-    fn translate_rack(&mut self, request: &mut Request, offset: u32) {
+    /// A PRACK's RAck quotes the INVITE's CSeq: shift it as that INVITE was shifted.
+    fn translate_rack(&mut self, request: &mut Request, key: &DialogKey) {
+        let now = now();
         for header in request.headers.iter_mut() {
             if let rsip::Header::Other(name, value) = header {
                 if name.eq_ignore_ascii_case("RAck") {
+                    let quoted = value
+                        .split_whitespace()
+                        .nth(1)
+                        .and_then(|number| number.parse::<u32>().ok())
+                        .unwrap_or(0);
+                    let offset = self.dialogs.offset(now, key, quoted);
+                    if offset == 0 {
+                        continue;
+                    }
                     match crate::sip::dialog::shift_rack(value, offset) {
                         Some(shifted) => *value = shifted,
                         None => Stats::bump(&self.stats.dialog_translation_failures),
@@ -221,6 +250,23 @@ impl Engine {
             }
         }
     }
+}
+
+/// Requests whose CSeq numbering the core keeps per dialog: those inside one (a To tag)
+/// and those that create one. Others (OPTIONS, MESSAGE outside a dialog) need no offset.
+fn in_or_creating_dialog(request: &Request) -> bool {
+    let in_dialog = message::to_value(&request.headers)
+        .ok()
+        .and_then(message::tag_of)
+        .is_some();
+    in_dialog
+        || matches!(
+            request.method,
+            rsip::Method::Invite
+                | rsip::Method::Subscribe
+                | rsip::Method::Refer
+                | rsip::Method::Register
+        )
 }
 
 /// The re-sent request: a new branch in our Via, CSeq + 1, the new token. `None` when

@@ -153,6 +153,15 @@ impl Router {
         })
     }
 
+    /// Whether an Edge at `source` may use `trunk` (its match sources, or its own edge
+    /// address; a trunk without sources serves every Edge).
+    pub fn edge_may_use(&self, trunk: &RoutedTrunk, source: IpAddr) -> bool {
+        let source = canonical(source);
+        trunk.sources.is_empty()
+            || trunk.sources.iter().any(|net| net.contains(&source))
+            || canonical(trunk.edge.addr.ip()) == source
+    }
+
     /// The trunk a request from the core belongs to: the one whose core address sent it,
     /// else the only trunk there is.
     pub fn core_trunk(&self, source: IpAddr) -> Option<&RoutedTrunk> {

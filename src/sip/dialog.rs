@@ -22,9 +22,23 @@ pub struct DialogKey {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct DialogState {
-    offset: u32,
+    /// The Edge CSeqs of the re-sent requests, ascending. A request the Edge numbered `n`
+    /// is shifted by the number of steps at or below `n`: an ACK or a PRACK's RAck quotes
+    /// an INVITE sent before later re-sends raised the offset, and must be shifted as
+    /// that INVITE was.
+    steps: Vec<u32>,
     forget_at: Instant,
     ended: bool,
+}
+
+/// Re-sends remembered per dialog; more are very unlikely (one per rotation).
+const MAX_STEPS: usize = 32;
+
+impl DialogState {
+    fn offset_for(&self, cseq: u32) -> u32 {
+        let count = self.steps.iter().filter(|step| **step <= cseq).count();
+        u32::try_from(count).unwrap_or(u32::MAX)
+    }
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -64,13 +78,13 @@ impl DialogTable {
         self.dialogs.is_empty()
     }
 
-    /// A re-send raised the core's CSeq for this dialog by `by`; returns the dialog's
-    /// total offset.
+    /// The request the Edge numbered `edge_cseq` was re-sent, raising the core's CSeq by
+    /// one from it on; returns the offset that now applies to it.
     pub fn add_offset(
         &mut self,
         now: Instant,
         key: &DialogKey,
-        by: u32,
+        edge_cseq: u32,
     ) -> Result<u32, DialogError> {
         if !self.dialogs.contains_key(key) && self.dialogs.len() >= self.capacity {
             self.expire(now);
@@ -82,39 +96,46 @@ impl DialogTable {
         }
         let idle = self.idle;
         let state = self.dialogs.entry(key.clone()).or_insert(DialogState {
-            offset: 0,
+            steps: Vec::new(),
             forget_at: now + idle,
             ended: false,
         });
-        state.offset = state.offset.saturating_add(by);
+        if state.steps.len() >= MAX_STEPS {
+            return Err(DialogError::Full {
+                capacity: MAX_STEPS,
+            });
+        }
+        let at = state.steps.partition_point(|step| *step <= edge_cseq);
+        state.steps.insert(at, edge_cseq);
         if !state.ended {
             state.forget_at = now + idle;
         }
-        Ok(state.offset)
+        Ok(state.offset_for(edge_cseq))
     }
 
-    /// The offset of a dialog (0 when it has none); a known dialog counts as active.
-    pub fn offset(&mut self, now: Instant, key: &DialogKey) -> u32 {
+    /// The offset for the Edge's CSeq `cseq` in a dialog (0 when it has none); a known
+    /// dialog counts as active.
+    pub fn offset(&mut self, now: Instant, key: &DialogKey, cseq: u32) -> u32 {
         let idle = self.idle;
         match self.dialogs.get_mut(key) {
             Some(state) => {
                 if !state.ended {
                     state.forget_at = now + idle;
                 }
-                state.offset
+                state.offset_for(cseq)
             }
             None => 0,
         }
     }
 
-    /// The CSeq toward the core for an Edge request of this dialog.
+    /// The CSeq toward the core for an Edge request of this dialog numbered `cseq`.
     pub fn shift_up(
         &mut self,
         now: Instant,
         key: &DialogKey,
         cseq: u32,
     ) -> Result<u32, DialogError> {
-        let offset = self.offset(now, key);
+        let offset = self.offset(now, key, cseq);
         cseq.checked_add(offset)
             .filter(|shifted| *shifted <= MAX_CSEQ)
             .ok_or(DialogError::OutOfRange { cseq, offset })
@@ -183,11 +204,13 @@ mod tests {
             2,
             "unknown dialog: unshifted"
         );
+        // The INVITE the Edge numbered 1 was re-sent (as 2).
         assert_eq!(dialogs.add_offset(now, &key("a"), 1).unwrap(), 1);
-        // The BYE the Edge numbers 2 goes to the core as 3.
+        // Its ACK (1) and the BYE the Edge numbers 2 go to the core as 2 and 3.
+        assert_eq!(dialogs.shift_up(now, &key("a"), 1).unwrap(), 2);
         assert_eq!(dialogs.shift_up(now, &key("a"), 2).unwrap(), 3);
-        // A rejected re-INVITE re-sent again raises it further.
-        assert_eq!(dialogs.add_offset(now, &key("a"), 1).unwrap(), 2);
+        // A rejected re-INVITE (Edge 3) re-sent raises it further from 3 on.
+        assert_eq!(dialogs.add_offset(now, &key("a"), 3).unwrap(), 2);
         assert_eq!(dialogs.shift_up(now, &key("a"), 3).unwrap(), 5);
         // Another dialog with the same Call-ID but another Edge tag is another dialog.
         let other = DialogKey {
@@ -210,6 +233,18 @@ mod tests {
         assert_eq!(shift_rack("1 x INVITE", 1), None);
         assert_eq!(shift_rack("1 2", 1), None);
         assert_eq!(shift_rack(&format!("1 {MAX_CSEQ} INVITE"), 1), None);
+    }
+
+    #[test]
+    fn an_ack_keeps_the_offset_its_invite_was_sent_with() {
+        // INVITE 1 went out unshifted; PRACK 2 was then re-sent: ACK 1 and RAck "1
+        // INVITE" must stay 1, later requests move up.
+        let now = Instant::now();
+        let mut dialogs = table();
+        dialogs.add_offset(now, &key("a"), 2).unwrap();
+        assert_eq!(dialogs.shift_up(now, &key("a"), 1).unwrap(), 1);
+        assert_eq!(dialogs.shift_up(now, &key("a"), 2).unwrap(), 3);
+        assert_eq!(dialogs.shift_up(now, &key("a"), 4).unwrap(), 5);
     }
 
     #[test]
@@ -265,7 +300,7 @@ mod tests {
         assert_eq!(dialogs.poll_timeout(), Some(now + Duration::from_secs(32)));
         assert_eq!(dialogs.expire(now + Duration::from_secs(32)), 1);
         // b stays while used; once idle for an hour it goes.
-        dialogs.offset(now + Duration::from_secs(1800), &key("b"));
+        dialogs.offset(now + Duration::from_secs(1800), &key("b"), 1);
         assert_eq!(dialogs.expire(now + Duration::from_secs(3600)), 0);
         assert_eq!(dialogs.expire(now + Duration::from_secs(5400)), 1);
         assert!(dialogs.is_empty());

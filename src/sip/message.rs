@@ -426,7 +426,7 @@ pub fn route_uri(value: &str) -> Result<rsip::Uri, MessageError> {
 }
 
 /// A copy of `request` with only what later responses, ACKs and CANCELs are built from:
-/// Request-URI, Via, From, To, Call-ID, CSeq and Route, and no body. Transactions linger
+/// Request-URI, Via, From, To, Call-ID, CSeq, Route and Authorization, and no body. Transactions linger
 /// for up to 64·T1 after they end, so keeping less matters under load.
 pub fn skeleton(request: &rsip::Request) -> rsip::Request {
     let headers: Vec<Header> = request
@@ -441,6 +441,7 @@ pub fn skeleton(request: &rsip::Request) -> rsip::Request {
                     | Header::CallId(_)
                     | Header::CSeq(_)
                     | Header::Route(_)
+                    | Header::Authorization(_)
             )
         })
         .cloned()

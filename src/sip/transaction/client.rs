@@ -262,9 +262,12 @@ impl ClientTransaction {
                         .to_string();
                     headers.push(Header::Via(top.into()));
                 }
-                Header::From(_) | Header::CallId(_) | Header::Route(_) => {
-                    headers.push(header.clone())
-                }
+                // Authorization too: a core that wants credentials on every request
+                // (RFC 8898 bearer) gets them on the CANCEL and the hop-by-hop ACK.
+                Header::From(_)
+                | Header::CallId(_)
+                | Header::Route(_)
+                | Header::Authorization(_) => headers.push(header.clone()),
                 Header::To(_) => match &to_override {
                     Some(to) => headers.push(Header::To(to.clone().into())),
                     None => headers.push(header.clone()),
