@@ -21,8 +21,8 @@ use crate::sip::message;
 use crate::stats::Stats;
 use crate::transport::TransportEvent;
 
-/// What a client transaction keeps to be able to re-send its request.
-#[derive(Debug)]
+/// What a client transaction keeps to be able to re-send its request. Its `Debug` shows
+/// no part of the request, which carries the token.
 pub struct ResendInfo {
     /// The request as it was forwarded (our Via on top, the old token).
     pub request: Request,
@@ -33,13 +33,35 @@ pub struct ResendInfo {
 }
 
 /// A rejected request waiting for its forced refresh.
-#[derive(Debug)]
 pub struct PendingResend {
     info: ResendInfo,
     destination: Destination,
     /// The rejection as the Edge would see it, should no newer credential come.
     rejected: Response,
 }
+
+impl std::fmt::Debug for ResendInfo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ResendInfo")
+            .field("method", &self.request.method)
+            .field("generation", &self.generation)
+            .field("trunk", &self.trunk)
+            .finish_non_exhaustive()
+    }
+}
+
+impl std::fmt::Debug for PendingResend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PendingResend")
+            .field("info", &self.info)
+            .field("rejected", &self.rejected.status_code.code())
+            .finish_non_exhaustive()
+    }
+}
+
+/// How long a pending re-send waits for its credential at most; the manager answers
+/// sooner (its own bound is 10 s), this only guarantees an answer reaches the engine.
+const RESEND_WAIT: std::time::Duration = std::time::Duration::from_secs(12);
 
 /// The dialog key of a request or response from the Edge's side: Call-ID and From tag.
 fn dialog_key(headers: &rsip::Headers, tag_of_to: bool) -> Option<DialogKey> {
@@ -111,7 +133,10 @@ impl Engine {
         }));
         Stats::bump(&self.stats.rejections_absorbed);
         tokio::spawn(async move {
-            let credential = manager.force_refresh(rejected_generation).await;
+            let credential =
+                tokio::time::timeout(RESEND_WAIT, manager.force_refresh(rejected_generation))
+                    .await
+                    .unwrap_or(None);
             // The engine may have stopped meanwhile; then nobody waits for this.
             let _ = internal
                 .send(TransportEvent::CredentialRefreshed { server, credential })
@@ -286,4 +311,28 @@ fn rebuild(mut request: Request, token: &str) -> Option<(Request, String)> {
         format!("Bearer {token}").into(),
     ));
     Some((request, branch))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn debug_output_shows_no_part_of_the_request() {
+        let text = "INVITE sip:a@b SIP/2.0\r\nVia: SIP/2.0/UDP h;branch=z9hG4bK1\r\n\
+                    Authorization: Bearer debug-token-7e2a\r\nFrom: <sip:x@y>;tag=1\r\nTo: <sip:a@b>\r\n\
+                    Call-ID: c\r\nCSeq: 1 INVITE\r\nContent-Length: 0\r\n\r\n";
+        let rsip::SipMessage::Request(request) = message::parse(text.as_bytes(), true).unwrap()
+        else {
+            unreachable!()
+        };
+        let info = ResendInfo {
+            request,
+            generation: 3,
+            trunk: 0,
+        };
+        let shown = format!("{info:?}");
+        assert!(!shown.contains("debug-token-7e2a"), "{shown}");
+        assert!(shown.contains("generation: 3"));
+    }
 }
