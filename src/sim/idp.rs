@@ -75,6 +75,25 @@ pub enum Fault {
     Drop,
 }
 
+/// How a core decides whether a token is acceptable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Validation {
+    /// Any token the endpoint issued that has not expired.
+    AnyUnexpired,
+    /// Only the newest token of each client: issuing a new one revokes the older ones at
+    /// once (the behaviour that makes rotation drop calls).
+    RevokeOnReissue,
+}
+
+/// What a core learns about a token.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TokenCheck {
+    Valid,
+    Unknown,
+    Expired,
+    Revoked,
+}
+
 /// A token the endpoint issued.
 #[derive(Debug, Clone)]
 pub struct IssuedToken {
@@ -198,6 +217,46 @@ impl Idp {
 
     pub fn issued(&self) -> Vec<IssuedToken> {
         lock(&self.state.issued).clone()
+    }
+
+    /// Issues a token to `client_id` without an HTTP request, as another instance sharing
+    /// the client would: under revoke-on-reissue it invalidates every earlier token.
+    pub fn issue_for(&self, client_id: &str) -> Option<String> {
+        let client = self
+            .state
+            .settings
+            .clients
+            .iter()
+            .find(|client| client.id == client_id)?;
+        Some(mint(&self.state, client, ""))
+    }
+
+    /// Whether `token` is acceptable now under `validation`.
+    pub fn check(&self, token: &str, validation: Validation) -> TokenCheck {
+        let issued = lock(&self.state.issued);
+        let Some(position) = issued
+            .iter()
+            .rposition(|candidate| candidate.token == token)
+        else {
+            return TokenCheck::Unknown;
+        };
+        let found = &issued[position];
+        if Instant::now() >= found.expires_at {
+            return TokenCheck::Expired;
+        }
+        match validation {
+            Validation::AnyUnexpired => TokenCheck::Valid,
+            Validation::RevokeOnReissue => {
+                let newer = issued[position + 1..]
+                    .iter()
+                    .any(|later| later.client_id == found.client_id);
+                if newer {
+                    TokenCheck::Revoked
+                } else {
+                    TokenCheck::Valid
+                }
+            }
+        }
     }
 
     /// The newest token issued to `client_id`.
@@ -343,6 +402,20 @@ async fn issue(state: &State, request: Request<Incoming>) -> Response<Full<Bytes
         );
     }
     let scope = field("scope").unwrap_or_default();
+    let token = mint(state, client, &scope);
+    let mut body = json!({
+        "access_token": token,
+        "token_type": "Bearer",
+        "expires_in": state.settings.ttl.as_secs_f64(),
+    });
+    if !scope.is_empty() {
+        body["scope"] = json!(scope);
+    }
+    json_response(StatusCode::OK, body)
+}
+
+/// Issues and records a token for `client`.
+fn mint(state: &State, client: &SimClient, scope: &str) -> String {
     let now = Instant::now();
     let wall = SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -372,15 +445,7 @@ async fn issue(state: &State, request: Request<Incoming>) -> Response<Full<Bytes
         issued_at: now,
         expires_at: now + state.settings.ttl,
     });
-    let mut body = json!({
-        "access_token": token,
-        "token_type": "Bearer",
-        "expires_in": state.settings.ttl.as_secs_f64(),
-    });
-    if !scope.is_empty() {
-        body["scope"] = json!(scope);
-    }
-    json_response(StatusCode::OK, body)
+    token
 }
 
 fn parse_form(body: &str) -> Vec<(String, String)> {
