@@ -121,3 +121,97 @@ async fn calls_survive_revoke_on_reissue_rotation_every_two_seconds() {
     rotator.abort();
     sidecar.stop().await;
 }
+
+/// A real permission problem: the core refuses every token. Each call is re-sent at most
+/// once (only when a newer token could be had), the Edge gets the 403, and token requests
+/// stay within the forced-refresh rate limit however many calls are refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn persistent_403_reaches_the_edge_after_at_most_one_resend_within_the_rate_limit() {
+    const CALLS: u64 = 200;
+    const CALL_RATE: u64 = 20;
+    let cancel = CancellationToken::new();
+    let tracker = TaskTracker::new();
+    let client = SimClient {
+        id: "edge-p".into(),
+        secret: "persistent-secret".into(),
+        organization: "org-p".into(),
+    };
+    let idp = Idp::start(
+        IdpSettings::new(vec![client], Duration::from_secs(3600), TokenKind::Opaque),
+        "127.0.0.1:0".parse().unwrap(),
+        cancel.clone(),
+        &tracker,
+    )
+    .await
+    .unwrap();
+    let core = SimCore::start(
+        idp.clone(),
+        Validation::RejectAll,
+        "127.0.0.1:0".parse().unwrap(),
+        cancel.clone(),
+        &tracker,
+    )
+    .await
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let secret = dir.path().join("secret");
+    std::fs::write(&secret, "persistent-secret").unwrap();
+    let text = format!(
+        "{}auth = \"bearer\"\n\n[trunk.credentials]\nkind = \"oauth2\"\ntoken_url = \"{}\"\nclient_id = \"edge-p\"\n\
+         client_secret_file = \"{}\"\norganization = \"org-p\"\nforce_refresh_interval = \"2s\"\n",
+        Sidecar::config("udp:127.0.0.1:9", &format!("udp:{}", core.addr), ""),
+        idp.url(),
+        secret.display()
+    );
+    let sidecar = Sidecar::start_with(&text).await;
+    let manager = sidecar.app.credentials.get("test").unwrap().clone();
+    let mut attempts = manager.attempts();
+    attempts
+        .wait_for(|_| manager.current().is_some())
+        .await
+        .unwrap();
+    let start = tokio::time::Instant::now();
+    let target = sidecar.addr(Side::Edge, Transport::Udp);
+    let uac = Sipp::start(
+        "uac",
+        &uac_args(
+            "uac_forbidden.xml",
+            target,
+            Transport::Udp,
+            CALLS,
+            CALL_RATE,
+            0,
+        ),
+    );
+    let outcome = uac.finish(Duration::from_secs(60)).await;
+    let elapsed = start.elapsed();
+    // Every call saw its 403 at the Edge.
+    assert_all_calls_succeeded(&outcome, CALLS, "uac");
+    let stats = sidecar.app.stats.snapshot();
+    let invites = core.stats.invites_answered.load(Ordering::Relaxed)
+        + core.stats.rejected_403.load(Ordering::Relaxed);
+    assert_eq!(stats.rejections_absorbed, CALLS, "{stats:?}");
+    assert_eq!(stats.resends + stats.resends_impossible, CALLS, "{stats:?}");
+    assert_eq!(
+        invites,
+        CALLS + stats.resends,
+        "never more than one re-send per call"
+    );
+    assert!(stats.resends >= 1, "{stats:?}");
+    // One token at start, then at most one forced refresh per 2 s interval.
+    let allowed = 1 + elapsed.as_secs() / 2 + 1;
+    assert!(
+        idp.tokens_issued() <= allowed,
+        "{} tokens in {elapsed:?}",
+        idp.tokens_issued()
+    );
+    println!(
+        "persistent 403: {CALLS} calls, {} re-sent, {} passed on without a newer token, {} tokens issued in {:.1} s",
+        stats.resends,
+        stats.resends_impossible,
+        idp.tokens_issued(),
+        elapsed.as_secs_f64()
+    );
+    cancel.cancel();
+    sidecar.stop().await;
+}

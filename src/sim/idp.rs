@@ -83,6 +83,8 @@ pub enum Validation {
     /// Only the newest token of each client: issuing a new one revokes the older ones at
     /// once (the behaviour that makes rotation drop calls).
     RevokeOnReissue,
+    /// No token at all: a permission problem that no refresh fixes.
+    RejectAll,
 }
 
 /// What a core learns about a token.
@@ -92,6 +94,8 @@ pub enum TokenCheck {
     Unknown,
     Expired,
     Revoked,
+    /// Valid, but not allowed here.
+    Forbidden,
 }
 
 /// A token the endpoint issued.
@@ -246,6 +250,7 @@ impl Idp {
         }
         match validation {
             Validation::AnyUnexpired => TokenCheck::Valid,
+            Validation::RejectAll => TokenCheck::Forbidden,
             Validation::RevokeOnReissue => {
                 let newer = issued[position + 1..]
                     .iter()
