@@ -418,3 +418,97 @@ async fn ack_outside_any_record_routed_dialog_is_dropped() {
     assert_eq!(sidecar.app.stats.snapshot().stray_acks, 1);
     sidecar.stop().await;
 }
+
+/// RFC 3261 §18.2.2: over TCP, when the connection a request came on is gone, the
+/// response goes to a new connection at `received` and the Via's sent-by port (not the
+/// vanished connection's ephemeral port).
+#[tokio::test]
+async fn tcp_response_after_the_edges_connection_closed_goes_to_the_sent_by_port() {
+    let core = RawPeer::bind().await;
+    let sidecar = Sidecar::start("udp:127.0.0.1:9", &format!("udp:{}", core.addr), "").await;
+    let proxy = sidecar.addr(Side::Edge, Transport::Tcp);
+    // Where the Edge listens for new connections, distinct from its outgoing one.
+    let edge_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let sent_by = edge_listener.local_addr().unwrap();
+    let mut outgoing = TcpStream::connect(proxy).await.unwrap();
+    let request = invite(sent_by, proxy, "z9hG4bKtcpgone", "tcpgone@test")
+        .replace("SIP/2.0/UDP", "SIP/2.0/TCP");
+    outgoing.write_all(request.as_bytes()).await.unwrap();
+    let (forwarded, from) = core.receive(WAIT, "INVITE at the core").await;
+    drop(outgoing);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    core.send(
+        &common::raw::answer(&forwarded, 486, "Busy Here", "core"),
+        from,
+    )
+    .await;
+    let (mut back, _) = tokio::time::timeout(WAIT, edge_listener.accept())
+        .await
+        .expect("a new connection")
+        .unwrap();
+    let mut framer = byoc_sidecar::sip::framing::StreamFramer::new(65_536);
+    loop {
+        let mut buffer = [0u8; 4096];
+        let length = tokio::time::timeout(WAIT, back.read(&mut buffer))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(length > 0, "closed before the 486 arrived");
+        framer.push(&buffer[..length]);
+        if let Some(byoc_sidecar::sip::framing::Frame::Message(bytes)) =
+            framer.next_frame().unwrap()
+        {
+            let response = message::parse(&bytes, false).unwrap();
+            assert_eq!(status(&response), 486);
+            break;
+        }
+    }
+    sidecar.stop().await;
+}
+
+/// A 2xx matching no transaction is forwarded by its Via only within the allow list: a
+/// Via the core wrote cannot make the sidecar send anywhere else.
+#[tokio::test]
+async fn stateless_response_forwarding_stays_within_the_allow_list() {
+    let core = RawPeer::bind().await;
+    let text = Sidecar::config("udp:127.0.0.2:9", &format!("udp:{}", core.addr), "").replacen(
+        "allow = [\"127.0.0.0/8\"]",
+        "allow = [\"127.0.0.5/32\"]",
+        1,
+    );
+    let sidecar = Sidecar::start_with(&text).await;
+    let core_side = sidecar.addr(Side::Core, Transport::Udp);
+    let outsider = RawPeer::bind().await; // 127.0.0.1: not allowed on the edge side
+    let allowed = tokio::net::UdpSocket::bind("127.0.0.2:0").await.unwrap();
+    let late_ok = |to: std::net::SocketAddr, branch: &str| {
+        format!(
+            "SIP/2.0 200 OK\r\nVia: SIP/2.0/UDP {core_side};branch=z9hG4bKbsc{branch}\r\n\
+             Via: SIP/2.0/UDP {to};branch=z9hG4bKedge\r\nFrom: <sip:a@b>;tag=1\r\nTo: <sip:c@d>;tag=2\r\n\
+             Call-ID: late@test\r\nCSeq: 1 INVITE\r\nContent-Length: 0\r\n\r\n"
+        )
+    };
+    core.send(&late_ok(outsider.addr, "00000000000000aa"), core_side)
+        .await;
+    let leaked = tokio::time::timeout(
+        Duration::from_millis(300),
+        outsider.socket.recv_from(&mut [0u8; 10]),
+    )
+    .await;
+    assert!(
+        leaked.is_err(),
+        "a response was sent outside the allow list"
+    );
+    core.send(
+        &late_ok(allowed.local_addr().unwrap(), "00000000000000bb"),
+        core_side,
+    )
+    .await;
+    let mut buffer = [0u8; 2048];
+    let received = tokio::time::timeout(WAIT, allowed.recv_from(&mut buffer)).await;
+    assert!(
+        received.is_ok(),
+        "the allowed Edge did not get the late 2xx"
+    );
+    assert_eq!(sidecar.app.stats.snapshot().stray_responses, 1);
+    sidecar.stop().await;
+}

@@ -138,7 +138,6 @@ pub(super) struct ServerEntry {
     /// `received` with the sent-by port).
     pub reconnect: Option<SocketAddr>,
     pub client: Option<u64>,
-    pub trunk: Option<Arc<str>>,
     /// A rejected request waiting for a fresh credential to be re-sent.
     pub pending_resend: Option<Box<super::resend::PendingResend>>,
     /// The Edge cancelled this INVITE (matters while a re-send is pending).
@@ -378,7 +377,6 @@ impl Engine {
         transaction: ServerTransaction,
         reply_to: Destination,
         request: Request,
-        trunk: Option<Arc<str>>,
     ) -> u64 {
         let id = self.allocate_id();
         Stats::bump(&self.stats.server_transactions);
@@ -395,7 +393,6 @@ impl Engine {
                 to_tag,
                 reconnect: None,
                 client: None,
-                trunk,
                 pending_resend: None,
                 cancel_requested: false,
                 span,
@@ -621,27 +618,27 @@ impl Engine {
     /// CSeq offset.
     pub(super) fn deliver(&mut self, server: u64, mut response: Response) {
         let original = match self.entries.get(&server) {
-            Some(Entry::Server(entry)) => message::cseq(&entry.request.headers).ok(),
+            Some(Entry::Server(entry)) => message::cseq(&entry.request.headers)
+                .ok()
+                .map(|cseq| (cseq, &entry.request.headers)),
             _ => None,
         };
-        if let (Some((seq, method)), Ok((current, _))) =
-            (original, message::cseq(&response.headers))
-        {
-            if seq != current {
+        if let Some(((seq, method), request_headers)) = original {
+            let code = response.status_code.code();
+            // A dialog ends with its BYE's 2xx, or never starts when its INVITE fails;
+            // only worth looking at while some dialog carries an offset.
+            let ends_dialog = !self.dialogs.is_empty()
+                && ((method == rsip::Method::Bye && (200..300).contains(&code))
+                    || (method == rsip::Method::Invite
+                        && code >= 300
+                        && message::to_value(request_headers)
+                            .ok()
+                            .and_then(message::tag_of)
+                            .is_none()));
+            if message::cseq(&response.headers).is_ok_and(|(current, _)| current != seq) {
                 message::set_cseq(&mut response.headers, seq, method);
             }
-            let code = response.status_code.code();
-            let initial = match self.entries.get(&server) {
-                Some(Entry::Server(entry)) => message::to_value(&entry.request.headers)
-                    .ok()
-                    .and_then(message::tag_of)
-                    .is_none(),
-                _ => false,
-            };
-            // A dialog ends with its BYE's 2xx, or never starts when its INVITE fails.
-            if (method == rsip::Method::Bye && (200..300).contains(&code))
-                || (method == rsip::Method::Invite && initial && code >= 300)
-            {
+            if ends_dialog {
                 self.end_dialog(&response);
             }
         }
@@ -663,6 +660,12 @@ impl Engine {
             Stats::bump(&self.stats.stray_responses);
             return;
         };
+        // A Via is whatever the sender wrote: never a way to reach outside the allow list.
+        if !self.router.allow(side).allows(addr.ip()) {
+            Stats::bump(&self.stats.stray_responses);
+            tracing::debug!(to = %addr, %side, "not forwarding a response outside the allow list");
+            return;
+        }
         let transport = if via.transport == "TCP" {
             Transport::Tcp
         } else {
@@ -833,9 +836,5 @@ impl Engine {
                 _ => {}
             }
         }
-    }
-
-    pub fn transaction_count(&self) -> usize {
-        self.entries.len()
     }
 }

@@ -125,15 +125,14 @@ impl Engine {
         let invite = request.method == Method::Invite;
         let transaction =
             ServerTransaction::new(invite, source.transport.is_reliable(), self.timers);
-        let server = self.insert_server(
-            key,
-            transaction,
-            reply_to,
-            message::skeleton(&request),
-            None,
-        );
-        let span = match self.entries.get(&server) {
-            Some(Entry::Server(entry)) => entry.span.clone(),
+        let server = self.insert_server(key, transaction, reply_to, message::skeleton(&request));
+        let span = match self.entries.get_mut(&server) {
+            Some(Entry::Server(entry)) => {
+                if source.transport == Transport::Tcp {
+                    entry.reconnect = via.reconnect_address();
+                }
+                entry.span.clone()
+            }
             _ => tracing::Span::none(),
         };
         let _entered = span.enter();
@@ -151,9 +150,6 @@ impl Engine {
                     span.record("trunk", trunk);
                 }
                 tracing::debug!(to = %forward.destination.addr, branch = %forward.branch, "forwarding request");
-                if let Some(Entry::Server(entry)) = self.entries.get_mut(&server) {
-                    entry.trunk = forward.trunk.clone();
-                }
                 let resend =
                     forward
                         .generation
@@ -241,7 +237,7 @@ impl Engine {
         };
         let transaction =
             ServerTransaction::new(false, source.transport.is_reliable(), self.timers);
-        let cancel = self.insert_server(key, transaction, reply_to, request, None);
+        let cancel = self.insert_server(key, transaction, reply_to, request);
         self.respond_locally(cancel, message::status(200));
         let client = match self.entries.get_mut(&invite) {
             Some(Entry::Server(server)) if !server.transaction.is_final() => {
