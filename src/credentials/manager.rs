@@ -175,11 +175,6 @@ impl CredentialManager {
             .filter(|credential| credential.is_valid_at(now))
     }
 
-    /// The last credential obtained, even if expired (for diagnostics and metrics).
-    pub fn latest(&self) -> Option<Arc<Credential>> {
-        self.shared.current.load_full()
-    }
-
     pub fn trunk(&self) -> &str {
         &self.shared.options.trunk
     }

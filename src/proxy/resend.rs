@@ -229,6 +229,10 @@ impl Engine {
 
     /// Numbers a request from the Edge as the core expects it in this dialog.
     pub(super) fn translate_cseq(&mut self, request: &mut Request) {
+        // The common case, no dialog was ever re-sent: nothing to parse or look up.
+        if self.dialogs.is_empty() {
+            return;
+        }
         let Some(key) = dialog_key(&request.headers, false) else {
             return;
         };

@@ -120,10 +120,6 @@ impl Router {
         }
     }
 
-    pub fn trunks(&self) -> &[RoutedTrunk] {
-        &self.trunks
-    }
-
     pub fn trunk(&self, index: usize) -> Option<&RoutedTrunk> {
         self.trunks.get(index)
     }

@@ -263,15 +263,6 @@ impl Idp {
             }
         }
     }
-
-    /// The newest token issued to `client_id`.
-    pub fn newest_token(&self, client_id: &str) -> Option<IssuedToken> {
-        lock(&self.state.issued)
-            .iter()
-            .rev()
-            .find(|token| token.client_id == client_id)
-            .cloned()
-    }
 }
 
 type Answer = Result<Response<Full<Bytes>>, DropConnection>;
