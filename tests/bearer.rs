@@ -35,14 +35,6 @@ async fn wait_for_generation(sidecar: &Sidecar, generation: u64) {
     panic!("generation {generation} never came");
 }
 
-fn split(values: Vec<String>) -> Vec<String> {
-    values
-        .iter()
-        .flat_map(|value| byoc_sidecar::sip::header::split_list(value))
-        .map(str::to_string)
-        .collect()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_request_toward_the_core_carries_the_current_token_and_nothing_goes_to_the_edge() {
     let dir = tempfile::tempdir().unwrap();
@@ -66,7 +58,7 @@ async fn every_request_toward_the_core_carries_the_current_token_and_nothing_goe
         vec!["Bearer bearer-token-one"]
     );
     assert!(header_values(&forwarded, "Proxy-Authorization").is_empty());
-    let record_route = split(header_values(&forwarded, "Record-Route"));
+    let record_route = common::raw::record_routes(&forwarded);
     assert_eq!(record_route.len(), 2);
     assert!(
         record_route.iter().all(|uri| uri.contains(";bsct=0")),
@@ -74,14 +66,11 @@ async fn every_request_toward_the_core_carries_the_current_token_and_nothing_goe
     );
 
     // The core answers 200 with the Record-Route echoed and its own Contact.
-    let mut ok = common::raw::answer(&forwarded, 200, "OK", "core-tag");
-    ok = ok.replace(
-        "Content-Length: 0\r\n",
-        &format!(
-            "Record-Route: {}\r\nContact: <sip:core@{}>\r\nContent-Length: 0\r\n",
-            record_route.join(", "),
-            core.addr
-        ),
+    let ok = common::raw::with_dialog(
+        &common::raw::answer(&forwarded, 200, "OK", "core-tag"),
+        &record_route,
+        core.addr,
+        "",
     );
     core.send(&ok, core_sidecar).await;
     let answer = loop {
@@ -92,21 +81,8 @@ async fn every_request_toward_the_core_carries_the_current_token_and_nothing_goe
     };
     assert!(header_values(&answer, "Authorization").is_empty());
 
-    let mut routes = split(header_values(&answer, "Record-Route"));
-    routes.reverse();
-    let to = header_values(&answer, "To")[0].clone();
-    let in_dialog = |method: &str, cseq: u32, branch: &str| {
-        format!(
-            "{method} sip:core@{} SIP/2.0\r\nVia: SIP/2.0/UDP {};branch={branch}\r\n\
-             From: <sip:edge@{}>;tag=edge-tag\r\nTo: {to}\r\nCall-ID: bearer@test\r\n\
-             CSeq: {cseq} {method}\r\nRoute: {}\r\nMax-Forwards: 70\r\nContent-Length: 0\r\n\r\n",
-            core.addr,
-            edge.addr,
-            edge.addr,
-            routes.join(", ")
-        )
-    };
-    edge.send(&in_dialog("ACK", 1, "z9hG4bKbearerack"), proxy)
+    let dialog = common::raw::EdgeDialog::from_response(&answer, edge.addr);
+    edge.send(&dialog.request("ACK", 1, "z9hG4bKbearerack", ""), proxy)
         .await;
     let (ack, _) = core.receive(WAIT, "ACK at the core").await;
     assert!(matches!(&ack, SipMessage::Request(request) if request.method == rsip::Method::Ack));
@@ -117,6 +93,7 @@ async fn every_request_toward_the_core_carries_the_current_token_and_nothing_goe
 
     // A request from the core toward the Edge loses any credential on the way.
     let core_routes = record_route.join(", ");
+    let to = header_values(&answer, "To")[0].clone();
     let info = format!(
         "INFO sip:edge@{} SIP/2.0\r\nVia: SIP/2.0/UDP {};branch=z9hG4bKcoreinfo\r\n\
          From: {to}\r\nTo: <sip:edge@{}>;tag=edge-tag\r\nCall-ID: bearer@test\r\nCSeq: 1 INFO\r\n\
@@ -137,7 +114,7 @@ async fn every_request_toward_the_core_carries_the_current_token_and_nothing_goe
     // The token rotates; the BYE carries the new one.
     std::fs::write(&token_path, "bearer-token-two").unwrap();
     wait_for_generation(&sidecar, 2).await;
-    edge.send(&in_dialog("BYE", 2, "z9hG4bKbearerbye"), proxy)
+    edge.send(&dialog.request("BYE", 2, "z9hG4bKbearerbye", ""), proxy)
         .await;
     let bye = loop {
         let (message, _) = core.receive(WAIT, "BYE at the core").await;
@@ -260,35 +237,20 @@ async fn stale_token_403_is_retried_once_with_cseq_plus_one_and_the_dialog_is_tr
     };
     assert_ne!(branch(&first), branch(&second), "a new client transaction");
 
-    let record_route = split(header_values(&second, "Record-Route"));
-    let ok = common::raw::answer(&second, 200, "OK", "core-tag").replace(
-        "Content-Length: 0\r\n",
-        &format!(
-            "Record-Route: {}\r\nContact: <sip:core@{}>\r\nContent-Length: 0\r\n",
-            record_route.join(", "),
-            core.addr
-        ),
+    let record_route = common::raw::record_routes(&second);
+    let ok = common::raw::with_dialog(
+        &common::raw::answer(&second, 200, "OK", "core-tag"),
+        &record_route,
+        core.addr,
+        "",
     );
     core.send(&ok, from).await;
     let answer = final_response(&edge).await;
     assert_eq!(status(&answer), 200, "the Edge never sees the 403");
     assert_eq!(cseq(&answer), "1 INVITE", "the Edge's own CSeq");
 
-    let mut routes = split(header_values(&answer, "Record-Route"));
-    routes.reverse();
-    let to = header_values(&answer, "To")[0].clone();
-    let in_dialog = |method: &str, number: u32, branch: &str| {
-        format!(
-            "{method} sip:core@{} SIP/2.0\r\nVia: SIP/2.0/UDP {};branch={branch}\r\n\
-             From: <sip:edge@{}>;tag=edge-tag\r\nTo: {to}\r\nCall-ID: stale@test\r\n\
-             CSeq: {number} {method}\r\nRoute: {}\r\nMax-Forwards: 70\r\nContent-Length: 0\r\n\r\n",
-            core.addr,
-            edge.addr,
-            edge.addr,
-            routes.join(", ")
-        )
-    };
-    edge.send(&in_dialog("ACK", 1, "z9hG4bKstaleack"), proxy)
+    let dialog = common::raw::EdgeDialog::from_response(&answer, edge.addr);
+    edge.send(&dialog.request("ACK", 1, "z9hG4bKstaleack", ""), proxy)
         .await;
     let (ack, _) = next_request(&core, rsip::Method::Ack).await;
     assert_eq!(
@@ -297,8 +259,11 @@ async fn stale_token_403_is_retried_once_with_cseq_plus_one_and_the_dialog_is_tr
         "the ACK for the 2xx follows the INVITE's new number"
     );
     // A re-INVITE after the translation (a known breakage in other proxies).
-    edge.send(&in_dialog("INVITE", 2, "z9hG4bKstalereinvite"), proxy)
-        .await;
+    edge.send(
+        &dialog.request("INVITE", 2, "z9hG4bKstalereinvite", ""),
+        proxy,
+    )
+    .await;
     let (reinvite, from) = next_request(&core, rsip::Method::Invite).await;
     assert_eq!(cseq(&reinvite), "3 INVITE");
     core.send(&common::raw::answer(&reinvite, 200, "OK", "core-tag"), from)
@@ -308,11 +273,11 @@ async fn stale_token_403_is_retried_once_with_cseq_plus_one_and_the_dialog_is_tr
         (status(&reinvite_answer), cseq(&reinvite_answer)),
         (200, "2 INVITE".to_string())
     );
-    edge.send(&in_dialog("ACK", 2, "z9hG4bKstaleack2"), proxy)
+    edge.send(&dialog.request("ACK", 2, "z9hG4bKstaleack2", ""), proxy)
         .await;
     let (ack, _) = next_request(&core, rsip::Method::Ack).await;
     assert_eq!(cseq(&ack), "3 ACK");
-    edge.send(&in_dialog("BYE", 3, "z9hG4bKstalebye"), proxy)
+    edge.send(&dialog.request("BYE", 3, "z9hG4bKstalebye", ""), proxy)
         .await;
     let (bye, from) = next_request(&core, rsip::Method::Bye).await;
     assert_eq!(cseq(&bye), "4 BYE", "later requests keep the offset");
@@ -539,15 +504,12 @@ async fn prack_and_bye_after_a_resend_are_translated_including_rack() {
     assert_eq!(cseq(&second), "2 INVITE");
 
     // A reliable 183 (RSeq 1) establishes the early dialog.
-    let record_route = split(header_values(&second, "Record-Route"));
-    let dialog_headers = format!(
-        "Record-Route: {}\r\nContact: <sip:core@{}>\r\nContent-Length: 0\r\n",
-        record_route.join(", "),
-        core.addr
-    );
-    let progress = common::raw::answer(&second, 183, "Session Progress", "core-tag").replace(
-        "Content-Length: 0\r\n",
-        &format!("Require: 100rel\r\nRSeq: 1\r\n{dialog_headers}"),
+    let record_route = common::raw::record_routes(&second);
+    let progress = common::raw::with_dialog(
+        &common::raw::answer(&second, 183, "Session Progress", "core-tag"),
+        &record_route,
+        core.addr,
+        "Require: 100rel\r\nRSeq: 1\r\n",
     );
     core.send(&progress, from).await;
     let early = loop {
@@ -558,22 +520,9 @@ async fn prack_and_bye_after_a_resend_are_translated_including_rack() {
     };
     assert_eq!(cseq(&early), "1 INVITE");
 
-    let mut routes = split(header_values(&early, "Record-Route"));
-    routes.reverse();
-    let to = header_values(&early, "To")[0].clone();
-    let in_dialog = |method: &str, number: u32, branch: &str, extra: &str| {
-        format!(
-            "{method} sip:core@{} SIP/2.0\r\nVia: SIP/2.0/UDP {};branch={branch}\r\n\
-             From: <sip:edge@{}>;tag=edge-tag\r\nTo: {to}\r\nCall-ID: prack@test\r\n\
-             CSeq: {number} {method}\r\nRoute: {}\r\n{extra}Max-Forwards: 70\r\nContent-Length: 0\r\n\r\n",
-            core.addr,
-            edge.addr,
-            edge.addr,
-            routes.join(", ")
-        )
-    };
+    let dialog = common::raw::EdgeDialog::from_response(&early, edge.addr);
     edge.send(
-        &in_dialog("PRACK", 2, "z9hG4bKprack1", "RAck: 1 1 INVITE\r\n"),
+        &dialog.request("PRACK", 2, "z9hG4bKprack1", "RAck: 1 1 INVITE\r\n"),
         proxy,
     )
     .await;
@@ -588,21 +537,25 @@ async fn prack_and_bye_after_a_resend_are_translated_including_rack() {
         .await;
     assert_eq!(cseq(&final_response(&edge).await), "2 PRACK");
 
-    let ok = common::raw::answer(&second, 200, "OK", "core-tag")
-        .replace("Content-Length: 0\r\n", &dialog_headers);
+    let ok = common::raw::with_dialog(
+        &common::raw::answer(&second, 200, "OK", "core-tag"),
+        &record_route,
+        core.addr,
+        "",
+    );
     core.send(&ok, from).await;
     let answer = final_response(&edge).await;
     assert_eq!(
         (status(&answer), cseq(&answer)),
         (200, "1 INVITE".to_string())
     );
-    edge.send(&in_dialog("ACK", 1, "z9hG4bKprackack", ""), proxy)
+    edge.send(&dialog.request("ACK", 1, "z9hG4bKprackack", ""), proxy)
         .await;
     assert_eq!(
         cseq(&next_request(&core, rsip::Method::Ack).await.0),
         "2 ACK"
     );
-    edge.send(&in_dialog("BYE", 3, "z9hG4bKprackbye", ""), proxy)
+    edge.send(&dialog.request("BYE", 3, "z9hG4bKprackbye", ""), proxy)
         .await;
     let (bye, from) = next_request(&core, rsip::Method::Bye).await;
     assert_eq!(cseq(&bye), "4 BYE");
@@ -631,15 +584,12 @@ async fn ack_keeps_its_invites_number_when_a_later_prack_was_resent() {
     .await;
     let (first, from) = next_request(&core, rsip::Method::Invite).await;
     assert_eq!(cseq(&first), "1 INVITE");
-    let record_route = split(header_values(&first, "Record-Route"));
-    let dialog_headers = format!(
-        "Record-Route: {}\r\nContact: <sip:core@{}>\r\nContent-Length: 0\r\n",
-        record_route.join(", "),
-        core.addr
-    );
-    let progress = common::raw::answer(&first, 183, "Session Progress", "core-tag").replace(
-        "Content-Length: 0\r\n",
-        &format!("Require: 100rel\r\nRSeq: 1\r\n{dialog_headers}"),
+    let record_route = common::raw::record_routes(&first);
+    let progress = common::raw::with_dialog(
+        &common::raw::answer(&first, 183, "Session Progress", "core-tag"),
+        &record_route,
+        core.addr,
+        "Require: 100rel\r\nRSeq: 1\r\n",
     );
     core.send(&progress, from).await;
     let early = loop {
@@ -648,24 +598,11 @@ async fn ack_keeps_its_invites_number_when_a_later_prack_was_resent() {
             break message;
         }
     };
-    let mut routes = split(header_values(&early, "Record-Route"));
-    routes.reverse();
-    let to = header_values(&early, "To")[0].clone();
-    let in_dialog = |method: &str, number: u32, branch: &str, extra: &str| {
-        format!(
-            "{method} sip:core@{} SIP/2.0\r\nVia: SIP/2.0/UDP {};branch={branch}\r\n\
-             From: <sip:edge@{}>;tag=edge-tag\r\nTo: {to}\r\nCall-ID: midcall@test\r\n\
-             CSeq: {number} {method}\r\nRoute: {}\r\n{extra}Max-Forwards: 70\r\nContent-Length: 0\r\n\r\n",
-            core.addr,
-            edge.addr,
-            edge.addr,
-            routes.join(", ")
-        )
-    };
+    let dialog = common::raw::EdgeDialog::from_response(&early, edge.addr);
     // The token rotates while ringing; the PRACK is rejected and re-sent.
     std::fs::write(&token_path, "midcall-token-two").unwrap();
     edge.send(
-        &in_dialog("PRACK", 2, "z9hG4bKmidprack", "RAck: 1 1 INVITE\r\n"),
+        &dialog.request("PRACK", 2, "z9hG4bKmidprack", "RAck: 1 1 INVITE\r\n"),
         proxy,
     )
     .await;
@@ -691,20 +628,24 @@ async fn ack_keeps_its_invites_number_when_a_later_prack_was_resent() {
     assert_eq!(cseq(&final_response(&edge).await), "2 PRACK");
 
     core.send(
-        &common::raw::answer(&first, 200, "OK", "core-tag")
-            .replace("Content-Length: 0\r\n", &dialog_headers),
+        &common::raw::with_dialog(
+            &common::raw::answer(&first, 200, "OK", "core-tag"),
+            &record_route,
+            core.addr,
+            "",
+        ),
         from,
     )
     .await;
     assert_eq!(cseq(&final_response(&edge).await), "1 INVITE");
-    edge.send(&in_dialog("ACK", 1, "z9hG4bKmidack", ""), proxy)
+    edge.send(&dialog.request("ACK", 1, "z9hG4bKmidack", ""), proxy)
         .await;
     assert_eq!(
         cseq(&next_request(&core, rsip::Method::Ack).await.0),
         "1 ACK",
         "the ACK matches the INVITE as sent"
     );
-    edge.send(&in_dialog("BYE", 3, "z9hG4bKmidbye", ""), proxy)
+    edge.send(&dialog.request("BYE", 3, "z9hG4bKmidbye", ""), proxy)
         .await;
     let (bye, from) = next_request(&core, rsip::Method::Bye).await;
     assert_eq!(cseq(&bye), "4 BYE");

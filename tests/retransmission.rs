@@ -49,33 +49,17 @@ async fn call_completes_when_the_first_200_ok_is_lost() {
     assert!(codes.contains(&180), "{codes:?}");
 
     // ACK and BYE go to the Contact through the recorded route, reversed (RFC 3261 §12.1.2).
-    let contact = header_values(&ok, "Contact")[0]
-        .trim_matches(|c| c == '<' || c == '>')
-        .to_string();
-    let mut routes: Vec<String> = header_values(&ok, "Record-Route")
-        .iter()
-        .flat_map(|value| byoc_sidecar::sip::header::split_list(value))
-        .map(str::to_string)
-        .collect();
-    routes.reverse();
-    let to = header_values(&ok, "To")[0].clone();
-    let in_dialog = |method: &str, cseq: u32, branch: &str| {
-        format!(
-            "{method} {contact} SIP/2.0\r\nVia: SIP/2.0/UDP {};branch={branch}\r\n\
-             From: <sip:edge@{}>;tag=edge-tag\r\nTo: {to}\r\nCall-ID: lost-200@test\r\n\
-             CSeq: {cseq} {method}\r\nRoute: {}\r\nMax-Forwards: 70\r\nContent-Length: 0\r\n\r\n",
-            edge.addr,
-            edge.addr,
-            routes.join(", ")
-        )
-    };
+    let dialog = common::raw::EdgeDialog::from_response(&ok, edge.addr);
     assert_eq!(
-        routes.len(),
+        dialog.routes.len(),
         2,
-        "the sidecar record-routes once per side: {routes:?}"
+        "the sidecar record-routes once per side: {:?}",
+        dialog.routes
     );
-    edge.send(&in_dialog("ACK", 1, "z9hG4bKack1"), proxy).await;
-    edge.send(&in_dialog("BYE", 2, "z9hG4bKbye1"), proxy).await;
+    edge.send(&dialog.request("ACK", 1, "z9hG4bKack1", ""), proxy)
+        .await;
+    edge.send(&dialog.request("BYE", 2, "z9hG4bKbye1", ""), proxy)
+        .await;
     let bye_answer = loop {
         let (response, _) = edge
             .receive(Duration::from_secs(10), "200 for the BYE")

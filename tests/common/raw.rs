@@ -85,3 +85,69 @@ pub fn answer(request: &SipMessage, code: u16, reason: &str, to_tag: &str) -> St
     ));
     text
 }
+
+/// The Record-Route entries of a message, one per value (a header may hold several).
+pub fn record_routes(message: &SipMessage) -> Vec<String> {
+    header_values(message, "Record-Route")
+        .iter()
+        .flat_map(|value| byoc_sidecar::sip::header::split_list(value))
+        .map(str::to_string)
+        .collect()
+}
+
+/// `answer` turned into a dialog-creating one, as a UAS sends it: the request's
+/// Record-Route echoed, its own Contact, and any `extra` header lines (each ending CRLF).
+pub fn with_dialog(
+    answer: &str,
+    record_route: &[String],
+    contact: SocketAddr,
+    extra: &str,
+) -> String {
+    answer.replace(
+        "Content-Length: 0\r\n",
+        &format!(
+            "{extra}Record-Route: {}\r\nContact: <sip:core@{contact}>\r\nContent-Length: 0\r\n",
+            record_route.join(", ")
+        ),
+    )
+}
+
+/// The Edge's side of a dialog, learnt from a response with Record-Route and Contact
+/// (RFC 3261 §12.1.2): requests go to the Contact through the recorded route, reversed.
+/// The Edge's own identity is the one [`invite`] uses (`tag=edge-tag`).
+pub struct EdgeDialog {
+    pub target: String,
+    pub routes: Vec<String>,
+    to: String,
+    call_id: String,
+    edge: SocketAddr,
+}
+
+impl EdgeDialog {
+    pub fn from_response(response: &SipMessage, edge: SocketAddr) -> EdgeDialog {
+        let mut routes = record_routes(response);
+        routes.reverse();
+        let contact = &header_values(response, "Contact")[0];
+        EdgeDialog {
+            target: byoc_sidecar::sip::header::name_addr_uri(contact).to_string(),
+            routes,
+            to: header_values(response, "To")[0].clone(),
+            call_id: header_values(response, "Call-ID")[0].clone(),
+            edge,
+        }
+    }
+
+    /// An in-dialog request numbered `cseq`, with `extra` header lines (each ending CRLF).
+    pub fn request(&self, method: &str, cseq: u32, branch: &str, extra: &str) -> String {
+        let edge = self.edge;
+        format!(
+            "{method} {} SIP/2.0\r\nVia: SIP/2.0/UDP {edge};branch={branch}\r\n\
+             From: <sip:edge@{edge}>;tag=edge-tag\r\nTo: {}\r\nCall-ID: {}\r\n\
+             CSeq: {cseq} {method}\r\nRoute: {}\r\n{extra}Max-Forwards: 70\r\nContent-Length: 0\r\n\r\n",
+            self.target,
+            self.to,
+            self.call_id,
+            self.routes.join(", ")
+        )
+    }
+}
