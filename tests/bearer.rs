@@ -371,34 +371,19 @@ async fn rejection_without_a_newer_credential_goes_to_the_edge() {
 /// held, and sent to the core on the re-sent INVITE's branch; the Edge gets 487.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cancel_arriving_during_the_resend_follows_the_new_branch_and_the_edge_gets_487() {
-    use byoc_sidecar::sim::idp::{Fault, Idp, IdpSettings, SimClient, TokenKind};
-    let cancel_token = tokio_util::sync::CancellationToken::new();
-    let tracker = tokio_util::task::TaskTracker::new();
-    let client = SimClient {
-        id: "edge-c".into(),
-        secret: "cancel-test-secret".into(),
-        organization: "org-c".into(),
-    };
-    let idp = Idp::start(
-        IdpSettings::new(vec![client], Duration::from_secs(600), TokenKind::Opaque),
-        "127.0.0.1:0".parse().unwrap(),
-        cancel_token.clone(),
-        &tracker,
+    use byoc_sidecar::sim::idp::{Fault, TokenKind};
+    let sim = common::sim::SimIdp::start(
+        "edge-c",
+        "cancel-test-secret",
+        "org-c",
+        Duration::from_secs(600),
+        TokenKind::Opaque,
     )
-    .await
-    .unwrap();
+    .await;
+    let idp = &sim.idp;
     let dir = tempfile::tempdir().unwrap();
-    let secret = dir.path().join("secret");
-    std::fs::write(&secret, "cancel-test-secret").unwrap();
     let core = RawPeer::bind().await;
-    let text = format!(
-        "{}auth = \"bearer\"\n\n[trunk.credentials]\nkind = \"oauth2\"\ntoken_url = \"{}\"\nclient_id = \"edge-c\"\n\
-         client_secret_file = \"{}\"\norganization = \"org-c\"\n",
-        Sidecar::config("udp:127.0.0.1:9", &format!("udp:{}", core.addr), ""),
-        idp.url(),
-        secret.display()
-    );
-    let sidecar = Sidecar::start_with(&text).await;
+    let sidecar = sim.bearer_sidecar(dir.path(), core.addr, "").await;
     wait_for_generation(&sidecar, 1).await;
     let edge = RawPeer::bind().await;
     let proxy = sidecar.addr(Side::Edge, Transport::Udp);
@@ -473,7 +458,6 @@ async fn cancel_arriving_during_the_resend_follows_the_new_branch_and_the_edge_g
         (487, "1 INVITE".to_string())
     );
     sidecar.stop().await;
-    cancel_token.cancel();
 }
 
 /// BYE after PRACK (RFC 3262) once a re-send raised the dialog's CSeq: the PRACK's CSeq

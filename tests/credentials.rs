@@ -5,6 +5,8 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+mod common;
+
 use std::io::Write;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
@@ -16,7 +18,8 @@ use byoc_sidecar::credentials::{
     CredentialManager, CredentialValue, FetchError, FetchFuture, Fetched, ManagerOptions, Secret,
     Source,
 };
-use byoc_sidecar::sim::idp::{Fault, Idp, IdpSettings, SimClient, TokenKind};
+use byoc_sidecar::sim::idp::{Fault, Idp, TokenKind};
+use common::sim::SimIdp;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -85,6 +88,8 @@ fn assert_nothing_leaked(idp: Option<&Idp>, secrets: &[&str]) {
 
 struct Fixture {
     idp: Idp,
+    /// Keeps the endpoint running as long as the fixture.
+    _sim: SimIdp,
     manager: CredentialManager,
     cancel: CancellationToken,
 }
@@ -108,19 +113,8 @@ async fn fixture(
     log_buffer();
     let cancel = CancellationToken::new();
     let tracker = TaskTracker::new();
-    let client = SimClient {
-        id: "edge-a".into(),
-        secret: CLIENT_SECRET.into(),
-        organization: "org-a".into(),
-    };
-    let idp = Idp::start(
-        IdpSettings::new(vec![client], ttl, TokenKind::Jwt),
-        "127.0.0.1:0".parse().unwrap(),
-        cancel.clone(),
-        &tracker,
-    )
-    .await
-    .unwrap();
+    let sim = SimIdp::start("edge-a", CLIENT_SECRET, "org-a", ttl, TokenKind::Jwt).await;
+    let idp = sim.idp.clone();
     let source = OAuth2Source::new(OAuth2Settings {
         token_url: idp.url(),
         client_id: "edge-a".into(),
@@ -138,6 +132,7 @@ async fn fixture(
         CredentialManager::start(Arc::new(source), options(policy), cancel.clone(), &tracker);
     Fixture {
         idp,
+        _sim: sim,
         manager,
         cancel,
     }
@@ -543,44 +538,20 @@ async fn file_rewritten_in_place_or_swapped_by_rename_or_symlink_is_picked_up_wi
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn proxy_starts_a_manager_per_trunk_credential() {
     log_buffer();
-    let cancel = CancellationToken::new();
-    let tracker = TaskTracker::new();
-    let client = SimClient {
-        id: "edge-b".into(),
-        secret: CLIENT_SECRET.into(),
-        organization: "org-b".into(),
-    };
-    let idp = Idp::start(
-        IdpSettings::new(vec![client], Duration::from_secs(600), TokenKind::Opaque),
-        "127.0.0.1:0".parse().unwrap(),
-        cancel.clone(),
-        &tracker,
+    let sim = SimIdp::start(
+        "edge-b",
+        CLIENT_SECRET,
+        "org-b",
+        Duration::from_secs(600),
+        TokenKind::Opaque,
     )
-    .await
-    .unwrap();
+    .await;
+    let idp = &sim.idp;
     let dir = tempfile::tempdir().unwrap();
-    let secret_path = dir.path().join("secret");
-    std::fs::write(&secret_path, CLIENT_SECRET).unwrap();
     let text = format!(
-        r#"
-[edge]
-listen = ["udp:127.0.0.1:0"]
-[core_side]
-listen = ["udp:127.0.0.1:0"]
-[[trunk]]
-name = "org-b"
-edge = "udp:127.0.0.1:9"
-core = "udp:127.0.0.1:9"
-[trunk.credentials]
-kind = "oauth2"
-token_url = "{}"
-client_id = "edge-b"
-client_secret_file = "{}"
-organization = "org-b"
-scopes = ["trunk:write"]
-"#,
-        idp.url(),
-        secret_path.display()
+        "[edge]\nlisten = [\"udp:127.0.0.1:0\"]\n[core_side]\nlisten = [\"udp:127.0.0.1:0\"]\n[[trunk]]\n\
+         name = \"org-b\"\nedge = \"udp:127.0.0.1:9\"\ncore = \"udp:127.0.0.1:9\"\n{}",
+        sim.credentials_toml(dir.path(), "scopes = [\"trunk:write\"]\n")
     );
     let settings = byoc_sidecar::config::Config::from_toml(&text, "t")
         .unwrap()
@@ -602,8 +573,7 @@ scopes = ["trunk:write"]
     assert!(gauges.time_to_expiry.unwrap() > Duration::from_secs(590));
     assert_eq!(idp.tokens_issued(), 1);
     assert!(app.shutdown(Duration::from_secs(5)).await);
-    cancel.cancel();
-    assert_nothing_leaked(Some(&idp), &[CLIENT_SECRET]);
+    assert_nothing_leaked(Some(idp), &[CLIENT_SECRET]);
 }
 
 struct WrongOrgJwt;

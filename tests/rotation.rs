@@ -13,11 +13,10 @@ use std::time::Duration;
 
 use byoc_sidecar::config::Transport;
 use byoc_sidecar::sim::core::SimCore;
-use byoc_sidecar::sim::idp::{Idp, IdpSettings, SimClient, TokenKind, Validation};
+use byoc_sidecar::sim::idp::{TokenKind, Validation};
 use byoc_sidecar::transport::Side;
+use common::sim::SimIdp;
 use common::*;
-use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
 const RATE: u64 = 20;
 const SECONDS: u64 = 60;
@@ -25,47 +24,32 @@ const HOLD_MS: u64 = 3000;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn calls_survive_revoke_on_reissue_rotation_every_two_seconds() {
-    let cancel = CancellationToken::new();
-    let tracker = TaskTracker::new();
-    let client = SimClient {
-        id: "edge-r".into(),
-        secret: "rotation-secret".into(),
-        organization: "org-r".into(),
-    };
-    let idp = Idp::start(
-        IdpSettings::new(vec![client], Duration::from_secs(10), TokenKind::Jwt),
-        "127.0.0.1:0".parse().unwrap(),
-        cancel.clone(),
-        &tracker,
+    let sim = SimIdp::start(
+        "edge-r",
+        "rotation-secret",
+        "org-r",
+        Duration::from_secs(10),
+        TokenKind::Jwt,
     )
-    .await
-    .unwrap();
+    .await;
+    let (idp, cancel, tracker) = (&sim.idp, &sim.cancel, &sim.tracker);
     let core = SimCore::start(
         idp.clone(),
         Validation::RevokeOnReissue,
         "127.0.0.1:0".parse().unwrap(),
         cancel.clone(),
-        &tracker,
+        tracker,
     )
     .await
     .unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let secret = dir.path().join("secret");
-    std::fs::write(&secret, "rotation-secret").unwrap();
-    let text = format!(
-        "{}auth = \"bearer\"\n\n[trunk.credentials]\nkind = \"oauth2\"\ntoken_url = \"{}\"\nclient_id = \"edge-r\"\n\
-         client_secret_file = \"{}\"\norganization = \"org-r\"\nforce_refresh_interval = \"500ms\"\n",
-        Sidecar::config("udp:127.0.0.1:9", &format!("udp:{}", core.addr), ""),
-        idp.url(),
-        secret.display()
-    );
-    let sidecar = Sidecar::start_with(&text).await;
-    let manager = sidecar.app.credentials.get("test").unwrap().clone();
-    let mut attempts = manager.attempts();
-    attempts
-        .wait_for(|_| manager.current().is_some())
-        .await
-        .unwrap();
+    let sidecar = sim
+        .bearer_sidecar(
+            dir.path(),
+            core.addr,
+            "force_refresh_interval = \"500ms\"\n",
+        )
+        .await;
 
     // Another holder of the same client credentials reissues every 2 s, revoking ours.
     let rotator = {
@@ -129,47 +113,28 @@ async fn calls_survive_revoke_on_reissue_rotation_every_two_seconds() {
 async fn persistent_403_reaches_the_edge_after_at_most_one_resend_within_the_rate_limit() {
     const CALLS: u64 = 200;
     const CALL_RATE: u64 = 20;
-    let cancel = CancellationToken::new();
-    let tracker = TaskTracker::new();
-    let client = SimClient {
-        id: "edge-p".into(),
-        secret: "persistent-secret".into(),
-        organization: "org-p".into(),
-    };
-    let idp = Idp::start(
-        IdpSettings::new(vec![client], Duration::from_secs(3600), TokenKind::Opaque),
-        "127.0.0.1:0".parse().unwrap(),
-        cancel.clone(),
-        &tracker,
+    let sim = SimIdp::start(
+        "edge-p",
+        "persistent-secret",
+        "org-p",
+        Duration::from_secs(3600),
+        TokenKind::Opaque,
     )
-    .await
-    .unwrap();
+    .await;
+    let (idp, cancel, tracker) = (&sim.idp, &sim.cancel, &sim.tracker);
     let core = SimCore::start(
         idp.clone(),
         Validation::RejectAll,
         "127.0.0.1:0".parse().unwrap(),
         cancel.clone(),
-        &tracker,
+        tracker,
     )
     .await
     .unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let secret = dir.path().join("secret");
-    std::fs::write(&secret, "persistent-secret").unwrap();
-    let text = format!(
-        "{}auth = \"bearer\"\n\n[trunk.credentials]\nkind = \"oauth2\"\ntoken_url = \"{}\"\nclient_id = \"edge-p\"\n\
-         client_secret_file = \"{}\"\norganization = \"org-p\"\nforce_refresh_interval = \"2s\"\n",
-        Sidecar::config("udp:127.0.0.1:9", &format!("udp:{}", core.addr), ""),
-        idp.url(),
-        secret.display()
-    );
-    let sidecar = Sidecar::start_with(&text).await;
-    let manager = sidecar.app.credentials.get("test").unwrap().clone();
-    let mut attempts = manager.attempts();
-    attempts
-        .wait_for(|_| manager.current().is_some())
-        .await
-        .unwrap();
+    let sidecar = sim
+        .bearer_sidecar(dir.path(), core.addr, "force_refresh_interval = \"2s\"\n")
+        .await;
     let start = tokio::time::Instant::now();
     let target = sidecar.addr(Side::Edge, Transport::Udp);
     let uac = Sipp::start(

@@ -7,6 +7,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 pub mod raw;
+pub mod sim;
 
 use std::collections::HashMap;
 use std::net::{SocketAddr, TcpListener, UdpSocket};
