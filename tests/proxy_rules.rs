@@ -9,7 +9,7 @@ use std::time::Duration;
 use byoc_sidecar::config::Transport;
 use byoc_sidecar::sip::message;
 use byoc_sidecar::transport::Side;
-use common::raw::{header_values, invite, status, RawPeer};
+use common::raw::{header_values, invite, status, RawPeer, Rig};
 use common::*;
 use rsip::message::HasHeaders;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -19,10 +19,12 @@ const WAIT: Duration = Duration::from_secs(5);
 
 #[tokio::test]
 async fn max_forwards_zero_is_answered_483_and_not_forwarded() {
-    let core = RawPeer::bind().await;
-    let sidecar = Sidecar::start("udp:127.0.0.1:9", &format!("udp:{}", core.addr), "").await;
-    let edge = RawPeer::bind().await;
-    let proxy = sidecar.addr(Side::Edge, Transport::Udp);
+    let Rig {
+        core,
+        sidecar,
+        edge,
+        proxy,
+    } = Rig::start("").await;
     let request = invite(edge.addr, proxy, "z9hG4bKmf0", "mf0@test")
         .replace("Max-Forwards: 70", "Max-Forwards: 0");
     edge.send(&request, proxy).await;
@@ -46,10 +48,12 @@ async fn max_forwards_zero_is_answered_483_and_not_forwarded() {
 
 #[tokio::test]
 async fn compact_request_is_proxied_with_received_rport_and_decremented_max_forwards() {
-    let core = RawPeer::bind().await;
-    let sidecar = Sidecar::start("udp:127.0.0.1:9", &format!("udp:{}", core.addr), "").await;
-    let edge = RawPeer::bind().await;
-    let proxy = sidecar.addr(Side::Edge, Transport::Udp);
+    let Rig {
+        core,
+        sidecar,
+        edge,
+        proxy,
+    } = Rig::start("").await;
     // Compact forms, and a sent-by that is not the real source (as behind NAT).
     let compact = format!(
         "OPTIONS sip:service@{proxy} SIP/2.0\r\n\
@@ -97,10 +101,12 @@ async fn compact_request_is_proxied_with_received_rport_and_decremented_max_forw
 
 #[tokio::test]
 async fn branches_are_unique_per_forwarded_request() {
-    let core = RawPeer::bind().await;
-    let sidecar = Sidecar::start("udp:127.0.0.1:9", &format!("udp:{}", core.addr), "").await;
-    let edge = RawPeer::bind().await;
-    let proxy = sidecar.addr(Side::Edge, Transport::Udp);
+    let Rig {
+        core,
+        sidecar,
+        edge,
+        proxy,
+    } = Rig::start("").await;
     let mut branches = std::collections::HashSet::new();
     for index in 0..50 {
         edge.send(
@@ -175,15 +181,12 @@ async fn sources_outside_the_allow_list_are_dropped_and_counted() {
 
 #[tokio::test]
 async fn full_transaction_table_answers_503() {
-    let core = RawPeer::bind().await;
-    let sidecar = Sidecar::start(
-        "udp:127.0.0.1:9",
-        &format!("udp:{}", core.addr),
-        "max_transactions = 2",
-    )
-    .await;
-    let edge = RawPeer::bind().await;
-    let proxy = sidecar.addr(Side::Edge, Transport::Udp);
+    let Rig {
+        core,
+        sidecar,
+        edge,
+        proxy,
+    } = Rig::start("max_transactions = 2").await;
     edge.send(
         &invite(edge.addr, proxy, "z9hG4bKfirst", "first@test"),
         proxy,
@@ -348,10 +351,12 @@ async fn connection_to_the_core_is_reused() {
 
 #[tokio::test]
 async fn request_that_already_passed_through_the_proxy_is_a_loop() {
-    let core = RawPeer::bind().await;
-    let sidecar = Sidecar::start("udp:127.0.0.1:9", &format!("udp:{}", core.addr), "").await;
-    let edge = RawPeer::bind().await;
-    let proxy = sidecar.addr(Side::Edge, Transport::Udp);
+    let Rig {
+        core: _core,
+        sidecar,
+        edge,
+        proxy,
+    } = Rig::start("").await;
     let core_side = sidecar.addr(Side::Core, Transport::Udp);
     let looped = invite(edge.addr, proxy, "z9hG4bKloop", "loop@test").replace(
         "Max-Forwards: 70",
@@ -396,10 +401,12 @@ async fn in_dialog_request_without_our_route_goes_to_the_trunk() {
 
 #[tokio::test]
 async fn ack_outside_any_record_routed_dialog_is_dropped() {
-    let core = RawPeer::bind().await;
-    let sidecar = Sidecar::start("udp:127.0.0.1:9", &format!("udp:{}", core.addr), "").await;
-    let edge = RawPeer::bind().await;
-    let proxy = sidecar.addr(Side::Edge, Transport::Udp);
+    let Rig {
+        core,
+        sidecar,
+        edge,
+        proxy,
+    } = Rig::start("").await;
     let ack = invite(edge.addr, proxy, "z9hG4bKlateack", "late@test")
         .replace("INVITE sip", "ACK sip")
         .replace("1 INVITE", "1 ACK")

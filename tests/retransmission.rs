@@ -9,7 +9,7 @@ use std::time::Duration;
 use byoc_sidecar::config::Transport;
 use byoc_sidecar::sip::message;
 use byoc_sidecar::transport::Side;
-use common::raw::{answer, header_values, invite, status, RawPeer};
+use common::raw::{answer, header_values, invite, status, RawPeer, Rig};
 use common::*;
 use rsip::message::HasHeaders;
 use rsip::SipMessage;
@@ -77,10 +77,12 @@ async fn call_completes_when_the_first_200_ok_is_lost() {
 /// then after 1, 2, 4, 8, 16 x T1; at 64 x T1 the Edge gets 408 Request Timeout.
 #[tokio::test(start_paused = true)]
 async fn silent_core_sees_timer_a_retransmissions_and_edge_gets_408_at_timer_b() {
-    let core = RawPeer::bind().await;
-    let sidecar = Sidecar::start("udp:127.0.0.1:9", &format!("udp:{}", core.addr), "").await;
-    let edge = RawPeer::bind().await;
-    let proxy = sidecar.addr(Side::Edge, Transport::Udp);
+    let Rig {
+        core,
+        sidecar,
+        edge,
+        proxy,
+    } = Rig::start("").await;
     edge.send(
         &invite(edge.addr, proxy, "z9hG4bKsilent", "silent@test"),
         proxy,
@@ -130,10 +132,12 @@ async fn silent_core_sees_timer_a_retransmissions_and_edge_gets_408_at_timer_b()
 /// 486 after T1, 2T1, 4T1, then every T2, and gives up at 64 x T1.
 #[tokio::test(start_paused = true)]
 async fn unacknowledged_final_response_is_retransmitted_on_timer_g_until_timer_h() {
-    let core = RawPeer::bind().await;
-    let sidecar = Sidecar::start("udp:127.0.0.1:9", &format!("udp:{}", core.addr), "").await;
-    let edge = RawPeer::bind().await;
-    let proxy = sidecar.addr(Side::Edge, Transport::Udp);
+    let Rig {
+        core,
+        sidecar,
+        edge,
+        proxy,
+    } = Rig::start("").await;
     edge.send(&invite(edge.addr, proxy, "z9hG4bKbusy", "busy@test"), proxy)
         .await;
     let (request, from) = core
@@ -187,15 +191,12 @@ async fn unacknowledged_final_response_is_retransmitted_on_timer_g_until_timer_h
 /// 64·T1 later, and the Edge hears 487.
 #[tokio::test(start_paused = true)]
 async fn ringing_without_answer_is_cancelled_by_timer_c() {
-    let core = RawPeer::bind().await;
-    let sidecar = Sidecar::start(
-        "udp:127.0.0.1:9",
-        &format!("udp:{}", core.addr),
-        "timer_c = \"10s\"",
-    )
-    .await;
-    let edge = RawPeer::bind().await;
-    let proxy = sidecar.addr(Side::Edge, Transport::Udp);
+    let Rig {
+        core,
+        sidecar,
+        edge,
+        proxy,
+    } = Rig::start("timer_c = \"10s\"").await;
     edge.send(&invite(edge.addr, proxy, "z9hG4bKring", "ring@test"), proxy)
         .await;
     let (request, from) = core

@@ -151,3 +151,32 @@ impl EdgeDialog {
         )
     }
 }
+
+/// The usual cast of a proxy test: a hand-driven core behind a sidecar (one trunk, `sip`
+/// lines added to its `[sip]` table), and a hand-driven Edge in front of it.
+pub struct Rig {
+    pub core: RawPeer,
+    pub sidecar: super::Sidecar,
+    pub edge: RawPeer,
+    /// The sidecar's UDP address on the Edge side.
+    pub proxy: SocketAddr,
+}
+
+impl Rig {
+    pub async fn start(sip: &str) -> Rig {
+        let core = RawPeer::bind().await;
+        let sidecar =
+            super::Sidecar::start("udp:127.0.0.1:9", &format!("udp:{}", core.addr), sip).await;
+        let edge = RawPeer::bind().await;
+        let proxy = sidecar.addr(
+            byoc_sidecar::transport::Side::Edge,
+            byoc_sidecar::config::Transport::Udp,
+        );
+        Rig {
+            core,
+            sidecar,
+            edge,
+            proxy,
+        }
+    }
+}
