@@ -24,6 +24,36 @@ fn bearer_config(core: std::net::SocketAddr, token_path: &std::path::Path) -> St
     )
 }
 
+/// A bearer trunk whose token comes from a file, between a hand-driven core and Edge;
+/// ready once the first token is read.
+struct FileBearer {
+    _dir: tempfile::TempDir,
+    token_path: std::path::PathBuf,
+    core: RawPeer,
+    sidecar: Sidecar,
+    edge: RawPeer,
+    proxy: std::net::SocketAddr,
+}
+
+async fn file_bearer(first_token: &str) -> FileBearer {
+    let dir = tempfile::tempdir().unwrap();
+    let token_path = dir.path().join("token");
+    std::fs::write(&token_path, first_token).unwrap();
+    let core = RawPeer::bind().await;
+    let sidecar = Sidecar::start_with(&bearer_config(core.addr, &token_path)).await;
+    wait_for_generation(&sidecar, 1).await;
+    let edge = RawPeer::bind().await;
+    let proxy = sidecar.addr(Side::Edge, Transport::Udp);
+    FileBearer {
+        _dir: dir,
+        token_path,
+        core,
+        sidecar,
+        edge,
+        proxy,
+    }
+}
+
 async fn wait_for_generation(sidecar: &Sidecar, generation: u64) {
     let manager = sidecar.app.credentials.get("test").unwrap();
     for _ in 0..250 {
@@ -37,14 +67,14 @@ async fn wait_for_generation(sidecar: &Sidecar, generation: u64) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_request_toward_the_core_carries_the_current_token_and_nothing_goes_to_the_edge() {
-    let dir = tempfile::tempdir().unwrap();
-    let token_path = dir.path().join("token");
-    std::fs::write(&token_path, "bearer-token-one").unwrap();
-    let core = RawPeer::bind().await;
-    let sidecar = Sidecar::start_with(&bearer_config(core.addr, &token_path)).await;
-    wait_for_generation(&sidecar, 1).await;
-    let edge = RawPeer::bind().await;
-    let proxy = sidecar.addr(Side::Edge, Transport::Udp);
+    let FileBearer {
+        _dir,
+        token_path,
+        core,
+        sidecar,
+        edge,
+        proxy,
+    } = file_bearer("bearer-token-one").await;
 
     // The Edge sends credentials of its own; they must not reach the core.
     let request = invite(edge.addr, proxy, "z9hG4bKbearer", "bearer@test").replace(
@@ -190,14 +220,14 @@ async fn final_response(edge: &RawPeer) -> SipMessage {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stale_token_403_is_retried_once_with_cseq_plus_one_and_the_dialog_is_translated() {
-    let dir = tempfile::tempdir().unwrap();
-    let token_path = dir.path().join("token");
-    std::fs::write(&token_path, "rotating-token-one").unwrap();
-    let core = RawPeer::bind().await;
-    let sidecar = Sidecar::start_with(&bearer_config(core.addr, &token_path)).await;
-    wait_for_generation(&sidecar, 1).await;
-    let edge = RawPeer::bind().await;
-    let proxy = sidecar.addr(Side::Edge, Transport::Udp);
+    let FileBearer {
+        _dir,
+        token_path,
+        core,
+        sidecar,
+        edge,
+        proxy,
+    } = file_bearer("rotating-token-one").await;
     edge.send(
         &invite(edge.addr, proxy, "z9hG4bKstale", "stale@test"),
         proxy,
@@ -302,14 +332,14 @@ async fn stale_token_403_is_retried_once_with_cseq_plus_one_and_the_dialog_is_tr
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn persistent_403_gets_exactly_one_resend_then_reaches_the_edge() {
-    let dir = tempfile::tempdir().unwrap();
-    let token_path = dir.path().join("token");
-    std::fs::write(&token_path, "persistent-one").unwrap();
-    let core = RawPeer::bind().await;
-    let sidecar = Sidecar::start_with(&bearer_config(core.addr, &token_path)).await;
-    wait_for_generation(&sidecar, 1).await;
-    let edge = RawPeer::bind().await;
-    let proxy = sidecar.addr(Side::Edge, Transport::Udp);
+    let FileBearer {
+        _dir,
+        token_path,
+        core,
+        sidecar,
+        edge,
+        proxy,
+    } = file_bearer("persistent-one").await;
     edge.send(&invite(edge.addr, proxy, "z9hG4bKperm", "perm@test"), proxy)
         .await;
     let (first, from) = next_request(&core, rsip::Method::Invite).await;
@@ -337,14 +367,14 @@ async fn persistent_403_gets_exactly_one_resend_then_reaches_the_edge() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rejection_without_a_newer_credential_goes_to_the_edge() {
-    let dir = tempfile::tempdir().unwrap();
-    let token_path = dir.path().join("token");
-    std::fs::write(&token_path, "unchanged-token").unwrap();
-    let core = RawPeer::bind().await;
-    let sidecar = Sidecar::start_with(&bearer_config(core.addr, &token_path)).await;
-    wait_for_generation(&sidecar, 1).await;
-    let edge = RawPeer::bind().await;
-    let proxy = sidecar.addr(Side::Edge, Transport::Udp);
+    let FileBearer {
+        _dir,
+        token_path: _,
+        core,
+        sidecar,
+        edge,
+        proxy,
+    } = file_bearer("unchanged-token").await;
     edge.send(&invite(edge.addr, proxy, "z9hG4bKsame", "same@test"), proxy)
         .await;
     let (first, from) = next_request(&core, rsip::Method::Invite).await;
@@ -464,14 +494,14 @@ async fn cancel_arriving_during_the_resend_follows_the_new_branch_and_the_edge_g
 /// and the INVITE CSeq quoted in its RAck are both translated, and so is everything after.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn prack_and_bye_after_a_resend_are_translated_including_rack() {
-    let dir = tempfile::tempdir().unwrap();
-    let token_path = dir.path().join("token");
-    std::fs::write(&token_path, "prack-token-one").unwrap();
-    let core = RawPeer::bind().await;
-    let sidecar = Sidecar::start_with(&bearer_config(core.addr, &token_path)).await;
-    wait_for_generation(&sidecar, 1).await;
-    let edge = RawPeer::bind().await;
-    let proxy = sidecar.addr(Side::Edge, Transport::Udp);
+    let FileBearer {
+        _dir,
+        token_path,
+        core,
+        sidecar,
+        edge,
+        proxy,
+    } = file_bearer("prack-token-one").await;
     edge.send(
         &invite(edge.addr, proxy, "z9hG4bKprack", "prack@test"),
         proxy,
@@ -553,14 +583,14 @@ async fn prack_and_bye_after_a_resend_are_translated_including_rack() {
 /// for the INVITE's 2xx must keep the INVITE's number, later requests move up.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ack_keeps_its_invites_number_when_a_later_prack_was_resent() {
-    let dir = tempfile::tempdir().unwrap();
-    let token_path = dir.path().join("token");
-    std::fs::write(&token_path, "midcall-token-one").unwrap();
-    let core = RawPeer::bind().await;
-    let sidecar = Sidecar::start_with(&bearer_config(core.addr, &token_path)).await;
-    wait_for_generation(&sidecar, 1).await;
-    let edge = RawPeer::bind().await;
-    let proxy = sidecar.addr(Side::Edge, Transport::Udp);
+    let FileBearer {
+        _dir,
+        token_path,
+        core,
+        sidecar,
+        edge,
+        proxy,
+    } = file_bearer("midcall-token-one").await;
     edge.send(
         &invite(edge.addr, proxy, "z9hG4bKmidcall", "midcall@test"),
         proxy,

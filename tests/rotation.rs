@@ -22,34 +22,45 @@ const RATE: u64 = 20;
 const SECONDS: u64 = 60;
 const HOLD_MS: u64 = 3000;
 
+/// A token endpoint with one client, a simulated core checking its tokens under
+/// `validation`, and a bearer sidecar in front (`extra` credentials lines added).
+async fn rig(
+    client: &str,
+    secret: &str,
+    organization: &str,
+    ttl: Duration,
+    kind: TokenKind,
+    validation: Validation,
+    extra: &str,
+) -> (SimIdp, SimCore, Sidecar, tempfile::TempDir) {
+    let sim = SimIdp::start(client, secret, organization, ttl, kind).await;
+    let core = SimCore::start(
+        sim.idp.clone(),
+        validation,
+        "127.0.0.1:0".parse().unwrap(),
+        sim.cancel.clone(),
+        &sim.tracker,
+    )
+    .await
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let sidecar = sim.bearer_sidecar(dir.path(), core.addr, extra).await;
+    (sim, core, sidecar, dir)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn calls_survive_revoke_on_reissue_rotation_every_two_seconds() {
-    let sim = SimIdp::start(
+    let (sim, core, sidecar, _dir) = rig(
         "edge-r",
         "rotation-secret",
         "org-r",
         Duration::from_secs(10),
         TokenKind::Jwt,
+        Validation::RevokeOnReissue,
+        "force_refresh_interval = \"500ms\"\n",
     )
     .await;
-    let (idp, cancel, tracker) = (&sim.idp, &sim.cancel, &sim.tracker);
-    let core = SimCore::start(
-        idp.clone(),
-        Validation::RevokeOnReissue,
-        "127.0.0.1:0".parse().unwrap(),
-        cancel.clone(),
-        tracker,
-    )
-    .await
-    .unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let sidecar = sim
-        .bearer_sidecar(
-            dir.path(),
-            core.addr,
-            "force_refresh_interval = \"500ms\"\n",
-        )
-        .await;
+    let (idp, cancel) = (&sim.idp, &sim.cancel);
 
     // Another holder of the same client credentials reissues every 2 s, revoking ours.
     let rotator = {
@@ -113,28 +124,17 @@ async fn calls_survive_revoke_on_reissue_rotation_every_two_seconds() {
 async fn persistent_403_reaches_the_edge_after_at_most_one_resend_within_the_rate_limit() {
     const CALLS: u64 = 200;
     const CALL_RATE: u64 = 20;
-    let sim = SimIdp::start(
+    let (sim, core, sidecar, _dir) = rig(
         "edge-p",
         "persistent-secret",
         "org-p",
         Duration::from_secs(3600),
         TokenKind::Opaque,
+        Validation::RejectAll,
+        "force_refresh_interval = \"2s\"\n",
     )
     .await;
-    let (idp, cancel, tracker) = (&sim.idp, &sim.cancel, &sim.tracker);
-    let core = SimCore::start(
-        idp.clone(),
-        Validation::RejectAll,
-        "127.0.0.1:0".parse().unwrap(),
-        cancel.clone(),
-        tracker,
-    )
-    .await
-    .unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let sidecar = sim
-        .bearer_sidecar(dir.path(), core.addr, "force_refresh_interval = \"2s\"\n")
-        .await;
+    let (idp, cancel) = (&sim.idp, &sim.cancel);
     let start = tokio::time::Instant::now();
     let target = sidecar.addr(Side::Edge, Transport::Udp);
     let uac = Sipp::start(
