@@ -63,12 +63,16 @@ counters! {
     client_timeouts,
     /// CANCELs forwarded to the core or Edge.
     cancels_forwarded,
-    /// 401/403 answers from the core kept from the Edge while a fresh credential is got.
+    /// 401/403/407 answers from the core kept from the Edge while the request is re-sent.
     rejections_absorbed,
     /// Requests re-sent to the core with a newer credential.
     resends,
     /// Rejections passed on to the Edge because no newer credential could be had.
     resends_impossible,
+    /// Digest challenges (401/407) from the core answered by a re-send.
+    digest_challenges_answered,
+    /// Challenges from the core no supported Digest variant could answer.
+    digest_unanswerable,
     /// In-dialog requests whose CSeq could not be translated (dialog table full).
     dialog_translation_failures,
     /// TCP connections accepted or opened.

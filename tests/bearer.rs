@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use byoc_sidecar::config::Transport;
 use byoc_sidecar::transport::Side;
-use common::raw::{header_values, invite, status, RawPeer};
+use common::raw::{cseq, final_response, header_values, invite, next_request, status, RawPeer};
 use common::Sidecar;
 use rsip::SipMessage;
 
@@ -189,34 +189,6 @@ async fn without_a_valid_token_requests_get_503_and_nothing_reaches_the_core() {
 }
 
 // ---- one re-send with a fresh credential ---------------------------------------------
-
-fn cseq(message: &SipMessage) -> String {
-    header_values(message, "CSeq")[0].clone()
-}
-
-fn is_request(message: &SipMessage, method: rsip::Method) -> bool {
-    matches!(message, SipMessage::Request(request) if request.method == method)
-}
-
-/// The next request of `method` at `peer`, skipping others (ACKs for absorbed answers).
-async fn next_request(peer: &RawPeer, method: rsip::Method) -> (SipMessage, std::net::SocketAddr) {
-    loop {
-        let (message, from) = peer.receive(WAIT, "a request").await;
-        if is_request(&message, method) {
-            return (message, from);
-        }
-    }
-}
-
-/// The next final response at the Edge.
-async fn final_response(edge: &RawPeer) -> SipMessage {
-    loop {
-        let (message, _) = edge.receive(WAIT, "a final response").await;
-        if status(&message) >= 200 {
-            return message;
-        }
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stale_token_403_is_retried_once_with_cseq_plus_one_and_the_dialog_is_translated() {

@@ -156,7 +156,9 @@ pub struct TrunkConfig {
     /// Where this trunk's requests from the Edge go.
     pub core: String,
     /// How the trunk authenticates toward the core: `none` (the default: requests pass
-    /// as the Edge sent them) or `bearer` (RFC 8898, from the trunk's credentials).
+    /// as the Edge sent them), `bearer` (RFC 8898, from the trunk's token) or `digest`
+    /// (RFC 7616/8760, answering the core's challenges with the trunk's username and
+    /// password).
     #[serde(default)]
     pub auth: Option<String>,
     /// The credentials this trunk presents to the core.
@@ -172,6 +174,10 @@ pub enum AuthMode {
     /// `Authorization: Bearer <token>` on every request toward the core (RFC 8898); an
     /// `Authorization` or `Proxy-Authorization` from the Edge is replaced.
     Bearer,
+    /// Digest (RFC 3261 §22, RFC 7616, RFC 8760): the core's 401/407 challenges are
+    /// answered with the trunk's username and password, and the nonce is reused with an
+    /// incrementing count for later requests; the Edge's own credentials are replaced.
+    Digest,
 }
 
 /// Which Edge traffic a trunk serves. All given criteria must hold; a trunk with none
@@ -442,17 +448,11 @@ impl Config {
             let auth = match raw.auth.as_deref().unwrap_or("none") {
                 "none" => AuthMode::None,
                 "bearer" => AuthMode::Bearer,
-                "digest" => {
-                    problems.add(
-                        &format!("{label}.auth"),
-                        "\"digest\" is not supported yet (it arrives with answering challenges); use \"bearer\" or \"none\"".into(),
-                    );
-                    AuthMode::None
-                }
+                "digest" => AuthMode::Digest,
                 other => {
                     problems.add(
                         &format!("{label}.auth"),
-                        format!("{other:?} is neither \"none\" nor \"bearer\""),
+                        format!("{other:?} is not one of \"none\", \"bearer\", \"digest\""),
                     );
                     AuthMode::None
                 }
@@ -463,6 +463,16 @@ impl Config {
                     Some(_) if credentials.as_ref().is_some_and(|settings| !settings.source.yields_token()) => problems.add(
                         &format!("{label}.auth"),
                         "\"bearer\" needs credentials that are a token (oauth2, file with format = \"token\", or static token_file/token_env)".into(),
+                    ),
+                    Some(_) => {}
+                }
+            }
+            if auth == AuthMode::Digest {
+                match &raw.credentials {
+                    None => problems.add(&format!("{label}.auth"), "\"digest\" needs a [trunk.credentials] table".into()),
+                    Some(_) if credentials.as_ref().is_some_and(|settings| settings.source.yields_token()) => problems.add(
+                        &format!("{label}.auth"),
+                        "\"digest\" needs a username and password (file with format = \"username_password\", ephemeral, or static username with password_file/password_env)".into(),
                     ),
                     Some(_) => {}
                 }

@@ -312,7 +312,7 @@ fn auth_modes_need_matching_credentials() {
     assert_eq!(
         keys_of(&auth("digest")),
         vec!["trunk \"org-a\".auth"],
-        "digest is not there yet"
+        "digest without credentials"
     );
     assert_eq!(keys_of(&auth("magic")), vec!["trunk \"org-a\".auth"]);
     let ephemeral = format!(
@@ -333,4 +333,49 @@ fn auth_modes_need_matching_credentials() {
         .validate()
         .unwrap();
     assert_eq!(settings.trunks[0].auth, AuthMode::None);
+    // The same ephemeral credentials are right for digest: a username and password.
+    let digest_ephemeral = ephemeral.replace("auth = \"bearer\"", "auth = \"digest\"");
+    let settings = Config::from_toml(
+        &format!(
+            "{digest_ephemeral}
+[[trunk]]
+name = \"org-b\"
+edge = \"tcp:127.0.0.3:5080\"
+core = \"udp:core.example:5090\"
+"
+        ),
+        "t",
+    )
+    .unwrap()
+    .validate()
+    .unwrap();
+    assert_eq!(settings.trunks[0].auth, AuthMode::Digest);
+    let digest_token = format!(
+        "{}
+[trunk.credentials]
+kind = \"static\"
+token_env = \"PATH\"
+",
+        auth("digest")
+            .split("[[trunk]]\nname = \"org-b\"")
+            .next()
+            .unwrap()
+    );
+    let found = problems(&format!(
+        "{digest_token}
+[[trunk]]
+name = \"org-b\"
+edge = \"tcp:127.0.0.3:5080\"
+core = \"udp:core.example:5090\"
+"
+    ));
+    assert_eq!(
+        keys(&found),
+        vec!["trunk \"org-a\".auth"],
+        "digest needs a password: {found:?}"
+    );
+    assert!(
+        found[0].message.contains("username and password"),
+        "{found:?}"
+    );
 }

@@ -181,6 +181,8 @@ pub struct Engine {
     next_id: u64,
     /// CSeq offsets of dialogs whose requests were re-sent (DESIGN.md item 6).
     pub(super) dialogs: crate::sip::dialog::DialogTable,
+    /// The Digest state (challenges the core sent) of each `digest` trunk, by index.
+    pub(super) digest: HashMap<usize, crate::sip::digest::DigestClient>,
     last_dialog_sweep: StdInstant,
     /// A way back into this engine's own queue, for work finished elsewhere (a forced
     /// credential refresh). Weak, so the queue still closes when the transports stop.
@@ -220,6 +222,7 @@ impl Engine {
             timer_heap: BinaryHeap::new(),
             next_id: 0,
             dialogs,
+            digest: HashMap::new(),
             last_dialog_sweep: now(),
             internal,
         }
@@ -580,7 +583,10 @@ impl Engine {
             entry.cancel_pending = false;
         }
         // Past the first final answer only an absorbed rejection needs the copy.
-        let keep_copy = matches!(code, 401 | 403);
+        let keep_copy = matches!(code, 401 | 403 | 407);
+        if (200..300).contains(&code) {
+            self.note_next_nonce(client, &response);
+        }
         if code >= 200 && !keep_copy {
             if let Some(Entry::Client(entry)) = self.entries.get_mut(&client) {
                 entry.resend = None;

@@ -11,6 +11,7 @@ use super::engine::{new_branch, now, Destination, Engine, Entry, TRUNK_PARAM};
 use super::routing::{Hop, RouteError};
 use crate::config::{AuthMode, Transport};
 use crate::credentials::CredentialValue;
+use crate::sip::digest::{ChallengeKind, DigestClient};
 use crate::sip::message;
 use crate::sip::transaction::{ServerKey, ServerTransaction};
 use crate::sip::via::Via;
@@ -159,6 +160,7 @@ impl Engine {
                                 request: forward.request.clone(),
                                 generation,
                                 trunk,
+                                stale_only: false,
                             })
                         });
                 self.start_client(
@@ -258,7 +260,11 @@ impl Engine {
     }
 
     /// Max-Forwards, routing, Record-Route and Via for a request going to the other side.
-    fn prepare_forward(&self, source: Source, mut request: Request) -> Result<Forward, Rejection> {
+    fn prepare_forward(
+        &mut self,
+        source: Source,
+        mut request: Request,
+    ) -> Result<Forward, Rejection> {
         let max_forwards = message::max_forwards(&request.headers)
             .map_err(|error| Rejection::new(400, error.to_string()))?;
         if max_forwards == Some(0) {
@@ -270,8 +276,8 @@ impl Engine {
         );
         let out_side = source.side.opposite();
         let (hop, trunk_index) = self.next_hop(source, &mut request, out_side)?;
+        let generation = self.apply_credentials(&mut request, out_side, trunk_index)?;
         let trunk = trunk_index.and_then(|index| self.router.trunk(index));
-        let generation = self.apply_credentials(&mut request, out_side, trunk)?;
         let inbound = self.side(source.side);
         let outbound = self.side(out_side);
         if creates_dialog(&request) {
@@ -315,35 +321,30 @@ impl Engine {
         })
     }
 
-    /// Credentials go toward the core only, and only the trunk's own (DESIGN.md item 5):
-    /// on a `bearer` trunk whatever the Edge put in `Authorization` or
-    /// `Proxy-Authorization` is replaced by the trunk's current token; toward the Edge
-    /// both headers are removed. Without a valid token the request is refused with 503
-    /// rather than sent unauthenticated or with an expired token.
+    /// Credentials go toward the core only, and only the trunk's own (DESIGN.md item 5).
+    /// On a `bearer` or `digest` trunk whatever the Edge put in `Authorization` or
+    /// `Proxy-Authorization` is removed; a `bearer` trunk adds its current token, a
+    /// `digest` trunk its answers to the challenges the core last sent (none before the
+    /// first). Toward the Edge both headers are removed. Without a valid credential the
+    /// request is refused with 503 rather than sent with an expired one. Returns the
+    /// credential generation used, which makes the request eligible for a re-send.
     fn apply_credentials(
-        &self,
+        &mut self,
         request: &mut Request,
         out_side: Side,
-        trunk: Option<&super::routing::RoutedTrunk>,
+        trunk_index: Option<usize>,
     ) -> Result<Option<u64>, Rejection> {
-        let strip = |request: &mut Request| {
-            request.headers.retain(|header| {
-                !matches!(
-                    header,
-                    rsip::Header::Authorization(_) | rsip::Header::ProxyAuthorization(_)
-                )
-            })
-        };
+        let trunk = trunk_index.and_then(|index| self.router.trunk(index));
         let Some(trunk) = trunk.filter(|_| out_side == Side::Core) else {
             // Toward the Edge never; toward the core without a trunk, nothing the Edge
             // sent is vouched for either.
-            strip(request);
+            strip_credentials(request);
             return Ok(None);
         };
-        if trunk.auth != AuthMode::Bearer {
+        if trunk.auth == AuthMode::None {
             return Ok(None);
         }
-        strip(request);
+        strip_credentials(request);
         let credential = trunk
             .credentials
             .as_ref()
@@ -351,16 +352,30 @@ impl Engine {
             .ok_or_else(|| {
                 Rejection::new(503, format!("trunk {} has no valid credential", trunk.name))
             })?;
-        let CredentialValue::Token(token) = &credential.value else {
-            return Err(Rejection::new(
-                503,
-                format!("trunk {} has no token", trunk.name),
-            ));
-        };
-        request.headers.push(rsip::Header::Authorization(
-            format!("Bearer {}", token.expose()).into(),
-        ));
-        tracing::debug!(trunk = %trunk.name, generation = credential.generation, fingerprint = %credential.fingerprint, "bearer credential attached");
+        match (&credential.value, trunk.auth) {
+            (CredentialValue::Token(token), AuthMode::Bearer) => {
+                request.headers.push(rsip::Header::Authorization(
+                    format!("Bearer {}", token.expose()).into(),
+                ));
+            }
+            (CredentialValue::UserPassword { username, password }, AuthMode::Digest) => {
+                // ACK and CANCEL cannot be challenged (§22.1); they go without.
+                if !matches!(request.method, Method::Ack | Method::Cancel) {
+                    let client = self.digest.entry(trunk.index).or_default();
+                    push_digest_answers(request, client, username, password);
+                }
+            }
+            _ => {
+                return Err(Rejection::new(
+                    503,
+                    format!(
+                        "trunk {} has no credential of the kind its auth needs",
+                        trunk.name
+                    ),
+                ))
+            }
+        }
+        tracing::debug!(trunk = %trunk.name, generation = credential.generation, fingerprint = %credential.fingerprint, "credential attached");
         Ok(Some(credential.generation))
     }
 
@@ -527,4 +542,32 @@ fn check_mandatory_headers(request: &Request) -> Result<(), String> {
         ));
     }
     Ok(())
+}
+
+/// Removes `Authorization` and `Proxy-Authorization`.
+pub(super) fn strip_credentials(request: &mut Request) {
+    request.headers.retain(|header| {
+        !matches!(
+            header,
+            rsip::Header::Authorization(_) | rsip::Header::ProxyAuthorization(_)
+        )
+    });
+}
+
+/// Adds the answers of a trunk's Digest state for this request's method and URI.
+pub(super) fn push_digest_answers(
+    request: &mut Request,
+    client: &mut DigestClient,
+    username: &str,
+    password: &crate::credentials::Secret,
+) {
+    let method = request.method.to_string();
+    let uri = request.uri.to_string();
+    let cnonce = || format!("{:016x}", rand::random::<u64>());
+    for (kind, value) in client.authorize(&method, &uri, username, password, cnonce) {
+        request.headers.push(match kind {
+            ChallengeKind::Www => rsip::Header::Authorization(value.into()),
+            ChallengeKind::Proxy => rsip::Header::ProxyAuthorization(value.into()),
+        });
+    }
 }

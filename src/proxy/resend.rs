@@ -1,23 +1,35 @@
-//! One re-send with fresh credentials (DESIGN.md item 6), for `bearer` trunks.
+//! One re-send with fresh credentials (DESIGN.md item 6), for `bearer` and `digest`
+//! trunks.
 //!
-//! The core answers a request 401 or 403: the rejected credential may simply be stale
-//! (rotated, revoked on reissue). The answer is kept from the Edge, the trunk's
-//! credential manager is asked for a newer generation (`force_refresh`, coalesced and
-//! rate-limited there), and if one comes the request goes out again as a new client
-//! transaction: new branch, CSeq + 1, the new token. The dialog remembers the offset so
-//! later requests from the Edge are numbered as the core now expects, and responses
-//! toward the Edge carry the Edge's own CSeq ([`Engine::deliver`]). A second rejection
-//! is final, as is a rejection when no newer credential exists. A CANCEL that arrives
-//! while the re-send waits is held and sent on the new branch.
+//! The core answers a request 401, 407 or 403. The answer is kept from the Edge and the
+//! request goes out again once as a new client transaction (new branch, CSeq + 1) with
+//! credentials newer than the rejected ones:
+//!
+//! - a Digest challenge the request had not answered, or whose nonce was stale or unknown,
+//!   is answered at once with the credential at hand (the nonce is what is new);
+//! - anything else (403, a Bearer 401, a Digest answer refused with its own nonce) means
+//!   the credential itself may be stale: the trunk's credential manager is asked for a
+//!   newer generation (`force_refresh`, coalesced and rate-limited there), and only if
+//!   one comes is the request re-sent.
+//!
+//! The dialog remembers the offset so later requests from the Edge are numbered as the
+//! core now expects, and responses toward the Edge carry the Edge's own CSeq
+//! ([`Engine::deliver`]). A second rejection is final, except that a re-sent Digest
+//! request may answer one more challenge that calls its nonce stale. A rejection is also
+//! final when no newer credential exists. A CANCEL that arrives while the re-send waits
+//! is held and sent on the new branch.
 
 use std::sync::Arc;
 
 use rsip::{Request, Response};
 
 use super::engine::{new_branch, now, Destination, Engine, Entry};
+use super::request::{push_digest_answers, strip_credentials};
+use crate::config::AuthMode;
 use crate::credentials::{Credential, CredentialValue};
 use crate::sip::dialog::{DialogKey, MAX_CSEQ};
-use crate::sip::message;
+use crate::sip::digest::{nonce_of_credentials, ChallengeKind, Verdict};
+use crate::sip::message::{self, header_values};
 use crate::stats::Stats;
 use crate::transport::TransportEvent;
 
@@ -30,6 +42,9 @@ pub struct ResendInfo {
     pub generation: u64,
     /// The trunk (its index) whose credentials to refresh.
     pub trunk: usize,
+    /// This request is itself a re-send: only a Digest challenge calling its nonce
+    /// stale may start another.
+    pub stale_only: bool,
 }
 
 /// A rejected request waiting for its forced refresh.
@@ -38,6 +53,9 @@ pub struct PendingResend {
     destination: Destination,
     /// The rejection as the Edge would see it, should no newer credential come.
     rejected: Response,
+    /// Whether the re-send needs a credential generation newer than the rejected one
+    /// (not when a Digest challenge is answered with the same password).
+    require_newer: bool,
 }
 
 impl std::fmt::Debug for ResendInfo {
@@ -78,33 +96,85 @@ fn dialog_key(headers: &rsip::Headers, tag_of_to: bool) -> Option<DialogKey> {
 }
 
 impl Engine {
-    /// A 401 or 403 for a request that may be re-sent: absorb it and ask for a newer
-    /// credential. Returns false when the response should be relayed as usual.
+    /// A 401, 407 or 403 for a request that may be re-sent: absorb it and re-send, at
+    /// once or after a forced refresh. Returns false when the response should be relayed
+    /// as usual.
     pub(super) fn absorb_rejection(
         &mut self,
         client: u64,
         server: u64,
         response: &Response,
     ) -> bool {
-        if !matches!(response.status_code.code(), 401 | 403) {
+        let code = response.status_code.code();
+        if !matches!(code, 401 | 403 | 407) {
             return false;
         }
-        let Some(Entry::Client(entry)) = self.entries.get_mut(&client) else {
+        let Some(Entry::Client(entry)) = self.entries.get(&client) else {
             return false;
         };
-        if entry.cancel_sent || entry.resend.is_none() {
+        if entry.cancel_sent {
             return false;
         }
-        let destination = entry.destination;
-        let Some(info) = entry.resend.take() else {
+        let kind = ChallengeKind::of_status(code);
+        let (trunk, stale_only, sent_nonce) = match &entry.resend {
+            // The nonce the rejected request answered, for telling stale from refused.
+            Some(info) => (
+                info.trunk,
+                info.stale_only,
+                kind.and_then(|kind| {
+                    header_values(&info.request.headers, kind.credentials_header())
+                        .find_map(nonce_of_credentials)
+                }),
+            ),
+            None => return false,
+        };
+        let Some(trunk) = self.router.trunk(trunk) else {
             return false;
         };
-        let Some(manager) = self
-            .router
-            .trunk(info.trunk)
-            .and_then(|trunk| trunk.credentials.clone())
-        else {
+        let (auth, trunk_index) = (trunk.auth, trunk.index);
+        let Some(manager) = trunk.credentials.clone() else {
             return false;
+        };
+        let Some(Entry::Server(server_entry)) = self.entries.get(&server) else {
+            return false;
+        };
+        if server_entry.transaction.is_final() {
+            return false;
+        }
+        // How to re-send: at once (a challenge to answer) or after a forced refresh.
+        let require_newer = match (auth, kind) {
+            (AuthMode::Digest, Some(kind)) => {
+                let offered: Vec<&str> =
+                    header_values(&response.headers, kind.challenge_header()).collect();
+                let verdict = self.digest.entry(trunk_index).or_default().learn(
+                    kind,
+                    offered.iter().copied(),
+                    sent_nonce.as_deref(),
+                );
+                match verdict {
+                    Verdict::AnswerNow { stale } if stale || !stale_only => {
+                        Stats::bump(&self.stats.digest_challenges_answered);
+                        false
+                    }
+                    Verdict::AnswerNow { .. } => return false,
+                    Verdict::CredentialRefused if !stale_only => {
+                        tracing::info!(
+                            trunk = manager.trunk(),
+                            status = code,
+                            "core refused the digest credential"
+                        );
+                        true
+                    }
+                    Verdict::CredentialRefused => return false,
+                    Verdict::Unanswerable { offered } => {
+                        Stats::bump(&self.stats.digest_unanswerable);
+                        tracing::warn!(trunk = manager.trunk(), status = code, offered = %offered, "core's challenge cannot be answered (supported: Digest with MD5, SHA-256, SHA-512-256, each also -sess; qop auth or none)");
+                        return false;
+                    }
+                }
+            }
+            (AuthMode::Bearer, _) | (AuthMode::Digest, None) if code != 407 && !stale_only => true,
+            _ => return false,
         };
         let Some(internal) = self.internal.upgrade() else {
             return false;
@@ -113,25 +183,39 @@ impl Engine {
         if message::pop_via(&mut rejected.headers).is_err() {
             return false;
         }
+        let Some(Entry::Client(entry)) = self.entries.get_mut(&client) else {
+            return false;
+        };
+        let destination = entry.destination;
+        let Some(info) = entry.resend.take() else {
+            return false;
+        };
+        let rejected_generation = info.generation;
         let Some(Entry::Server(server_entry)) = self.entries.get_mut(&server) else {
             return false;
         };
-        if server_entry.transaction.is_final() {
-            return false;
-        }
-        let rejected_generation = info.generation;
-        tracing::info!(
-            trunk = manager.trunk(),
-            generation = rejected_generation,
-            status = response.status_code.code(),
-            "core rejected the credential; refreshing to re-send once"
-        );
         server_entry.pending_resend = Some(Box::new(PendingResend {
             info: *info,
             destination,
             rejected,
+            require_newer,
         }));
         Stats::bump(&self.stats.rejections_absorbed);
+        if !require_newer {
+            tracing::debug!(
+                trunk = manager.trunk(),
+                status = code,
+                "answering the core's digest challenge"
+            );
+            self.finish_resend(server, manager.current());
+            return true;
+        }
+        tracing::info!(
+            trunk = manager.trunk(),
+            generation = rejected_generation,
+            status = code,
+            "core rejected the credential; refreshing to re-send once"
+        );
         tokio::spawn(async move {
             let credential =
                 tokio::time::timeout(RESEND_WAIT, manager.force_refresh(rejected_generation))
@@ -145,8 +229,8 @@ impl Engine {
         true
     }
 
-    /// The forced refresh for server transaction `server` finished: re-send with the newer
-    /// credential, or pass the rejection on when there is none.
+    /// The credential for server transaction `server`'s re-send is known (or known not
+    /// to exist): re-send with it, or pass the rejection on.
     pub(super) fn finish_resend(&mut self, server: u64, credential: Option<Arc<Credential>>) {
         let Some(Entry::Server(entry)) = self.entries.get_mut(&server) else {
             return;
@@ -166,15 +250,16 @@ impl Engine {
             info,
             destination,
             rejected,
+            require_newer,
         } = *pending;
-        let token = credential
-            .filter(|credential| credential.generation > info.generation)
-            .and_then(|credential| match &credential.value {
-                CredentialValue::Token(token) => Some((credential.generation, token.clone())),
-                CredentialValue::UserPassword { .. } => None,
-            });
-        let resent = token.and_then(|(generation, token)| {
-            Some((generation, rebuild(info.request, token.expose())?))
+        let credential = credential.filter(|credential| {
+            credential.generation > info.generation
+                || (!require_newer && credential.generation == info.generation)
+        });
+        let trunk = info.trunk;
+        let resent = credential.and_then(|credential| {
+            let request = self.rebuild(info.request.clone(), trunk, &credential)?;
+            Some((credential.generation, request))
         });
         let Some((generation, (request, branch))) = resent else {
             Stats::bump(&self.stats.resends_impossible);
@@ -209,10 +294,75 @@ impl Engine {
         }
         Stats::bump(&self.stats.resends);
         tracing::info!(generation, branch = %branch, "re-sending with a newer credential");
-        let client = self.start_client(request, &branch, destination, Some(server), None);
+        // A first Digest re-send may still meet a stale nonce once more; any other
+        // re-send is final.
+        let digest = self.router.trunk(trunk).map(|trunk| trunk.auth) == Some(AuthMode::Digest);
+        let again = (digest && !info.stale_only).then(|| {
+            Box::new(ResendInfo {
+                request: request.clone(),
+                generation,
+                trunk,
+                stale_only: true,
+            })
+        });
+        let client = self.start_client(request, &branch, destination, Some(server), again);
         if cancel_requested {
             if let Some(Entry::Client(entry)) = self.entries.get_mut(&client) {
                 entry.cancel_pending = true;
+            }
+        }
+    }
+
+    /// The re-sent request: a new branch in our Via, CSeq + 1, the trunk's credentials
+    /// from `credential`. `None` when the request lacks what that needs (it was forwarded,
+    /// so this does not happen) or the credential is not of the trunk's kind.
+    fn rebuild(
+        &mut self,
+        mut request: Request,
+        trunk: usize,
+        credential: &Credential,
+    ) -> Option<(Request, String)> {
+        let mut via = message::pop_via(&mut request.headers).ok()?;
+        let branch = new_branch();
+        via.set_param("branch", Some(branch.clone()));
+        message::push_via(&mut request.headers, &via);
+        let (seq, method) = message::cseq(&request.headers).ok()?;
+        let next = seq.checked_add(1).filter(|next| *next <= MAX_CSEQ)?;
+        message::set_cseq(&mut request.headers, next, method);
+        strip_credentials(&mut request);
+        let auth = self.router.trunk(trunk)?.auth;
+        match (&credential.value, auth) {
+            (CredentialValue::Token(token), AuthMode::Bearer) => {
+                request.headers.push(rsip::Header::Authorization(
+                    format!("Bearer {}", token.expose()).into(),
+                ));
+            }
+            (CredentialValue::UserPassword { username, password }, AuthMode::Digest) => {
+                let client = self.digest.entry(trunk).or_default();
+                push_digest_answers(&mut request, client, username, password);
+            }
+            _ => return None,
+        }
+        Some((request, branch))
+    }
+
+    /// A success from the core may hand out the next nonce to use (`nextnonce` in
+    /// `Authentication-Info`, RFC 7616 §3.5): a `digest` trunk takes it.
+    pub(super) fn note_next_nonce(&mut self, client: u64, response: &Response) {
+        let Some(Entry::Client(entry)) = self.entries.get(&client) else {
+            return;
+        };
+        let Some(trunk) = entry.resend.as_ref().map(|info| info.trunk) else {
+            return;
+        };
+        let Some(digest) = self.digest.get_mut(&trunk) else {
+            return;
+        };
+        for kind in ChallengeKind::BOTH {
+            for info in header_values(&response.headers, kind.info_header()) {
+                if digest.next_nonce(kind, info) {
+                    tracing::debug!(trunk, "core handed out the next nonce");
+                }
             }
         }
     }
@@ -298,25 +448,6 @@ fn in_or_creating_dialog(request: &Request) -> bool {
         )
 }
 
-/// The re-sent request: a new branch in our Via, CSeq + 1, the new token. `None` when
-/// the request lacks what that needs (it was forwarded, so this does not happen).
-fn rebuild(mut request: Request, token: &str) -> Option<(Request, String)> {
-    let mut via = message::pop_via(&mut request.headers).ok()?;
-    let branch = new_branch();
-    via.set_param("branch", Some(branch.clone()));
-    message::push_via(&mut request.headers, &via);
-    let (seq, method) = message::cseq(&request.headers).ok()?;
-    let next = seq.checked_add(1).filter(|next| *next <= MAX_CSEQ)?;
-    message::set_cseq(&mut request.headers, next, method);
-    request
-        .headers
-        .retain(|header| !matches!(header, rsip::Header::Authorization(_)));
-    request.headers.push(rsip::Header::Authorization(
-        format!("Bearer {token}").into(),
-    ));
-    Some((request, branch))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -334,6 +465,7 @@ mod tests {
             request,
             generation: 3,
             trunk: 0,
+            stale_only: false,
         };
         let shown = format!("{info:?}");
         assert!(!shown.contains("debug-token-7e2a"), "{shown}");

@@ -39,57 +39,9 @@ impl Challenge {
         if scheme.is_empty() {
             return Err(ChallengeError::Empty);
         }
-        let mut params = Vec::new();
-        let mut rest = value[scheme_end..].trim_start();
-        while !rest.is_empty() {
-            let equals = rest.find('=').ok_or_else(|| ChallengeError::Malformed {
-                near: rest.chars().take(20).collect(),
-            })?;
-            let name = rest[..equals].trim().to_ascii_lowercase();
-            if name.is_empty() || name.contains(|c: char| c.is_whitespace() || c == ',' || c == '"')
-            {
-                return Err(ChallengeError::Malformed {
-                    near: rest.chars().take(20).collect(),
-                });
-            }
-            rest = rest[equals + 1..].trim_start();
-            let (parsed, remainder) = if let Some(quoted) = rest.strip_prefix('"') {
-                let mut text = String::new();
-                let mut chars = quoted.char_indices();
-                let mut end = None;
-                while let Some((index, c)) = chars.next() {
-                    match c {
-                        '\\' => {
-                            if let Some((_, escaped)) = chars.next() {
-                                text.push(escaped);
-                            }
-                        }
-                        '"' => {
-                            end = Some(index);
-                            break;
-                        }
-                        other => text.push(other),
-                    }
-                }
-                let end = end.ok_or(ChallengeError::Unterminated)?;
-                (text, &quoted[end + 1..])
-            } else {
-                let end = rest.find(',').unwrap_or(rest.len());
-                (rest[..end].trim().to_string(), &rest[end..])
-            };
-            params.push((name, parsed));
-            rest = remainder.trim_start();
-            if let Some(after) = rest.strip_prefix(',') {
-                rest = after.trim_start();
-            } else if !rest.is_empty() {
-                return Err(ChallengeError::Malformed {
-                    near: rest.chars().take(20).collect(),
-                });
-            }
-        }
         Ok(Self {
             scheme: scheme.to_string(),
-            params,
+            params: parse_auth_params(&value[scheme_end..])?,
         })
     }
 
@@ -103,6 +55,60 @@ impl Challenge {
     pub fn is_scheme(&self, scheme: &str) -> bool {
         self.scheme.eq_ignore_ascii_case(scheme)
     }
+}
+
+/// A comma-separated auth-param list (`name=token` or `name="quoted"`), as in challenges,
+/// credentials and `Authentication-Info` (RFC 3261 §25.1): names lower-cased, values
+/// unquoted.
+pub fn parse_auth_params(text: &str) -> Result<Vec<(String, String)>, ChallengeError> {
+    let mut params = Vec::new();
+    let mut rest = text.trim_start();
+    while !rest.is_empty() {
+        let equals = rest.find('=').ok_or_else(|| ChallengeError::Malformed {
+            near: rest.chars().take(20).collect(),
+        })?;
+        let name = rest[..equals].trim().to_ascii_lowercase();
+        if name.is_empty() || name.contains(|c: char| c.is_whitespace() || c == ',' || c == '"') {
+            return Err(ChallengeError::Malformed {
+                near: rest.chars().take(20).collect(),
+            });
+        }
+        rest = rest[equals + 1..].trim_start();
+        let (parsed, remainder) = if let Some(quoted) = rest.strip_prefix('"') {
+            let mut text = String::new();
+            let mut chars = quoted.char_indices();
+            let mut end = None;
+            while let Some((index, c)) = chars.next() {
+                match c {
+                    '\\' => {
+                        if let Some((_, escaped)) = chars.next() {
+                            text.push(escaped);
+                        }
+                    }
+                    '"' => {
+                        end = Some(index);
+                        break;
+                    }
+                    other => text.push(other),
+                }
+            }
+            let end = end.ok_or(ChallengeError::Unterminated)?;
+            (text, &quoted[end + 1..])
+        } else {
+            let end = rest.find(',').unwrap_or(rest.len());
+            (rest[..end].trim().to_string(), &rest[end..])
+        };
+        params.push((name, parsed));
+        rest = remainder.trim_start();
+        if let Some(after) = rest.strip_prefix(',') {
+            rest = after.trim_start();
+        } else if !rest.is_empty() {
+            return Err(ChallengeError::Malformed {
+                near: rest.chars().take(20).collect(),
+            });
+        }
+    }
+    Ok(params)
 }
 
 /// What a Bearer challenge (RFC 8898 §2.3, RFC 6750 §3) says.

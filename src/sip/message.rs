@@ -283,6 +283,24 @@ fn insert_before_first(headers: &mut Headers, new: Header, is_anchor: impl Fn(&H
     *headers = all.into();
 }
 
+/// The values of every header named `name` (its full name, any case), whichever
+/// variant `rsip` parsed it into. For the authentication headers, whose values are never
+/// combined into one line (§7.3.1), each value is one challenge or one set of credentials.
+pub fn header_values<'a>(headers: &'a Headers, name: &'a str) -> impl Iterator<Item = &'a str> {
+    headers.iter().filter_map(move |header| {
+        let (header_name, value) = match header {
+            Header::Authorization(value) => ("Authorization", value.value()),
+            Header::ProxyAuthorization(value) => ("Proxy-Authorization", value.value()),
+            Header::WwwAuthenticate(value) => ("WWW-Authenticate", value.value()),
+            Header::ProxyAuthenticate(value) => ("Proxy-Authenticate", value.value()),
+            Header::AuthenticationInfo(value) => ("Authentication-Info", value.value()),
+            Header::Other(other, value) => (other.as_str(), value.as_str()),
+            _ => return None,
+        };
+        header_name.eq_ignore_ascii_case(name).then_some(value)
+    })
+}
+
 pub fn call_id(headers: &Headers) -> Result<&str, MessageError> {
     headers
         .iter()

@@ -7,6 +7,7 @@
 
 pub mod auth;
 pub mod dialog;
+pub mod digest;
 pub mod framing;
 pub mod header;
 pub mod message;

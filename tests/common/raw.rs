@@ -180,3 +180,31 @@ impl Rig {
         }
     }
 }
+
+/// How long the helpers below wait for a message.
+const WAIT: Duration = Duration::from_secs(5);
+
+/// The CSeq of a message, as text (`"1 INVITE"`).
+pub fn cseq(message: &SipMessage) -> String {
+    header_values(message, "CSeq")[0].clone()
+}
+
+/// The next request of `method` at `peer`, skipping others (ACKs for absorbed answers).
+pub async fn next_request(peer: &RawPeer, method: rsip::Method) -> (SipMessage, SocketAddr) {
+    loop {
+        let (message, from) = peer.receive(WAIT, "a request").await;
+        if matches!(&message, SipMessage::Request(request) if request.method == method) {
+            return (message, from);
+        }
+    }
+}
+
+/// The next final response at `peer` (the Edge, usually), skipping provisional ones.
+pub async fn final_response(peer: &RawPeer) -> SipMessage {
+    loop {
+        let (message, _) = peer.receive(WAIT, "a final response").await;
+        if status(&message) >= 200 {
+            return message;
+        }
+    }
+}
