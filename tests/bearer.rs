@@ -10,7 +10,9 @@ use std::time::Duration;
 
 use byoc_sidecar::config::Transport;
 use byoc_sidecar::transport::Side;
-use common::raw::{cseq, final_response, header_values, invite, next_request, status, RawPeer};
+use common::raw::{
+    cseq, final_response, header_values, invite, next_request, status, top_branch, RawPeer,
+};
 use common::Sidecar;
 use rsip::SipMessage;
 
@@ -230,14 +232,11 @@ async fn stale_token_403_is_retried_once_with_cseq_plus_one_and_the_dialog_is_tr
         header_values(&second, "From"),
         header_values(&first, "From")
     );
-    let branch = |message: &SipMessage| {
-        byoc_sidecar::sip::message::top_via(rsip::message::HasHeaders::headers(message))
-            .unwrap()
-            .branch()
-            .unwrap()
-            .to_string()
-    };
-    assert_ne!(branch(&first), branch(&second), "a new client transaction");
+    assert_ne!(
+        top_branch(&first),
+        top_branch(&second),
+        "a new client transaction"
+    );
 
     let record_route = common::raw::record_routes(&second);
     let ok = common::raw::with_dialog(
@@ -426,16 +425,9 @@ async fn cancel_arriving_during_the_resend_follows_the_new_branch_and_the_edge_g
     )
     .await;
     let (core_cancel, from) = next_request(&core, rsip::Method::Cancel).await;
-    let branch = |message: &SipMessage| {
-        byoc_sidecar::sip::message::top_via(rsip::message::HasHeaders::headers(message))
-            .unwrap()
-            .branch()
-            .unwrap()
-            .to_string()
-    };
     assert_eq!(
-        branch(&core_cancel),
-        branch(&second),
+        top_branch(&core_cancel),
+        top_branch(&second),
         "the CANCEL goes on the re-sent INVITE's branch"
     );
     assert_eq!(cseq(&core_cancel), "2 CANCEL");

@@ -14,7 +14,7 @@ use byoc_sidecar::config::Transport;
 use byoc_sidecar::sip::auth::Challenge;
 use byoc_sidecar::transport::Side;
 use common::raw::{
-    answer, cseq, final_response, header_values, invite, next_request, status, RawPeer,
+    answer, cseq, final_response, header_values, invite, next_request, status, top_branch, RawPeer,
 };
 use common::Sidecar;
 use rsip::{Method, SipMessage};
@@ -415,5 +415,56 @@ async fn a_challenge_no_supported_digest_answers_goes_to_the_edge_at_once() {
     assert_eq!(status(&response), 407);
     let stats = rig.sidecar.app.stats.snapshot();
     assert_eq!((stats.resends, stats.digest_unanswerable), (0, 1));
+    rig.sidecar.stop().await;
+}
+
+/// A CANCEL after a challenge was answered follows the re-sent INVITE: its branch and
+/// its (translated) CSeq, and the Edge gets 487 with its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancel_after_the_answered_challenge_goes_on_the_new_branch() {
+    let rig = DigestRig::start("wonderland").await;
+    rig.call("cancel", 1, "").await;
+    let (first, from) = next_request(&rig.core, Method::Invite).await;
+    rig.challenge(&first, from, 407, &proxy_challenge("MD5", "n1", ""))
+        .await;
+    let (second, from) = next_request(&rig.core, Method::Invite).await;
+    rig.core
+        .send(&answer(&second, 180, "Ringing", "core-tag"), from)
+        .await;
+    loop {
+        let (message, _) = rig
+            .edge
+            .receive(std::time::Duration::from_secs(5), "180")
+            .await;
+        if status(&message) == 180 {
+            break;
+        }
+    }
+    let cancel = invite(rig.edge.addr, rig.proxy, "z9hG4bKcancel", "cancel")
+        .replacen("INVITE sip", "CANCEL sip", 1)
+        .replace("1 INVITE", "1 CANCEL");
+    rig.edge.send(&cancel, rig.proxy).await;
+    let (core_cancel, from) = next_request(&rig.core, Method::Cancel).await;
+    assert_eq!(top_branch(&core_cancel), top_branch(&second));
+    assert_eq!(cseq(&core_cancel), "2 CANCEL");
+    rig.core
+        .send(&answer(&core_cancel, 200, "OK", "core-tag"), from)
+        .await;
+    rig.core
+        .send(
+            &answer(&second, 487, "Request Terminated", "core-tag"),
+            from,
+        )
+        .await;
+    let response = loop {
+        let response = final_response(&rig.edge).await;
+        if cseq(&response).ends_with("INVITE") {
+            break response;
+        }
+    };
+    assert_eq!(
+        (status(&response), cseq(&response)),
+        (487, "1 INVITE".into())
+    );
     rig.sidecar.stop().await;
 }

@@ -293,7 +293,7 @@ impl Engine {
             }
         }
         Stats::bump(&self.stats.resends);
-        tracing::info!(generation, branch = %branch, "re-sending with a newer credential");
+        tracing::info!(generation, branch = %branch, "re-sending with fresh credentials");
         // A first Digest re-send may still meet a stale nonce once more; any other
         // re-send is final.
         let digest = self.router.trunk(trunk).map(|trunk| trunk.auth) == Some(AuthMode::Digest);

@@ -6,6 +6,7 @@
 // Test support: a failed set-up step should stop the test loudly.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+pub mod kamailio;
 pub mod raw;
 pub mod sim;
 

@@ -208,3 +208,12 @@ pub async fn final_response(peer: &RawPeer) -> SipMessage {
         }
     }
 }
+
+/// The branch of a message's top Via.
+pub fn top_branch(message: &SipMessage) -> String {
+    message::top_via(rsip::message::HasHeaders::headers(message))
+        .unwrap()
+        .branch()
+        .unwrap()
+        .to_string()
+}

@@ -1,0 +1,147 @@
+//! Kamailio (the Debian package) as a real core for the tests: started on a free loopback
+//! port from a configuration in `tests/kamailio/`, stopped by PID (SIGTERM, which takes
+//! its worker processes down with it) when dropped.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+/// The kamailio binary, or a loud failure naming how to get it.
+pub fn kamailio_path() -> PathBuf {
+    for dir in ["/usr/sbin", "/usr/local/sbin", "/sbin"] {
+        let candidate = Path::new(dir).join("kamailio");
+        if candidate.is_file() {
+            return candidate;
+        }
+    }
+    panic!("kamailio is not installed: run scripts/test.sh, which installs the Debian package kamailio");
+}
+
+/// Where the Debian package keeps its modules (the directory names the architecture).
+fn modules_dir() -> PathBuf {
+    let found = std::fs::read_dir("/usr/lib")
+        .into_iter()
+        .flatten()
+        .filter_map(Result::ok)
+        .map(|entry| entry.path().join("kamailio/modules"))
+        .find(|dir| dir.join("tm.so").is_file());
+    found.unwrap_or_else(|| panic!("no kamailio modules under /usr/lib/*/kamailio/modules"))
+}
+
+pub struct Kamailio {
+    child: std::process::Child,
+    pub dir: tempfile::TempDir,
+    pub port: u16,
+}
+
+/// How the Digest core is set up.
+pub struct DigestCore<'a> {
+    /// `MD5` or `SHA-256` (all Kamailio 5.6 offers).
+    pub algorithm: &'a str,
+    /// Seconds a nonce stays valid before Kamailio calls it stale.
+    pub nonce_expire: u32,
+    /// Where authenticated INVITEs go.
+    pub far_end_port: u16,
+    /// The password of subscriber `alice`.
+    pub password: &'a str,
+}
+
+impl Kamailio {
+    /// Kamailio demanding Digest for REGISTER (401) and INVITE (407) from subscriber
+    /// `alice` in a db_text table, relaying authenticated INVITEs to the far end.
+    pub async fn digest_core(core: &DigestCore<'_>) -> Kamailio {
+        let dir = tempfile::tempdir().expect("temporary directory for kamailio");
+        let db = dir.path().join("db");
+        std::fs::create_dir(&db).unwrap();
+        std::fs::write(
+            db.join("version"),
+            "id(int,auto) table_name(string) table_version(int) \n0:subscriber:7\n",
+        )
+        .unwrap();
+        std::fs::write(
+            db.join("subscriber"),
+            format!(
+                "id(int,auto) username(string) domain(string) password(string) ha1(string,null) ha1b(string,null) \n1:alice:core.test:{}:::\n",
+                core.password
+            ),
+        )
+        .unwrap();
+        let port = super::free_port();
+        let template = std::fs::read_to_string(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/kamailio/digest-core.cfg"),
+        )
+        .unwrap();
+        let config = template
+            .replace("@PORT@", &port.to_string())
+            .replace("@MODULES@", &modules_dir().display().to_string())
+            .replace("@ALGORITHM@", core.algorithm)
+            .replace("@NONCE_EXPIRE@", &core.nonce_expire.to_string())
+            .replace("@DB@", &db.display().to_string())
+            .replace("@FAR_END_PORT@", &core.far_end_port.to_string());
+        assert!(!config.contains('@'), "a placeholder was left unfilled");
+        let config_path = dir.path().join("kamailio.cfg");
+        std::fs::write(&config_path, config).unwrap();
+        let log = std::fs::File::create(dir.path().join("kamailio.log")).unwrap();
+        let child = std::process::Command::new(kamailio_path())
+            .arg("-f")
+            .arg(&config_path)
+            .args(["-DD", "-E"])
+            .arg("-Y")
+            .arg(dir.path())
+            .arg("-w")
+            .arg(dir.path())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start kamailio");
+        let kamailio = Kamailio { child, dir, port };
+        kamailio.wait_listening().await;
+        kamailio
+    }
+
+    /// Waits until the port is taken (Kamailio bound it), or fails with its log.
+    async fn wait_listening(&self) {
+        for _ in 0..100 {
+            if std::net::UdpSocket::bind((super::LOOPBACK, self.port)).is_err() {
+                // Bound; give the workers a moment to start reading.
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!(
+            "kamailio did not bind port {}; log:\n{}",
+            self.port,
+            self.log()
+        );
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("kamailio.log")).unwrap_or_default()
+    }
+
+    pub fn addr(&self) -> std::net::SocketAddr {
+        std::net::SocketAddr::from(([127, 0, 0, 1], self.port))
+    }
+}
+
+impl Drop for Kamailio {
+    fn drop(&mut self) {
+        let pid = self.child.id().to_string();
+        let stopped = std::process::Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .is_ok_and(|status| status.success());
+        if stopped {
+            for _ in 0..50 {
+                if matches!(self.child.try_wait(), Ok(Some(_))) {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
