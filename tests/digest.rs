@@ -36,22 +36,12 @@ impl DigestRig {
         std::fs::write(dir.path().join("login"), format!("alice\n{password}\n")).unwrap();
         let core = RawPeer::bind().await;
         let config = format!(
-            "{}auth = \"digest\"\n\n[trunk.credentials]\nkind = \"file\"\nformat = \"username_password\"\npath = \"{}\"\n",
+            // The file is not polled: only a forced refresh (a refused password) reads it.
+            "{}auth = \"digest\"\n\n[trunk.credentials]\nkind = \"file\"\nformat = \"username_password\"\npoll_interval = \"1h\"\nforce_refresh_interval = \"0s\"\npath = \"{}\"\n",
             Sidecar::config("udp:127.0.0.1:9", &format!("udp:{}", core.addr), ""),
             dir.path().join("login").display()
         );
-        let sidecar = Sidecar::start_with(&config).await;
-        let manager = sidecar.app.credentials.get("test").unwrap();
-        for _ in 0..250 {
-            if manager.current().is_some() {
-                break;
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-        }
-        assert!(
-            manager.current().is_some(),
-            "the credential file was never read"
-        );
+        let sidecar = Sidecar::start_ready(&config).await;
         let edge = RawPeer::bind().await;
         let proxy = sidecar.addr(Side::Edge, Transport::Udp);
         DigestRig {
@@ -212,7 +202,6 @@ async fn a_407_is_answered_by_one_resend_and_the_nonce_serves_later_requests() {
     let response = final_response(&rig.edge).await;
     assert_eq!(status(&response), 200, "the Edge never sees the 407");
     assert_eq!(cseq(&response), "1 INVITE");
-    assert!(header_values(&response, "Proxy-Authenticate").is_empty());
 
     let dialog = common::raw::EdgeDialog::from_response(&response, rig.edge.addr);
     rig.edge
@@ -229,14 +218,9 @@ async fn a_407_is_answered_by_one_resend_and_the_nonce_serves_later_requests() {
         .await;
     let (bye, from) = next_request(&rig.core, Method::Bye).await;
     assert_eq!(cseq(&bye), "3 BYE");
-    let answers = header_values(&bye, "Proxy-Authorization");
-    assert_answer(
-        &answers[0],
-        "BYE",
-        "nonce-sha",
-        "00000002",
-        "SHA-256",
-        "wonderland",
+    assert!(
+        header_values(&bye, "Proxy-Authorization").is_empty(),
+        "in a dialog answers wait for a challenge: the far end must not see them"
     );
     rig.core
         .send(&answer(&bye, 200, "OK", "core-tag"), from)
@@ -253,12 +237,32 @@ async fn a_407_is_answered_by_one_resend_and_the_nonce_serves_later_requests() {
         &answers[0],
         "INVITE",
         "nonce-sha",
-        "00000003",
+        "00000002",
+        "SHA-256",
+        "wonderland",
+    );
+    // The core hands out the next nonce with its success (RFC 7616 §3.5). That header
+    // is about the sidecar's credentials: the Edge does not get it.
+    let ok = answer(&next, 200, "OK", "core-tag").replace(
+        "Content-Length: 0\r\n",
+        "Proxy-Authentication-Info: nextnonce=\"nonce-next\", qop=auth, rspauth=\"0\"\r\nContent-Length: 0\r\n",
+    );
+    rig.core.send(&ok, from).await;
+    let response = final_response(&rig.edge).await;
+    assert_eq!(status(&response), 200);
+    assert!(header_values(&response, "Proxy-Authentication-Info").is_empty());
+    rig.call("digest-3", 1, "").await;
+    let (third, from) = next_request(&rig.core, Method::Invite).await;
+    assert_answer(
+        &header_values(&third, "Proxy-Authorization")[0],
+        "INVITE",
+        "nonce-next",
+        "00000001",
         "SHA-256",
         "wonderland",
     );
     rig.core
-        .send(&answer(&next, 486, "Busy Here", "core-tag"), from)
+        .send(&answer(&third, 486, "Busy Here", "core-tag"), from)
         .await;
     assert_eq!(status(&final_response(&rig.edge).await), 486);
 
@@ -328,21 +332,85 @@ async fn a_stale_nonce_is_answered_once_more_and_a_third_challenge_reaches_the_e
     rig.sidecar.stop().await;
 }
 
+/// A REGISTER from the Edge on Call-ID `call_id`, numbered `seq`, with From tag `tag`.
+fn register(edge: SocketAddr, seq: u32, call_id: &str, tag: &str) -> String {
+    format!(
+        "REGISTER sip:core.test SIP/2.0\r\nVia: SIP/2.0/UDP {edge};branch=z9hG4bKreg{seq}{call_id}\r\n\
+         From: <sip:alice@core.test>;tag={tag}\r\nTo: <sip:alice@core.test>\r\n\
+         Call-ID: {call_id}\r\nCSeq: {seq} REGISTER\r\nContact: <sip:alice@{edge}>\r\n\
+         Expires: 300\r\nMax-Forwards: 70\r\nContent-Length: 0\r\n\r\n"
+    )
+}
+
+fn www(nonce: &str, extra: &str) -> String {
+    format!("WWW-Authenticate: Digest realm=\"core.test\", nonce=\"{nonce}\", qop=\"auth\", opaque=\"op-1\"{extra}\r\n")
+}
+
+/// A registration refreshed 40 times on one Call-ID, each refresh meeting a stale nonce
+/// and re-sent: the registrar sees CSeq rise every time (RFC 3261 §10.3 step 7), though
+/// the Edge changes its From tag on every refresh, as many UAs do, and the re-sends
+/// outnumber the steps the dialog table keeps one by one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_registration_refreshed_through_stale_nonces_keeps_its_cseq_rising() {
+    let rig = DigestRig::start("wonderland").await;
+    let mut seen = Vec::new();
+    for seq in 1..=40u32 {
+        let tag = format!("refresh-{seq}");
+        rig.edge
+            .send(
+                &register(rig.edge.addr, seq, "reg-refresh", &tag),
+                rig.proxy,
+            )
+            .await;
+        let (request, from) = next_request(&rig.core, Method::Register).await;
+        seen.push(request_cseq(&request));
+        rig.challenge(
+            &request,
+            from,
+            401,
+            &www(&format!("n{seq}"), ", stale=true"),
+        )
+        .await;
+        let (resent, from) = next_request(&rig.core, Method::Register).await;
+        seen.push(request_cseq(&resent));
+        assert_answer(
+            &header_values(&resent, "Authorization")[0],
+            "REGISTER",
+            &format!("n{seq}"),
+            "00000001",
+            "MD5",
+            "wonderland",
+        );
+        rig.core
+            .send(&answer(&resent, 200, "OK", "core-tag"), from)
+            .await;
+        let response = final_response(&rig.edge).await;
+        assert_eq!(
+            (status(&response), cseq(&response)),
+            (200, format!("{seq} REGISTER"))
+        );
+    }
+    assert!(
+        seen.windows(2).all(|pair| pair[0] < pair[1]),
+        "CSeq at the registrar: {seen:?}"
+    );
+    rig.sidecar.stop().await;
+}
+
+fn request_cseq(message: &SipMessage) -> u32 {
+    cseq(message)
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refused_password_is_retried_only_when_a_newer_one_exists() {
     let rig = DigestRig::start("old-password").await;
-    let register = |seq: u32, call_id: &str| {
-        let edge = rig.edge.addr;
-        format!(
-            "REGISTER sip:core.test SIP/2.0\r\nVia: SIP/2.0/UDP {edge};branch=z9hG4bKreg{seq}{call_id}\r\n\
-             From: <sip:alice@core.test>;tag=edge-tag\r\nTo: <sip:alice@core.test>\r\n\
-             Call-ID: {call_id}\r\nCSeq: {seq} REGISTER\r\nContact: <sip:alice@{edge}>\r\n\
-             Expires: 300\r\nMax-Forwards: 70\r\nContent-Length: 0\r\n\r\n"
-        )
-    };
-    let www = |nonce: &str| {
-        format!("WWW-Authenticate: Digest realm=\"core.test\", nonce=\"{nonce}\", qop=\"auth\", opaque=\"op-1\"\r\n")
-    };
+    let register = |seq: u32, call_id: &str| register(rig.edge.addr, seq, call_id, "edge-tag");
+    let www = |nonce: &str| www(nonce, "");
     rig.edge.send(&register(1, "reg"), rig.proxy).await;
     let (first, from) = next_request(&rig.core, Method::Register).await;
     assert!(header_values(&first, "Authorization").is_empty());
@@ -357,13 +425,16 @@ async fn a_refused_password_is_retried_only_when_a_newer_one_exists() {
         "MD5",
         "old-password",
     );
-    // A wrong password: the server challenges afresh, not stale. Passed on.
+    // A wrong password: the server challenges afresh, not stale (RFC 7616 §3.3). No
+    // newer password exists, so the challenge is passed on.
     rig.challenge(&second, from, 401, &www("w2")).await;
     let response = final_response(&rig.edge).await;
     assert_eq!(
         (status(&response), cseq(&response)),
         (401, "1 REGISTER".into())
     );
+    let stats = rig.sidecar.app.stats.snapshot();
+    assert_eq!((stats.resends, stats.resends_impossible), (1, 1));
 
     // The password changes; the next REGISTER still goes with the old one and the
     // server refuses it with the very nonce it used: a newer credential is fetched.
@@ -467,4 +538,80 @@ async fn a_cancel_after_the_answered_challenge_goes_on_the_new_branch() {
         (487, "1 INVITE".into())
     );
     rig.sidecar.stop().await;
+}
+
+/// The Edge cancelled before the core's challenge came back: the INVITE is not sent
+/// again (a far end answering it at once would set up a call nobody wants); the
+/// challenge ends the transaction.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_invite_cancelled_before_its_challenge_is_not_re_sent() {
+    let rig = DigestRig::start("wonderland").await;
+    rig.call("early-cancel", 1, "").await;
+    let (first, from) = next_request(&rig.core, Method::Invite).await;
+    let cancel = invite(
+        rig.edge.addr,
+        rig.proxy,
+        "z9hG4bKearly-cancel",
+        "early-cancel",
+    )
+    .replacen("INVITE sip", "CANCEL sip", 1)
+    .replace("1 INVITE", "1 CANCEL");
+    rig.edge.send(&cancel, rig.proxy).await;
+    let cancelled = loop {
+        let response = final_response(&rig.edge).await;
+        if cseq(&response).ends_with("CANCEL") {
+            break response;
+        }
+    };
+    assert_eq!(status(&cancelled), 200);
+    rig.challenge(&first, from, 407, &proxy_challenge("MD5", "n1", ""))
+        .await;
+    let response = final_response(&rig.edge).await;
+    assert_eq!(
+        (status(&response), cseq(&response)),
+        (407, "1 INVITE".into())
+    );
+    let (ack, _) = next_request(&rig.core, Method::Ack).await;
+    assert_eq!(cseq(&ack), "1 ACK");
+    let stats = rig.sidecar.app.stats.snapshot();
+    assert_eq!((stats.rejections_absorbed, stats.resends), (0, 0));
+    rig.sidecar.stop().await;
+}
+
+/// With `digest_realm`, a challenge from another realm (a proxy or UA beyond the core)
+/// is never answered: the password is not offered to it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_the_configured_realm_is_answered() {
+    let dir = tempfile::tempdir().unwrap();
+    let core = RawPeer::bind().await;
+    let config = Sidecar::digest_config(
+        core.addr,
+        dir.path(),
+        "wonderland",
+        "digest_realm = \"core.test\"\n",
+    );
+    let sidecar = Sidecar::start_ready(&config).await;
+    let edge = RawPeer::bind().await;
+    let proxy = sidecar.addr(Side::Edge, Transport::Udp);
+    edge.send(
+        &invite(edge.addr, proxy, "z9hG4bKrealm", "realm@test"),
+        proxy,
+    )
+    .await;
+    let (first, from) = next_request(&core, Method::Invite).await;
+    let foreign =
+        "Proxy-Authenticate: Digest realm=\"far-end.test\", nonce=\"f\", qop=\"auth\"\r\n";
+    core.send(
+        &answer(&first, 407, "Proxy Authentication Required", "t").replace(
+            "Content-Length: 0\r\n",
+            &format!("{foreign}Content-Length: 0\r\n"),
+        ),
+        from,
+    )
+    .await;
+    let response = final_response(&edge).await;
+    assert_eq!(status(&response), 407);
+    let stats = sidecar.app.stats.snapshot();
+    assert_eq!((stats.resends, stats.digest_unanswerable), (0, 1));
+    sidecar.stop().await;
 }

@@ -24,22 +24,7 @@ async fn digest_sidecar(
     dir: &std::path::Path,
     password: &str,
 ) -> Sidecar {
-    let password_path = dir.join("password");
-    std::fs::write(&password_path, password).unwrap();
-    let config = format!(
-        "{}auth = \"digest\"\n\n[trunk.credentials]\nkind = \"static\"\nusername = \"alice\"\npassword_file = \"{}\"\n",
-        Sidecar::config("udp:127.0.0.1:9", &format!("udp:{core}"), ""),
-        password_path.display()
-    );
-    let sidecar = Sidecar::start_with(&config).await;
-    let manager = sidecar.app.credentials.get("test").unwrap();
-    for _ in 0..250 {
-        if manager.current().is_some() {
-            return sidecar;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    panic!("the static credential never became current");
+    Sidecar::start_ready(&Sidecar::digest_config(core, dir, password, "")).await
 }
 
 /// `calls` calls from sipp through the sidecar and Kamailio to sipp, all of which must
@@ -141,10 +126,11 @@ async fn registrations_pass_kamailio_demanding_digest() {
     }
     assert_all_calls_succeeded(&uac, REGISTRATIONS, "register (Edge)");
     let stats = sidecar.app.stats.snapshot();
-    assert_eq!(
-        (stats.digest_challenges_answered, stats.resends_impossible),
-        (1, 0),
-        "one 401, then the nonce serves every REGISTER: {stats:?}"
+    // One 401 answered, then the nonce serves every REGISTER; a few more if REGISTERs
+    // left before the first answer came back (50 a second on a busy machine).
+    assert!(
+        (1..=5).contains(&stats.digest_challenges_answered) && stats.resends_impossible == 0,
+        "{stats:?}"
     );
     sidecar.stop().await;
 }
@@ -179,8 +165,9 @@ async fn a_wrong_password_gets_one_resend_then_the_edge_sees_the_407() {
             stats.resends,
             stats.resends_impossible
         ),
-        (1, 1, 0),
-        "the first 407 answered once, the second passed on: {stats:?}"
+        (2, 1, 1),
+        "the first 407 answered; the second, not stale, means a wrong password (RFC 7616 \
+         §3.3): a newer one is asked for, none exists, the 407 goes on: {stats:?}"
     );
     sidecar.stop().await;
 }

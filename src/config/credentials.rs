@@ -196,7 +196,13 @@ impl CredentialsConfig {
                 ORG,
             ]
             .concat(),
-            "file" => [&["path", "format", "poll_interval"][..], ORG].concat(),
+            // A file another agent rewrites is re-read when the core refuses what it
+            // held, as often as force_refresh_interval allows.
+            "file" => [
+                &["path", "format", "poll_interval", "force_refresh_interval"][..],
+                ORG,
+            ]
+            .concat(),
             "ephemeral" => [
                 &["user", "secret_file", "secret_env", "algorithm", "lifetime"][..],
                 POLICY,

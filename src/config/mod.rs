@@ -161,6 +161,10 @@ pub struct TrunkConfig {
     /// password).
     #[serde(default)]
     pub auth: Option<String>,
+    /// With `digest`: the only realm whose challenges are answered. Without it any realm
+    /// is, including one of a proxy beyond the core that challenges.
+    #[serde(default)]
+    pub digest_realm: Option<String>,
     /// The credentials this trunk presents to the core.
     #[serde(default)]
     pub credentials: Option<CredentialsConfig>,
@@ -230,6 +234,8 @@ pub struct Trunk {
     pub edge: Endpoint,
     pub core: Endpoint,
     pub auth: AuthMode,
+    /// With `digest`, the only realm answered.
+    pub digest_realm: Option<String>,
     pub credentials: Option<CredentialSettings>,
 }
 
@@ -477,9 +483,21 @@ impl Config {
                     Some(_) => {}
                 }
             }
+            match &raw.digest_realm {
+                Some(_) if auth != AuthMode::Digest => problems.add(
+                    &format!("{label}.digest_realm"),
+                    "only applies with auth = \"digest\"".into(),
+                ),
+                Some(realm) if realm.trim().is_empty() => problems.add(
+                    &format!("{label}.digest_realm"),
+                    "is empty; leave it out to answer any realm".into(),
+                ),
+                _ => {}
+            }
             if let (Some(edge), Some(core)) = (edge_endpoint, core_endpoint) {
                 trunks.push(Trunk {
                     auth,
+                    digest_realm: raw.digest_realm.clone(),
                     credentials,
                     name: raw.name.clone(),
                     sources,

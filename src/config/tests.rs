@@ -374,6 +374,32 @@ core = \"udp:core.example:5090\"
         vec!["trunk \"org-a\".auth"],
         "digest needs a password: {found:?}"
     );
+    // digest_realm belongs to digest trunks only, and is never empty.
+    let with_realm = |auth_mode: &str, realm: &str| {
+        format!(
+            "{}\n[[trunk]]\nname = \"org-b\"\nedge = \"tcp:127.0.0.3:5080\"\ncore = \"udp:core.example:5090\"\n",
+            digest_ephemeral.replace(
+                "auth = \"digest\"",
+                &format!("auth = \"{auth_mode}\"\ndigest_realm = \"{realm}\""),
+            )
+        )
+    };
+    let settings = Config::from_toml(&with_realm("digest", "core.test"), "t")
+        .unwrap()
+        .validate()
+        .unwrap();
+    assert_eq!(
+        settings.trunks[0].digest_realm.as_deref(),
+        Some("core.test")
+    );
+    assert_eq!(
+        keys(&problems(&with_realm("digest", " "))),
+        vec!["trunk \"org-a\".digest_realm"]
+    );
+    assert_eq!(
+        keys(&problems(&with_realm("none", "core.test"))),
+        vec!["trunk \"org-a\".digest_realm"]
+    );
     assert!(
         found[0].message.contains("username and password"),
         "{found:?}"

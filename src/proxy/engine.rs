@@ -585,7 +585,7 @@ impl Engine {
         // Past the first final answer only an absorbed rejection needs the copy.
         let keep_copy = matches!(code, 401 | 403 | 407);
         if (200..300).contains(&code) {
-            self.note_next_nonce(client, &response);
+            self.take_authentication_info(client, &mut response);
         }
         if code >= 200 && !keep_copy {
             if let Some(Entry::Client(entry)) = self.entries.get_mut(&client) {

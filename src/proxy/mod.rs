@@ -91,6 +91,7 @@ impl App {
                     index,
                     name: trunk.name.as_str().into(),
                     auth: trunk.auth,
+                    digest_realm: trunk.digest_realm.clone(),
                     credentials: credentials.get(&trunk.name).cloned(),
                     sources: trunk.sources.clone(),
                     domain: trunk.domain.clone(),

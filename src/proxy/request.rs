@@ -160,7 +160,7 @@ impl Engine {
                                 request: forward.request.clone(),
                                 generation,
                                 trunk,
-                                stale_only: false,
+                                is_resend: false,
                             })
                         });
                 self.start_client(
@@ -345,13 +345,25 @@ impl Engine {
             return Ok(None);
         }
         strip_credentials(request);
-        let credential = trunk
+        let ack = request.method == Method::Ack;
+        // ACK and CANCEL cannot be challenged (§22.1): no Digest answer for them.
+        if trunk.auth == AuthMode::Digest && (ack || request.method == Method::Cancel) {
+            return Ok(None);
+        }
+        let Some(credential) = trunk
             .credentials
             .as_ref()
             .and_then(|manager| manager.current())
-            .ok_or_else(|| {
-                Rejection::new(503, format!("trunk {} has no valid credential", trunk.name))
-            })?;
+        else {
+            // An ACK for a 2xx cannot be refused: the call would break. It goes without.
+            if ack {
+                return Ok(None);
+            }
+            return Err(Rejection::new(
+                503,
+                format!("trunk {} has no valid credential", trunk.name),
+            ));
+        };
         match (&credential.value, trunk.auth) {
             (CredentialValue::Token(token), AuthMode::Bearer) => {
                 request.headers.push(rsip::Header::Authorization(
@@ -359,9 +371,18 @@ impl Engine {
                 ));
             }
             (CredentialValue::UserPassword { username, password }, AuthMode::Digest) => {
-                // ACK and CANCEL cannot be challenged (§22.1); they go without.
-                if !matches!(request.method, Method::Ack | Method::Cancel) {
-                    let client = self.digest.entry(trunk.index).or_default();
+                // Answers go ahead of a challenge only on requests outside a dialog: a
+                // core that does not consume them would pass them on to the far end.
+                // In a dialog a challenge is answered by the re-send.
+                let in_dialog = message::to_value(&request.headers)
+                    .ok()
+                    .and_then(message::tag_of)
+                    .is_some();
+                if !in_dialog {
+                    let client = self
+                        .digest
+                        .entry(trunk.index)
+                        .or_insert_with(|| DigestClient::new(trunk.digest_realm.clone()));
                     push_digest_answers(request, client, username, password);
                 }
             }

@@ -28,7 +28,7 @@ use super::request::{push_digest_answers, strip_credentials};
 use crate::config::AuthMode;
 use crate::credentials::{Credential, CredentialValue};
 use crate::sip::dialog::{DialogKey, MAX_CSEQ};
-use crate::sip::digest::{nonce_of_credentials, ChallengeKind, Verdict};
+use crate::sip::digest::{sent_answers, ChallengeKind, DigestClient, Verdict};
 use crate::sip::message::{self, header_values};
 use crate::stats::Stats;
 use crate::transport::TransportEvent;
@@ -44,7 +44,7 @@ pub struct ResendInfo {
     pub trunk: usize,
     /// This request is itself a re-send: only a Digest challenge calling its nonce
     /// stale may start another.
-    pub stale_only: bool,
+    pub is_resend: bool,
 }
 
 /// A rejected request waiting for its forced refresh.
@@ -95,6 +95,19 @@ fn dialog_key(headers: &rsip::Headers, tag_of_to: bool) -> Option<DialogKey> {
     })
 }
 
+/// The numbering space of a request from the Edge: its dialog, or for REGISTER the
+/// Call-ID alone, in which a registrar expects CSeq to rise (RFC 3261 §10.3 step 7)
+/// whatever From tag each refresh carries.
+fn request_dialog_key(request: &Request) -> Option<DialogKey> {
+    if request.method == rsip::Method::Register {
+        return Some(DialogKey {
+            call_id: message::call_id(&request.headers).ok()?.to_string(),
+            edge_tag: String::new(),
+        });
+    }
+    dialog_key(&request.headers, false)
+}
+
 impl Engine {
     /// A 401, 407 or 403 for a request that may be re-sent: absorb it and re-send, at
     /// once or after a forced refresh. Returns false when the response should be relayed
@@ -116,15 +129,19 @@ impl Engine {
             return false;
         }
         let kind = ChallengeKind::of_status(code);
-        let (trunk, stale_only, sent_nonce) = match &entry.resend {
-            // The nonce the rejected request answered, for telling stale from refused.
+        let (trunk, is_resend, method, sent) = match &entry.resend {
+            // The answers the rejected request carried, for telling stale from refused.
             Some(info) => (
                 info.trunk,
-                info.stale_only,
-                kind.and_then(|kind| {
-                    header_values(&info.request.headers, kind.credentials_header())
-                        .find_map(nonce_of_credentials)
-                }),
+                info.is_resend,
+                info.request.method.to_string(),
+                kind.map(|kind| {
+                    sent_answers(header_values(
+                        &info.request.headers,
+                        kind.credentials_header(),
+                    ))
+                })
+                .unwrap_or_default(),
             ),
             None => return false,
         };
@@ -132,13 +149,15 @@ impl Engine {
             return false;
         };
         let (auth, trunk_index) = (trunk.auth, trunk.index);
+        let realm = trunk.digest_realm.clone();
         let Some(manager) = trunk.credentials.clone() else {
             return false;
         };
         let Some(Entry::Server(server_entry)) = self.entries.get(&server) else {
             return false;
         };
-        if server_entry.transaction.is_final() {
+        // An INVITE the Edge already cancelled is not sent again: its rejection ends it.
+        if server_entry.transaction.is_final() || server_entry.cancel_requested {
             return false;
         }
         // How to re-send: at once (a challenge to answer) or after a forced refresh.
@@ -146,34 +165,43 @@ impl Engine {
             (AuthMode::Digest, Some(kind)) => {
                 let offered: Vec<&str> =
                     header_values(&response.headers, kind.challenge_header()).collect();
-                let verdict = self.digest.entry(trunk_index).or_default().learn(
-                    kind,
-                    offered.iter().copied(),
-                    sent_nonce.as_deref(),
-                );
+                let verdict = self
+                    .digest
+                    .entry(trunk_index)
+                    .or_insert_with(|| DigestClient::new(realm.clone()))
+                    .learn(kind, &method, offered.iter().copied(), &sent);
                 match verdict {
-                    Verdict::AnswerNow { stale } if stale || !stale_only => {
+                    // A first challenge, or a stale or unknown nonce: the same password
+                    // will do. A re-send gets one more try only for a stale nonce or a
+                    // realm it did not answer yet.
+                    Verdict::AnswerNow { stale, new_realm } if !is_resend || stale || new_realm => {
                         Stats::bump(&self.stats.digest_challenges_answered);
                         false
                     }
-                    Verdict::AnswerNow { .. } => return false,
-                    Verdict::CredentialRefused if !stale_only => {
+                    // The very answer was refused (or a re-send was challenged afresh,
+                    // which RFC 7616 §3.3 reads the same way): only a newer password helps.
+                    Verdict::AnswerNow { .. } | Verdict::CredentialRefused => {
                         tracing::info!(
                             trunk = manager.trunk(),
                             status = code,
-                            "core refused the digest credential"
+                            "core refused the digest credential; asking for a newer one"
                         );
                         true
                     }
-                    Verdict::CredentialRefused => return false,
                     Verdict::Unanswerable { offered } => {
                         Stats::bump(&self.stats.digest_unanswerable);
-                        tracing::warn!(trunk = manager.trunk(), status = code, offered = %offered, "core's challenge cannot be answered (supported: Digest with MD5, SHA-256, SHA-512-256, each also -sess; qop auth or none)");
+                        tracing::warn!(
+                            trunk = manager.trunk(),
+                            status = code,
+                            offered = %offered,
+                            configured_realm = realm.as_deref().unwrap_or("(any)"),
+                            "core's challenge cannot be answered (supported: Digest with MD5, SHA-256, SHA-512-256, each also -sess; qop auth or none; the configured realm)"
+                        );
                         return false;
                     }
                 }
             }
-            (AuthMode::Bearer, _) | (AuthMode::Digest, None) if code != 407 && !stale_only => true,
+            (AuthMode::Bearer, _) | (AuthMode::Digest, None) if code != 407 && !is_resend => true,
             _ => return false,
         };
         let Some(internal) = self.internal.upgrade() else {
@@ -274,7 +302,7 @@ impl Engine {
         // The dialog must remember the new numbering before the request goes out; a
         // re-send whose dialog would lose track of it would break the call later.
         if in_or_creating_dialog(&request) {
-            let recorded = dialog_key(&request.headers, false)
+            let recorded = request_dialog_key(&request)
                 .zip(edge_cseq)
                 .map(|(key, edge_cseq)| self.dialogs.add_offset(now(), &key, edge_cseq));
             match recorded {
@@ -297,12 +325,12 @@ impl Engine {
         // A first Digest re-send may still meet a stale nonce once more; any other
         // re-send is final.
         let digest = self.router.trunk(trunk).map(|trunk| trunk.auth) == Some(AuthMode::Digest);
-        let again = (digest && !info.stale_only).then(|| {
+        let again = (digest && !info.is_resend).then(|| {
             Box::new(ResendInfo {
                 request: request.clone(),
                 generation,
                 trunk,
-                stale_only: true,
+                is_resend: true,
             })
         });
         let client = self.start_client(request, &branch, destination, Some(server), again);
@@ -338,7 +366,11 @@ impl Engine {
                 ));
             }
             (CredentialValue::UserPassword { username, password }, AuthMode::Digest) => {
-                let client = self.digest.entry(trunk).or_default();
+                let realm = self.router.trunk(trunk)?.digest_realm.clone();
+                let client = self
+                    .digest
+                    .entry(trunk)
+                    .or_insert_with(|| DigestClient::new(realm));
                 push_digest_answers(&mut request, client, username, password);
             }
             _ => return None,
@@ -346,25 +378,33 @@ impl Engine {
         Some((request, branch))
     }
 
-    /// A success from the core may hand out the next nonce to use (`nextnonce` in
-    /// `Authentication-Info`, RFC 7616 §3.5): a `digest` trunk takes it.
-    pub(super) fn note_next_nonce(&mut self, client: u64, response: &Response) {
+    /// A success from the core for a request carrying the trunk's credentials may hand
+    /// out the next nonce to use (`nextnonce` in `Authentication-Info`, RFC 7616 §3.5):
+    /// a `digest` trunk takes it. The header is about the sidecar's credentials, not the
+    /// Edge's, so it is removed before the response goes on.
+    pub(super) fn take_authentication_info(&mut self, client: u64, response: &mut Response) {
         let Some(Entry::Client(entry)) = self.entries.get(&client) else {
             return;
         };
         let Some(trunk) = entry.resend.as_ref().map(|info| info.trunk) else {
             return;
         };
-        let Some(digest) = self.digest.get_mut(&trunk) else {
-            return;
-        };
-        for kind in ChallengeKind::BOTH {
-            for info in header_values(&response.headers, kind.info_header()) {
-                if digest.next_nonce(kind, info) {
-                    tracing::debug!(trunk, "core handed out the next nonce");
+        if let Some(digest) = self.digest.get_mut(&trunk) {
+            for kind in ChallengeKind::BOTH {
+                for info in header_values(&response.headers, kind.info_header()) {
+                    if digest.next_nonce(kind, info) {
+                        tracing::debug!(trunk, "core handed out the next nonce");
+                    }
                 }
             }
         }
+        response.headers.retain(|header| match header {
+            rsip::Header::AuthenticationInfo(_) => false,
+            rsip::Header::Other(name, _) => {
+                !name.eq_ignore_ascii_case(ChallengeKind::Proxy.info_header())
+            }
+            _ => true,
+        });
     }
 
     /// Ends the CSeq offset of the dialog a BYE's 2xx closes, whichever end sent the BYE.
@@ -383,7 +423,7 @@ impl Engine {
         if self.dialogs.is_empty() {
             return;
         }
-        let Some(key) = dialog_key(&request.headers, false) else {
+        let Some(key) = request_dialog_key(request) else {
             return;
         };
         let Ok((seq, method)) = message::cseq(&request.headers) else {
@@ -465,7 +505,7 @@ mod tests {
             request,
             generation: 3,
             trunk: 0,
-            stale_only: false,
+            is_resend: false,
         };
         let shown = format!("{info:?}");
         assert!(!shown.contains("debug-token-7e2a"), "{shown}");

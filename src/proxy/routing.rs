@@ -20,6 +20,8 @@ pub struct RoutedTrunk {
     pub index: usize,
     pub name: Arc<str>,
     pub auth: crate::config::AuthMode,
+    /// With `digest`, the only realm answered.
+    pub digest_realm: Option<String>,
     pub credentials: Option<crate::credentials::CredentialManager>,
     pub sources: Vec<IpNet>,
     pub domain: Option<String>,
@@ -276,6 +278,7 @@ mod tests {
             index: 0,
             name: name.into(),
             auth: crate::config::AuthMode::None,
+            digest_realm: None,
             credentials: None,
             sources: sources.iter().map(|s| s.parse().unwrap()).collect(),
             domain: domain.map(str::to_string),

@@ -59,11 +59,27 @@ impl Challenge {
 
 /// A comma-separated auth-param list (`name=token` or `name="quoted"`), as in challenges,
 /// credentials and `Authentication-Info` (RFC 3261 §25.1): names lower-cased, values
-/// unquoted.
+/// unquoted. Leniently, a bare token after a comma continues the previous value, as
+/// cores that write `qop=auth,auth-int` unquoted mean.
 pub fn parse_auth_params(text: &str) -> Result<Vec<(String, String)>, ChallengeError> {
-    let mut params = Vec::new();
+    let mut params: Vec<(String, String)> = Vec::new();
     let mut rest = text.trim_start();
     while !rest.is_empty() {
+        let segment_end = rest.find(',').unwrap_or(rest.len());
+        let segment = rest[..segment_end].trim();
+        if let Some((_, previous)) = params.last_mut() {
+            if !segment.is_empty()
+                && segment
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-_.!%*+`'~".contains(c))
+            {
+                previous.push(',');
+                previous.push_str(segment);
+                rest = rest[segment_end..].trim_start();
+                rest = rest.strip_prefix(',').unwrap_or(rest).trim_start();
+                continue;
+            }
+        }
         let equals = rest.find('=').ok_or_else(|| ChallengeError::Malformed {
             near: rest.chars().take(20).collect(),
         })?;
@@ -469,6 +485,19 @@ mod tests {
             BearerChallenge::from_challenge(&Challenge::parse("Digest realm=\"x\"").unwrap())
                 .is_none()
         );
+    }
+
+    #[test]
+    fn an_unquoted_qop_list_is_read_as_one_value() {
+        let challenge =
+            Challenge::parse("Digest realm=\"r\", qop=auth,auth-int, nonce=\"n\", algorithm=MD5")
+                .unwrap();
+        assert_eq!(challenge.param("qop"), Some("auth,auth-int"));
+        assert_eq!(challenge.param("nonce"), Some("n"));
+        let digest = DigestChallenge::from_challenge(&challenge).unwrap();
+        assert!(digest.qop_auth);
+        // A bare token with nothing before it is still an error.
+        assert!(Challenge::parse("Digest auth, realm=\"r\"").is_err());
     }
 
     #[test]

@@ -27,17 +27,23 @@ struct DialogState {
     /// an INVITE sent before later re-sends raised the offset, and must be shifted as
     /// that INVITE was.
     steps: Vec<u32>,
+    /// Steps older than the last [`MAX_STEPS`], folded into a plain offset. A long-lived
+    /// registration re-sent on every stale nonce keeps counting; only a request quoting
+    /// a number from before the folded steps (none in practice) would be shifted wrong.
+    folded: u32,
     forget_at: Instant,
     ended: bool,
 }
 
-/// Re-sends remembered per dialog; more are very unlikely (one per rotation).
+/// Re-sends remembered one by one per dialog; older ones are folded.
 const MAX_STEPS: usize = 32;
 
 impl DialogState {
     fn offset_for(&self, cseq: u32) -> u32 {
         let count = self.steps.iter().filter(|step| **step <= cseq).count();
-        u32::try_from(count).unwrap_or(u32::MAX)
+        u32::try_from(count)
+            .unwrap_or(u32::MAX)
+            .saturating_add(self.folded)
     }
 }
 
@@ -97,13 +103,13 @@ impl DialogTable {
         let idle = self.idle;
         let state = self.dialogs.entry(key.clone()).or_insert(DialogState {
             steps: Vec::new(),
+            folded: 0,
             forget_at: now + idle,
             ended: false,
         });
         if state.steps.len() >= MAX_STEPS {
-            return Err(DialogError::Full {
-                capacity: MAX_STEPS,
-            });
+            state.steps.remove(0);
+            state.folded = state.folded.saturating_add(1);
         }
         let at = state.steps.partition_point(|step| *step <= edge_cseq);
         state.steps.insert(at, edge_cseq);
@@ -245,6 +251,28 @@ mod tests {
         assert_eq!(dialogs.shift_up(now, &key("a"), 1).unwrap(), 1);
         assert_eq!(dialogs.shift_up(now, &key("a"), 2).unwrap(), 3);
         assert_eq!(dialogs.shift_up(now, &key("a"), 4).unwrap(), 5);
+    }
+
+    #[test]
+    fn a_registration_re_sent_on_every_refresh_keeps_counting_past_the_kept_steps() {
+        // One Call-ID, refreshed 40 times, each refresh re-sent once (a stale nonce).
+        let now = Instant::now();
+        let mut dialogs = table();
+        let mut sent = Vec::new();
+        for edge_cseq in 1..=40u32 {
+            let shifted = dialogs.shift_up(now, &key("reg"), edge_cseq).unwrap();
+            sent.push(shifted);
+            assert_eq!(
+                dialogs.add_offset(now, &key("reg"), edge_cseq),
+                Ok(edge_cseq)
+            );
+            sent.push(edge_cseq * 2);
+        }
+        assert!(
+            sent.windows(2).all(|pair| pair[0] < pair[1]),
+            "the registrar sees a rising CSeq: {sent:?}"
+        );
+        assert_eq!(dialogs.shift_up(now, &key("reg"), 41).unwrap(), 81);
     }
 
     #[test]

@@ -66,71 +66,143 @@ pub enum Verdict {
     AnswerNow {
         /// The server called the nonce stale.
         stale: bool,
+        /// A realm the request carried no answer for at all.
+        new_realm: bool,
     },
     /// The request's answer used this very nonce and the server refused it without
     /// calling it stale: the username or password is wrong, only a newer one helps.
     CredentialRefused,
     /// No Digest challenge this UAC can answer (another scheme, an unknown algorithm,
-    /// `auth-int` only, no realm or nonce). `offered` names what was offered, for logs.
+    /// `auth-int` only, no realm or nonce, a realm other than the trunk's). `offered`
+    /// names what was offered, for logs.
     Unanswerable { offered: String },
 }
 
-/// The Digest sessions of one trunk, one per challenge kind.
+/// One challenge kept: its kind, the session answering it, and the methods it was
+/// issued for (only those get answers before being challenged).
+#[derive(Debug)]
+struct Kept {
+    kind: ChallengeKind,
+    session: DigestSession,
+    methods: Vec<String>,
+}
+
+/// Challenges kept per trunk at most: one per realm and kind; a core uses one or two.
+const MAX_KEPT: usize = 8;
+
+/// The Digest sessions of one trunk, one per realm and challenge kind.
 #[derive(Debug, Default)]
 pub struct DigestClient {
-    www: Option<DigestSession>,
-    proxy: Option<DigestSession>,
+    /// When set, only challenges of this realm are answered: the password is never
+    /// offered to a realm beyond the core.
+    realm: Option<String>,
+    kept: Vec<Kept>,
 }
 
 impl DigestClient {
-    fn session_mut(&mut self, kind: ChallengeKind) -> &mut Option<DigestSession> {
-        match kind {
-            ChallengeKind::Www => &mut self.www,
-            ChallengeKind::Proxy => &mut self.proxy,
+    pub fn new(realm: Option<String>) -> Self {
+        Self {
+            realm,
+            kept: Vec::new(),
         }
     }
 
-    pub fn session(&self, kind: ChallengeKind) -> Option<&DigestSession> {
-        match kind {
-            ChallengeKind::Www => self.www.as_ref(),
-            ChallengeKind::Proxy => self.proxy.as_ref(),
-        }
+    /// The session kept for `kind` and `realm`.
+    pub fn session(&self, kind: ChallengeKind, realm: &str) -> Option<&DigestSession> {
+        self.kept
+            .iter()
+            .find(|kept| kept.kind == kind && kept.session.challenge.realm == realm)
+            .map(|kept| &kept.session)
     }
 
-    /// Takes in a 401/407: `offered` are its challenge header values of `kind`,
-    /// `sent_nonce` the nonce the rejected request answered with in the matching
-    /// credentials header, if it carried one. The strongest answerable challenge
-    /// replaces the kept one unless it repeats its nonce (then the count goes on).
+    /// Takes in a 401/407 for a `method` request: `offered` are its challenge header
+    /// values of `kind`, `sent` the (realm, nonce) pairs the rejected request answered
+    /// with in the matching credentials header. For each realm the strongest answerable
+    /// challenge replaces the kept one unless it repeats its nonce (then the count goes
+    /// on).
     pub fn learn<'a>(
         &mut self,
         kind: ChallengeKind,
+        method: &str,
         offered: impl IntoIterator<Item = &'a str> + Clone,
-        sent_nonce: Option<&str>,
+        sent: &[(String, String)],
     ) -> Verdict {
-        let Some(challenge) = DigestChallenge::strongest(offered.clone()) else {
+        let mut chosen: Vec<DigestChallenge> = Vec::new();
+        for value in offered.clone() {
+            let Some(candidate) = Challenge::parse(value)
+                .ok()
+                .and_then(|challenge| DigestChallenge::from_challenge(&challenge))
+            else {
+                continue;
+            };
+            if self
+                .realm
+                .as_ref()
+                .is_some_and(|realm| *realm != candidate.realm)
+            {
+                continue;
+            }
+            match chosen.iter_mut().find(|best| best.realm == candidate.realm) {
+                Some(best) if candidate.algorithm > best.algorithm => *best = candidate,
+                Some(_) => {}
+                None => chosen.push(candidate),
+            }
+        }
+        if chosen.is_empty() {
             return Verdict::Unanswerable {
                 offered: describe_offered(offered),
             };
-        };
-        let stale = challenge.stale;
-        let refused = !stale && sent_nonce == Some(challenge.nonce.as_str());
-        let session = self.session_mut(kind);
-        let same_nonce = session
-            .as_ref()
-            .is_some_and(|session| session.challenge.nonce == challenge.nonce);
-        if !same_nonce || stale {
-            *session = Some(DigestSession::new(challenge));
+        }
+        let (mut refused, mut stale, mut new_realm) = (false, false, false);
+        for challenge in chosen {
+            let sent_nonce = sent
+                .iter()
+                .find(|(realm, _)| *realm == challenge.realm)
+                .map(|(_, nonce)| nonce.as_str());
+            refused |= !challenge.stale && sent_nonce == Some(challenge.nonce.as_str());
+            stale |= challenge.stale;
+            new_realm |= sent_nonce.is_none();
+            self.keep(kind, method, challenge);
         }
         if refused {
             Verdict::CredentialRefused
         } else {
-            Verdict::AnswerNow { stale }
+            Verdict::AnswerNow { stale, new_realm }
+        }
+    }
+
+    fn keep(&mut self, kind: ChallengeKind, method: &str, challenge: DigestChallenge) {
+        let position = self
+            .kept
+            .iter()
+            .position(|kept| kept.kind == kind && kept.session.challenge.realm == challenge.realm);
+        let kept = match position {
+            Some(position) => &mut self.kept[position],
+            None => {
+                if self.kept.len() >= MAX_KEPT {
+                    self.kept.remove(0);
+                }
+                self.kept.push(Kept {
+                    kind,
+                    session: DigestSession::new(challenge.clone()),
+                    methods: Vec::new(),
+                });
+                let last = self.kept.len() - 1;
+                &mut self.kept[last]
+            }
+        };
+        if kept.session.challenge.nonce != challenge.nonce || challenge.stale {
+            kept.session = DigestSession::new(challenge);
+        }
+        if !kept.methods.iter().any(|known| known == method) {
+            kept.methods.push(method.to_string());
         }
     }
 
     /// Takes in an `Authentication-Info` (or `Proxy-Authentication-Info`) value from a
-    /// successful response: a `nextnonce` replaces the kept nonce (RFC 7616 §3.5).
-    /// Returns whether it did.
+    /// successful response: a `nextnonce` replaces the kept nonce (RFC 7616 §3.5). The
+    /// header names no realm, so it is used only while one challenge of its kind is kept.
+    /// Returns whether it was used.
     pub fn next_nonce(&mut self, kind: ChallengeKind, info: &str) -> bool {
         let Ok(params) = parse_auth_params(info) else {
             return false;
@@ -138,20 +210,22 @@ impl DigestClient {
         let Some((_, next)) = params.iter().find(|(name, _)| name == "nextnonce") else {
             return false;
         };
-        match self.session_mut(kind) {
-            Some(session) if session.challenge.nonce != *next => {
-                let mut challenge = session.challenge.clone();
-                challenge.nonce = next.clone();
-                challenge.stale = false;
-                *session = DigestSession::new(challenge);
-                true
-            }
-            _ => false,
+        let mut of_kind = self.kept.iter_mut().filter(|kept| kept.kind == kind);
+        let (Some(kept), None) = (of_kind.next(), of_kind.next()) else {
+            return false;
+        };
+        if kept.session.challenge.nonce == *next {
+            return false;
         }
+        let mut challenge = kept.session.challenge.clone();
+        challenge.nonce = next.clone();
+        challenge.stale = false;
+        kept.session = DigestSession::new(challenge);
+        true
     }
 
-    /// The credentials for one request: for each kind a challenge is kept for, the
-    /// header value answering it for `method` and `uri` (the Request-URI as sent).
+    /// The credentials for one `method` request: for each kept challenge issued for that
+    /// method, the header value answering it for `uri` (the Request-URI as sent).
     /// `cnonce` gives a fresh client nonce per answer.
     pub fn authorize(
         &mut self,
@@ -161,35 +235,52 @@ impl DigestClient {
         password: &Secret,
         mut cnonce: impl FnMut() -> String,
     ) -> Vec<(ChallengeKind, String)> {
-        let mut answers = Vec::new();
-        for kind in ChallengeKind::BOTH {
-            if let Some(session) = self.session_mut(kind) {
-                let value = session.authorize(method, uri, username, password, &cnonce());
-                answers.push((kind, value));
+        self.kept
+            .iter_mut()
+            .filter(|kept| kept.methods.iter().any(|known| known == method))
+            .map(|kept| {
+                let value = kept
+                    .session
+                    .authorize(method, uri, username, password, &cnonce());
+                (kept.kind, value)
+            })
+            .collect()
+    }
+}
+
+/// The (realm, nonce) pairs of Digest credentials header values.
+pub fn sent_answers<'a>(values: impl IntoIterator<Item = &'a str>) -> Vec<(String, String)> {
+    values
+        .into_iter()
+        .filter_map(|value| {
+            let credentials = Challenge::parse(value).ok()?;
+            if !credentials.is_scheme("Digest") {
+                return None;
             }
-        }
-        answers
-    }
+            Some((
+                credentials.param("realm")?.to_string(),
+                credentials.param("nonce")?.to_string(),
+            ))
+        })
+        .collect()
 }
 
-/// The nonce a credentials header value (`Digest username=..., nonce=...`) answered.
-pub fn nonce_of_credentials(value: &str) -> Option<String> {
-    let credentials = Challenge::parse(value).ok()?;
-    if !credentials.is_scheme("Digest") {
-        return None;
-    }
-    credentials.param("nonce").map(str::to_string)
-}
-
-/// Scheme and algorithm of each offered challenge, e.g. `Digest/SHA-1, Basic`.
+/// Scheme, algorithm and realm of each offered challenge, e.g.
+/// `Digest/SHA-1 realm "core", Basic`.
 fn describe_offered<'a>(offered: impl IntoIterator<Item = &'a str>) -> String {
     let described: Vec<String> = offered
         .into_iter()
         .map(|value| match Challenge::parse(value) {
-            Ok(challenge) => match challenge.param("algorithm") {
-                Some(algorithm) => format!("{}/{algorithm}", challenge.scheme),
-                None => challenge.scheme,
-            },
+            Ok(challenge) => {
+                let mut text = challenge.scheme.clone();
+                if let Some(algorithm) = challenge.param("algorithm") {
+                    text = format!("{text}/{algorithm}");
+                }
+                if let Some(realm) = challenge.param("realm") {
+                    text = format!("{text} realm {realm:?}");
+                }
+                text
+            }
             Err(error) => format!("unparsable ({error})"),
         })
         .collect();
@@ -206,7 +297,15 @@ mod tests {
     use crate::sip::auth::Algorithm;
 
     fn challenge(nonce: &str, extra: &str) -> String {
-        format!("Digest realm=\"core.test\", nonce=\"{nonce}\", qop=\"auth\"{extra}")
+        challenge_in("core.test", nonce, extra)
+    }
+
+    fn challenge_in(realm: &str, nonce: &str, extra: &str) -> String {
+        format!("Digest realm=\"{realm}\", nonce=\"{nonce}\", qop=\"auth\"{extra}")
+    }
+
+    fn sent(nonce: &str) -> Vec<(String, String)> {
+        vec![("core.test".to_string(), nonce.to_string())]
     }
 
     fn password() -> Secret {
@@ -226,6 +325,10 @@ mod tests {
             .map(str::to_string)
     }
 
+    fn count(client: &DigestClient, kind: ChallengeKind) -> u32 {
+        client.session(kind, "core.test").unwrap().nonce_count()
+    }
+
     #[test]
     fn nothing_is_sent_before_the_first_challenge() {
         let mut client = DigestClient::default();
@@ -237,35 +340,68 @@ mod tests {
         let mut client = DigestClient::default();
         let first = challenge("n1", "");
         assert_eq!(
-            client.learn(ChallengeKind::Proxy, [first.as_str()], None),
-            Verdict::AnswerNow { stale: false }
+            client.learn(ChallengeKind::Proxy, "INVITE", [first.as_str()], &[]),
+            Verdict::AnswerNow {
+                stale: false,
+                new_realm: true
+            }
         );
         let answers = answer(&mut client, "INVITE");
         assert_eq!(answers.len(), 1);
         assert_eq!(answers[0].0, ChallengeKind::Proxy);
         assert_eq!(param(&answers[0].1, "nc").as_deref(), Some("00000001"));
         assert_eq!(param(&answers[0].1, "nonce").as_deref(), Some("n1"));
-        let later = answer(&mut client, "BYE");
+        let later = answer(&mut client, "INVITE");
         assert_eq!(param(&later[0].1, "nc").as_deref(), Some("00000002"));
         assert_eq!(param(&later[0].1, "nonce").as_deref(), Some("n1"));
     }
 
     #[test]
-    fn kinds_are_kept_apart() {
+    fn answers_go_only_to_methods_the_challenge_was_issued_for() {
         let mut client = DigestClient::default();
-        client.learn(ChallengeKind::Www, [challenge("w", "").as_str()], None);
-        client.learn(ChallengeKind::Proxy, [challenge("p", "").as_str()], None);
-        let answers = answer(&mut client, "REGISTER");
-        let nonces: Vec<(ChallengeKind, Option<String>)> = answers
-            .iter()
-            .map(|(kind, value)| (*kind, param(value, "nonce")))
-            .collect();
+        client.learn(
+            ChallengeKind::Www,
+            "REGISTER",
+            [challenge("w", "").as_str()],
+            &[],
+        );
+        client.learn(
+            ChallengeKind::Proxy,
+            "INVITE",
+            [challenge("p", "").as_str()],
+            &[],
+        );
+        let kinds =
+            |answers: Vec<(ChallengeKind, String)>| -> Vec<(ChallengeKind, Option<String>)> {
+                answers
+                    .iter()
+                    .map(|(kind, value)| (*kind, param(value, "nonce")))
+                    .collect()
+            };
         assert_eq!(
-            nonces,
-            vec![
-                (ChallengeKind::Www, Some("w".into())),
-                (ChallengeKind::Proxy, Some("p".into()))
-            ]
+            kinds(answer(&mut client, "REGISTER")),
+            vec![(ChallengeKind::Www, Some("w".into()))]
+        );
+        assert_eq!(
+            kinds(answer(&mut client, "INVITE")),
+            vec![(ChallengeKind::Proxy, Some("p".into()))]
+        );
+        assert!(answer(&mut client, "OPTIONS").is_empty());
+        // OPTIONS challenged too: from then on it gets the same session's answer.
+        client.learn(
+            ChallengeKind::Proxy,
+            "OPTIONS",
+            [challenge("p", "").as_str()],
+            &[],
+        );
+        assert_eq!(
+            kinds(answer(&mut client, "OPTIONS")),
+            vec![(ChallengeKind::Proxy, Some("p".into()))]
+        );
+        assert_eq!(
+            count(&client, ChallengeKind::Proxy),
+            2,
+            "one session, one count"
         );
     }
 
@@ -273,29 +409,37 @@ mod tests {
     fn verdicts_tell_a_stale_or_unknown_nonce_from_a_refused_credential() {
         let mut client = DigestClient::default();
         let n1 = challenge("n1", "");
-        client.learn(ChallengeKind::Www, [n1.as_str()], None);
+        client.learn(ChallengeKind::Www, "REGISTER", [n1.as_str()], &[]);
         // The same nonce again, not stale: the answer computed with it was refused.
         assert_eq!(
-            client.learn(ChallengeKind::Www, [n1.as_str()], Some("n1")),
+            client.learn(ChallengeKind::Www, "REGISTER", [n1.as_str()], &sent("n1")),
             Verdict::CredentialRefused
         );
         // A new nonce for a request that used the old one: the old one is unknown now.
         assert_eq!(
             client.learn(
                 ChallengeKind::Www,
+                "REGISTER",
                 [challenge("n2", "").as_str()],
-                Some("n1")
+                &sent("n1")
             ),
-            Verdict::AnswerNow { stale: false }
+            Verdict::AnswerNow {
+                stale: false,
+                new_realm: false
+            }
         );
         // Stale, even repeating the nonce the request used: answer again (RFC 7616 §3.3).
         assert_eq!(
             client.learn(
                 ChallengeKind::Www,
+                "REGISTER",
                 [challenge("n2", ", stale=true").as_str()],
-                Some("n2")
+                &sent("n2")
             ),
-            Verdict::AnswerNow { stale: true }
+            Verdict::AnswerNow {
+                stale: true,
+                new_realm: false
+            }
         );
     }
 
@@ -303,60 +447,126 @@ mod tests {
     fn a_repeated_nonce_keeps_counting_a_new_or_stale_one_restarts() {
         let mut client = DigestClient::default();
         let n1 = challenge("n1", "");
-        client.learn(ChallengeKind::Www, [n1.as_str()], None);
+        client.learn(ChallengeKind::Www, "INVITE", [n1.as_str()], &[]);
         answer(&mut client, "INVITE");
         answer(&mut client, "INVITE");
-        client.learn(ChallengeKind::Www, [n1.as_str()], None);
-        assert_eq!(client.session(ChallengeKind::Www).unwrap().nonce_count(), 2);
+        client.learn(ChallengeKind::Www, "INVITE", [n1.as_str()], &[]);
+        assert_eq!(count(&client, ChallengeKind::Www), 2);
         client.learn(
             ChallengeKind::Www,
+            "INVITE",
             [challenge("n1", ", stale=TRUE").as_str()],
-            None,
+            &[],
         );
-        assert_eq!(client.session(ChallengeKind::Www).unwrap().nonce_count(), 0);
+        assert_eq!(count(&client, ChallengeKind::Www), 0);
         answer(&mut client, "INVITE");
-        client.learn(ChallengeKind::Www, [challenge("n2", "").as_str()], None);
-        assert_eq!(client.session(ChallengeKind::Www).unwrap().nonce_count(), 0);
+        client.learn(
+            ChallengeKind::Www,
+            "INVITE",
+            [challenge("n2", "").as_str()],
+            &[],
+        );
+        assert_eq!(count(&client, ChallengeKind::Www), 0);
     }
 
     #[test]
-    fn the_strongest_offer_is_kept() {
+    fn the_strongest_offer_of_each_realm_is_kept() {
         let mut client = DigestClient::default();
         let md5 = challenge("m", ", algorithm=MD5");
         let sha = challenge("s", ", algorithm=SHA-256");
-        client.learn(ChallengeKind::Proxy, [md5.as_str(), sha.as_str()], None);
-        let kept = &client.session(ChallengeKind::Proxy).unwrap().challenge;
-        assert_eq!(kept.algorithm, Algorithm::Sha256);
-        assert_eq!(kept.nonce, "s");
+        let other = challenge_in("edge-proxy.test", "o", "");
+        let verdict = client.learn(
+            ChallengeKind::Proxy,
+            "INVITE",
+            [md5.as_str(), other.as_str(), sha.as_str()],
+            &[],
+        );
+        assert!(matches!(verdict, Verdict::AnswerNow { .. }), "{verdict:?}");
+        let kept = &client
+            .session(ChallengeKind::Proxy, "core.test")
+            .unwrap()
+            .challenge;
+        assert_eq!(
+            (kept.algorithm, kept.nonce.as_str()),
+            (Algorithm::Sha256, "s")
+        );
+        // Two proxies on the path (RFC 3261 §22.3): both are answered.
+        let realms: Vec<Option<String>> = answer(&mut client, "INVITE")
+            .iter()
+            .map(|(_, value)| param(value, "realm"))
+            .collect();
+        assert_eq!(
+            realms,
+            vec![Some("core.test".into()), Some("edge-proxy.test".into())]
+        );
+    }
+
+    #[test]
+    fn a_configured_realm_is_the_only_one_answered() {
+        let mut client = DigestClient::new(Some("core.test".into()));
+        let foreign = challenge_in("far-end.test", "f", "");
+        let verdict = client.learn(ChallengeKind::Www, "INVITE", [foreign.as_str()], &[]);
+        let Verdict::Unanswerable { offered } = verdict else {
+            panic!("{verdict:?}")
+        };
+        assert!(offered.contains("far-end.test"), "{offered}");
+        assert!(answer(&mut client, "INVITE").is_empty());
+        let ours = challenge("c", "");
+        client.learn(
+            ChallengeKind::Www,
+            "INVITE",
+            [foreign.as_str(), ours.as_str()],
+            &[],
+        );
+        let answers = answer(&mut client, "INVITE");
+        assert_eq!(answers.len(), 1);
+        assert_eq!(param(&answers[0].1, "realm").as_deref(), Some("core.test"));
+    }
+
+    #[test]
+    fn kept_challenges_are_bounded() {
+        let mut client = DigestClient::default();
+        for index in 0..20 {
+            let offer = challenge_in(&format!("realm-{index}"), "n", "");
+            client.learn(ChallengeKind::Proxy, "INVITE", [offer.as_str()], &[]);
+        }
+        assert_eq!(answer(&mut client, "INVITE").len(), MAX_KEPT);
+        assert!(client.session(ChallengeKind::Proxy, "realm-19").is_some());
+        assert!(client.session(ChallengeKind::Proxy, "realm-0").is_none());
     }
 
     #[test]
     fn unanswerable_challenges_are_named_and_change_nothing() {
         let mut client = DigestClient::default();
         let n1 = challenge("n1", "");
-        client.learn(ChallengeKind::Www, [n1.as_str()], None);
+        client.learn(ChallengeKind::Www, "INVITE", [n1.as_str()], &[]);
         let verdict = client.learn(
             ChallengeKind::Www,
+            "INVITE",
             [
                 "Digest realm=\"r\", nonce=\"x\", algorithm=SHA-1",
                 "Basic realm=\"r\"",
                 "Digest realm=\"unterminated",
             ],
-            Some("n1"),
+            &sent("n1"),
         );
         let Verdict::Unanswerable { offered } = verdict else {
             panic!("{verdict:?}")
         };
         assert!(
-            offered.starts_with("Digest/SHA-1, Basic, unparsable"),
+            offered.starts_with("Digest/SHA-1 realm \"r\", Basic realm \"r\", unparsable"),
             "{offered}"
         );
         assert_eq!(
-            client.session(ChallengeKind::Www).unwrap().challenge.nonce,
+            client
+                .session(ChallengeKind::Www, "core.test")
+                .unwrap()
+                .challenge
+                .nonce,
             "n1"
         );
         assert!(matches!(
-            client.learn(ChallengeKind::Www, std::iter::empty::<&str>(), None),
+            client.learn(ChallengeKind::Www, "INVITE", std::iter::empty::<&str>(), &[]),
             Verdict::Unanswerable { offered } if offered == "no challenge"
         ));
     }
@@ -364,7 +574,12 @@ mod tests {
     #[test]
     fn next_nonce_replaces_the_kept_nonce() {
         let mut client = DigestClient::default();
-        client.learn(ChallengeKind::Www, [challenge("n1", "").as_str()], None);
+        client.learn(
+            ChallengeKind::Www,
+            "REGISTER",
+            [challenge("n1", "").as_str()],
+            &[],
+        );
         answer(&mut client, "REGISTER");
         assert!(client.next_nonce(
             ChallengeKind::Www,
@@ -377,18 +592,26 @@ mod tests {
         assert!(!client.next_nonce(ChallengeKind::Www, "qop=auth"));
         assert!(!client.next_nonce(ChallengeKind::Proxy, "nextnonce=\"p\""));
         assert!(!client.next_nonce(ChallengeKind::Www, "nextnonce=\"broken"));
+        // With two realms of the kind, a nextnonce cannot say whose it is.
+        client.learn(
+            ChallengeKind::Www,
+            "REGISTER",
+            [challenge_in("other", "o", "").as_str()],
+            &[],
+        );
+        assert!(!client.next_nonce(ChallengeKind::Www, "nextnonce=\"n3\""));
     }
 
     #[test]
-    fn the_nonce_of_sent_credentials() {
+    fn the_answers_a_request_carried() {
         assert_eq!(
-            nonce_of_credentials(
-                "Digest username=\"a\", realm=\"r\", nonce=\"n, 1\", uri=\"sip:x\", response=\"0\""
-            )
-            .as_deref(),
-            Some("n, 1")
+            sent_answers([
+                "Digest username=\"a\", realm=\"r\", nonce=\"n, 1\", uri=\"sip:x\", response=\"0\"",
+                "Bearer abc",
+                "Digest username=\"a\", nonce=\"no-realm\"",
+                "",
+            ]),
+            vec![("r".to_string(), "n, 1".to_string())]
         );
-        assert_eq!(nonce_of_credentials("Bearer abc"), None);
-        assert_eq!(nonce_of_credentials(""), None);
     }
 }

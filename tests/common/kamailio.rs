@@ -2,6 +2,7 @@
 //! port from a configuration in `tests/kamailio/`, stopped by PID (SIGTERM, which takes
 //! its worker processes down with it) when dropped.
 
+use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
@@ -82,7 +83,9 @@ impl Kamailio {
         let config_path = dir.path().join("kamailio.cfg");
         std::fs::write(&config_path, config).unwrap();
         let log = std::fs::File::create(dir.path().join("kamailio.log")).unwrap();
+        // Its own process group, so that stopping it reaches every worker it forks.
         let child = std::process::Command::new(kamailio_path())
+            .process_group(0)
             .arg("-f")
             .arg(&config_path)
             .args(["-DD", "-E"])
@@ -95,14 +98,17 @@ impl Kamailio {
             .stderr(log)
             .spawn()
             .expect("start kamailio");
-        let kamailio = Kamailio { child, dir, port };
+        let mut kamailio = Kamailio { child, dir, port };
         kamailio.wait_listening().await;
         kamailio
     }
 
     /// Waits until the port is taken (Kamailio bound it), or fails with its log.
-    async fn wait_listening(&self) {
+    async fn wait_listening(&mut self) {
         for _ in 0..100 {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!("kamailio exited at start ({status}); log:\n{}", self.log());
+            }
             if std::net::UdpSocket::bind((super::LOOPBACK, self.port)).is_err() {
                 // Bound; give the workers a moment to start reading.
                 tokio::time::sleep(Duration::from_millis(200)).await;
@@ -126,21 +132,33 @@ impl Kamailio {
     }
 }
 
-impl Drop for Kamailio {
-    fn drop(&mut self) {
-        let pid = self.child.id().to_string();
-        let stopped = std::process::Command::new("kill")
-            .args(["-TERM", &pid])
+impl Kamailio {
+    /// Sends `signal` to Kamailio's process group (its PID is the group's id).
+    fn signal_group(&self, signal: &str) -> bool {
+        let group = format!("-{}", self.child.id());
+        std::process::Command::new("kill")
+            .args([signal, "--", &group])
+            .stderr(Stdio::null())
             .status()
-            .is_ok_and(|status| status.success());
-        if stopped {
+            .is_ok_and(|status| status.success())
+    }
+}
+
+impl Drop for Kamailio {
+    /// SIGTERM to the group (Kamailio then stops its workers), SIGKILL to the group
+    /// after 5 s if anything is left.
+    fn drop(&mut self) {
+        if self.signal_group("-TERM") {
             for _ in 0..50 {
                 if matches!(self.child.try_wait(), Ok(Some(_))) {
+                    // The main process is gone; make sure no worker outlived it.
+                    self.signal_group("-KILL");
                     return;
                 }
                 std::thread::sleep(Duration::from_millis(100));
             }
         }
+        self.signal_group("-KILL");
         let _ = self.child.kill();
         let _ = self.child.wait();
     }

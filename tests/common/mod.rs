@@ -262,6 +262,36 @@ core = "{core}"
         Sidecar { app, root }
     }
 
+    /// Starts from `text` and waits until the trunk `test` holds its first credential.
+    pub async fn start_ready(text: &str) -> Sidecar {
+        let sidecar = Self::start_with(text).await;
+        let manager = sidecar.app.credentials.get("test").unwrap().clone();
+        let mut attempts = manager.attempts();
+        let ready = attempts.wait_for(|_| manager.current().is_some());
+        tokio::time::timeout(Duration::from_secs(5), ready)
+            .await
+            .expect("the first credential within 5 s")
+            .unwrap();
+        sidecar
+    }
+
+    /// A `digest` trunk toward `core` as user `alice` with a static password written to
+    /// `dir`; `trunk_extra` adds lines to the trunk table.
+    pub fn digest_config(
+        core: SocketAddr,
+        dir: &Path,
+        password: &str,
+        trunk_extra: &str,
+    ) -> String {
+        let password_path = dir.join("password");
+        std::fs::write(&password_path, password).unwrap();
+        format!(
+            "{}auth = \"digest\"\n{trunk_extra}\n[trunk.credentials]\nkind = \"static\"\nusername = \"alice\"\npassword_file = \"{}\"\n",
+            Self::config("udp:127.0.0.1:9", &format!("udp:{core}"), ""),
+            password_path.display()
+        )
+    }
+
     pub fn addr(&self, side: Side, transport: Transport) -> SocketAddr {
         self.app.listener(side, transport).expect("listener")
     }

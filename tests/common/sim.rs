@@ -73,14 +73,7 @@ impl SimIdp {
             Sidecar::config("udp:127.0.0.1:9", &format!("udp:{core}"), ""),
             self.credentials_toml(dir, extra)
         );
-        let sidecar = Sidecar::start_with(&text).await;
-        let manager = sidecar.app.credentials.get("test").unwrap().clone();
-        manager
-            .attempts()
-            .wait_for(|_| manager.current().is_some())
-            .await
-            .unwrap();
-        sidecar
+        Sidecar::start_ready(&text).await
     }
 }
 
