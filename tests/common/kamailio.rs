@@ -88,7 +88,7 @@ impl Kamailio {
             .process_group(0)
             .arg("-f")
             .arg(&config_path)
-            .args(["-DD", "-E"])
+            .args(["-DD", "-E", "-A", "WITH_AUTH"])
             .arg("-Y")
             .arg(dir.path())
             .arg("-w")
