@@ -6,6 +6,7 @@
 pub mod config;
 pub mod credentials;
 pub mod proxy;
+pub mod registration;
 pub mod sim;
 pub mod sip;
 pub mod stats;

@@ -7,9 +7,11 @@
 
 mod credentials;
 mod parse;
+mod registration;
 
 pub use credentials::{CredentialSettings, CredentialsConfig, SourceSettings};
 pub use parse::{parse_duration, Endpoint, Listen, Transport};
+pub use registration::{RegistrationConfig, RegistrationSettings};
 
 use std::collections::HashSet;
 use std::fmt;
@@ -168,6 +170,9 @@ pub struct TrunkConfig {
     /// The credentials this trunk presents to the core.
     #[serde(default)]
     pub credentials: Option<CredentialsConfig>,
+    /// Keep the trunk registered with the core.
+    #[serde(default)]
+    pub registration: Option<RegistrationConfig>,
 }
 
 /// How a trunk authenticates toward the core.
@@ -237,6 +242,7 @@ pub struct Trunk {
     /// With `digest`, the only realm answered.
     pub digest_realm: Option<String>,
     pub credentials: Option<CredentialSettings>,
+    pub registration: Option<RegistrationSettings>,
 }
 
 impl Config {
@@ -494,10 +500,15 @@ impl Config {
                 ),
                 _ => {}
             }
+            let registration = raw
+                .registration
+                .as_ref()
+                .and_then(|registration| registration.validate(&label, problems));
             if let (Some(edge), Some(core)) = (edge_endpoint, core_endpoint) {
                 trunks.push(Trunk {
                     auth,
                     digest_realm: raw.digest_realm.clone(),
+                    registration,
                     credentials,
                     name: raw.name.clone(),
                     sources,

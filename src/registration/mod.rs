@@ -1,0 +1,4 @@
+//! Keeping each trunk registered with its core (DESIGN.md item 7): the pure state
+//! machine in [`machine`] and the task that drives it in [`driver`].
+
+pub mod machine;
