@@ -356,4 +356,5 @@ impl Registration {
 }
 
 #[cfg(test)]
+#[allow(clippy::disallowed_methods)] // tests start their virtual clock at a real Instant
 mod tests;
