@@ -73,6 +73,10 @@ counters! {
     digest_challenges_answered,
     /// Challenges from the core no supported Digest variant could answer.
     digest_unanswerable,
+    /// REGISTERs the sidecar sent for its trunks' registrations (re-sends included).
+    registers_sent,
+    /// Registration attempts that failed (each followed by a backoff).
+    register_failures,
     /// In-dialog requests whose CSeq could not be translated (dialog table full).
     dialog_translation_failures,
     /// TCP connections accepted or opened.

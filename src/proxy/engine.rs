@@ -158,6 +158,8 @@ pub(super) struct ClientEntry {
     /// What is needed to re-send the request once with a fresh credential, while that is
     /// still possible (bearer trunks toward the core; a re-send has none).
     pub resend: Option<Box<super::resend::ResendInfo>>,
+    /// For a request the sidecar originated: where its final response goes.
+    pub local: Option<tokio::sync::oneshot::Sender<Response>>,
     pub span: tracing::Span,
     scheduled: Option<StdInstant>,
 }
@@ -260,6 +262,11 @@ impl Engine {
             TransportEvent::CredentialRefreshed { server, credential } => {
                 self.finish_resend(server, credential)
             }
+            TransportEvent::Originate {
+                trunk,
+                request,
+                reply,
+            } => self.originate(trunk, *request, reply),
             TransportEvent::ConnectionOpened {
                 side,
                 peer,
@@ -439,6 +446,7 @@ impl Engine {
                 cancel_pending: false,
                 cancel_sent: false,
                 resend,
+                local: None,
                 span,
                 scheduled: None,
             }),
@@ -590,6 +598,19 @@ impl Engine {
         if code >= 200 && !keep_copy {
             if let Some(Entry::Client(entry)) = self.entries.get_mut(&client) {
                 entry.resend = None;
+            }
+        }
+        // The final answer to a request the sidecar originated goes to its sender.
+        if code >= 200 {
+            if let Some(reply) = self.entries.get_mut(&client).and_then(|entry| match entry {
+                Entry::Client(client) => client.local.take(),
+                Entry::Server(_) => None,
+            }) {
+                if message::pop_via(&mut response.headers).is_ok() {
+                    // The sender may have given up meanwhile.
+                    let _ = reply.send(response);
+                }
+                return;
             }
         }
         // 100 Trying is hop by hop (§16.7 step 5); a CANCEL's answer is ours alone.

@@ -26,6 +26,7 @@ use crate::stats::Stats;
 use crate::transport::tcp::{self, TcpContext};
 use crate::transport::{udp, AllowList, ReceiveContext, Side};
 use engine::SideIo;
+use crate::registration::{RegistrationStatus, TrunkRegistration};
 use routing::{resolve_endpoint, RoutedTrunk, Router};
 
 #[derive(Debug, thiserror::Error)]
@@ -56,8 +57,13 @@ pub struct App {
     /// The bound listeners (ports filled in where the configuration said 0).
     pub edge_listeners: Vec<Listen>,
     pub core_listeners: Vec<Listen>,
+    /// The registration of each trunk that has one, by trunk name.
+    pub registrations: HashMap<String, tokio::sync::watch::Receiver<RegistrationStatus>>,
     cancel: CancellationToken,
     tracker: TaskTracker,
+    /// Registrations stop first (they unregister through the running engine).
+    registration_stop: CancellationToken,
+    registration_tracker: TaskTracker,
 }
 
 impl App {
@@ -133,6 +139,47 @@ impl App {
                     .map(|listen| (io.advertise.clone(), listen.addr))
             })
             .collect();
+        let registration_stop = parent.child_token();
+        let registration_tracker = TaskTracker::new();
+        let mut registrations = HashMap::new();
+        for (index, trunk) in settings.trunks.iter().enumerate() {
+            let Some(registration) = &trunk.registration else {
+                continue;
+            };
+            let Some(routed) = trunks.iter().find(|routed| routed.index == index) else {
+                continue;
+            };
+            let Some(port) = core_io.port(routed.core.transport) else {
+                tracing::warn!(trunk = %trunk.name, transport = %routed.core.transport, "no core-side listener for the trunk's transport; not registering");
+                continue;
+            };
+            let transport = match routed.core.transport {
+                Transport::Udp => "",
+                Transport::Tcp => ";transport=tcp",
+            };
+            let contact = format!(
+                "sip:{}@{}:{port}{transport};{}={index}",
+                registration.contact_user,
+                core_io.advertise,
+                engine::TRUNK_PARAM
+            );
+            let status = crate::registration::driver::spawn(
+                TrunkRegistration {
+                    trunk: trunk.name.clone(),
+                    index,
+                    auth: trunk.auth,
+                    digest_realm: trunk.digest_realm.clone(),
+                    credentials: routed.credentials.clone(),
+                    settings: registration.clone(),
+                    contact,
+                },
+                engine_sender.clone(),
+                stats.clone(),
+                registration_stop.clone(),
+                &registration_tracker,
+            );
+            registrations.insert(trunk.name.clone(), status);
+        }
         let router = Router::new(trunks, own, names, edge_allow, core_allow);
         let engine = Engine::new(
             settings.timers,
@@ -156,8 +203,11 @@ impl App {
             credentials,
             edge_listeners,
             core_listeners,
+            registrations,
             cancel,
             tracker,
+            registration_stop,
+            registration_tracker,
         })
     }
 
@@ -176,6 +226,18 @@ impl App {
     /// Stops every task and waits for them, at most `deadline`. Returns false when some
     /// task was still running at the deadline.
     pub async fn shutdown(self, deadline: Duration) -> bool {
+        // Registrations first, while the engine still runs: they unregister. They get
+        // half the deadline at most.
+        let started = tokio::time::Instant::now();
+        self.registration_stop.cancel();
+        self.registration_tracker.close();
+        let unregistered = tokio::time::timeout(deadline / 2, self.registration_tracker.wait())
+            .await
+            .is_ok();
+        if !unregistered {
+            tracing::warn!("registrations did not finish unregistering in time");
+        }
+        let deadline = deadline.saturating_sub(started.elapsed());
         self.cancel.cancel();
         self.tracker.close();
         tokio::time::timeout(deadline, self.tracker.wait())

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use rsip::{Method, Request};
 
 use super::engine::{new_branch, now, Destination, Engine, Entry, TRUNK_PARAM};
-use super::routing::{Hop, RouteError};
+use super::routing::{Hop, RouteError, RoutedTrunk};
 use crate::config::{AuthMode, Transport};
 use crate::credentials::CredentialValue;
 use crate::sip::digest::{ChallengeKind, DigestClient};
@@ -321,6 +321,37 @@ impl Engine {
         })
     }
 
+    /// Sends a request the sidecar itself originates (a REGISTER) to trunk `trunk`'s
+    /// core as a client transaction; its final response goes to `reply`.
+    pub(super) fn originate(
+        &mut self,
+        trunk: usize,
+        mut request: Request,
+        reply: tokio::sync::oneshot::Sender<rsip::Response>,
+    ) {
+        let Some(hop) = self.router.trunk(trunk).map(|trunk| trunk.core) else {
+            return;
+        };
+        let Some(port) = self.core.port(hop.transport) else {
+            tracing::warn!(transport = %hop.transport, "no core-side listener for the trunk's transport; cannot send");
+            return;
+        };
+        let branch = new_branch();
+        let mut via = Via::new(hop.transport.via_token(), &self.core.advertise, port, &branch);
+        via.set_param("rport", None);
+        message::push_via(&mut request.headers, &via);
+        let destination = Destination {
+            side: Side::Core,
+            transport: hop.transport,
+            addr: hop.addr,
+            local: None,
+        };
+        let client = self.start_client(request, &branch, destination, None, None);
+        if let Some(Entry::Client(entry)) = self.entries.get_mut(&client) {
+            entry.local = Some(reply);
+        }
+    }
+
     /// Credentials go toward the core only, and only the trunk's own (DESIGN.md item 5).
     /// On a `bearer` or `digest` trunk whatever the Edge put in `Authorization` or
     /// `Proxy-Authorization` is removed; a `bearer` trunk adds its current token, a
@@ -452,7 +483,9 @@ impl Engine {
                 source.local.port(),
                 &request.uri.host().to_string(),
             ),
-            Side::Core => self.router.core_trunk(source.peer.ip()),
+            Side::Core => self
+                .contact_trunk(request, source)
+                .or_else(|| self.router.core_trunk(source.peer.ip())),
         }
         .ok_or(RouteError::NoTrunk)?;
         let hop = match source.side {
@@ -477,6 +510,23 @@ impl Engine {
             Side::Core => true,
         };
         allowed.then_some(trunk.index)
+    }
+
+    /// A request from the core to a Contact the sidecar registered (its URI carries the
+    /// trunk's index, see `registration`) belongs to that trunk, when it comes from that
+    /// trunk's core: several trunks may share one core.
+    fn contact_trunk(&self, request: &Request, source: Source) -> Option<&RoutedTrunk> {
+        if !self.router.is_own(&request.uri) {
+            return None;
+        }
+        let uri = request.uri.to_string();
+        let params = &uri[uri.find(';')?..];
+        let index = crate::sip::header::param(params, TRUNK_PARAM)??
+            .parse::<usize>()
+            .ok()?;
+        self.router
+            .trunk(index)
+            .filter(|trunk| trunk.core.addr.ip() == source.peer.ip())
     }
 
     /// The trunk a request belongs to by where it came from.

@@ -284,7 +284,8 @@ fn insert_before_first(headers: &mut Headers, new: Header, is_anchor: impl Fn(&H
 }
 
 /// The values of every header named `name` (its full name, any case), whichever
-/// variant `rsip` parsed it into. For the authentication headers, whose values are never
+/// variant `rsip` parsed it into (authentication, Contact, Expires, Min-Expires,
+/// Retry-After and unknown headers). For the authentication headers, whose values are never
 /// combined into one line (§7.3.1), each value is one challenge or one set of credentials.
 pub fn header_values<'a>(headers: &'a Headers, name: &'a str) -> impl Iterator<Item = &'a str> {
     headers.iter().filter_map(move |header| {
@@ -294,6 +295,10 @@ pub fn header_values<'a>(headers: &'a Headers, name: &'a str) -> impl Iterator<I
             Header::WwwAuthenticate(value) => ("WWW-Authenticate", value.value()),
             Header::ProxyAuthenticate(value) => ("Proxy-Authenticate", value.value()),
             Header::AuthenticationInfo(value) => ("Authentication-Info", value.value()),
+            Header::Contact(value) => ("Contact", value.value()),
+            Header::Expires(value) => ("Expires", value.value()),
+            Header::MinExpires(value) => ("Min-Expires", value.value()),
+            Header::RetryAfter(value) => ("Retry-After", value.value()),
             Header::Other(other, value) => (other.as_str(), value.as_str()),
             _ => return None,
         };

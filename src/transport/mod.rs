@@ -87,6 +87,15 @@ pub enum TransportEvent {
         server: u64,
         credential: Option<std::sync::Arc<crate::credentials::Credential>>,
     },
+    /// A request the sidecar itself sends toward trunk `trunk`'s core (a REGISTER): the
+    /// engine adds its Via and runs the client transaction; the final response, its Via
+    /// removed, goes to `reply`. No final response (timeout, transport failure) drops
+    /// `reply`. Credentials are the sender's business.
+    Originate {
+        trunk: usize,
+        request: Box<rsip::Request>,
+        reply: tokio::sync::oneshot::Sender<rsip::Response>,
+    },
 }
 
 /// Networks allowed to talk to one side.

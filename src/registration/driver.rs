@@ -1,0 +1,470 @@
+//! The task that keeps one trunk registered: it sleeps until the [`Registration`] says a
+//! REGISTER is due, builds it with the trunk's current credentials, hands it to the
+//! engine (which runs the client transaction toward the trunk's core) and feeds the
+//! outcome back. It is the UAC of its own REGISTERs, so it answers their challenges
+//! itself with the rules of the proxy's re-send (`proxy::resend`): a Digest challenge is
+//! answered at once, a 403 or a refused credential only with a newer credential from
+//! `force_refresh`; one re-send per REGISTER, one more for a stale nonce.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use rsip::Response;
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio_util::sync::CancellationToken;
+
+use super::machine::{Failure, Notice, Registration, Send, State};
+use crate::config::{AuthMode, RegistrationSettings};
+use crate::credentials::{Credential, CredentialManager, CredentialValue};
+use crate::sip::digest::{sent_answers, ChallengeKind, DigestClient, Verdict};
+use crate::sip::header::{header_params, name_addr_uri, param, split_list};
+use crate::sip::message::{self, header_values};
+use crate::stats::Stats;
+use crate::transport::TransportEvent;
+
+/// What the registration of a trunk looks like from outside (metrics, readiness, tests).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RegistrationStatus {
+    pub state: State,
+    /// Until when the binding is held, as far as the sidecar knows.
+    pub valid_until: Option<tokio::time::Instant>,
+    pub consecutive_failures: u32,
+    /// REGISTERs sent, re-sends included.
+    pub sent: u64,
+    /// The last failure, as logged.
+    pub last_failure: Option<String>,
+    /// The credential generation of the last successful REGISTER.
+    pub generation: Option<u64>,
+}
+
+/// Everything a driver needs about its trunk.
+pub struct TrunkRegistration {
+    pub trunk: String,
+    pub index: usize,
+    pub auth: AuthMode,
+    pub digest_realm: Option<String>,
+    pub credentials: Option<CredentialManager>,
+    pub settings: RegistrationSettings,
+    /// The Contact URI registered (the sidecar's core side, with the trunk's index).
+    pub contact: String,
+}
+
+/// How long a forced refresh may hold up a REGISTER that the core refused.
+const REFRESH_WAIT: Duration = Duration::from_secs(5);
+
+/// Starts the driver; its status is published on the returned receiver. The task ends
+/// after `stop` is cancelled and the unregister (if any) is done.
+pub fn spawn(
+    trunk: TrunkRegistration,
+    engine: mpsc::Sender<TransportEvent>,
+    stats: Arc<Stats>,
+    stop: CancellationToken,
+    tracker: &tokio_util::task::TaskTracker,
+) -> watch::Receiver<RegistrationStatus> {
+    let now = tokio::time::Instant::now();
+    let machine = Registration::new(
+        trunk.settings.clone(),
+        now.into_std(),
+        rand::random::<u32>() % 10_000 + 1,
+    );
+    let status = RegistrationStatus {
+        state: machine.state(),
+        valid_until: None,
+        consecutive_failures: 0,
+        sent: 0,
+        last_failure: None,
+        generation: None,
+    };
+    let (publish, receiver) = watch::channel(status);
+    let driver = Driver {
+        digest: DigestClient::new(trunk.digest_realm.clone()),
+        call_id: format!("{:032x}@byoc-sidecar", rand::random::<u128>()),
+        from_tag: format!("{:016x}", rand::random::<u64>()),
+        trunk,
+        machine,
+        engine,
+        stats,
+        publish,
+        attempt: Attempt::default(),
+    };
+    tracker.spawn(driver.run(stop));
+    receiver
+}
+
+/// The REGISTER in flight: what it carried and how many times it was re-sent.
+#[derive(Default)]
+struct Attempt {
+    resends: u8,
+    generation: Option<u64>,
+    /// Its credentials header values, for telling a stale nonce from a refused password.
+    answers: Vec<(ChallengeKind, String)>,
+}
+
+struct Driver {
+    trunk: TrunkRegistration,
+    machine: Registration,
+    digest: DigestClient,
+    call_id: String,
+    from_tag: String,
+    engine: mpsc::Sender<TransportEvent>,
+    stats: Arc<Stats>,
+    publish: watch::Sender<RegistrationStatus>,
+    attempt: Attempt,
+}
+
+/// The outcome of a REGISTER, as the driver reads it.
+enum Reading {
+    Success(Option<Duration>),
+    IntervalTooBrief(Option<Duration>),
+    /// Re-send with the credential at hand (a challenge to answer).
+    ResendNow,
+    /// Re-send only with a credential newer than the one used.
+    ResendIfNewer,
+    Failed(Failure),
+}
+
+impl Driver {
+    async fn run(mut self, stop: CancellationToken) {
+        let mut generations = self.trunk.credentials.as_ref().map(CredentialManager::attempts);
+        let mut known_generation = self.current_generation();
+        let mut pending: Option<oneshot::Receiver<Response>> = None;
+        let mut stopping = false;
+        tracing::info!(trunk = %self.trunk.trunk, aor = %self.trunk.settings.aor, contact = %self.trunk.contact, "registration started");
+        loop {
+            if pending.is_none() {
+                let (send, notice) = self.machine.poll(now());
+                self.log(&notice);
+                if let Some(send) = send {
+                    self.attempt = Attempt::default();
+                    pending = self.transmit(send).await;
+                    if pending.is_none() {
+                        continue;
+                    }
+                }
+            }
+            self.publish_status();
+            if self.machine.state() == State::Stopped {
+                break;
+            }
+            let wake = self.machine.next_at().map(tokio::time::Instant::from_std);
+            tokio::select! {
+                _ = stop.cancelled(), if !stopping => {
+                    stopping = true;
+                    let (unregister, notice) = self.machine.shut_down(now());
+                    self.log(&notice);
+                    if unregister {
+                        tracing::info!(trunk = %self.trunk.trunk, "unregistering");
+                    }
+                }
+                answer = async {
+                    match pending.as_mut() {
+                        Some(receiver) => {
+                            tokio::time::timeout(super::machine::ANSWER_LIMIT, receiver).await
+                        }
+                        None => std::future::pending().await,
+                    }
+                } => {
+                    let response = answer.ok().and_then(Result::ok);
+                    pending = self.handle(response, stopping).await;
+                }
+                _ = async {
+                    match wake {
+                        Some(at) => tokio::time::sleep_until(at).await,
+                        None => std::future::pending().await,
+                    }
+                }, if pending.is_none() => {}
+                changed = async {
+                    match generations.as_mut() {
+                        Some(receiver) => receiver.changed().await,
+                        None => std::future::pending().await,
+                    }
+                } => {
+                    if changed.is_err() {
+                        generations = None;
+                        continue;
+                    }
+                    let generation = self.current_generation();
+                    if generation.is_some() && generation != known_generation {
+                        known_generation = generation;
+                        tracing::debug!(trunk = %self.trunk.trunk, generation = ?generation, "credential changed; re-registering");
+                        self.machine.credentials_changed(now());
+                    }
+                }
+            }
+        }
+        self.publish_status();
+        tracing::info!(trunk = %self.trunk.trunk, "registration stopped");
+    }
+
+    fn current_generation(&self) -> Option<u64> {
+        self.trunk
+            .credentials
+            .as_ref()
+            .and_then(CredentialManager::current)
+            .map(|credential| credential.generation)
+    }
+
+    fn current_credential(&self) -> Option<Arc<Credential>> {
+        self.trunk.credentials.as_ref().and_then(CredentialManager::current)
+    }
+
+    /// Builds and hands the REGISTER to the engine. `None` when it could not be sent
+    /// (no credential, the engine gone); the machine has been told.
+    async fn transmit(&mut self, send: Send) -> Option<oneshot::Receiver<Response>> {
+        let credential = self.current_credential();
+        let request = match self.build(send, credential.as_deref()) {
+            Ok(request) => request,
+            Err(reason) => {
+                let notice = self.machine.failed(
+                    now(),
+                    Failure::Rejected {
+                        status: 0,
+                        reason,
+                    },
+                    rand::random::<f64>(),
+                );
+                self.log(&notice);
+                return None;
+            }
+        };
+        self.attempt.generation = credential.map(|credential| credential.generation);
+        let (reply, receiver) = oneshot::channel();
+        let event = TransportEvent::Originate {
+            trunk: self.trunk.index,
+            request: Box::new(request),
+            reply,
+        };
+        Stats::bump(&self.stats.registers_sent);
+        self.publish.send_modify(|status| status.sent += 1);
+        if self.engine.send(event).await.is_err() {
+            let notice = self.machine.failed(now(), Failure::NoAnswer, rand::random::<f64>());
+            self.log(&notice);
+            return None;
+        }
+        Some(receiver)
+    }
+
+    /// The REGISTER for `send`, with the trunk's credentials.
+    fn build(&mut self, send: Send, credential: Option<&Credential>) -> Result<rsip::Request, String> {
+        let settings = &self.trunk.settings;
+        let text = format!(
+            "REGISTER {registrar} SIP/2.0\r\n\
+             From: <{aor}>;tag={tag}\r\n\
+             To: <{aor}>\r\n\
+             Call-ID: {call_id}\r\n\
+             CSeq: {cseq} REGISTER\r\n\
+             Contact: <{contact}>\r\n\
+             Expires: {expires}\r\n\
+             Max-Forwards: 70\r\n\
+             User-Agent: byoc-sidecar/{version}\r\n\
+             Content-Length: 0\r\n\r\n",
+            registrar = settings.registrar,
+            aor = settings.aor,
+            tag = self.from_tag,
+            call_id = self.call_id,
+            cseq = send.cseq,
+            contact = self.trunk.contact,
+            expires = send.expires.as_secs(),
+            version = env!("CARGO_PKG_VERSION"),
+        );
+        let rsip::SipMessage::Request(mut request) = message::parse(text.as_bytes(), true)
+            .map_err(|error| format!("cannot build the REGISTER: {error}"))?
+        else {
+            return Err("cannot build the REGISTER".into());
+        };
+        self.attempt.answers.clear();
+        match (self.trunk.auth, credential.map(|credential| &credential.value)) {
+            (AuthMode::None, _) => {}
+            (AuthMode::Bearer, Some(CredentialValue::Token(token))) => {
+                request.headers.push(rsip::Header::Authorization(
+                    format!("Bearer {}", token.expose()).into(),
+                ));
+            }
+            (AuthMode::Digest, Some(CredentialValue::UserPassword { username, password })) => {
+                let uri = request.uri.to_string();
+                let cnonce = || format!("{:016x}", rand::random::<u64>());
+                for (kind, value) in self.digest.authorize("REGISTER", &uri, username, password, cnonce) {
+                    request.headers.push(match kind {
+                        ChallengeKind::Www => rsip::Header::Authorization(value.clone().into()),
+                        ChallengeKind::Proxy => rsip::Header::ProxyAuthorization(value.clone().into()),
+                    });
+                    self.attempt.answers.push((kind, value));
+                }
+            }
+            _ => return Err("no valid credential of the kind the trunk's auth needs".into()),
+        }
+        Ok(request)
+    }
+
+    /// Feeds a final response (or its absence) to the machine, re-sending when the
+    /// rules allow. Returns the receiver of a re-sent REGISTER's answer.
+    async fn handle(
+        &mut self,
+        response: Option<Response>,
+        stopping: bool,
+    ) -> Option<oneshot::Receiver<Response>> {
+        let now = now();
+        let reading = match &response {
+            None => Reading::Failed(Failure::NoAnswer),
+            Some(response) => self.read(response),
+        };
+        let resend_allowed = !stopping && self.attempt.resends < 2;
+        let notice = match reading {
+            Reading::Success(granted) => {
+                let notice = self.machine.succeeded(now, granted);
+                self.publish.send_modify(|status| status.generation = self.attempt.generation);
+                notice
+            }
+            Reading::IntervalTooBrief(min) => self.machine.interval_too_brief(now, min),
+            Reading::ResendNow if resend_allowed => {
+                return self.resend().await;
+            }
+            Reading::ResendIfNewer if resend_allowed => {
+                if let Some(manager) = self.trunk.credentials.clone() {
+                    let rejected = self.attempt.generation.unwrap_or(0);
+                    let newer = tokio::time::timeout(REFRESH_WAIT, manager.force_refresh(rejected))
+                        .await
+                        .ok()
+                        .flatten()
+                        .is_some_and(|credential| credential.generation > rejected);
+                    if newer {
+                        return self.resend().await;
+                    }
+                }
+                self.machine.failed(now, rejection(response.as_ref()), rand::random::<f64>())
+            }
+            Reading::ResendNow | Reading::ResendIfNewer => {
+                self.machine.failed(now, rejection(response.as_ref()), rand::random::<f64>())
+            }
+            Reading::Failed(failure) => self.machine.failed(now, failure, rand::random::<f64>()),
+        };
+        if matches!(self.machine.state(), State::BackingOff) {
+            Stats::bump(&self.stats.register_failures);
+        }
+        self.log(&notice);
+        None
+    }
+
+    async fn resend(&mut self) -> Option<oneshot::Receiver<Response>> {
+        self.attempt.resends += 1;
+        let send = self.machine.resend(now())?;
+        self.transmit(send).await
+    }
+
+    /// What a final response means for this REGISTER.
+    fn read(&mut self, response: &Response) -> Reading {
+        let code = response.status_code.code();
+        match code {
+            200..=299 => Reading::Success(self.granted(response)),
+            423 => Reading::IntervalTooBrief(
+                header_values(&response.headers, "Min-Expires")
+                    .next()
+                    .and_then(|value| value.trim().parse::<u64>().ok())
+                    .map(Duration::from_secs),
+            ),
+            401 | 407 if self.trunk.auth == AuthMode::Digest => {
+                let Some(kind) = ChallengeKind::of_status(code) else {
+                    return Reading::Failed(rejection(Some(response)));
+                };
+                let sent = sent_answers(
+                    self.attempt
+                        .answers
+                        .iter()
+                        .filter(|(answered, _)| *answered == kind)
+                        .map(|(_, value)| value.as_str()),
+                );
+                let offered: Vec<&str> = header_values(&response.headers, kind.challenge_header()).collect();
+                match self.digest.learn(kind, "REGISTER", offered.iter().copied(), &sent) {
+                    Verdict::AnswerNow { stale, new_realm } if self.attempt.resends == 0 || stale || new_realm => {
+                        Reading::ResendNow
+                    }
+                    Verdict::AnswerNow { .. } | Verdict::CredentialRefused => Reading::ResendIfNewer,
+                    Verdict::Unanswerable { offered } => Reading::Failed(Failure::Rejected {
+                        status: code,
+                        reason: format!("challenge cannot be answered: {offered}"),
+                    }),
+                }
+            }
+            401 | 403 if self.trunk.auth != AuthMode::None && self.attempt.resends == 0 => Reading::ResendIfNewer,
+            _ => Reading::Failed(rejection(Some(response))),
+        }
+    }
+
+    /// The expiry the registrar granted our Contact: its `expires` parameter, else the
+    /// `Expires` header, else `None` (the requested value stands).
+    fn granted(&self, response: &Response) -> Option<Duration> {
+        let ours = contact_key(&self.trunk.contact);
+        let from_contact = header_values(&response.headers, "Contact")
+            .flat_map(split_list)
+            .filter(|value| contact_key(name_addr_uri(value)) == ours)
+            .find_map(|value| param(header_params(value), "expires").flatten()?.trim().parse::<u64>().ok());
+        from_contact
+            .or_else(|| {
+                header_values(&response.headers, "Expires")
+                    .next()
+                    .and_then(|value| value.trim().parse::<u64>().ok())
+            })
+            .map(Duration::from_secs)
+    }
+
+    fn publish_status(&self) {
+        let state = self.machine.state();
+        let valid_until = self.machine.valid_until().map(tokio::time::Instant::from_std);
+        let failures = self.machine.consecutive_failures();
+        self.publish.send_if_modified(|status| {
+            let changed = status.state != state
+                || status.valid_until != valid_until
+                || status.consecutive_failures != failures;
+            status.state = state;
+            status.valid_until = valid_until;
+            status.consecutive_failures = failures;
+            changed
+        });
+    }
+
+    fn log(&self, notice: &Notice) {
+        if let Some((from, to)) = notice.state_changed {
+            tracing::info!(trunk = %self.trunk.trunk, from = from.as_str(), to = to.as_str(), "registration state");
+        }
+        if let Some(failure) = &notice.new_failure {
+            tracing::warn!(trunk = %self.trunk.trunk, failure = %failure, failures = self.machine.consecutive_failures(), "registration failed; retrying with backoff");
+            self.publish.send_modify(|status| status.last_failure = Some(failure.clone()));
+        }
+    }
+}
+
+fn now() -> std::time::Instant {
+    tokio::time::Instant::now().into_std()
+}
+
+fn rejection(response: Option<&Response>) -> Failure {
+    match response {
+        Some(response) => Failure::Rejected {
+            status: response.status_code.code(),
+            reason: response.status_code.to_string(),
+        },
+        None => Failure::NoAnswer,
+    }
+}
+
+/// A Contact URI compared by scheme, user, host and port: registrars may reorder or drop
+/// URI parameters.
+fn contact_key(uri: &str) -> String {
+    let uri = uri.trim();
+    let end = uri.find([';', '?', '>']).unwrap_or(uri.len());
+    uri[..end].to_ascii_lowercase()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::contact_key;
+
+    #[test]
+    fn contacts_compare_without_parameters() {
+        assert_eq!(
+            contact_key("sip:Trunk@127.0.0.1:5070;bsct=0;transport=udp"),
+            contact_key("sip:trunk@127.0.0.1:5070;bsct=0")
+        );
+        assert_ne!(contact_key("sip:trunk@127.0.0.1:5070"), contact_key("sip:trunk@127.0.0.1:5071"));
+    }
+}
