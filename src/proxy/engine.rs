@@ -352,7 +352,17 @@ impl Engine {
                     tracing::warn!(side = %destination.side, "no udp socket on this side to send from");
                     return;
                 };
-                if let Err(error) = socket.try_send_to(&bytes, destination.addr) {
+                // tokio refuses with WouldBlock until its reactor has seen the socket
+                // writable once, so the very first datagram of a fresh socket (a REGISTER
+                // at start) would be lost; the kernel takes it all the same.
+                let sent = match socket.try_send_to(&bytes, destination.addr) {
+                    Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => {
+                        socket2::SockRef::from(socket.as_ref())
+                            .send_to(&bytes, &destination.addr.into())
+                    }
+                    other => other,
+                };
+                if let Err(error) = sent {
                     Stats::bump(&self.stats.send_failed);
                     tracing::debug!(to = %destination.addr, error = %error, "udp send failed");
                 }

@@ -21,12 +21,12 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::{Listen, Settings, Side as SideSettings, Transport};
+use crate::registration::{RegistrationStatus, TrunkRegistration};
 use crate::sip::via::strip_brackets;
 use crate::stats::Stats;
 use crate::transport::tcp::{self, TcpContext};
 use crate::transport::{udp, AllowList, ReceiveContext, Side};
 use engine::SideIo;
-use crate::registration::{RegistrationStatus, TrunkRegistration};
 use routing::{resolve_endpoint, RoutedTrunk, Router};
 
 #[derive(Debug, thiserror::Error)]

@@ -337,7 +337,12 @@ impl Engine {
             return;
         };
         let branch = new_branch();
-        let mut via = Via::new(hop.transport.via_token(), &self.core.advertise, port, &branch);
+        let mut via = Via::new(
+            hop.transport.via_token(),
+            &self.core.advertise,
+            port,
+            &branch,
+        );
         via.set_param("rport", None);
         message::push_via(&mut request.headers, &via);
         let destination = Destination {

@@ -125,7 +125,11 @@ enum Reading {
 
 impl Driver {
     async fn run(mut self, stop: CancellationToken) {
-        let mut generations = self.trunk.credentials.as_ref().map(CredentialManager::attempts);
+        let mut generations = self
+            .trunk
+            .credentials
+            .as_ref()
+            .map(CredentialManager::attempts);
         let mut known_generation = self.current_generation();
         let mut pending: Option<oneshot::Receiver<Response>> = None;
         let mut stopping = false;
@@ -205,7 +209,10 @@ impl Driver {
     }
 
     fn current_credential(&self) -> Option<Arc<Credential>> {
-        self.trunk.credentials.as_ref().and_then(CredentialManager::current)
+        self.trunk
+            .credentials
+            .as_ref()
+            .and_then(CredentialManager::current)
     }
 
     /// Builds and hands the REGISTER to the engine. `None` when it could not be sent
@@ -217,10 +224,7 @@ impl Driver {
             Err(reason) => {
                 let notice = self.machine.failed(
                     now(),
-                    Failure::Rejected {
-                        status: 0,
-                        reason,
-                    },
+                    Failure::Rejected { status: 0, reason },
                     rand::random::<f64>(),
                 );
                 self.log(&notice);
@@ -237,7 +241,9 @@ impl Driver {
         Stats::bump(&self.stats.registers_sent);
         self.publish.send_modify(|status| status.sent += 1);
         if self.engine.send(event).await.is_err() {
-            let notice = self.machine.failed(now(), Failure::NoAnswer, rand::random::<f64>());
+            let notice = self
+                .machine
+                .failed(now(), Failure::NoAnswer, rand::random::<f64>());
             self.log(&notice);
             return None;
         }
@@ -245,7 +251,11 @@ impl Driver {
     }
 
     /// The REGISTER for `send`, with the trunk's credentials.
-    fn build(&mut self, send: Send, credential: Option<&Credential>) -> Result<rsip::Request, String> {
+    fn build(
+        &mut self,
+        send: Send,
+        credential: Option<&Credential>,
+    ) -> Result<rsip::Request, String> {
         let settings = &self.trunk.settings;
         let text = format!(
             "REGISTER {registrar} SIP/2.0\r\n\
@@ -273,7 +283,10 @@ impl Driver {
             return Err("cannot build the REGISTER".into());
         };
         self.attempt.answers.clear();
-        match (self.trunk.auth, credential.map(|credential| &credential.value)) {
+        match (
+            self.trunk.auth,
+            credential.map(|credential| &credential.value),
+        ) {
             (AuthMode::None, _) => {}
             (AuthMode::Bearer, Some(CredentialValue::Token(token))) => {
                 request.headers.push(rsip::Header::Authorization(
@@ -283,10 +296,15 @@ impl Driver {
             (AuthMode::Digest, Some(CredentialValue::UserPassword { username, password })) => {
                 let uri = request.uri.to_string();
                 let cnonce = || format!("{:016x}", rand::random::<u64>());
-                for (kind, value) in self.digest.authorize("REGISTER", &uri, username, password, cnonce) {
+                for (kind, value) in self
+                    .digest
+                    .authorize("REGISTER", &uri, username, password, cnonce)
+                {
                     request.headers.push(match kind {
                         ChallengeKind::Www => rsip::Header::Authorization(value.clone().into()),
-                        ChallengeKind::Proxy => rsip::Header::ProxyAuthorization(value.clone().into()),
+                        ChallengeKind::Proxy => {
+                            rsip::Header::ProxyAuthorization(value.clone().into())
+                        }
                     });
                     self.attempt.answers.push((kind, value));
                 }
@@ -312,7 +330,8 @@ impl Driver {
         let notice = match reading {
             Reading::Success(granted) => {
                 let notice = self.machine.succeeded(now, granted);
-                self.publish.send_modify(|status| status.generation = self.attempt.generation);
+                self.publish
+                    .send_modify(|status| status.generation = self.attempt.generation);
                 notice
             }
             Reading::IntervalTooBrief(min) => self.machine.interval_too_brief(now, min),
@@ -331,10 +350,12 @@ impl Driver {
                         return self.resend().await;
                     }
                 }
-                self.machine.failed(now, rejection(response.as_ref()), rand::random::<f64>())
+                self.machine
+                    .failed(now, rejection(response.as_ref()), rand::random::<f64>())
             }
             Reading::ResendNow | Reading::ResendIfNewer => {
-                self.machine.failed(now, rejection(response.as_ref()), rand::random::<f64>())
+                self.machine
+                    .failed(now, rejection(response.as_ref()), rand::random::<f64>())
             }
             Reading::Failed(failure) => self.machine.failed(now, failure, rand::random::<f64>()),
         };
@@ -373,19 +394,29 @@ impl Driver {
                         .filter(|(answered, _)| *answered == kind)
                         .map(|(_, value)| value.as_str()),
                 );
-                let offered: Vec<&str> = header_values(&response.headers, kind.challenge_header()).collect();
-                match self.digest.learn(kind, "REGISTER", offered.iter().copied(), &sent) {
-                    Verdict::AnswerNow { stale, new_realm } if self.attempt.resends == 0 || stale || new_realm => {
+                let offered: Vec<&str> =
+                    header_values(&response.headers, kind.challenge_header()).collect();
+                match self
+                    .digest
+                    .learn(kind, "REGISTER", offered.iter().copied(), &sent)
+                {
+                    Verdict::AnswerNow { stale, new_realm }
+                        if self.attempt.resends == 0 || stale || new_realm =>
+                    {
                         Reading::ResendNow
                     }
-                    Verdict::AnswerNow { .. } | Verdict::CredentialRefused => Reading::ResendIfNewer,
+                    Verdict::AnswerNow { .. } | Verdict::CredentialRefused => {
+                        Reading::ResendIfNewer
+                    }
                     Verdict::Unanswerable { offered } => Reading::Failed(Failure::Rejected {
                         status: code,
                         reason: format!("challenge cannot be answered: {offered}"),
                     }),
                 }
             }
-            401 | 403 if self.trunk.auth != AuthMode::None && self.attempt.resends == 0 => Reading::ResendIfNewer,
+            401 | 403 if self.trunk.auth != AuthMode::None && self.attempt.resends == 0 => {
+                Reading::ResendIfNewer
+            }
             _ => Reading::Failed(rejection(Some(response))),
         }
     }
@@ -397,7 +428,13 @@ impl Driver {
         let from_contact = header_values(&response.headers, "Contact")
             .flat_map(split_list)
             .filter(|value| contact_key(name_addr_uri(value)) == ours)
-            .find_map(|value| param(header_params(value), "expires").flatten()?.trim().parse::<u64>().ok());
+            .find_map(|value| {
+                param(header_params(value), "expires")
+                    .flatten()?
+                    .trim()
+                    .parse::<u64>()
+                    .ok()
+            });
         from_contact
             .or_else(|| {
                 header_values(&response.headers, "Expires")
@@ -409,7 +446,10 @@ impl Driver {
 
     fn publish_status(&self) {
         let state = self.machine.state();
-        let valid_until = self.machine.valid_until().map(tokio::time::Instant::from_std);
+        let valid_until = self
+            .machine
+            .valid_until()
+            .map(tokio::time::Instant::from_std);
         let failures = self.machine.consecutive_failures();
         self.publish.send_if_modified(|status| {
             let changed = status.state != state
@@ -428,7 +468,8 @@ impl Driver {
         }
         if let Some(failure) = &notice.new_failure {
             tracing::warn!(trunk = %self.trunk.trunk, failure = %failure, failures = self.machine.consecutive_failures(), "registration failed; retrying with backoff");
-            self.publish.send_modify(|status| status.last_failure = Some(failure.clone()));
+            self.publish
+                .send_modify(|status| status.last_failure = Some(failure.clone()));
         }
     }
 }
@@ -465,6 +506,9 @@ mod tests {
             contact_key("sip:Trunk@127.0.0.1:5070;bsct=0;transport=udp"),
             contact_key("sip:trunk@127.0.0.1:5070;bsct=0")
         );
-        assert_ne!(contact_key("sip:trunk@127.0.0.1:5070"), contact_key("sip:trunk@127.0.0.1:5071"));
+        assert_ne!(
+            contact_key("sip:trunk@127.0.0.1:5070"),
+            contact_key("sip:trunk@127.0.0.1:5071")
+        );
     }
 }

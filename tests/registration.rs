@@ -1,0 +1,204 @@
+//! Keeping a trunk registered, against a hand-driven registrar in tokio's paused clock:
+//! the refresh follows the granted expiry, a registrar that fails is retried with a
+//! visible backoff and never given up on, a rotating token is re-registered at once, and
+//! shutdown unregisters.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use byoc_sidecar::registration::State;
+use common::raw::{answer, cseq, header_values, RawPeer};
+use common::Sidecar;
+use rsip::{Method, SipMessage};
+use tokio::time::Instant;
+
+const REGISTRATION: &str = "\n[trunk.registration]\naor = \"sip:trunk-a@core.test\"\nexpires = \"300s\"\nmargin = \"10s\"\n";
+
+/// The next REGISTER at the registrar (virtual time: waits as long as it takes).
+async fn next_register(registrar: &RawPeer) -> (SipMessage, SocketAddr) {
+    loop {
+        let (message, from) = registrar
+            .receive(Duration::from_secs(3600), "a REGISTER")
+            .await;
+        if matches!(&message, SipMessage::Request(request) if request.method == Method::Register) {
+            return (message, from);
+        }
+    }
+}
+
+/// A 200 for `register` granting `expires` seconds to its Contact.
+fn granted(register: &SipMessage, expires: u64) -> String {
+    let contact = &header_values(register, "Contact")[0];
+    answer(register, 200, "OK", "registrar").replace(
+        "Content-Length: 0\r\n",
+        &format!("Contact: {contact};expires={expires}\r\nContent-Length: 0\r\n"),
+    )
+}
+
+fn seq(message: &SipMessage) -> u32 {
+    cseq(message)
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
+fn expires(message: &SipMessage) -> String {
+    header_values(message, "Expires")[0].clone()
+}
+
+#[tokio::test(start_paused = true)]
+async fn refreshes_follow_the_granted_expiry_and_shutdown_unregisters() {
+    let registrar = RawPeer::bind().await;
+    let config = format!(
+        "{}{REGISTRATION}",
+        Sidecar::config("udp:127.0.0.1:9", &format!("udp:{}", registrar.addr), "")
+    );
+    let sidecar = Sidecar::start_with(&config).await;
+    let core_side = sidecar.addr(
+        byoc_sidecar::transport::Side::Core,
+        byoc_sidecar::config::Transport::Udp,
+    );
+
+    let (first, from) = next_register(&registrar).await;
+    let sent = Instant::now();
+    assert_eq!(expires(&first), "300", "the configured expiry is asked for");
+    let contact = header_values(&first, "Contact")[0].clone();
+    assert_eq!(
+        contact,
+        format!("<sip:trunk-a@{core_side};bsct=0>"),
+        "the Contact is the sidecar's core side, naming the trunk"
+    );
+    assert_eq!(header_values(&first, "To"), vec!["<sip:trunk-a@core.test>"]);
+    assert!(
+        header_values(&first, "Authorization").is_empty(),
+        "auth none"
+    );
+    // The registrar grants 60 s: the refresh comes at min(60 - 10, 0.8 * 60) = 48 s.
+    registrar.send(&granted(&first, 60), from).await;
+    let (second, from) = next_register(&registrar).await;
+    assert_eq!(sent.elapsed(), Duration::from_secs(48));
+    assert_eq!(
+        header_values(&second, "Call-ID"),
+        header_values(&first, "Call-ID"),
+        "one Call-ID per binding"
+    );
+    assert_eq!(seq(&second), seq(&first) + 1);
+    // A grant in the Expires header only (no expires parameter on our Contact).
+    let ok = answer(&second, 200, "OK", "registrar").replace(
+        "Content-Length: 0\r\n",
+        "Expires: 20\r\nContent-Length: 0\r\n",
+    );
+    registrar.send(&ok, from).await;
+    let refreshed = Instant::now();
+    let (third, from) = next_register(&registrar).await;
+    assert_eq!(
+        refreshed.elapsed(),
+        Duration::from_secs(10),
+        "min(20 - 10, 16)"
+    );
+    registrar.send(&granted(&third, 300), from).await;
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    let status = sidecar.app.registrations["test"].borrow().clone();
+    assert_eq!(status.state, State::Registered);
+    assert_eq!(status.sent, 3);
+
+    // Shutdown unregisters: Expires 0 for our Contact, the next CSeq.
+    let unregister = async {
+        let (last, from) = next_register(&registrar).await;
+        registrar.send(&granted(&last, 0), from).await;
+        last
+    };
+    let (stopped, last) = tokio::join!(sidecar.stop(), unregister);
+    let _ = stopped;
+    assert_eq!(expires(&last), "0");
+    assert_eq!(header_values(&last, "Contact")[0], contact);
+    assert_eq!(seq(&last), seq(&third) + 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_unreachable_registrar_is_retried_with_backoff_and_never_given_up() {
+    let registrar = RawPeer::bind().await;
+    let config = format!(
+        "{}{REGISTRATION}backoff_initial = \"1s\"\nbackoff_max = \"16s\"\n",
+        Sidecar::config("udp:127.0.0.1:9", &format!("udp:{}", registrar.addr), "")
+    );
+    let sidecar = Sidecar::start_with(&config).await;
+    let mut attempts = Vec::new();
+    // Eight attempts answered 503 (the registrar is down behind a proxy).
+    for _ in 0..8 {
+        let (register, from) = next_register(&registrar).await;
+        attempts.push(Instant::now());
+        registrar
+            .send(&answer(&register, 503, "Service Unavailable", "r"), from)
+            .await;
+    }
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    let gaps: Vec<Duration> = attempts.windows(2).map(|pair| pair[1] - pair[0]).collect();
+    // Ceilings 1, 2, 4, 8, 16, 16, 16 s; each delay in the upper half of its ceiling.
+    for (index, gap) in gaps.iter().enumerate() {
+        let ceiling = Duration::from_secs(1 << index.min(4));
+        assert!(
+            *gap >= ceiling / 2 && *gap <= ceiling,
+            "gap {index}: {gap:?} for ceiling {ceiling:?} (all: {gaps:?})"
+        );
+    }
+    let status = sidecar.app.registrations["test"].borrow().clone();
+    assert_eq!(status.state, State::BackingOff);
+    assert_eq!(status.consecutive_failures, 8);
+    assert_eq!(
+        status
+            .last_failure
+            .as_deref()
+            .map(|text| text.starts_with("503")),
+        Some(true)
+    );
+    // The registrar is back: registered at the next attempt, within one backoff step.
+    let returned = Instant::now();
+    let (register, from) = next_register(&registrar).await;
+    assert!(returned.elapsed() <= Duration::from_secs(16));
+    registrar.send(&granted(&register, 300), from).await;
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    let status = sidecar.app.registrations["test"].borrow().clone();
+    assert_eq!(
+        (status.state, status.consecutive_failures),
+        (State::Registered, 0)
+    );
+    let stats = sidecar.app.stats.snapshot();
+    assert_eq!((stats.registers_sent, stats.register_failures), (9, 8));
+    let unregister = async {
+        let (last, from) = next_register(&registrar).await;
+        registrar.send(&granted(&last, 0), from).await;
+    };
+    let _ = tokio::join!(sidecar.stop(), unregister);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_registrar_demanding_a_longer_expiry_gets_min_expires() {
+    let registrar = RawPeer::bind().await;
+    let config = format!(
+        "{}{REGISTRATION}",
+        Sidecar::config("udp:127.0.0.1:9", &format!("udp:{}", registrar.addr), "")
+    );
+    let sidecar = Sidecar::start_with(&config).await;
+    let (first, from) = next_register(&registrar).await;
+    let brief = answer(&first, 423, "Interval Too Brief", "r").replace(
+        "Content-Length: 0\r\n",
+        "Min-Expires: 900\r\nContent-Length: 0\r\n",
+    );
+    registrar.send(&brief, from).await;
+    let (second, from) = next_register(&registrar).await;
+    assert_eq!(expires(&second), "900");
+    assert_eq!(seq(&second), seq(&first) + 1);
+    registrar.send(&granted(&second, 900), from).await;
+    let unregister = async {
+        let (last, from) = next_register(&registrar).await;
+        registrar.send(&granted(&last, 0), from).await;
+    };
+    let _ = tokio::join!(sidecar.stop(), unregister);
+}
