@@ -114,8 +114,7 @@ async fn refreshes_follow_the_granted_expiry_and_shutdown_unregisters() {
         registrar.send(&granted(&last, 0), from).await;
         last
     };
-    let (stopped, last) = tokio::join!(sidecar.stop(), unregister);
-    let _ = stopped;
+    let ((), last) = tokio::join!(sidecar.stop(), unregister);
     assert_eq!(expires(&last), "0");
     assert_eq!(header_values(&last, "Contact")[0], contact);
     assert_eq!(seq(&last), seq(&third) + 1);
@@ -175,7 +174,7 @@ async fn an_unreachable_registrar_is_retried_with_backoff_and_never_given_up() {
         let (last, from) = next_register(&registrar).await;
         registrar.send(&granted(&last, 0), from).await;
     };
-    let _ = tokio::join!(sidecar.stop(), unregister);
+    tokio::join!(sidecar.stop(), unregister);
 }
 
 #[tokio::test(start_paused = true)]
@@ -200,5 +199,5 @@ async fn a_registrar_demanding_a_longer_expiry_gets_min_expires() {
         let (last, from) = next_register(&registrar).await;
         registrar.send(&granted(&last, 0), from).await;
     };
-    let _ = tokio::join!(sidecar.stop(), unregister);
+    tokio::join!(sidecar.stop(), unregister);
 }
