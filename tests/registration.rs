@@ -201,3 +201,66 @@ async fn a_registrar_demanding_a_longer_expiry_gets_min_expires() {
     };
     tokio::join!(sidecar.stop(), unregister);
 }
+
+/// A bearer token rotating about every 2 s for 30 s: a REGISTER carrying each new token
+/// reaches the registrar within 1 s of its issue, and no REGISTER ever carries an
+/// expired token.
+#[tokio::test(start_paused = true)]
+async fn every_new_token_is_registered_at_once_and_no_register_carries_an_expired_one() {
+    use byoc_sidecar::sim::idp::{TokenCheck, TokenKind, Validation};
+    let sim = common::sim::SimIdp::start(
+        "edge-r",
+        "registration-client-secret",
+        "org-r",
+        Duration::from_secs(4),
+        TokenKind::Opaque,
+    )
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let registrar = RawPeer::bind().await;
+    let config = format!(
+        "{}auth = \"bearer\"\n{}{REGISTRATION}",
+        Sidecar::config("udp:127.0.0.1:9", &format!("udp:{}", registrar.addr), ""),
+        sim.credentials_toml(dir.path(), "")
+    );
+    let sidecar = Sidecar::start_ready(&config).await;
+    let end = Instant::now() + Duration::from_secs(30);
+    let mut registers: Vec<(Instant, String)> = Vec::new();
+    while let Ok((register, from)) = tokio::time::timeout_at(end, next_register(&registrar)).await {
+        let authorization = header_values(&register, "Authorization")[0].clone();
+        let token = authorization.strip_prefix("Bearer ").unwrap().to_string();
+        assert_eq!(
+            sim.idp.check(&token, Validation::AnyUnexpired),
+            TokenCheck::Valid,
+            "a REGISTER carried a token that is not valid now"
+        );
+        registers.push((Instant::now(), token));
+        registrar.send(&granted(&register, 300), from).await;
+    }
+    let issued = sim.idp.issued();
+    assert!(
+        issued.len() >= 12,
+        "the token rotated about every 2 s: {}",
+        issued.len()
+    );
+    for token in issued
+        .iter()
+        .filter(|token| token.issued_at < end - Duration::from_secs(1))
+    {
+        let carried = registers
+            .iter()
+            .find(|(_, carried)| *carried == token.token)
+            .map(|(at, _)| *at);
+        let delay = carried.map(|at| at - token.issued_at);
+        assert!(
+            delay.is_some_and(|delay| delay <= Duration::from_secs(1)),
+            "token issued at {:?} registered after {delay:?}",
+            token.issued_at
+        );
+    }
+    let unregister = async {
+        let (last, from) = next_register(&registrar).await;
+        registrar.send(&granted(&last, 0), from).await;
+    };
+    tokio::join!(sidecar.stop(), unregister);
+}

@@ -51,6 +51,29 @@ impl Kamailio {
     /// Kamailio demanding Digest for REGISTER (401) and INVITE (407) from subscriber
     /// `alice` in a db_text table, relaying authenticated INVITEs to the far end.
     pub async fn digest_core(core: &DigestCore<'_>) -> Kamailio {
+        Self::start(
+            "digest-core.cfg",
+            core.password,
+            &[
+                ("@ALGORITHM@", core.algorithm.to_string()),
+                ("@NONCE_EXPIRE@", core.nonce_expire.to_string()),
+                ("@FAR_END_PORT@", core.far_end_port.to_string()),
+            ],
+        )
+        .await
+    }
+
+    /// Kamailio as a registrar (`registrar` + `usrloc` in memory) demanding Digest from
+    /// subscriber `alice`, relaying INVITEs for registered users to their Contact; its
+    /// location table is read with [`Kamailio::kamcmd`].
+    pub async fn registrar(password: &str) -> Kamailio {
+        Self::start("registrar.cfg", password, &[]).await
+    }
+
+    /// Starts `tests/kamailio/<config>` with subscriber `alice`/`password` in a db_text
+    /// table and the placeholders filled: `@PORT@`, `@MODULES@`, `@DB@`, `@DIR@`, and
+    /// `values`.
+    async fn start(config: &str, password: &str, values: &[(&str, String)]) -> Kamailio {
         let dir = tempfile::tempdir().expect("temporary directory for kamailio");
         let db = dir.path().join("db");
         std::fs::create_dir(&db).unwrap();
@@ -62,26 +85,28 @@ impl Kamailio {
         std::fs::write(
             db.join("subscriber"),
             format!(
-                "id(int,auto) username(string) domain(string) password(string) ha1(string,null) ha1b(string,null) \n1:alice:core.test:{}:::\n",
-                core.password
+                "id(int,auto) username(string) domain(string) password(string) ha1(string,null) ha1b(string,null) \n1:alice:core.test:{password}:::\n"
             ),
         )
         .unwrap();
         let port = super::free_port();
         let template = std::fs::read_to_string(
-            Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/kamailio/digest-core.cfg"),
+            Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("tests/kamailio")
+                .join(config),
         )
         .unwrap();
-        let config = template
+        let mut text = template
             .replace("@PORT@", &port.to_string())
             .replace("@MODULES@", &modules_dir().display().to_string())
-            .replace("@ALGORITHM@", core.algorithm)
-            .replace("@NONCE_EXPIRE@", &core.nonce_expire.to_string())
             .replace("@DB@", &db.display().to_string())
-            .replace("@FAR_END_PORT@", &core.far_end_port.to_string());
-        assert!(!config.contains('@'), "a placeholder was left unfilled");
+            .replace("@DIR@", &dir.path().display().to_string());
+        for (placeholder, value) in values {
+            text = text.replace(placeholder, value);
+        }
+        assert!(!text.contains('@'), "a placeholder was left unfilled");
         let config_path = dir.path().join("kamailio.cfg");
-        std::fs::write(&config_path, config).unwrap();
+        std::fs::write(&config_path, text).unwrap();
         let log = std::fs::File::create(dir.path().join("kamailio.log")).unwrap();
         // Its own process group, so that stopping it reaches every worker it forks.
         let child = std::process::Command::new(kamailio_path())
@@ -101,6 +126,16 @@ impl Kamailio {
         let mut kamailio = Kamailio { child, dir, port };
         kamailio.wait_listening().await;
         kamailio
+    }
+
+    /// Runs `kamcmd` against this Kamailio's control socket; its standard output.
+    pub fn kamcmd(&self, command: &str) -> String {
+        let socket = format!("unix:{}/kamailio_ctl", self.dir.path().display());
+        let output = std::process::Command::new("/usr/sbin/kamcmd")
+            .args(["-s", &socket, command])
+            .output()
+            .expect("run kamcmd");
+        String::from_utf8_lossy(&output.stdout).into_owned()
     }
 
     /// Waits until the port is taken (Kamailio bound it), or fails with its log.
