@@ -264,3 +264,102 @@ async fn every_new_token_is_registered_at_once_and_no_register_carries_an_expire
     };
     tokio::join!(sidecar.stop(), unregister);
 }
+
+/// A registrar that does not answer at all: each REGISTER times out (Timer F, 64·T1 =
+/// 32 s, with its retransmissions), then the backoff runs; when it answers again the
+/// trunk is registered at the next attempt.
+#[tokio::test(start_paused = true)]
+async fn a_silent_registrar_costs_a_transaction_timeout_then_a_backoff_step_each_time() {
+    let registrar = RawPeer::bind().await;
+    let config = format!(
+        "{}{REGISTRATION}backoff_initial = \"2s\"\n",
+        Sidecar::config("udp:127.0.0.1:9", &format!("udp:{}", registrar.addr), "")
+    );
+    let sidecar = Sidecar::start_with(&config).await;
+    let mut starts: Vec<(Instant, u32)> = Vec::new();
+    // Three attempts ignored: note when each new CSeq first appears.
+    while starts.len() < 4 {
+        let (register, _) = next_register(&registrar).await;
+        if starts
+            .last()
+            .is_none_or(|(_, last)| *last != seq(&register))
+        {
+            starts.push((Instant::now(), seq(&register)));
+        }
+    }
+    for (index, pair) in starts.windows(2).enumerate() {
+        let gap = pair[1].0 - pair[0].0;
+        let ceiling = Duration::from_secs(2 << index);
+        let timeout = Duration::from_secs(32);
+        assert!(
+            gap >= timeout + ceiling / 2 && gap <= timeout + ceiling,
+            "attempt {index}: {gap:?}"
+        );
+    }
+    assert_eq!(
+        sidecar.app.registrations["test"]
+            .borrow()
+            .last_failure
+            .as_deref(),
+        Some("no answer (timeout or transport failure)")
+    );
+    // It answers now (this is the fourth attempt, or a retransmission of it).
+    let (register, from) = next_register(&registrar).await;
+    registrar.send(&granted(&register, 300), from).await;
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    assert_eq!(
+        sidecar.app.registrations["test"].borrow().state,
+        State::Registered
+    );
+    let unregister = async {
+        loop {
+            let (last, from) = next_register(&registrar).await;
+            if expires(&last) == "0" {
+                registrar.send(&granted(&last, 0), from).await;
+                return;
+            }
+        }
+    };
+    tokio::join!(sidecar.stop(), unregister);
+}
+
+/// A 403 to a REGISTER with a bearer token: a newer token is fetched and the REGISTER
+/// re-sent once with it (CSeq + 1); a second 403 is a failure that backs off.
+#[tokio::test(start_paused = true)]
+async fn a_rejected_token_is_replaced_and_the_register_re_sent_once() {
+    use byoc_sidecar::sim::idp::TokenKind;
+    let sim = common::sim::SimIdp::start(
+        "edge-403",
+        "registration-403-secret",
+        "org-r",
+        Duration::from_secs(600),
+        TokenKind::Opaque,
+    )
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let registrar = RawPeer::bind().await;
+    let config = format!(
+        "{}auth = \"bearer\"\n{}force_refresh_interval = \"0s\"\n{REGISTRATION}",
+        Sidecar::config("udp:127.0.0.1:9", &format!("udp:{}", registrar.addr), ""),
+        sim.credentials_toml(dir.path(), "")
+    );
+    let sidecar = Sidecar::start_ready(&config).await;
+    let (first, from) = next_register(&registrar).await;
+    let old = header_values(&first, "Authorization")[0].clone();
+    registrar
+        .send(&answer(&first, 403, "Forbidden", "r"), from)
+        .await;
+    let (second, from) = next_register(&registrar).await;
+    assert_eq!(seq(&second), seq(&first) + 1);
+    let new = header_values(&second, "Authorization")[0].clone();
+    assert_ne!(new, old, "re-sent with a newer token");
+    registrar
+        .send(&answer(&second, 403, "Forbidden", "r"), from)
+        .await;
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    let status = sidecar.app.registrations["test"].borrow().clone();
+    assert_eq!(status.state, State::BackingOff);
+    assert_eq!(status.last_failure.as_deref(), Some("403 Forbidden"));
+    assert_eq!(sim.idp.tokens_issued(), 2);
+    sidecar.stop().await;
+}

@@ -405,3 +405,68 @@ core = \"udp:core.example:5090\"
         "{found:?}"
     );
 }
+
+/// org-b (the last trunk) with a `[trunk.registration]` table of `lines`.
+fn with_registration(lines: &str) -> String {
+    format!("{VALID}\n[trunk.registration]\n{lines}\n")
+}
+
+#[test]
+fn registration_defaults_and_derived_values() {
+    let settings = Config::from_toml(
+        &with_registration("aor = \"sip:trunk-b@core.example\""),
+        "t",
+    )
+    .unwrap()
+    .validate()
+    .unwrap();
+    let registration = settings.trunks[1].registration.clone().unwrap();
+    assert_eq!(
+        registration,
+        RegistrationSettings {
+            aor: "sip:trunk-b@core.example".into(),
+            registrar: "sip:core.example".into(),
+            expires: Duration::from_secs(300),
+            margin: Duration::from_secs(10),
+            reregister_on_refresh: true,
+            contact_user: "trunk-b".into(),
+            backoff_initial: Duration::from_secs(1),
+            backoff_max: Duration::from_secs(60),
+        }
+    );
+    assert!(settings.trunks[0].registration.is_none());
+}
+
+#[test]
+fn registration_problems_are_all_reported_with_their_keys() {
+    let found = problems(&with_registration(
+        "aor = \"trunk-b\"\nregistrar = \"http://x\"\nexpires = \"5s\"\nmargin = \"1h\"\n\
+         backoff_initial = \"10s\"\nbackoff_max = \"1s\"\ncontact_user = \"a b\"",
+    ));
+    let prefix = "trunk \"org-b\".registration.";
+    let mut found_keys: Vec<String> = keys(&found)
+        .iter()
+        .map(|key| key.strip_prefix(prefix).unwrap_or(key).to_string())
+        .collect();
+    found_keys.sort();
+    assert_eq!(
+        found_keys,
+        vec![
+            "aor",
+            "backoff_max",
+            "contact_user",
+            "expires",
+            "margin",
+            "registrar"
+        ],
+        "{found:?}"
+    );
+    // An unknown key is a syntax error naming it.
+    let error = Config::from_toml(
+        &with_registration("aor = \"sip:a@b\"\nexpire = \"60s\""),
+        "t",
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(error.contains("expire"), "{error}");
+}

@@ -480,10 +480,16 @@ fn now() -> std::time::Instant {
 
 fn rejection(response: Option<&Response>) -> Failure {
     match response {
-        Some(response) => Failure::Rejected {
-            status: response.status_code.code(),
-            reason: response.status_code.to_string(),
-        },
+        Some(response) => {
+            let status = response.status_code.code();
+            // rsip writes the code in front of the phrase.
+            let text = response.status_code.to_string();
+            let reason = text
+                .strip_prefix(&format!("{status} "))
+                .unwrap_or(&text)
+                .to_string();
+            Failure::Rejected { status, reason }
+        }
         None => Failure::NoAnswer,
     }
 }
