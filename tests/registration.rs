@@ -363,3 +363,145 @@ async fn a_rejected_token_is_replaced_and_the_register_re_sent_once() {
     assert_eq!(sim.idp.tokens_issued(), 2);
     sidecar.stop().await;
 }
+
+/// Answers every REGISTER at `registrar` with 200 (Expires 0 ones too) until `stop`.
+async fn answer_registers(registrar: &RawPeer, until: Instant) {
+    while let Ok((register, from)) = tokio::time::timeout_at(until, next_register(registrar)).await
+    {
+        let grant = if expires(&register) == "0" { 0 } else { 300 };
+        registrar.send(&granted(&register, grant), from).await;
+    }
+}
+
+/// Two trunks behind one core, each registered: a request from the core to a trunk's
+/// Contact goes to that trunk's Edge, and a Contact naming a trunk the sender is not the
+/// core of is refused.
+#[tokio::test(start_paused = true)]
+async fn requests_to_each_registered_contact_reach_their_own_trunks_edge() {
+    let registrar = RawPeer::bind().await;
+    let (edge_a, edge_b) = (RawPeer::bind().await, RawPeer::bind().await);
+    let trunk = |name: &str, edge: SocketAddr, user: &str| {
+        // The first trunk takes only Edge traffic for its domain; the core side does not
+        // look at match criteria.
+        let matcher = if name == "test" {
+            "match = { domain = \"a.example\" }\n"
+        } else {
+            ""
+        };
+        format!(
+            "\n[[trunk]]\nname = \"{name}\"\n{matcher}edge = \"udp:{edge}\"\ncore = \"udp:{}\"\n\n\
+             [trunk.registration]\naor = \"sip:{user}@core.test\"\n",
+            registrar.addr
+        )
+    };
+    let base = Sidecar::config("udp:127.0.0.1:9", &format!("udp:{}", registrar.addr), "");
+    let base = &base[..base.find("[[trunk]]").unwrap()];
+    let config = format!(
+        "{base}{}{}",
+        trunk("test", edge_a.addr, "trunk-a"),
+        trunk("other", edge_b.addr, "trunk-b")
+    );
+    let sidecar = Sidecar::start_with(&config).await;
+    let mut contacts = std::collections::HashMap::new();
+    for _ in 0..2 {
+        let (register, from) = next_register(&registrar).await;
+        let contact = header_values(&register, "Contact")[0].clone();
+        let user = contact
+            .split('@')
+            .next()
+            .unwrap()
+            .trim_start_matches("<sip:")
+            .to_string();
+        contacts.insert(user, contact);
+        registrar.send(&granted(&register, 300), from).await;
+    }
+    let core_side = sidecar.addr(
+        byoc_sidecar::transport::Side::Core,
+        byoc_sidecar::config::Transport::Udp,
+    );
+    for (user, edge) in [("trunk-b", &edge_b), ("trunk-a", &edge_a)] {
+        let target = byoc_sidecar::sip::header::name_addr_uri(&contacts[user]).to_string();
+        let invite =
+            common::raw::invite(registrar.addr, core_side, &format!("z9hG4bK{user}"), user)
+                .replacen(
+                    &format!("INVITE sip:service@{core_side}"),
+                    &format!("INVITE {target}"),
+                    1,
+                );
+        registrar.send(&invite, core_side).await;
+        let (arrived, _) = edge
+            .receive(Duration::from_secs(5), "the INVITE at the Edge")
+            .await;
+        assert_eq!(
+            header_values(&arrived, "Call-ID"),
+            vec![user.to_string()],
+            "{user}'s INVITE reached its own Edge"
+        );
+    }
+    // A Contact naming a trunk index that is not served by this core.
+    let forged = common::raw::invite(registrar.addr, core_side, "z9hG4bKforged", "forged")
+        .replacen(
+            &format!("INVITE sip:service@{core_side}"),
+            &format!("INVITE sip:trunk-a@{core_side};bsct=7"),
+            1,
+        );
+    registrar.send(&forged, core_side).await;
+    let refused = loop {
+        let (message, _) = registrar.receive(Duration::from_secs(5), "the 404").await;
+        if matches!(&message, SipMessage::Response(_))
+            && cseq(&message) == "1 INVITE"
+            && common::raw::status(&message) >= 400
+        {
+            break message;
+        }
+    };
+    assert_eq!(common::raw::status(&refused), 404);
+    let until = Instant::now() + Duration::from_secs(10);
+    tokio::join!(sidecar.stop(), answer_registers(&registrar, until));
+}
+
+/// The unregister meets a stale nonce (the kept one expired long ago): the challenge is
+/// answered and the binding removed, even during shutdown.
+#[tokio::test(start_paused = true)]
+async fn a_challenged_unregister_is_answered() {
+    let registrar = RawPeer::bind().await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = format!(
+        "{}{REGISTRATION}",
+        Sidecar::digest_config(registrar.addr, dir.path(), "wonderland", "")
+    );
+    let sidecar = Sidecar::start_ready(&config).await;
+    let www = |nonce: &str, extra: &str| {
+        format!("WWW-Authenticate: Digest realm=\"core.test\", nonce=\"{nonce}\", qop=\"auth\"{extra}\r\nContent-Length: 0\r\n")
+    };
+    let (first, from) = next_register(&registrar).await;
+    registrar
+        .send(
+            &answer(&first, 401, "Unauthorized", "r")
+                .replace("Content-Length: 0\r\n", &www("n1", "")),
+            from,
+        )
+        .await;
+    let (second, from) = next_register(&registrar).await;
+    assert!(header_values(&second, "Authorization")[0].contains("nonce=\"n1\""));
+    registrar.send(&granted(&second, 300), from).await;
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    let unregister = async {
+        let (stale, from) = next_register(&registrar).await;
+        assert_eq!(expires(&stale), "0");
+        registrar
+            .send(
+                &answer(&stale, 401, "Unauthorized", "r")
+                    .replace("Content-Length: 0\r\n", &www("n2", ", stale=true")),
+                from,
+            )
+            .await;
+        let (answered, from) = next_register(&registrar).await;
+        registrar.send(&granted(&answered, 0), from).await;
+        answered
+    };
+    let ((), answered) = tokio::join!(sidecar.stop(), unregister);
+    assert_eq!(expires(&answered), "0");
+    assert!(header_values(&answered, "Authorization")[0].contains("nonce=\"n2\""));
+    assert_eq!(seq(&answered), seq(&second) + 2);
+}

@@ -7,7 +7,7 @@ mod request;
 mod resend;
 pub mod routing;
 
-pub use engine::{Destination, Engine, OWN_BRANCH_PREFIX};
+pub use engine::{Destination, Engine, OWN_BRANCH_PREFIX, TRUNK_PARAM};
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -240,9 +240,12 @@ impl App {
         let deadline = deadline.saturating_sub(started.elapsed());
         self.cancel.cancel();
         self.tracker.close();
-        tokio::time::timeout(deadline, self.tracker.wait())
+        let stopped = tokio::time::timeout(deadline, self.tracker.wait())
             .await
-            .is_ok()
+            .is_ok();
+        // A registration still unregistering at the deadline counts as a late task; the
+        // cancelled engine ends it soon after.
+        stopped && unregistered
     }
 }
 

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use rsip::{Method, Request};
 
 use super::engine::{new_branch, now, Destination, Engine, Entry, TRUNK_PARAM};
-use super::routing::{Hop, RouteError, RoutedTrunk};
+use super::routing::{Hop, RouteError};
 use crate::config::{AuthMode, Transport};
 use crate::credentials::CredentialValue;
 use crate::sip::digest::{ChallengeKind, DigestClient};
@@ -479,7 +479,12 @@ impl Engine {
         if removed_own {
             // A Route to us without our trunk parameter (an Edge preloading us as its
             // outbound proxy): the trunk is the one the source belongs to.
-            let trunk = dialog_trunk.or_else(|| self.source_trunk(source, request));
+            let trunk = match dialog_trunk {
+                Some(trunk) => Some(trunk),
+                None => self
+                    .contact_trunk(request, source)?
+                    .or_else(|| self.source_trunk(source, request)),
+            };
             return Ok((self.router.hop_for_uri(&request.uri, out_side)?, trunk));
         }
         let trunk = match source.side {
@@ -488,9 +493,10 @@ impl Engine {
                 source.local.port(),
                 &request.uri.host().to_string(),
             ),
-            Side::Core => self
-                .contact_trunk(request, source)
-                .or_else(|| self.router.core_trunk(source.peer.ip())),
+            Side::Core => match self.contact_trunk(request, source)? {
+                Some(index) => self.router.trunk(index),
+                None => self.router.core_trunk(source.peer.ip()),
+            },
         }
         .ok_or(RouteError::NoTrunk)?;
         let hop = match source.side {
@@ -518,20 +524,34 @@ impl Engine {
     }
 
     /// A request from the core to a Contact the sidecar registered (its URI carries the
-    /// trunk's index, see `registration`) belongs to that trunk, when it comes from that
-    /// trunk's core: several trunks may share one core.
-    fn contact_trunk(&self, request: &Request, source: Source) -> Option<&RoutedTrunk> {
-        if !self.router.is_own(&request.uri) {
-            return None;
+    /// trunk's index, see `registration`) belongs to that trunk. `Ok(None)` when the
+    /// Request-URI names no trunk; an error when it names one whose core is not the
+    /// sender (several trunks may share one core, but a core cannot reach another
+    /// trunk's Edge by naming it).
+    fn contact_trunk(&self, request: &Request, source: Source) -> Result<Option<usize>, Rejection> {
+        if source.side != Side::Core || !self.router.is_own(&request.uri) {
+            return Ok(None);
         }
-        let uri = request.uri.to_string();
-        let params = &uri[uri.find(';')?..];
-        let index = crate::sip::header::param(params, TRUNK_PARAM)??
-            .parse::<usize>()
-            .ok()?;
-        self.router
-            .trunk(index)
-            .filter(|trunk| trunk.core.addr.ip() == source.peer.ip())
+        let Some(index) = request.uri.params.iter().find_map(|param| match param {
+            rsip::Param::Other(name, Some(value))
+                if name.value().eq_ignore_ascii_case(TRUNK_PARAM) =>
+            {
+                value.value().parse::<usize>().ok()
+            }
+            _ => None,
+        }) else {
+            return Ok(None);
+        };
+        let sender = crate::transport::canonical(source.peer.ip());
+        match self.router.trunk(index) {
+            Some(trunk) if crate::transport::canonical(trunk.core.addr.ip()) == sender => {
+                Ok(Some(trunk.index))
+            }
+            _ => Err(Rejection::new(
+                404,
+                "the Contact names a trunk this core does not serve",
+            )),
+        }
     }
 
     /// The trunk a request belongs to by where it came from.

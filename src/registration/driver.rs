@@ -160,16 +160,16 @@ impl Driver {
                         tracing::info!(trunk = %self.trunk.trunk, "unregistering");
                     }
                 }
+                // The engine answers or drops the sender: at Timer F, on a transport
+                // failure, or when it stops. No timer of our own, so two REGISTERs are
+                // never in flight whatever T1 is.
                 answer = async {
                     match pending.as_mut() {
-                        Some(receiver) => {
-                            tokio::time::timeout(super::machine::ANSWER_LIMIT, receiver).await
-                        }
+                        Some(receiver) => receiver.await,
                         None => std::future::pending().await,
                     }
                 } => {
-                    let response = answer.ok().and_then(Result::ok);
-                    pending = self.handle(response, stopping).await;
+                    pending = self.handle(answer.ok(), stopping, &stop).await;
                 }
                 _ = async {
                     match wake {
@@ -190,6 +190,11 @@ impl Driver {
                     let generation = self.current_generation();
                     if generation.is_some() && generation != known_generation {
                         known_generation = generation;
+                        if generation == self.attempt.generation {
+                            // The REGISTER just sent (a re-send after a forced refresh)
+                            // carries it already.
+                            continue;
+                        }
                         tracing::debug!(trunk = %self.trunk.trunk, generation = ?generation, "credential changed; re-registering");
                         self.machine.credentials_changed(now());
                     }
@@ -225,6 +230,7 @@ impl Driver {
                 let notice = self.machine.failed(
                     now(),
                     Failure::Rejected { status: 0, reason },
+                    None,
                     rand::random::<f64>(),
                 );
                 self.log(&notice);
@@ -243,7 +249,7 @@ impl Driver {
         if self.engine.send(event).await.is_err() {
             let notice = self
                 .machine
-                .failed(now(), Failure::NoAnswer, rand::random::<f64>());
+                .failed(now(), Failure::NoAnswer, None, rand::random::<f64>());
             self.log(&notice);
             return None;
         }
@@ -320,13 +326,16 @@ impl Driver {
         &mut self,
         response: Option<Response>,
         stopping: bool,
+        stop: &CancellationToken,
     ) -> Option<oneshot::Receiver<Response>> {
         let now = now();
         let reading = match &response {
             None => Reading::Failed(Failure::NoAnswer),
             Some(response) => self.read(response),
         };
-        let resend_allowed = !stopping && self.attempt.resends < 2;
+        // A challenge is answered even while unregistering (the kept nonce is often
+        // stale by then); waiting for a newer credential is not worth the deadline.
+        let resend_allowed = self.attempt.resends < 2;
         let notice = match reading {
             Reading::Success(granted) => {
                 let notice = self.machine.succeeded(now, granted);
@@ -338,26 +347,47 @@ impl Driver {
             Reading::ResendNow if resend_allowed => {
                 return self.resend().await;
             }
-            Reading::ResendIfNewer if resend_allowed => {
+            Reading::ResendIfNewer if resend_allowed && !stopping => {
                 if let Some(manager) = self.trunk.credentials.clone() {
                     let rejected = self.attempt.generation.unwrap_or(0);
-                    let newer = tokio::time::timeout(REFRESH_WAIT, manager.force_refresh(rejected))
-                        .await
-                        .ok()
-                        .flatten()
-                        .is_some_and(|credential| credential.generation > rejected);
+                    // Shutdown does not wait for this.
+                    let refreshed = tokio::select! {
+                        refreshed = tokio::time::timeout(REFRESH_WAIT, manager.force_refresh(rejected)) => {
+                            refreshed.ok().flatten()
+                        }
+                        _ = stop.cancelled() => None,
+                    };
+                    let newer =
+                        refreshed.is_some_and(|credential| credential.generation > rejected);
                     if newer {
                         return self.resend().await;
                     }
                 }
-                self.machine
-                    .failed(now, rejection(response.as_ref()), rand::random::<f64>())
+                self.machine.failed(
+                    now,
+                    rejection(response.as_ref()),
+                    None,
+                    rand::random::<f64>(),
+                )
             }
-            Reading::ResendNow | Reading::ResendIfNewer => {
+            Reading::ResendNow | Reading::ResendIfNewer => self.machine.failed(
+                now,
+                rejection(response.as_ref()),
+                None,
+                rand::random::<f64>(),
+            ),
+            Reading::Failed(failure) => {
+                // Retry-After: delta-seconds, optionally followed by a comment (§20.33).
+                let retry_after = response.as_ref().and_then(|response| {
+                    header_values(&response.headers, "Retry-After")
+                        .next()
+                        .and_then(|value| {
+                            delta_seconds(value.split([';', '(']).next().unwrap_or(""))
+                        })
+                });
                 self.machine
-                    .failed(now, rejection(response.as_ref()), rand::random::<f64>())
+                    .failed(now, failure, retry_after, rand::random::<f64>())
             }
-            Reading::Failed(failure) => self.machine.failed(now, failure, rand::random::<f64>()),
         };
         if matches!(self.machine.state(), State::BackingOff) {
             Stats::bump(&self.stats.register_failures);
@@ -380,8 +410,7 @@ impl Driver {
             423 => Reading::IntervalTooBrief(
                 header_values(&response.headers, "Min-Expires")
                     .next()
-                    .and_then(|value| value.trim().parse::<u64>().ok())
-                    .map(Duration::from_secs),
+                    .and_then(delta_seconds),
             ),
             401 | 407 if self.trunk.auth == AuthMode::Digest => {
                 let Some(kind) = ChallengeKind::of_status(code) else {
@@ -427,21 +456,13 @@ impl Driver {
         let ours = contact_key(&self.trunk.contact);
         let from_contact = header_values(&response.headers, "Contact")
             .flat_map(split_list)
-            .filter(|value| contact_key(name_addr_uri(value)) == ours)
-            .find_map(|value| {
-                param(header_params(value), "expires")
-                    .flatten()?
-                    .trim()
-                    .parse::<u64>()
-                    .ok()
-            });
-        from_contact
-            .or_else(|| {
-                header_values(&response.headers, "Expires")
-                    .next()
-                    .and_then(|value| value.trim().parse::<u64>().ok())
-            })
-            .map(Duration::from_secs)
+            .filter(|value| ours.is_some() && contact_key(name_addr_uri(value)) == ours)
+            .find_map(|value| delta_seconds(param(header_params(value), "expires").flatten()?));
+        from_contact.or_else(|| {
+            header_values(&response.headers, "Expires")
+                .next()
+                .and_then(delta_seconds)
+        })
     }
 
     fn publish_status(&self) {
@@ -494,12 +515,52 @@ fn rejection(response: Option<&Response>) -> Failure {
     }
 }
 
-/// A Contact URI compared by scheme, user, host and port: registrars may reorder or drop
-/// URI parameters.
-fn contact_key(uri: &str) -> String {
+/// RFC 3261 delta-seconds, capped at 2^32 - 1 (§20.19) so no arithmetic can overflow.
+fn delta_seconds(text: &str) -> Option<Duration> {
+    let text = text.trim();
+    if text.is_empty() || !text.bytes().all(|byte| byte.is_ascii_digit()) {
+        return None;
+    }
+    let seconds = text
+        .parse::<u64>()
+        .unwrap_or(u64::MAX)
+        .min(u64::from(u32::MAX));
+    Some(Duration::from_secs(seconds))
+}
+
+/// A Contact URI as registrars echo it: the user part as is (case matters there, and it
+/// may hold `;` or `?`), the host in lower case, the port, and the trunk parameter. Other
+/// URI parameters may be reordered or dropped by the registrar.
+type ContactKey = (String, String, String, Option<String>);
+
+fn contact_key(uri: &str) -> Option<ContactKey> {
     let uri = uri.trim();
-    let end = uri.find([';', '?', '>']).unwrap_or(uri.len());
-    uri[..end].to_ascii_lowercase()
+    let rest = uri
+        .strip_prefix("sip:")
+        .or_else(|| uri.strip_prefix("sips:"))?;
+    let (user, host_and_params) = match rest.rfind('@') {
+        Some(at) => (&rest[..at], &rest[at + 1..]),
+        None => ("", rest),
+    };
+    let end = host_and_params
+        .find([';', '?'])
+        .unwrap_or(host_and_params.len());
+    let host_port = host_and_params[..end].to_ascii_lowercase();
+    // The port follows the last ':' unless that ':' is inside an IPv6 reference.
+    let (host, port) = match host_port.rsplit_once(':') {
+        Some((host, port))
+            if !port.contains(']') && (!host.contains(':') || host.ends_with(']')) =>
+        {
+            (host.to_string(), port.to_string())
+        }
+        _ => (host_port.clone(), "5060".to_string()),
+    };
+    let params = &host_and_params[end..];
+    let params = &params[..params.find('?').unwrap_or(params.len())];
+    let trunk = param(params, crate::proxy::TRUNK_PARAM)
+        .flatten()
+        .map(str::to_string);
+    Some((user.to_string(), host, port, trunk))
 }
 
 #[cfg(test)]
@@ -507,14 +568,54 @@ mod tests {
     use super::contact_key;
 
     #[test]
-    fn contacts_compare_without_parameters() {
+    fn contacts_compare_by_user_host_port_and_trunk() {
+        let ours = contact_key("sip:trunk@10.0.0.5:5070;bsct=0");
+        assert!(ours.is_some());
         assert_eq!(
-            contact_key("sip:Trunk@127.0.0.1:5070;bsct=0;transport=udp"),
-            contact_key("sip:trunk@127.0.0.1:5070;bsct=0")
+            contact_key("sip:trunk@10.0.0.5:5070;transport=udp;bsct=0"),
+            ours
         );
+        assert_eq!(
+            contact_key("sip:trunk@10.0.0.5:5070;bsct=1").map(|key| key.3),
+            Some(Some("1".into()))
+        );
+        assert_ne!(contact_key("sip:trunk@10.0.0.5:5070;bsct=1"), ours);
         assert_ne!(
-            contact_key("sip:trunk@127.0.0.1:5070"),
-            contact_key("sip:trunk@127.0.0.1:5071")
+            contact_key("sip:Trunk@10.0.0.5:5070;bsct=0"),
+            ours,
+            "user parts are case-sensitive"
         );
+        assert_ne!(contact_key("sip:trunk@10.0.0.5:5071;bsct=0"), ours);
+        // A user part with ';' (a telephone-subscriber) is not cut short.
+        let phone =
+            contact_key("sip:+1555;phone-context=example.com@10.0.0.5:5070;bsct=0").unwrap();
+        assert_eq!(phone.0, "+1555;phone-context=example.com");
+        assert_ne!(
+            contact_key("sip:+1555@10.0.0.5:5070;bsct=0").unwrap(),
+            phone
+        );
+        assert_eq!(
+            contact_key("sip:trunk@[::1]:5070").map(|key| (key.1, key.2)),
+            Some(("[::1]".into(), "5070".into()))
+        );
+        assert_eq!(
+            contact_key("sip:trunk@[::1]").map(|key| key.2),
+            Some("5060".into())
+        );
+        assert_eq!(contact_key("tel:+1555"), None);
+    }
+
+    #[test]
+    fn delta_seconds_are_capped_and_junk_refused() {
+        use super::delta_seconds;
+        use std::time::Duration;
+        assert_eq!(delta_seconds(" 60 "), Some(Duration::from_secs(60)));
+        assert_eq!(
+            delta_seconds("10000000000000000000000"),
+            Some(Duration::from_secs(u64::from(u32::MAX)))
+        );
+        assert_eq!(delta_seconds("-1"), None);
+        assert_eq!(delta_seconds("60s"), None);
+        assert_eq!(delta_seconds(""), None);
     }
 }

@@ -105,13 +105,16 @@ pub struct Registration {
     /// A credential change during a REGISTER in flight: one more right after it.
     reregister_after: bool,
     shutting_down: bool,
+    /// 423 answers in a row.
+    too_brief: u32,
 }
 
 /// Refresh at this fraction of the granted expiry at the latest.
 const REFRESH_FRACTION: f64 = 0.8;
-/// A REGISTER without any final answer for this long counts as failed (the transaction
-/// layer answers sooner: Timer F is 64·T1).
-pub const ANSWER_LIMIT: Duration = Duration::from_secs(40);
+/// The longest expiry taken from a registrar (`Min-Expires` beyond it is a failure).
+const MAX_EXPIRES: Duration = Duration::from_secs(24 * 3600);
+/// 423 answers followed at once within one attempt; more are a failure.
+const MAX_TOO_BRIEF: u32 = 3;
 
 impl Registration {
     /// A binding to register at once; `first_cseq` starts its CSeq.
@@ -129,6 +132,7 @@ impl Registration {
             last_failure: None,
             reregister_after: false,
             shutting_down: false,
+            too_brief: 0,
         }
     }
 
@@ -215,13 +219,15 @@ impl Registration {
         };
         self.consecutive_failures = 0;
         self.last_failure = None;
+        self.too_brief = 0;
         if in_flight.expires.is_zero() {
             self.valid_until = None;
             self.next_at = None;
             self.set_state(State::Stopped, &mut notice);
             return notice;
         }
-        let granted = granted.unwrap_or(in_flight.expires);
+        // A registrar may shorten the expiry, not lengthen it (§10.3 step 7).
+        let granted = granted.unwrap_or(in_flight.expires).min(in_flight.expires);
         if self.shutting_down {
             // A binding now exists: the unregister goes next.
             self.valid_until = Some(in_flight.sent_at + granted);
@@ -254,28 +260,50 @@ impl Registration {
     /// 423 Interval Too Brief: ask for at least `min_expires` and try again at once. A
     /// registrar that keeps answering 423 is a failure like any other.
     pub fn interval_too_brief(&mut self, now: Instant, min_expires: Option<Duration>) -> Notice {
+        let unregistering = self
+            .in_flight
+            .is_some_and(|in_flight| in_flight.expires.is_zero());
         match min_expires {
-            Some(min) if min > self.requested && self.in_flight.is_some() => {
+            Some(min)
+                if min > self.requested
+                    && min <= MAX_EXPIRES
+                    && self.too_brief < MAX_TOO_BRIEF
+                    && self.in_flight.is_some()
+                    && !unregistering =>
+            {
                 self.in_flight = None;
+                self.too_brief += 1;
                 self.requested = min;
                 self.next_at = Some(now);
                 Notice::default()
             }
-            _ => self.failed(
-                now,
-                Failure::Rejected {
-                    status: 423,
-                    reason: "Interval Too Brief without a larger Min-Expires".into(),
-                },
-                0.5,
-            ),
+            _ => {
+                self.too_brief = 0;
+                self.failed(
+                    now,
+                    Failure::Rejected {
+                        status: 423,
+                        reason: "Interval Too Brief without a usable larger Min-Expires".into(),
+                    },
+                    None,
+                    0.5,
+                )
+            }
         }
     }
 
     /// The attempt failed. `jitter` is uniform in [0, 1). The next attempt comes after
     /// `backoff_initial · 2^(n−1)` capped at `backoff_max`, scaled into its upper half by
-    /// the jitter; while the binding is still valid, no later than halfway to its end.
-    pub fn failed(&mut self, now: Instant, failure: Failure, jitter: f64) -> Notice {
+    /// the jitter, or after `retry_after` (a registrar's `Retry-After`, capped at
+    /// `backoff_max`) when that is longer; while the binding is still valid, no later than
+    /// halfway to its end, but not sooner than `backoff_initial`.
+    pub fn failed(
+        &mut self,
+        now: Instant,
+        failure: Failure,
+        retry_after: Option<Duration>,
+        jitter: f64,
+    ) -> Notice {
         let mut notice = Notice::default();
         let Some(in_flight) = self.in_flight.take() else {
             return notice;
@@ -305,8 +333,14 @@ impl Registration {
             .saturating_mul(1u32 << exponent)
             .min(self.settings.backoff_max);
         let mut delay = ceiling.mul_f64(0.5 + 0.5 * jitter.clamp(0.0, 1.0));
+        if let Some(asked) = retry_after {
+            delay = delay.max(asked.min(self.settings.backoff_max));
+        }
         if let Some(until) = self.valid_until.filter(|until| now < *until) {
-            delay = delay.min((until - now) / 2);
+            // Try again before the binding lapses, without a burst at its very end.
+            delay = delay
+                .min((until - now) / 2)
+                .max(self.settings.backoff_initial.min(delay));
         } else {
             self.valid_until = None;
         }

@@ -135,6 +135,11 @@ impl Kamailio {
             .args(["-s", &socket, command])
             .output()
             .expect("run kamcmd");
+        assert!(
+            output.status.success(),
+            "kamcmd {command} failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
         String::from_utf8_lossy(&output.stdout).into_owned()
     }
 

@@ -60,13 +60,18 @@ fn registers_at_once_and_refreshes_from_the_granted_expiry() {
         notice.state_changed,
         Some((State::Registered, State::Refreshing))
     );
-    // A long grant refreshes at the earlier of 3600 - 10 and 0.8 * 3600 = 2880.
+    // A registrar may shorten, not lengthen (§10.3): 3600 granted for 300 asked counts
+    // as 300, refreshed at min(290, 240). An absurd value cannot overflow anything.
     registration.succeeded(start + secs(48), Some(secs(3600)));
-    assert_eq!(registration.next_at(), Some(start + secs(48 + 2880)));
-    // Without a granted value the requested one stands: min(290, 240).
-    registration.poll(start + secs(48 + 2880));
-    registration.succeeded(start + secs(48 + 2880), None);
-    assert_eq!(registration.next_at(), Some(start + secs(48 + 2880 + 240)));
+    assert_eq!(registration.valid_until(), Some(start + secs(48 + 300)));
+    assert_eq!(registration.next_at(), Some(start + secs(48 + 240)));
+    registration.poll(start + secs(48 + 240));
+    registration.succeeded(start + secs(48 + 240), Some(Duration::MAX));
+    assert_eq!(registration.next_at(), Some(start + secs(48 + 240 + 240)));
+    // Without a granted value the requested one stands.
+    registration.poll(start + secs(528));
+    registration.succeeded(start + secs(528), None);
+    assert_eq!(registration.next_at(), Some(start + secs(528 + 240)));
 }
 
 #[test]
@@ -117,7 +122,7 @@ fn failures_back_off_exponentially_with_jitter_and_never_stop() {
         let (send, _) = registration.poll(now);
         assert!(send.is_some(), "attempt {attempt} is sent");
         let jitter = f64::from(attempt % 10) / 10.0;
-        registration.failed(now, rejected(503), jitter);
+        registration.failed(now, rejected(503), None, jitter);
         let next = registration.next_at().expect("never disabled");
         delays.push(next - now);
         now = next;
@@ -148,17 +153,66 @@ fn while_the_binding_is_valid_retries_come_before_it_lapses() {
     registration.succeeded(start, Some(secs(60)));
     let refresh = registration.next_at().unwrap();
     registration.poll(refresh);
-    // Many failures would back off 60 s; the binding ends 12 s after the refresh, so
-    // the retry comes at most halfway there.
-    for _ in 0..8 {
-        let now = registration.next_at().unwrap_or(refresh);
+    // Failures would back off up to 60 s; the binding ends 12 s after the refresh, so
+    // each retry comes at most halfway there, but never sooner than backoff_initial
+    // (1 s) after the last: no burst at the very end.
+    let end = start + secs(60);
+    let mut attempts = 0;
+    let mut now = refresh;
+    while now < end {
         registration.poll(now);
-        registration.failed(now, Failure::NoAnswer, 0.99);
+        registration.failed(now, Failure::NoAnswer, None, 0.99);
         let next = registration.next_at().unwrap();
-        if now < start + secs(60) {
-            assert!(next <= now + (start + secs(60) - now) / 2 + Duration::from_millis(100));
-        }
+        assert!(
+            next <= now + ((end - now) / 2).max(secs(1)),
+            "{:?}",
+            next - now
+        );
+        assert!(next - now >= Duration::from_millis(500), "{:?}", next - now);
+        attempts += 1;
+        now = next;
     }
+    assert!(attempts <= 8, "{attempts} attempts in the last 12 s");
+}
+
+#[test]
+fn retry_after_is_honoured_up_to_backoff_max() {
+    let start = Instant::now();
+    let mut registration = Registration::new(settings(), start, 1);
+    registration.poll(start);
+    registration.failed(start, rejected(503), Some(secs(30)), 0.0);
+    assert_eq!(registration.next_at(), Some(start + secs(30)));
+    registration.poll(start + secs(30));
+    registration.failed(start + secs(30), rejected(503), Some(secs(3600)), 0.0);
+    assert_eq!(registration.next_at(), Some(start + secs(30 + 60)));
+}
+
+#[test]
+fn interval_too_brief_is_bounded_and_never_applies_to_an_unregister() {
+    let start = Instant::now();
+    let mut registration = Registration::new(settings(), start, 1);
+    for min in [400, 500, 600] {
+        registration.poll(start);
+        registration.interval_too_brief(start, Some(secs(min)));
+        assert_eq!(registration.requested(), secs(min));
+    }
+    // A fourth raise in a row, or one beyond a day, is a failure with a backoff.
+    registration.poll(start);
+    registration.interval_too_brief(start, Some(secs(700)));
+    assert_eq!(registration.state(), State::BackingOff);
+    let now = registration.next_at().unwrap();
+    registration.poll(now);
+    registration.interval_too_brief(now, Some(secs(100_000)));
+    assert_eq!(registration.requested(), secs(600));
+    assert_eq!(registration.state(), State::BackingOff);
+    // An unregister answered 423 ends the registration.
+    let now = registration.next_at().unwrap();
+    registration.poll(now);
+    registration.succeeded(now, Some(secs(600)));
+    registration.shut_down(now);
+    registration.poll(now);
+    registration.interval_too_brief(now, Some(secs(900)));
+    assert_eq!(registration.state(), State::Stopped);
 }
 
 #[test]
@@ -166,7 +220,7 @@ fn a_repeated_failure_is_reported_once() {
     let start = Instant::now();
     let mut registration = Registration::new(settings(), start, 1);
     registration.poll(start);
-    let first = registration.failed(start, rejected(503), 0.0);
+    let first = registration.failed(start, rejected(503), None, 0.0);
     assert_eq!(
         first.new_failure.as_deref(),
         Some("503 Service Unavailable")
@@ -177,11 +231,11 @@ fn a_repeated_failure_is_reported_once() {
     );
     let now = registration.next_at().unwrap();
     registration.poll(now);
-    let second = registration.failed(now, rejected(503), 0.0);
+    let second = registration.failed(now, rejected(503), None, 0.0);
     assert_eq!(second.new_failure, None);
     let now = registration.next_at().unwrap();
     registration.poll(now);
-    let third = registration.failed(now, Failure::NoAnswer, 0.0);
+    let third = registration.failed(now, Failure::NoAnswer, None, 0.0);
     assert!(third.new_failure.unwrap().contains("no answer"));
 }
 
@@ -264,13 +318,13 @@ fn shutdown_unregisters_an_existing_binding_only() {
         })
     );
     // If the unregister gets no answer, the binding lapses by itself.
-    busy.failed(start + secs(2), Failure::NoAnswer, 0.0);
+    busy.failed(start + secs(2), Failure::NoAnswer, None, 0.0);
     assert_eq!(busy.state(), State::Stopped);
 
     // A REGISTER out at shutdown that fails with no binding before: done.
     let mut failing = Registration::new(settings(), start, 1);
     failing.poll(start);
     failing.shut_down(start);
-    failing.failed(start, rejected(503), 0.0);
+    failing.failed(start, rejected(503), None, 0.0);
     assert_eq!(failing.state(), State::Stopped);
 }
