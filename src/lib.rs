@@ -5,6 +5,7 @@
 
 pub mod config;
 pub mod credentials;
+pub mod demo;
 pub mod proxy;
 pub mod registration;
 pub mod sim;

@@ -1,4 +1,5 @@
-//! The `byoc-sidecar` command: `run` the proxy, `check` a configuration.
+//! The `byoc-sidecar` command: `run` the proxy, `check` a configuration, `demo` the
+//! whole story on loopback.
 //!
 //! Exit codes: 0 success, 64 invalid configuration or usage, 1 any other failure.
 
@@ -41,6 +42,17 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// The whole story on loopback, no configuration: simulated token endpoint and
+    /// core, a sidecar with a registered trunk, and a simulated Edge placing calls while
+    /// the token rotates. Exits 0 only when no call failed.
+    Demo {
+        /// How long calls are placed, in seconds.
+        #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u64).range(1..=3600))]
+        seconds: u64,
+        /// Calls per second.
+        #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u64).range(1..=2000))]
+        rate: u64,
+    },
 }
 
 fn main() -> ExitCode {
@@ -48,6 +60,54 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Check { config } => check(&config),
         Command::Run { config } => run(&config),
+        Command::Demo { seconds, rate } => demo(seconds, rate),
+    }
+}
+
+fn demo(seconds: u64, rate: u64) -> ExitCode {
+    // Only warnings and errors of the sidecar itself; the demo prints its own story.
+    init_logging(&LogConfig {
+        format: "text".into(),
+        level: "warn".into(),
+    });
+    let settings = byoc_sidecar::demo::DemoSettings {
+        duration: Duration::from_secs(seconds),
+        rate,
+        ..Default::default()
+    };
+    println!(
+        "byoc-sidecar demo: a simulated Edge places {rate} calls/s for {seconds} s through the \
+         sidecar to a simulated core that accepts only the newest token. The sidecar renews \
+         its token every ~{:.0} s, and another instance of the same OAuth client takes one \
+         every {:.1} s, revoking the sidecar's without warning.",
+        settings.token_lifetime.as_secs_f64() * 0.55,
+        settings.rival_interval.as_secs_f64()
+    );
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("cannot start the async runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(byoc_sidecar::demo::run(&settings, std::io::stderr())) {
+        Ok(report) => {
+            print!("{}", report.table());
+            if report.passed() {
+                println!("result: PASS, no call failed");
+                ExitCode::SUCCESS
+            } else {
+                println!("result: FAIL, {} call(s) failed", report.failed);
+                ExitCode::FAILURE
+            }
+        }
+        Err(error) => {
+            eprintln!("byoc-sidecar demo: {error}");
+            ExitCode::FAILURE
+        }
     }
 }
 
@@ -107,11 +167,14 @@ fn run(path: &std::path::Path) -> ExitCode {
 }
 
 async fn serve(settings: byoc_sidecar::config::Settings) -> anyhow::Result<()> {
+    // Handlers first: a signal that arrives while the proxy starts (right after it says
+    // so) must stop it cleanly, not kill it.
+    let signals = Signals::install()?;
     let root = CancellationToken::new();
     let app = App::start(settings, &root)
         .await
         .context("starting the proxy")?;
-    wait_for_signal().await?;
+    signals.wait().await;
     tracing::info!("shutting down");
     if !app.shutdown(SHUTDOWN_DEADLINE).await {
         tracing::warn!(deadline = ?SHUTDOWN_DEADLINE, "some tasks were still running at the shutdown deadline");
@@ -119,13 +182,26 @@ async fn serve(settings: byoc_sidecar::config::Settings) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn wait_for_signal() -> anyhow::Result<()> {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut terminate =
-        signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
-    tokio::select! {
-        result = tokio::signal::ctrl_c() => result.context("waiting for SIGINT"),
-        _ = terminate.recv() => Ok(()),
+/// SIGINT and SIGTERM, listened to from the moment they are installed.
+struct Signals {
+    interrupt: tokio::signal::unix::Signal,
+    terminate: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn install() -> anyhow::Result<Self> {
+        use tokio::signal::unix::{signal, SignalKind};
+        Ok(Self {
+            interrupt: signal(SignalKind::interrupt()).context("installing the SIGINT handler")?,
+            terminate: signal(SignalKind::terminate()).context("installing the SIGTERM handler")?,
+        })
+    }
+
+    async fn wait(mut self) {
+        tokio::select! {
+            _ = self.interrupt.recv() => {}
+            _ = self.terminate.recv() => {}
+        }
     }
 }
 

@@ -128,3 +128,38 @@ fn run_stops_cleanly_on_sigterm() {
 fn run_stops_cleanly_on_sigint() {
     stops_cleanly_on("INT");
 }
+
+/// `demo` as an operator runs it (shortened): the whole story on loopback, exit 0, a
+/// table with every call completed and the revoked tokens' 403s absorbed.
+#[test]
+fn demo_completes_every_call_while_tokens_are_revoked() {
+    let output = Command::new(BINARY)
+        .args(["demo", "--seconds", "6", "--rate", "20"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(
+        output.status.code(),
+        Some(0),
+        "stdout:\n{stdout}\nstderr:\n{stderr}"
+    );
+    let row = |name: &str| -> u64 {
+        stdout
+            .lines()
+            .find(|line| line.trim_start().starts_with(name))
+            .and_then(|line| line.split_whitespace().last())
+            .and_then(|value| value.parse().ok())
+            .unwrap_or_else(|| panic!("no {name} row in:\n{stdout}"))
+    };
+    assert_eq!(row("calls placed"), 120);
+    assert_eq!(row("calls completed"), 120);
+    assert_eq!(row("calls failed"), 0);
+    assert!(row("403s absorbed") > 0, "{stdout}");
+    assert!(row("tokens issued") >= 3, "{stdout}");
+    assert!(stdout.contains("result: PASS"), "{stdout}");
+    assert!(
+        stderr.contains("calls placed"),
+        "live progress goes to stderr"
+    );
+}

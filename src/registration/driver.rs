@@ -49,6 +49,9 @@ pub struct TrunkRegistration {
     pub contact: String,
 }
 
+/// How long the first REGISTER waits for the trunk's first credential.
+const FIRST_CREDENTIAL_WAIT: Duration = Duration::from_secs(10);
+
 /// How long a forced refresh may hold up a REGISTER that the core refused.
 const REFRESH_WAIT: Duration = Duration::from_secs(5);
 
@@ -134,6 +137,17 @@ impl Driver {
         let mut pending: Option<oneshot::Receiver<Response>> = None;
         let mut stopping = false;
         tracing::info!(trunk = %self.trunk.trunk, aor = %self.trunk.settings.aor, contact = %self.trunk.contact, "registration started");
+        // The first REGISTER waits for the first credential (briefly: a source that
+        // cannot deliver one makes the attempt fail and back off like any other).
+        if let (Some(manager), true) = (&self.trunk.credentials, self.trunk.auth != AuthMode::None)
+        {
+            let mut attempts = manager.attempts();
+            let first = attempts.wait_for(|_| manager.current().is_some());
+            tokio::select! {
+                _ = tokio::time::timeout(FIRST_CREDENTIAL_WAIT, first) => {}
+                _ = stop.cancelled() => {}
+            }
+        }
         loop {
             if pending.is_none() {
                 let (send, notice) = self.machine.poll(now());

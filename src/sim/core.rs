@@ -32,6 +32,7 @@ pub struct CoreStats {
     pub rejected_403: AtomicU64,
     pub invites_answered: AtomicU64,
     pub byes_answered: AtomicU64,
+    pub registers_answered: AtomicU64,
     /// Requests refused with 500 for a CSeq out of order in their dialog.
     pub out_of_order_500: AtomicU64,
 }
@@ -152,6 +153,18 @@ impl SimCore {
             Method::Bye => {
                 stats.byes_answered.fetch_add(1, Ordering::Relaxed);
                 vec![response(200, &[])]
+            }
+            Method::Register => {
+                // A registrar granting what was asked: each Contact echoed with it.
+                stats.registers_answered.fetch_add(1, Ordering::Relaxed);
+                let expires = message::header_values(&request.headers, "Expires")
+                    .next()
+                    .and_then(|value| value.trim().parse::<u64>().ok())
+                    .unwrap_or(3600);
+                let contacts: Vec<Header> = message::header_values(&request.headers, "Contact")
+                    .map(|contact| Header::Contact(format!("{contact};expires={expires}").into()))
+                    .collect();
+                vec![response(200, &contacts)]
             }
             _ => vec![response(200, &[])],
         }

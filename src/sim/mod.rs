@@ -2,4 +2,5 @@
 //! behave like the systems the sidecar talks to, with faults to inject.
 
 pub mod core;
+pub mod edge;
 pub mod idp;
