@@ -101,6 +101,7 @@ fn policy() -> RefreshPolicy {
         backoff_max: Duration::from_secs(8),
         slow_retry: Duration::from_secs(60),
         force_interval: Duration::from_secs(5),
+        activation_delay: Duration::ZERO,
     }
 }
 
@@ -805,4 +806,49 @@ async fn credential_arriving_nearly_expired_is_a_failure_not_a_busy_loop() {
     assert!((3..=20).contains(&count), "{count} attempts in 30 s");
     assert_eq!(manager.stats().transient_failures, count);
     cancel.cancel();
+}
+
+// ---- activation delay (propagation lag) ---------------------------------------------
+
+/// With an activation delay, a renewed credential is served only once the delay has
+/// passed (the previous one meanwhile); a rejection of the one served hands out the
+/// newer at once; and a rejection of a credential still within its delay is answered
+/// with that same credential once the delay is over, without fetching another.
+#[tokio::test(start_paused = true)]
+async fn activation_delay_serves_the_previous_credential_until_the_new_one_has_propagated() {
+    let fixture = fixture(
+        Duration::from_secs(600),
+        CLIENT_SECRET,
+        "org-a",
+        RefreshPolicy {
+            activation_delay: Duration::from_secs(1),
+            force_interval: Duration::ZERO,
+            ..policy()
+        },
+    )
+    .await;
+    let manager = &fixture.manager;
+    let first = first_credential(manager).await;
+    let obtained = tokio::time::Instant::from_std(manager.current().unwrap().obtained);
+    // Rejected while still within its delay: offered again after it, no new token.
+    let again = manager.force_refresh(first).await.unwrap();
+    assert_eq!(again.generation, first);
+    assert!(tokio::time::Instant::now() >= obtained + Duration::from_secs(1));
+    assert_eq!(fixture.idp.tokens_issued(), 1);
+    // Rejected after its delay: a new token is fetched and handed to the caller at once,
+    // while `current` keeps serving the first for a second.
+    let second = manager.force_refresh(first).await.unwrap();
+    assert_eq!(second.generation, first + 1);
+    assert_eq!(manager.current().unwrap().generation, first);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(manager.current().unwrap().generation, first);
+    // The previous one rejected meanwhile (revoked): the newer comes at once.
+    assert_eq!(
+        manager.force_refresh(first).await.unwrap().generation,
+        second.generation
+    );
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(manager.current().unwrap().generation, second.generation);
+    assert_eq!(fixture.idp.tokens_issued(), 2);
+    fixture.cancel.cancel();
 }

@@ -180,3 +180,48 @@ async fn persistent_403_reaches_the_edge_after_at_most_one_resend_within_the_rat
     cancel.cancel();
     sidecar.stop().await;
 }
+
+/// A core that accepts a new token only 800 ms after it was issued (propagation lag),
+/// while earlier tokens stay valid until they expire; tokens live 4 s, so the sidecar
+/// renews about every 2 s. With `activation_delay = "1s"` the sidecar keeps using the
+/// previous token for a second after each renewal, so after start-up no request meets
+/// the lag; at start-up there is no previous token, and requests refused for the first
+/// one are re-sent with it once its delay has passed. No call fails.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_survive_a_core_that_accepts_new_tokens_only_after_a_propagation_lag() {
+    const CALLS: u64 = 300;
+    const CALL_RATE: u64 = 20;
+    let (sim, core, sidecar, _dir) = rig(
+        "edge-l",
+        "lag-secret",
+        "org-l",
+        Duration::from_secs(4),
+        TokenKind::Jwt,
+        Validation::PropagationLag(Duration::from_millis(800)),
+        "refresh_buffer = \"1s\"\nactivation_delay = \"1s\"\n",
+    )
+    .await;
+    let target = sidecar.addr(Side::Edge, Transport::Udp);
+    let uac = Sipp::start(
+        "uac",
+        &uac_args("uac.xml", target, Transport::Udp, CALLS, CALL_RATE, 500),
+    );
+    // Start-up: the first token is younger than the lag for a while.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let at_startup = core.stats.rejected_403.load(Ordering::Relaxed);
+    let outcome = uac.finish(Duration::from_secs(90)).await;
+    assert_all_calls_succeeded(&outcome, CALLS, "uac");
+    let tokens = sim.idp.tokens_issued();
+    assert!(tokens >= 6, "the token rotated: {tokens} issued");
+    assert_eq!(
+        core.stats.rejected_403.load(Ordering::Relaxed),
+        at_startup,
+        "after start-up a request carried a token the core did not accept yet"
+    );
+    println!(
+        "propagation lag: {CALLS} calls, {tokens} tokens, {at_startup} 403s at start-up, {} absorbed",
+        sidecar.app.stats.snapshot().rejections_absorbed
+    );
+    sim.cancel.cancel();
+    sidecar.stop().await;
+}

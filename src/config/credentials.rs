@@ -59,6 +59,7 @@ pub struct CredentialsConfig {
     pub backoff_max: Option<String>,
     pub slow_retry: Option<String>,
     pub force_refresh_interval: Option<String>,
+    pub activation_delay: Option<String>,
 }
 
 /// A validated credential configuration.
@@ -160,7 +161,8 @@ impl CredentialsConfig {
             backoff_initial,
             backoff_max,
             slow_retry,
-            force_refresh_interval
+            force_refresh_interval,
+            activation_delay
         );
         given
     }
@@ -177,6 +179,7 @@ impl CredentialsConfig {
             "backoff_max",
             "slow_retry",
             "force_refresh_interval",
+            "activation_delay",
         ];
         const ORG: &[&str] = &["organization", "scopes", "organization_claim"];
         let allowed: Vec<&str> = match self.kind.as_str() {
@@ -280,6 +283,12 @@ impl CredentialsConfig {
                 &self.force_refresh_interval,
                 defaults.force_interval,
             ),
+            activation_delay: duration(
+                problems,
+                "activation_delay",
+                &self.activation_delay,
+                defaults.activation_delay,
+            ),
         };
         if policy.backoff_initial.is_zero() || policy.backoff_max < policy.backoff_initial {
             problems.add(
@@ -308,6 +317,12 @@ impl CredentialsConfig {
                 policy.force_interval,
                 Duration::ZERO,
                 DAY,
+            ),
+            (
+                "activation_delay",
+                policy.activation_delay,
+                Duration::ZERO,
+                Duration::from_secs(600),
             ),
         ] {
             problems.within(&key(name), value, low, high);

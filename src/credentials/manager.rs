@@ -106,6 +106,9 @@ struct ForceState {
 struct Shared {
     options: ManagerOptions,
     current: ArcSwapOption<Credential>,
+    /// The credential `current` replaced, served instead of it during its activation
+    /// delay while still valid.
+    previous: ArcSwapOption<Credential>,
     force: Mutex<ForceState>,
     wake: Notify,
     /// Counts finished attempts; forced refreshes wait on it.
@@ -149,6 +152,7 @@ impl CredentialManager {
     ) -> Self {
         let (finished, _) = watch::channel(0);
         let shared = Arc::new(Shared {
+            previous: ArcSwapOption::empty(),
             force: Mutex::new(ForceState {
                 limiter: ForceLimiter::new(options.policy.force_interval),
                 pending: None,
@@ -168,6 +172,35 @@ impl CredentialManager {
 
     /// The credential to use now, or `None` when there is no valid one.
     pub fn current(&self) -> Option<Arc<Credential>> {
+        let now = Instant::now().into_std();
+        let newest = self
+            .shared
+            .current
+            .load_full()
+            .filter(|credential| credential.is_valid_at(now));
+        let delay = self.shared.options.policy.activation_delay;
+        if let Some(newest) = newest.as_ref().filter(|_| !delay.is_zero()) {
+            if now < newest.obtained + delay {
+                let previous = self
+                    .shared
+                    .previous
+                    .load_full()
+                    .filter(|previous| previous.is_valid_at(now));
+                if previous.is_some() {
+                    return previous;
+                }
+            }
+        }
+        newest
+    }
+
+    /// How long a new credential waits before it is used (`activation_delay`).
+    pub fn activation_delay(&self) -> Duration {
+        self.shared.options.policy.activation_delay
+    }
+
+    /// The newest valid credential, even one still within its activation delay.
+    fn newest(&self) -> Option<Arc<Credential>> {
         let now = Instant::now().into_std();
         self.shared
             .current
@@ -218,12 +251,25 @@ impl CredentialManager {
     }
 
     /// The core rejected generation `rejected`: get a newer credential if one can be had.
-    /// Returns the current credential afterwards (which may still be `rejected` when the
-    /// source handed out the same value, or `None`).
+    /// Returns the newest credential afterwards, even one still within its activation
+    /// delay (which may still be `rejected` when the source handed out the same value, or
+    /// when `rejected` was itself within its delay and is offered again after it; `None`
+    /// when there is none).
     pub async fn force_refresh(&self, rejected: u64) -> Option<Arc<Credential>> {
-        if let Some(current) = self.current() {
-            if current.generation != rejected {
-                return Some(current);
+        // A newer credential in its activation delay is used at once when the one served
+        // meanwhile is rejected.
+        if let Some(newest) = self.newest() {
+            if newest.generation != rejected {
+                return Some(newest);
+            }
+            // The rejected credential is the newest and still within its activation
+            // delay: it may not have propagated yet, and neither would another one.
+            // Offer it again once the delay has passed instead of fetching.
+            let delay = self.shared.options.policy.activation_delay;
+            let active_at = newest.obtained + delay;
+            if !delay.is_zero() && Instant::now().into_std() < active_at {
+                tokio::time::sleep_until(Instant::from_std(active_at)).await;
+                return Some(newest);
             }
         }
         let stats = &self.shared.stats;
@@ -239,7 +285,7 @@ impl CredentialManager {
                 || !force.limiter.try_acquire(now.into_std())
             {
                 stats.forced_rate_limited.fetch_add(1, Ordering::Relaxed);
-                return self.current();
+                return self.newest();
             } else {
                 force.pending = Some(rejected);
                 stats.forced.fetch_add(1, Ordering::Relaxed);
@@ -258,7 +304,7 @@ impl CredentialManager {
         });
         // Past the limit, answer with what there is; the refresher carries on.
         let _ = tokio::time::timeout(FORCE_WAIT, wait).await;
-        self.current()
+        self.newest()
     }
 
     fn lock_force(&self) -> std::sync::MutexGuard<'_, ForceState> {
@@ -437,6 +483,9 @@ fn on_success(
         obtained: sent_at.into_std(),
         expires: expires.map(Instant::into_std),
     });
+    if !unchanged {
+        shared.previous.store(previous);
+    }
     shared.current.store(Some(credential));
     shared.stats.refreshed.fetch_add(1, Ordering::Relaxed);
     let lifetime_seconds = fetched.lifetime.map(|lifetime| lifetime.as_secs());

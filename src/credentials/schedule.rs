@@ -33,6 +33,10 @@ pub struct RefreshPolicy {
     pub slow_retry: Duration,
     /// At most one forced refresh per this interval.
     pub force_interval: Duration,
+    /// A new credential is used only this long after it was requested, while the one it
+    /// replaces is still valid: for cores that accept a new token only some time after
+    /// it was issued (propagation lag). Zero: at once.
+    pub activation_delay: Duration,
 }
 
 impl Default for RefreshPolicy {
@@ -43,6 +47,7 @@ impl Default for RefreshPolicy {
             backoff_max: Duration::from_secs(60),
             slow_retry: Duration::from_secs(300),
             force_interval: Duration::from_secs(5),
+            activation_delay: Duration::ZERO,
         }
     }
 }

@@ -161,6 +161,7 @@ impl Engine {
                                 generation,
                                 trunk,
                                 is_resend: false,
+                                sent_at: super::engine::now(),
                             })
                         });
                 self.start_client(

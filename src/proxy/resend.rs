@@ -45,6 +45,8 @@ pub struct ResendInfo {
     /// This request is itself a re-send: only a Digest challenge calling its nonce
     /// stale may start another.
     pub is_resend: bool,
+    /// When it was sent (engine clock).
+    pub sent_at: std::time::Instant,
 }
 
 /// A rejected request waiting for its forced refresh.
@@ -280,9 +282,21 @@ impl Engine {
             rejected,
             require_newer,
         } = *pending;
+        // The same credential qualifies for a Digest challenge (the nonce is what is new)
+        // and for one rejected while still within its activation delay, offered again
+        // after it (a core that accepts new tokens only after a propagation lag).
+        let activation_delay = self
+            .router
+            .trunk(info.trunk)
+            .and_then(|trunk| trunk.credentials.as_ref())
+            .map_or(std::time::Duration::ZERO, |manager| {
+                manager.activation_delay()
+            });
         let credential = credential.filter(|credential| {
+            let was_young = !activation_delay.is_zero()
+                && info.sent_at < credential.obtained + activation_delay;
             credential.generation > info.generation
-                || (!require_newer && credential.generation == info.generation)
+                || (credential.generation == info.generation && (!require_newer || was_young))
         });
         let trunk = info.trunk;
         let resent = credential.and_then(|credential| {
@@ -331,6 +345,7 @@ impl Engine {
                 generation,
                 trunk,
                 is_resend: true,
+                sent_at: now(),
             })
         });
         let client = self.start_client(request, &branch, destination, Some(server), again);
@@ -506,6 +521,7 @@ mod tests {
             generation: 3,
             trunk: 0,
             is_resend: false,
+            sent_at: tokio::time::Instant::now().into_std(),
         };
         let shown = format!("{info:?}");
         assert!(!shown.contains("debug-token-7e2a"), "{shown}");

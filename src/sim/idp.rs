@@ -85,6 +85,9 @@ pub enum Validation {
     RevokeOnReissue,
     /// No token at all: a permission problem that no refresh fixes.
     RejectAll,
+    /// A token is accepted only this long after it was issued (it propagates through the
+    /// core meanwhile); earlier tokens stay valid until they expire.
+    PropagationLag(std::time::Duration),
 }
 
 /// What a core learns about a token.
@@ -96,6 +99,8 @@ pub enum TokenCheck {
     Revoked,
     /// Valid, but not allowed here.
     Forbidden,
+    /// Issued, but not yet propagated to where it is checked.
+    NotYetValid,
 }
 
 /// A token the endpoint issued.
@@ -250,6 +255,13 @@ impl Idp {
         }
         match validation {
             Validation::AnyUnexpired => TokenCheck::Valid,
+            Validation::PropagationLag(lag) => {
+                if Instant::now() < found.issued_at + lag {
+                    TokenCheck::NotYetValid
+                } else {
+                    TokenCheck::Valid
+                }
+            }
             Validation::RejectAll => TokenCheck::Forbidden,
             Validation::RevokeOnReissue => {
                 let newer = issued[position + 1..]
