@@ -42,6 +42,11 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// The simulators as standalone processes, until SIGINT or SIGTERM.
+    Sim {
+        #[command(subcommand)]
+        simulator: Simulator,
+    },
     /// The whole story on loopback, no configuration: simulated token endpoint and
     /// core, a sidecar with a registered trunk, and a simulated Edge placing calls while
     /// the token rotates. Exits 0 only when no call failed.
@@ -55,12 +60,127 @@ enum Command {
     },
 }
 
+#[derive(clap::Args)]
+struct IdpArgs {
+    /// Where the token endpoint listens (HTTP).
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    idp_listen: std::net::SocketAddr,
+    /// Token lifetime.
+    #[arg(long, default_value = "10s", value_parser = byoc_sidecar::config::parse_duration)]
+    ttl: Duration,
+    /// `jwt` or `opaque`.
+    #[arg(long, default_value = "jwt", value_parser = byoc_sidecar::sim::serve::parse_kind)]
+    kind: byoc_sidecar::sim::idp::TokenKind,
+    /// The client the endpoint knows: id:secret:organization.
+    #[arg(long, default_value = "edge-a:sim-secret:org-a", value_parser = byoc_sidecar::sim::serve::parse_client)]
+    client: byoc_sidecar::sim::idp::SimClient,
+    /// Another instance of the client takes a token this often (e.g. 2s).
+    #[arg(long, value_parser = byoc_sidecar::config::parse_duration)]
+    reissue_every: Option<Duration>,
+}
+
+#[derive(Subcommand)]
+enum Simulator {
+    /// An OAuth2 client-credentials token endpoint.
+    Idp {
+        #[command(flatten)]
+        idp: IdpArgs,
+    },
+    /// A SIP core on UDP that demands Bearer tokens from its own token endpoint (401
+    /// without one, 403 for one it does not accept) and answers calls or relays them.
+    Core {
+        /// Where the core listens (UDP).
+        #[arg(long, default_value = "127.0.0.1:5090")]
+        listen: std::net::SocketAddr,
+        /// revoke-on-reissue, any-unexpired, reject-all or propagation-lag=<duration>.
+        #[arg(long, default_value = "revoke-on-reissue", value_parser = byoc_sidecar::sim::serve::parse_validation)]
+        validation: byoc_sidecar::sim::idp::Validation,
+        /// Relay accepted calls to this address (a sipp UAS) instead of answering them.
+        #[arg(long)]
+        far_end: Option<std::net::SocketAddr>,
+        #[command(flatten)]
+        idp: IdpArgs,
+    },
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Check { config } => check(&config),
         Command::Run { config } => run(&config),
         Command::Demo { seconds, rate } => demo(seconds, rate),
+        Command::Sim { simulator } => sim(simulator),
+    }
+}
+
+fn sim(simulator: Simulator) -> ExitCode {
+    init_logging(&LogConfig {
+        format: "text".into(),
+        level: "warn".into(),
+    });
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("cannot start the async runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result: anyhow::Result<()> = runtime.block_on(async {
+        use byoc_sidecar::sim::serve::{start_core, start_idp, IdpOptions};
+        let signals = Signals::install()?;
+        let cancel = CancellationToken::new();
+        let tracker = tokio_util::task::TaskTracker::new();
+        let options = |args: &IdpArgs| IdpOptions {
+            listen: args.idp_listen,
+            ttl: args.ttl,
+            kind: args.kind,
+            client: args.client.clone(),
+            reissue_every: args.reissue_every,
+        };
+        match &simulator {
+            Simulator::Idp { idp } => {
+                start_idp(&options(idp), &cancel, &tracker)
+                    .await
+                    .context("starting the token endpoint")?;
+            }
+            Simulator::Core {
+                listen,
+                validation,
+                far_end,
+                idp,
+            } => {
+                let (issuer, core) = start_core(&options(idp), *listen, *validation, *far_end, &cancel, &tracker)
+                    .await
+                    .context("starting the core")?;
+                signals.wait().await;
+                let stats = &core.stats;
+                use std::sync::atomic::Ordering::Relaxed;
+                println!(
+                    "sim core: {} tokens issued, {} requests, {} accepted, {} 401, {} 403, {} out of order",
+                    issuer.tokens_issued(),
+                    stats.requests.load(Relaxed),
+                    stats.accepted.load(Relaxed),
+                    stats.challenged_401.load(Relaxed),
+                    stats.rejected_403.load(Relaxed),
+                    stats.out_of_order_500.load(Relaxed),
+                );
+                cancel.cancel();
+                return Ok(());
+            }
+        }
+        signals.wait().await;
+        cancel.cancel();
+        Ok(())
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("byoc-sidecar sim: {error:#}");
+            ExitCode::FAILURE
+        }
     }
 }
 

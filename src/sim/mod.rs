@@ -4,3 +4,4 @@
 pub mod core;
 pub mod edge;
 pub mod idp;
+pub mod serve;
