@@ -45,7 +45,7 @@ enum Command {
     /// The simulators as standalone processes, until SIGINT or SIGTERM.
     Sim {
         #[command(subcommand)]
-        simulator: Simulator,
+        simulator: Box<Simulator>,
     },
     /// The whole story on loopback, no configuration: simulated token endpoint and
     /// core, a sidecar with a registered trunk, and a simulated Edge placing calls while
@@ -77,6 +77,12 @@ struct IdpArgs {
     /// Another instance of the client takes a token this often (e.g. 2s).
     #[arg(long, value_parser = byoc_sidecar::config::parse_duration)]
     reissue_every: Option<Duration>,
+    /// A fault for the next token request after every --idp-fault-every: status=503,
+    /// status=429,retry-after=2, delay=3s, empty, garbage or drop.
+    #[arg(long, value_parser = byoc_sidecar::sim::serve::parse_fault, requires = "idp_fault_every")]
+    idp_fault: Option<byoc_sidecar::sim::idp::Fault>,
+    #[arg(long, value_parser = byoc_sidecar::config::parse_duration, requires = "idp_fault")]
+    idp_fault_every: Option<Duration>,
 }
 
 #[derive(Subcommand)]
@@ -109,7 +115,7 @@ fn main() -> ExitCode {
         Command::Check { config } => check(&config),
         Command::Run { config } => run(&config),
         Command::Demo { seconds, rate } => demo(seconds, rate),
-        Command::Sim { simulator } => sim(simulator),
+        Command::Sim { simulator } => sim(*simulator),
     }
 }
 
@@ -139,6 +145,7 @@ fn sim(simulator: Simulator) -> ExitCode {
             kind: args.kind,
             client: args.client.clone(),
             reissue_every: args.reissue_every,
+            fault: args.idp_fault.clone().zip(args.idp_fault_every),
         };
         match &simulator {
             Simulator::Idp { idp } => {

@@ -9,7 +9,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::core::SimCore;
-use super::idp::{Idp, IdpSettings, SimClient, TokenKind, Validation};
+use super::idp::{Fault, Idp, IdpSettings, SimClient, TokenKind, Validation};
 
 /// How tokens are issued.
 #[derive(Debug, Clone)]
@@ -21,6 +21,44 @@ pub struct IdpOptions {
     /// Another instance of the client takes a token this often (revoking earlier ones
     /// under revoke-on-reissue).
     pub reissue_every: Option<Duration>,
+    /// The next token request fails this way once per interval.
+    pub fault: Option<(Fault, Duration)>,
+}
+
+/// Parses a fault for the token endpoint: `status=503`, `status=429,retry-after=2`,
+/// `delay=3s`, `empty`, `garbage` or `drop`.
+pub fn parse_fault(text: &str) -> Result<Fault, String> {
+    match text {
+        "empty" => return Ok(Fault::EmptyBody),
+        "garbage" => return Ok(Fault::Garbage),
+        "drop" => return Ok(Fault::Drop),
+        _ => {}
+    }
+    if let Some(delay) = text.strip_prefix("delay=") {
+        return crate::config::parse_duration(delay).map(Fault::Delay);
+    }
+    if let Some(rest) = text.strip_prefix("status=") {
+        let (code, retry_after) = match rest.split_once(",retry-after=") {
+            Some((code, seconds)) => (
+                code,
+                Some(
+                    seconds
+                        .parse::<u64>()
+                        .map_err(|_| format!("retry-after {seconds:?} is not seconds"))?,
+                ),
+            ),
+            None => (rest, None),
+        };
+        let code = code
+            .parse::<u16>()
+            .ok()
+            .filter(|code| (400..600).contains(code))
+            .ok_or_else(|| format!("status {code:?} is not an error status 400-599"))?;
+        return Ok(Fault::Status { code, retry_after });
+    }
+    Err(format!(
+        "{text:?} is not status=<code>[,retry-after=<s>], delay=<duration>, empty, garbage or drop"
+    ))
 }
 
 /// Parses `revoke-on-reissue`, `any-unexpired`, `reject-all` or
@@ -100,6 +138,19 @@ pub async fn start_idp(
         });
         println!("sim idp: another instance of the client takes a token every {every:?}");
     }
+    if let Some((fault, every)) = options.fault.clone() {
+        let (idp, cancel) = (idp.clone(), cancel.clone());
+        println!("sim idp: the next token request after every {every:?} fails with {fault:?}");
+        tracker.spawn(async move {
+            let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+            loop {
+                tokio::select! {
+                    _ = cancel.cancelled() => return,
+                    _ = ticks.tick() => idp.push_faults([fault.clone()]),
+                }
+            }
+        });
+    }
     Ok(idp)
 }
 
@@ -164,5 +215,21 @@ mod tests {
         );
         assert!(parse_client("edge-a:secret").is_err());
         assert!(parse_kind("saml").is_err());
+        assert_eq!(
+            parse_fault("status=429,retry-after=2"),
+            Ok(Fault::Status {
+                code: 429,
+                retry_after: Some(2)
+            })
+        );
+        assert_eq!(
+            parse_fault("delay=3s"),
+            Ok(Fault::Delay(Duration::from_secs(3)))
+        );
+        assert_eq!(parse_fault("drop"), Ok(Fault::Drop));
+        assert!(parse_fault("status=200").is_err());
+        assert!(parse_fault("explode")
+            .unwrap_err()
+            .contains("status=<code>"));
     }
 }
