@@ -8,6 +8,7 @@ pub mod credentials;
 pub mod demo;
 pub mod proxy;
 pub mod registration;
+pub mod replay;
 pub mod sim;
 pub mod sip;
 pub mod stats;

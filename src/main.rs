@@ -1,7 +1,8 @@
 //! The `byoc-sidecar` command: `run` the proxy, `check` a configuration, `demo` the
-//! whole story on loopback.
+//! whole story on loopback, `sim` the simulators, `replay` a capture.
 //!
-//! Exit codes: 0 success, 64 invalid configuration or usage, 1 any other failure.
+//! Exit codes: 0 success, 64 invalid configuration or usage, 65 an unusable capture,
+//! 1 any other failure (for `replay`: a dialogue diverged or timed out).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -16,6 +17,8 @@ use byoc_sidecar::proxy::App;
 
 /// Exit code for a configuration that does not validate (EX_USAGE of sysexits.h).
 const EXIT_BAD_CONFIG: u8 = 64;
+/// Exit code for a capture that cannot be read or holds no dialogue (EX_DATAERR).
+const EXIT_BAD_CAPTURE: u8 = 65;
 /// How long shutdown waits for tasks to finish.
 const SHUTDOWN_DEADLINE: Duration = Duration::from_secs(5);
 
@@ -47,6 +50,10 @@ enum Command {
         #[command(subcommand)]
         simulator: Box<Simulator>,
     },
+    /// Replay the SIP dialogues of a pcap/pcapng capture against a target (the Edge side,
+    /// and with --core the core side too) and compare the live ladders with the capture.
+    /// Exits 0 when every dialogue matched, 1 when one diverged or timed out.
+    Replay(Box<ReplayArgs>),
     /// The whole story on loopback, no configuration: simulated token endpoint and
     /// core, a sidecar with a registered trunk, and a simulated Edge placing calls while
     /// the token rotates. Exits 0 only when no call failed.
@@ -58,6 +65,67 @@ enum Command {
         #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u64).range(1..=2000))]
         rate: u64,
     },
+}
+
+#[derive(clap::Args)]
+struct ReplayArgs {
+    /// The capture: pcap or pcapng.
+    capture: PathBuf,
+    /// Where the Edge side is played to: IP:PORT of a sidecar's Edge side or any SIP
+    /// server.
+    #[arg(long, required_unless_present = "list")]
+    to: Option<std::net::SocketAddr>,
+    /// Only list the dialogues the capture holds (and what the reader skipped).
+    #[arg(long)]
+    list: bool,
+    /// Also play the core side from the capture, listening on IP:PORT (UDP and TCP).
+    #[arg(long)]
+    core: Option<std::net::SocketAddr>,
+    /// udp or tcp for every dialogue (default: as captured).
+    #[arg(long, value_parser = parse_transport)]
+    transport: Option<byoc_sidecar::config::Transport>,
+    /// Play N times faster than captured (0.5 = slower).
+    #[arg(long, default_value_t = 1.0, value_parser = parse_speed)]
+    speed: f64,
+    /// No pause between messages longer than this (after --speed).
+    #[arg(long, default_value = "5s", value_parser = byoc_sidecar::config::parse_duration)]
+    max_gap: Duration,
+    /// How long a message of the other side is waited for.
+    #[arg(long, default_value = "32s", value_parser = byoc_sidecar::config::parse_duration)]
+    timeout: Duration,
+    /// Our address in Via and Contact (default: the one that routes to --to).
+    #[arg(long)]
+    local: Option<std::net::IpAddr>,
+    /// Only this Call-ID (repeatable).
+    #[arg(long = "call-id")]
+    call_ids: Vec<String>,
+    /// Only messages at least this far into the capture (e.g. 90s).
+    #[arg(long, value_parser = byoc_sidecar::config::parse_duration)]
+    from: Option<Duration>,
+    /// Only messages less than this far into the capture.
+    #[arg(long, value_parser = byoc_sidecar::config::parse_duration)]
+    until: Option<Duration>,
+    /// Only packets to or from this port (repeatable).
+    #[arg(long = "port")]
+    ports: Vec<u16>,
+    /// The report as JSON on stdout.
+    #[arg(long)]
+    json: bool,
+}
+
+fn parse_transport(text: &str) -> Result<byoc_sidecar::config::Transport, String> {
+    match text {
+        "udp" => Ok(byoc_sidecar::config::Transport::Udp),
+        "tcp" => Ok(byoc_sidecar::config::Transport::Tcp),
+        other => Err(format!("{other:?} is not udp or tcp")),
+    }
+}
+
+fn parse_speed(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(speed) if speed.is_finite() && speed > 0.0 && speed <= 1e6 => Ok(speed),
+        _ => Err(format!("{text:?} is not a speed between 0 (exclusive) and 1000000")),
+    }
 }
 
 #[derive(clap::Args)]
@@ -116,6 +184,7 @@ fn main() -> ExitCode {
         Command::Run { config } => run(&config),
         Command::Demo { seconds, rate } => demo(seconds, rate),
         Command::Sim { simulator } => sim(*simulator),
+        Command::Replay(args) => replay(&args),
     }
 }
 
@@ -233,6 +302,98 @@ fn demo(seconds: u64, rate: u64) -> ExitCode {
         }
         Err(error) => {
             eprintln!("byoc-sidecar demo: {error}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn replay(args: &ReplayArgs) -> ExitCode {
+    use byoc_sidecar::replay::{self, report, ReplayError};
+    init_logging(&LogConfig {
+        format: "text".into(),
+        level: "warn".into(),
+    });
+    let filter = replay::Filter {
+        call_ids: args.call_ids.clone(),
+        from: args.from,
+        until: args.until,
+        ports: args.ports.clone(),
+    };
+    let bad_capture = |error: &dyn std::fmt::Display| {
+        eprintln!("byoc-sidecar replay: {}: {error}", args.capture.display());
+        ExitCode::from(EXIT_BAD_CAPTURE)
+    };
+    let (Some(target), false) = (args.to, args.list) else {
+        return match replay::read(&args.capture, &filter) {
+            Ok(extraction) => {
+                let listing = report::Listing::new(&extraction, &filter);
+                if args.json {
+                    println!("{}", listing.to_json());
+                } else {
+                    print!("{}", listing.to_text());
+                }
+                ExitCode::SUCCESS
+            }
+            Err(error) => bad_capture(&error),
+        };
+    };
+    let options = replay::ReplayOptions {
+        capture: args.capture.clone(),
+        target,
+        transport: args.transport,
+        local_ip: args.local,
+        core: args.core,
+        pacing: replay::player::Pacing {
+            speed: args.speed,
+            max_gap: args.max_gap,
+            timeout: args.timeout,
+            t1: Duration::from_millis(500),
+            t2: Duration::from_secs(4),
+        },
+        filter,
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("cannot start the async runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let outcome = runtime.block_on(async {
+        let cancel = CancellationToken::new();
+        let signals = Signals::install()?;
+        let stop = cancel.clone();
+        tokio::spawn(async move {
+            signals.wait().await;
+            stop.cancel();
+        });
+        anyhow::Ok(replay::replay(&options, &cancel).await)
+    });
+    match outcome {
+        Ok(Ok(report)) => {
+            if args.json {
+                println!("{}", report.to_json());
+            } else {
+                print!("{}", report.to_text());
+            }
+            if report.all_matched() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+        Ok(Err(error @ (ReplayError::Capture(_) | ReplayError::NoDialogues { .. }))) => {
+            bad_capture(&error)
+        }
+        Ok(Err(error)) => {
+            eprintln!("byoc-sidecar replay: {error}");
+            ExitCode::FAILURE
+        }
+        Err(error) => {
+            eprintln!("byoc-sidecar replay: {error:#}");
             ExitCode::FAILURE
         }
     }

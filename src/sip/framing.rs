@@ -109,7 +109,7 @@ impl StreamFramer {
 }
 
 /// Index just past the CRLFCRLF that ends the header section.
-fn find_header_end(buffer: &[u8]) -> Option<usize> {
+pub fn find_header_end(buffer: &[u8]) -> Option<usize> {
     buffer
         .windows(4)
         .position(|window| window == b"\r\n\r\n")
@@ -117,7 +117,7 @@ fn find_header_end(buffer: &[u8]) -> Option<usize> {
 }
 
 /// The Content-Length (or compact `l`) value in a header section.
-fn content_length(head: &[u8]) -> Result<usize, FrameError> {
+pub fn content_length(head: &[u8]) -> Result<usize, FrameError> {
     for line in head.split(|byte| *byte == b'\n') {
         let Some(colon) = line.iter().position(|byte| *byte == b':') else {
             continue;
