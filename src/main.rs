@@ -124,7 +124,9 @@ fn parse_transport(text: &str) -> Result<byoc_sidecar::config::Transport, String
 fn parse_speed(text: &str) -> Result<f64, String> {
     match text.parse::<f64>() {
         Ok(speed) if speed.is_finite() && speed > 0.0 && speed <= 1e6 => Ok(speed),
-        _ => Err(format!("{text:?} is not a speed between 0 (exclusive) and 1000000")),
+        _ => Err(format!(
+            "{text:?} is not a speed between 0 (exclusive) and 1000000"
+        )),
     }
 }
 

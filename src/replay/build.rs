@@ -1,0 +1,458 @@
+//! Live messages made from captured ones. A replayed message keeps what the capture had
+//! (start line, headers in order, body) except what identifies the run and the live
+//! peers: Call-ID (prefixed with the run id, so every run is new to the target), Via
+//! (ours, with a fresh branch), Contact (our address), the To tag and route set of the
+//! live dialog, and the dialog headers a response copies from the request it answers
+//! (RFC 3261 §8.2.6.2). ACK and CANCEL are built the way §17.1.1.3, §13.2.2.4 and §9.1
+//! say a UAC builds them.
+
+use std::net::SocketAddr;
+
+use super::text::{with_tag, SipText, StartLine};
+use crate::config::Transport;
+use crate::sip::header::name_addr_uri;
+
+/// What makes live messages of one run and one endpoint.
+#[derive(Debug, Clone)]
+pub struct Rewrite {
+    /// The run id: a prefix of every live Call-ID and branch.
+    pub run: String,
+    /// Our address, for Via and Contact.
+    pub local: SocketAddr,
+    pub transport: Transport,
+}
+
+/// The dialog as it exists live: whom in-dialog requests go to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LiveDialog {
+    pub remote_tag: String,
+    /// The remote target: the peer's Contact URI.
+    pub target: String,
+    /// Route values for requests we send, in order.
+    pub route_set: Vec<String>,
+    pub confirmed: bool,
+    pub ended: bool,
+}
+
+impl Rewrite {
+    pub fn call_id(&self, captured: &str) -> String {
+        format!("{}-{captured}", self.run)
+    }
+
+    /// The captured Call-ID behind a live one of this run.
+    pub fn captured_call_id<'a>(&self, live: &'a str) -> Option<&'a str> {
+        live.strip_prefix(self.run.as_str())?.strip_prefix('-')
+    }
+
+    pub fn branch(&self, counter: u64) -> String {
+        format!("z9hG4bK-{}-{counter}", self.run)
+    }
+
+    pub fn via(&self, branch: &str) -> String {
+        format!(
+            "SIP/2.0/{} {};branch={branch};rport",
+            self.transport.via_token(),
+            self.local
+        )
+    }
+
+    /// Every Contact of `message` pointed at us, user part and parameters kept.
+    pub fn rewrite_contacts(&self, message: &mut SipText) {
+        let contacts: Vec<String> = message
+            .list("Contact")
+            .into_iter()
+            .map(|contact| self.contact(&contact))
+            .collect();
+        if !contacts.is_empty() {
+            message.set_list("Contact", &contacts);
+        }
+    }
+
+    fn contact(&self, value: &str) -> String {
+        let uri = name_addr_uri(value);
+        if value.trim() == "*" || uri.is_empty() {
+            return value.to_string();
+        }
+        let Some(start) = value.find(uri) else {
+            return value.to_string();
+        };
+        let (scheme, rest) = uri.split_once(':').unwrap_or(("sip", uri));
+        let user = rest
+            .split_once('@')
+            .map(|(user, _)| format!("{user}@"))
+            .unwrap_or_default();
+        let params: String = rest
+            .split(';')
+            .skip(1)
+            .filter(|param| !param.trim().to_ascii_lowercase().starts_with("transport="))
+            .map(|param| format!(";{param}"))
+            .collect();
+        let transport = match self.transport {
+            Transport::Tcp => ";transport=tcp",
+            Transport::Udp => "",
+        };
+        let bracketed = value.contains('<');
+        let new_uri = format!("{scheme}:{user}{}{transport}{params}", self.local);
+        let new_uri = if bracketed {
+            new_uri
+        } else {
+            format!("<{new_uri}>")
+        };
+        format!(
+            "{}{new_uri}{}",
+            &value[..start],
+            &value[start + uri.len()..]
+        )
+    }
+
+    /// A request of ours from a captured one: new Call-ID, our Via with `branch`, our
+    /// Contact. Outside a dialog its preloaded routes and Record-Route go (they name the
+    /// captured network); inside one (`dialog` given) the live remote target, route set
+    /// and remote tag replace the captured ones.
+    pub fn request(
+        &self,
+        captured: &SipText,
+        branch: &str,
+        dialog: Option<&LiveDialog>,
+    ) -> SipText {
+        let mut message = captured.clone();
+        if let Some(call_id) = captured.call_id() {
+            message.set("Call-ID", self.call_id(call_id));
+        }
+        message.set_list("Via", &[self.via(branch)]);
+        self.rewrite_contacts(&mut message);
+        message.remove("Record-Route");
+        match dialog {
+            Some(dialog) => {
+                if let StartLine::Request { uri, .. } = &mut message.start {
+                    *uri = dialog.target.clone();
+                }
+                message.set_list("Route", &dialog.route_set);
+                if let Some(to) = captured.header("To") {
+                    message.set("To", with_tag(to, Some(&dialog.remote_tag)));
+                }
+            }
+            None => message.remove("Route"),
+        }
+        message
+    }
+
+    /// A response of ours to `live` (a request that reached us) from a captured one:
+    /// status line, headers and body as captured; Via, From, To, Call-ID and CSeq as the
+    /// live request had them, our tag added to To; for a dialog-creating answer the live
+    /// Record-Route copied (§12.1.1).
+    pub fn response(&self, captured: &SipText, live: &SipText) -> SipText {
+        let mut message = captured.clone();
+        for name in ["Via", "From", "Call-ID", "CSeq"] {
+            message.set_list(
+                name,
+                &live.values(name).map(str::to_string).collect::<Vec<_>>(),
+            );
+        }
+        let to = live.header("To").unwrap_or_default();
+        let to = match (live.to_tag(), captured.to_tag()) {
+            (None, Some(tag)) => with_tag(to, Some(tag)),
+            _ => to.to_string(),
+        };
+        message.set("To", to);
+        let creates_dialog = matches!(live.method(), Some("INVITE" | "SUBSCRIBE"))
+            && live.to_tag().is_none()
+            && captured
+                .status()
+                .is_some_and(|code| (101..300).contains(&code));
+        if creates_dialog {
+            message.set_list("Record-Route", &live.list("Record-Route"));
+        } else {
+            message.remove("Record-Route");
+        }
+        message.remove("Route");
+        self.rewrite_contacts(&mut message);
+        message
+    }
+}
+
+/// A response made up here, for a request the capture has no answer to.
+pub fn plain_response(live: &SipText, code: u16, reason: &str, tag: &str) -> SipText {
+    let mut message = SipText {
+        start: StartLine::Response {
+            code,
+            reason: reason.to_string(),
+        },
+        headers: Vec::new(),
+        body: Vec::new(),
+    };
+    for name in ["Via", "From", "To", "Call-ID", "CSeq"] {
+        message.set_list(
+            name,
+            &live.values(name).map(str::to_string).collect::<Vec<_>>(),
+        );
+    }
+    if live.to_tag().is_none() {
+        if let Some(to) = live.header("To") {
+            message.set("To", with_tag(to, Some(tag)));
+        }
+    }
+    message
+}
+
+/// The ACK for a final response to `invite` (as we sent it). For a non-2xx it is part of
+/// the INVITE transaction (same Via, URI and routes, §17.1.1.3); for a 2xx a new
+/// transaction to the remote target along the dialog's routes (§13.2.2.4) with `branch`.
+pub fn ack(
+    invite: &SipText,
+    response: &SipText,
+    dialog: Option<&LiveDialog>,
+    branch: &str,
+    rewrite: &Rewrite,
+    body: &[u8],
+) -> SipText {
+    let success = response
+        .status()
+        .is_some_and(|code| (200..300).contains(&code));
+    let (uri, vias, routes) = match (success, dialog) {
+        (true, Some(dialog)) => (
+            dialog.target.clone(),
+            vec![rewrite.via(branch)],
+            dialog.route_set.clone(),
+        ),
+        _ => (
+            request_uri(invite),
+            invite.list("Via").into_iter().take(1).collect(),
+            invite.list("Route"),
+        ),
+    };
+    let mut message = SipText {
+        start: StartLine::Request {
+            method: "ACK".into(),
+            uri,
+        },
+        headers: Vec::new(),
+        body: if success { body.to_vec() } else { Vec::new() },
+    };
+    message.set_list("Via", &vias);
+    message.set_list("Route", &routes);
+    copy(&mut message, invite, "Max-Forwards");
+    copy(&mut message, invite, "From");
+    copy(&mut message, response, "To");
+    copy(&mut message, invite, "Call-ID");
+    let number = invite.cseq().map_or(1, |(number, _)| number);
+    message.set("CSeq", format!("{number} ACK"));
+    if success && !body.is_empty() {
+        copy(&mut message, invite, "Content-Type");
+    }
+    message
+}
+
+/// The CANCEL for `invite` as we sent it (§9.1).
+pub fn cancel(invite: &SipText) -> SipText {
+    let mut message = SipText {
+        start: StartLine::Request {
+            method: "CANCEL".into(),
+            uri: request_uri(invite),
+        },
+        headers: Vec::new(),
+        body: Vec::new(),
+    };
+    message.set_list(
+        "Via",
+        &invite.list("Via").into_iter().take(1).collect::<Vec<_>>(),
+    );
+    message.set_list("Route", &invite.list("Route"));
+    for name in ["Max-Forwards", "From", "To", "Call-ID"] {
+        copy(&mut message, invite, name);
+    }
+    let number = invite.cseq().map_or(1, |(number, _)| number);
+    message.set("CSeq", format!("{number} CANCEL"));
+    message
+}
+
+/// A BYE in the live dialog that `invite` (as we sent it) created, numbered `cseq`.
+pub fn bye(invite: &SipText, dialog: &LiveDialog, cseq: u32, via: String) -> SipText {
+    let mut message = SipText {
+        start: StartLine::Request {
+            method: "BYE".into(),
+            uri: dialog.target.clone(),
+        },
+        headers: Vec::new(),
+        body: Vec::new(),
+    };
+    message.set("Via", via);
+    message.set_list("Route", &dialog.route_set);
+    message.set("Max-Forwards", "70".into());
+    copy(&mut message, invite, "From");
+    if let Some(to) = invite.header("To") {
+        message.set("To", with_tag(to, Some(&dialog.remote_tag)));
+    }
+    copy(&mut message, invite, "Call-ID");
+    message.set("CSeq", format!("{cseq} BYE"));
+    message
+}
+
+fn request_uri(request: &SipText) -> String {
+    match &request.start {
+        StartLine::Request { uri, .. } => uri.clone(),
+        StartLine::Response { .. } => String::new(),
+    }
+}
+
+fn copy(target: &mut SipText, source: &SipText, name: &str) {
+    if let Some(value) = source.header(name) {
+        target.set(name, value.to_string());
+    }
+}
+
+/// Where a request for the URI `uri` goes when it names an IP literal: `host:port`
+/// (5060 by default). Host names are not resolved.
+pub fn uri_address(uri: &str) -> Option<SocketAddr> {
+    let rest = uri.split_once(':')?.1;
+    let host_port = rest.rsplit_once('@').map_or(rest, |(_, host)| host);
+    let host_port = host_port.split([';', '?', '>']).next()?;
+    if let Ok(address) = host_port.parse::<SocketAddr>() {
+        return Some(address);
+    }
+    let host = host_port.trim_start_matches('[').trim_end_matches(']');
+    host.parse::<std::net::IpAddr>()
+        .ok()
+        .map(|ip| SocketAddr::new(ip, 5060))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rewrite(transport: Transport) -> Rewrite {
+        Rewrite {
+            run: "r1".into(),
+            local: "127.0.0.1:40000".parse().unwrap(),
+            transport,
+        }
+    }
+
+    const INVITE: &str = "INVITE sip:bob@10.0.0.2 SIP/2.0\r\n\
+Via: SIP/2.0/UDP 10.0.0.1:5060;branch=z9hG4bKx\r\n\
+Route: <sip:10.0.0.9;lr>\r\n\
+From: <sip:alice@a>;tag=a1\r\nTo: <sip:bob@b>\r\nCall-ID: abc@10.0.0.1\r\nCSeq: 1 INVITE\r\n\
+Contact: \"Alice\" <sip:alice@10.0.0.1:5060;transport=udp;ob>;expires=60\r\n\
+Max-Forwards: 70\r\nContent-Length: 3\r\n\r\nsdp";
+
+    #[test]
+    fn an_initial_request_gets_our_identity_and_loses_captured_routes() {
+        let captured = SipText::parse(INVITE.as_bytes()).unwrap();
+        let live = rewrite(Transport::Tcp).request(&captured, "z9hG4bK-r1-1", None);
+        assert_eq!(live.call_id(), Some("r1-abc@10.0.0.1"));
+        assert_eq!(
+            live.header("Via"),
+            Some("SIP/2.0/TCP 127.0.0.1:40000;branch=z9hG4bK-r1-1;rport")
+        );
+        assert_eq!(
+            live.header("Contact"),
+            Some("\"Alice\" <sip:alice@127.0.0.1:40000;transport=tcp;ob>;expires=60")
+        );
+        assert_eq!(live.header("Route"), None);
+        assert_eq!(live.body, b"sdp");
+        assert_eq!(
+            rewrite(Transport::Tcp).captured_call_id("r1-abc@10.0.0.1"),
+            Some("abc@10.0.0.1")
+        );
+    }
+
+    #[test]
+    fn an_in_dialog_request_follows_the_live_dialog() {
+        let bye =
+            "BYE sip:bob@10.0.0.2:5060 SIP/2.0\r\nVia: SIP/2.0/UDP 10.0.0.1;branch=z9hG4bKy\r\n\
+From: <sip:alice@a>;tag=a1\r\nTo: <sip:bob@b>;tag=captured\r\nCall-ID: abc\r\nCSeq: 2 BYE\r\n\r\n";
+        let dialog = LiveDialog {
+            remote_tag: "live".into(),
+            target: "sip:bob@127.0.0.1:7000".into(),
+            route_set: vec!["<sip:127.0.0.1:5060;lr>".into()],
+            confirmed: true,
+            ended: false,
+        };
+        let live = rewrite(Transport::Udp).request(
+            &SipText::parse(bye.as_bytes()).unwrap(),
+            "z9hG4bK-r1-2",
+            Some(&dialog),
+        );
+        assert_eq!(
+            live.start,
+            StartLine::Request {
+                method: "BYE".into(),
+                uri: "sip:bob@127.0.0.1:7000".into()
+            }
+        );
+        assert_eq!(live.header("To"), Some("<sip:bob@b>;tag=live"));
+        assert_eq!(
+            live.list("Route"),
+            vec!["<sip:127.0.0.1:5060;lr>".to_string()]
+        );
+    }
+
+    #[test]
+    fn a_response_copies_the_live_request_and_keeps_the_captured_tag_and_body() {
+        let live_request = SipText::parse(INVITE.as_bytes()).unwrap();
+        let captured = SipText::parse(
+            b"SIP/2.0 200 OK\r\nVia: SIP/2.0/UDP old;branch=z9hG4bKold\r\nFrom: <sip:alice@a>;tag=old\r\n\
+To: <sip:bob@b>;tag=b7\r\nCall-ID: old\r\nCSeq: 9 INVITE\r\nRecord-Route: <sip:old;lr>\r\n\
+Contact: <sip:bob@10.0.0.2>\r\nContent-Length: 4\r\n\r\nv=0\n",
+        )
+        .unwrap();
+        let mut live_with_rr = live_request.clone();
+        live_with_rr.set("Record-Route", "<sip:127.0.0.1:5070;lr>".into());
+        let response = rewrite(Transport::Udp).response(&captured, &live_with_rr);
+        assert_eq!(
+            response.header("Via"),
+            Some("SIP/2.0/UDP 10.0.0.1:5060;branch=z9hG4bKx")
+        );
+        assert_eq!(response.header("To"), Some("<sip:bob@b>;tag=b7"));
+        assert_eq!(response.cseq(), Some((1, "INVITE")));
+        assert_eq!(
+            response.list("Record-Route"),
+            vec!["<sip:127.0.0.1:5070;lr>".to_string()]
+        );
+        assert_eq!(
+            response.header("Contact"),
+            Some("<sip:bob@127.0.0.1:40000>")
+        );
+        assert_eq!(response.body, b"v=0\n");
+    }
+
+    #[test]
+    fn ack_and_cancel_follow_rfc_3261() {
+        let invite = SipText::parse(INVITE.as_bytes()).unwrap();
+        let rejected = SipText::parse(
+            b"SIP/2.0 403 Forbidden\r\nVia: SIP/2.0/UDP 10.0.0.1:5060;branch=z9hG4bKx\r\n\
+From: <sip:alice@a>;tag=a1\r\nTo: <sip:bob@b>;tag=t9\r\nCall-ID: abc@10.0.0.1\r\nCSeq: 1 INVITE\r\n\r\n",
+        )
+        .unwrap();
+        let rewrite = rewrite(Transport::Udp);
+        let ack = ack(&invite, &rejected, None, "unused", &rewrite, b"");
+        assert_eq!(
+            ack.header("Via"),
+            Some("SIP/2.0/UDP 10.0.0.1:5060;branch=z9hG4bKx")
+        );
+        assert_eq!(ack.header("To"), Some("<sip:bob@b>;tag=t9"));
+        assert_eq!(ack.cseq(), Some((1, "ACK")));
+        assert_eq!(ack.list("Route"), vec!["<sip:10.0.0.9;lr>".to_string()]);
+        let cancel = cancel(&invite);
+        assert_eq!(cancel.cseq(), Some((1, "CANCEL")));
+        assert_eq!(cancel.header("To"), Some("<sip:bob@b>"));
+        assert_eq!(cancel.branch().as_deref(), Some("z9hG4bKx"));
+    }
+
+    #[test]
+    fn uri_addresses_are_ip_literals_only() {
+        assert_eq!(
+            uri_address("sip:a@127.0.0.1:5070;lr"),
+            Some("127.0.0.1:5070".parse().unwrap())
+        );
+        assert_eq!(
+            uri_address("sip:10.1.1.1"),
+            Some("10.1.1.1:5060".parse().unwrap())
+        );
+        assert_eq!(
+            uri_address("sip:[::1]:5062;transport=tcp"),
+            Some("[::1]:5062".parse().unwrap())
+        );
+        assert_eq!(uri_address("sip:host.example.com"), None);
+    }
+}
