@@ -69,3 +69,8 @@ pub struct ReaderStats {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub file_error: Option<String>,
 }
+
+#[cfg(test)]
+mod synthetic;
+#[cfg(test)]
+mod tests;

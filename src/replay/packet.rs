@@ -202,15 +202,11 @@ impl Decoder {
 
     /// Drops fragment sets older than `lifetime` at `now`, counting them as lost.
     fn expire_fragments(&mut self, now: Duration, lifetime: Duration, stats: &mut ReaderStats) {
-        let dropped = Cell::new(0u64);
-        self.fragments.retain(|started| {
-            let keep = now.saturating_sub(*started) < lifetime;
-            if !keep {
-                dropped.set(dropped.get() + 1);
-            }
-            keep
-        });
-        stats.ip_fragments_lost += dropped.get();
+        // The pool may call the predicate more than once per set: count by difference.
+        let before = self.pending();
+        self.fragments
+            .retain(|started| now.saturating_sub(*started) < lifetime);
+        stats.ip_fragments_lost += (before - self.pending()) as u64;
     }
 
     /// Counts the fragment sets still incomplete at the end of the capture.
