@@ -636,7 +636,11 @@ impl Player {
             return;
         };
         if method == "INVITE" {
-            self.learn_dialog(&response, code);
+            if self.sent[index].request.to_tag().is_some() {
+                self.refresh_target(&response, code);
+            } else {
+                self.learn_dialog(&response, code);
+            }
         }
         if let Some(rseq) = response
             .header("RSeq")
@@ -739,6 +743,16 @@ impl Player {
             }
             300.. if !confirmed => self.dialog = None,
             _ => {}
+        }
+    }
+
+    /// A 2xx to a re-INVITE may move the remote target; the route set stays as the
+    /// dialog was created (§12.2.1.2).
+    fn refresh_target(&mut self, response: &SipText, code: u16) {
+        if let (200..=299, Some(dialog), Some(target)) =
+            (code, self.dialog.as_mut(), response.contact_uri())
+        {
+            dialog.target = target;
         }
     }
 
