@@ -253,10 +253,10 @@ async fn the_403_after_rotation_is_absorbed_and_the_replayed_edge_sees_200() {
             "captured, not replayed: <- 403 INVITE",
             "replayed, not captured: <- 180 INVITE",
             "replayed, not captured: <- 200 INVITE",
-            "replayed, not captured: -> BYE (cleanup)",
-            "replayed, not captured: <- 200 BYE",
         ]
     );
+    // The call the capture never had is hung up, not left behind.
+    assert!(replayed_edge(&report).ends_with(&["-> BYE".to_string(), "<- 200 BYE".to_string()]));
     assert!(!report.all_matched());
     let stats = sidecar.app.stats.snapshot();
     assert_eq!((stats.rejections_absorbed, stats.resends), (1, 1));
@@ -299,5 +299,109 @@ async fn a_captured_digest_registration_registers_with_kamailio_through_a_digest
         .any(|note| note.contains("answers a challenge that did not come live")));
     assert!(kamailio.kamcmd("ul.dump").contains("alice"));
     assert_eq!(sidecar.app.stats.snapshot().rejections_absorbed, 1);
+    sidecar.stop().await;
+}
+
+const BINARY: &str = env!("CARGO_BIN_EXE_byoc-sidecar");
+
+#[test]
+fn the_command_lists_a_capture_and_refuses_what_is_no_capture_with_65() {
+    let listed = std::process::Command::new(BINARY)
+        .args(["replay", "--list", "--json"])
+        .arg(fixture("reinvite.pcap"))
+        .output()
+        .unwrap();
+    assert_eq!(listed.status.code(), Some(0));
+    let json: serde_json::Value = serde_json::from_slice(&listed.stdout).unwrap();
+    assert_eq!(json["reader"]["sip_messages"], 20);
+    assert_eq!(json["dialogues"].as_array().unwrap().len(), 1);
+    assert_eq!(json["dialogues"][0]["ladder"][0]["label"], "INVITE");
+
+    let dir = tempfile::tempdir().unwrap();
+    let not_a_capture = dir.path().join("notes.txt");
+    std::fs::write(&not_a_capture, "INVITE sip:x SIP/2.0\r\n").unwrap();
+    let truncated = dir.path().join("truncated.pcap");
+    let bytes = std::fs::read(fixture("call-tcp.pcap")).unwrap();
+    std::fs::write(&truncated, &bytes[..bytes.len() / 2]).unwrap();
+    let empty = dir.path().join("empty.pcap");
+    std::fs::write(&empty, &bytes[..24]).unwrap();
+    for (path, expected_code, expected_text) in [
+        (
+            not_a_capture.clone(),
+            65,
+            "not a pcap or pcapng file: it starts with 49 4e 56 49",
+        ),
+        (dir.path().join("missing.pcap"), 65, "cannot read"),
+        (empty, 65, "holds no SIP dialogue"),
+    ] {
+        let output = std::process::Command::new(BINARY)
+            .args(["replay", "--to", "127.0.0.1:9"])
+            .arg(&path)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(expected_code), "{stderr}");
+        assert!(stderr.contains(expected_text), "{stderr}");
+    }
+    // A truncated capture lists what came before the cut, with a warning.
+    let listed = std::process::Command::new(BINARY)
+        .args(["replay", "--list"])
+        .arg(&truncated)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&listed.stdout);
+    assert_eq!(listed.status.code(), Some(0));
+    assert!(
+        stdout.contains("warning: the file ends inside frame"),
+        "{stdout}"
+    );
+    let bad_speed = std::process::Command::new(BINARY)
+        .args(["replay", "--to", "127.0.0.1:9", "--speed", "0"])
+        .arg(fixture("reinvite.pcap"))
+        .output()
+        .unwrap();
+    assert_eq!(bad_speed.status.code(), Some(2));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_command_exits_0_when_every_dialogue_matched_and_1_when_one_did_not() {
+    let core_port = free_port();
+    let sidecar =
+        Sidecar::start("udp:127.0.0.1:9", &format!("udp:127.0.0.1:{core_port}"), "").await;
+    let target = sidecar.addr(Side::Edge, Transport::Udp).to_string();
+    let replay = |capture: &str, core: Option<u16>| {
+        let mut command = tokio::process::Command::new(BINARY);
+        command
+            .args([
+                "replay",
+                "--to",
+                &target,
+                "--speed",
+                "5",
+                "--max-gap",
+                "200ms",
+            ])
+            .args(["--timeout", "3s", "--json"])
+            .arg(fixture(capture));
+        if let Some(port) = core {
+            command.args(["--core", &format!("127.0.0.1:{port}")]);
+        }
+        command.output()
+    };
+    let matched = replay("call-udp.pcapng", Some(core_port)).await.unwrap();
+    assert_eq!(
+        matched.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&matched.stdout)
+    );
+    let json: serde_json::Value = serde_json::from_slice(&matched.stdout).unwrap();
+    assert_eq!(json["summary"]["matched"], 1);
+    assert_eq!(json["dialogues"][0]["core_side"]["verdict"], "matched");
+    // Nobody plays the core: the INVITE times out.
+    let silent = replay("call-udp.pcapng", None).await.unwrap();
+    assert_eq!(silent.status.code(), Some(1));
+    let json: serde_json::Value = serde_json::from_slice(&silent.stdout).unwrap();
+    assert_eq!(json["dialogues"][0]["edge_side"]["verdict"], "timed_out");
     sidecar.stop().await;
 }

@@ -12,6 +12,15 @@ use super::text::{with_tag, SipText, StartLine};
 use crate::config::Transport;
 use crate::sip::header::name_addr_uri;
 
+/// The Reason (RFC 3326) on the CANCELs and BYEs a replay sends to leave no call behind,
+/// so the other side of a replay knows them for what they are.
+pub const CLEANUP_REASON: &str = "SIP;cause=200;text=\"replay cleanup\"";
+
+/// Whether `request` is a replay's own cleanup.
+pub fn is_cleanup(request: &SipText) -> bool {
+    request.header("Reason") == Some(CLEANUP_REASON)
+}
+
 /// What makes live messages of one run and one endpoint.
 #[derive(Debug, Clone)]
 pub struct Rewrite {
@@ -20,6 +29,9 @@ pub struct Rewrite {
     /// Our address, for Via and Contact.
     pub local: SocketAddr,
     pub transport: Transport,
+    /// Which dialogue of the run: branches are unique across the run, not only within
+    /// one dialogue (a proxy matches transactions by branch alone, RFC 3261 §17.2.3).
+    pub dialogue: usize,
 }
 
 /// The dialog as it exists live: whom in-dialog requests go to.
@@ -45,7 +57,7 @@ impl Rewrite {
     }
 
     pub fn branch(&self, counter: u64) -> String {
-        format!("z9hG4bK-{}-{counter}", self.run)
+        format!("z9hG4bK-{}-{}-{counter}", self.run, self.dialogue)
     }
 
     pub fn via(&self, branch: &str) -> String {
@@ -325,6 +337,7 @@ mod tests {
             run: "r1".into(),
             local: "127.0.0.1:40000".parse().unwrap(),
             transport,
+            dialogue: 0,
         }
     }
 

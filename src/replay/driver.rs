@@ -135,10 +135,20 @@ pub async fn replay(
     }
     let mut reports = Vec::new();
     for (index, dialogue) in dialogues.iter().enumerate() {
-        let edge_side = side_report(dialogue, Side::Edge, edge_players.remove(&index));
+        let mut edge_side = side_report(dialogue, Side::Edge, edge_players.remove(&index));
         let core_side = options
             .core
             .map(|_| side_report(dialogue, Side::Core, core_players.remove(&index)));
+        // Nothing of it reached the core we play: whatever the Edge saw, the dialogue
+        // did not happen as captured (a hop in between dropped it).
+        if core_side.as_ref().map(|core| core.verdict) == Some(Verdict::NotPlayed)
+            && edge_side.verdict == Verdict::Matched
+        {
+            edge_side.verdict = Verdict::TimedOut;
+            edge_side
+                .notes
+                .push("the core side never received this dialogue".into());
+        }
         reports.push(DialogueReport {
             call_id: dialogue.call_id.clone(),
             transport: options.transport.unwrap_or(dialogue.transport).to_string(),
@@ -159,6 +169,15 @@ pub async fn replay(
 
 fn side_report(dialogue: &Dialogue, role: Side, player: Option<Player>) -> SideReport {
     let captured = Ladder::captured(dialogue, role);
+    if let Some(reason) = dialogue.unplayable() {
+        return SideReport {
+            verdict: Verdict::Skipped,
+            captured,
+            replayed: Ladder::default(),
+            differences: Vec::new(),
+            notes: vec![reason],
+        };
+    }
     let Some(player) = player else {
         return SideReport {
             verdict: Verdict::NotPlayed,
@@ -273,6 +292,8 @@ struct Endpoint {
     next_connection: u64,
     tracker: TaskTracker,
     unmatched: u64,
+    /// Dialogues that cannot be started live (see [`Dialogue::unplayable`]).
+    skipped: std::collections::HashSet<usize>,
 }
 
 impl Endpoint {
@@ -287,6 +308,7 @@ impl Endpoint {
             run: run.to_string(),
             local: sockets.local,
             transport: Transport::Udp,
+            dialogue: 0,
         };
         let mut starts = Vec::new();
         let mut offset = Duration::ZERO;
@@ -320,6 +342,12 @@ impl Endpoint {
             next_connection: 0,
             tracker: TaskTracker::new(),
             unmatched: 0,
+            skipped: dialogues
+                .iter()
+                .enumerate()
+                .filter(|(_, dialogue)| dialogue.unplayable().is_some())
+                .map(|(index, _)| index)
+                .collect(),
         }
     }
 
@@ -339,7 +367,7 @@ impl Endpoint {
             let now = Instant::now();
             if self.role == Side::Edge {
                 self.start_due(began, now.into_std());
-                if self.players.len() == self.dialogues.len()
+                if self.players.len() + self.skipped.len() == self.dialogues.len()
                     && self.players.values().all(Player::is_done)
                 {
                     break;
@@ -388,7 +416,9 @@ impl Endpoint {
         let start = (self.role == Side::Edge)
             .then(|| {
                 (0..self.dialogues.len())
-                    .find(|index| !self.players.contains_key(index))
+                    .find(|index| {
+                        !self.players.contains_key(index) && !self.skipped.contains(index)
+                    })
                     .map(|index| began + self.starts[index])
             })
             .flatten();
@@ -398,6 +428,7 @@ impl Endpoint {
     fn start_due(&mut self, began: Instant, now: std::time::Instant) {
         for index in 0..self.dialogues.len() {
             if self.players.contains_key(&index)
+                || self.skipped.contains(&index)
                 || began + self.starts[index] > Instant::from_std(now)
             {
                 continue;
@@ -410,6 +441,7 @@ impl Endpoint {
     fn player(&self, index: usize, now: std::time::Instant) -> Player {
         let mut rewrite = self.rewrite.clone();
         rewrite.transport = self.transport_of(index);
+        rewrite.dialogue = index;
         Player::new(
             now,
             self.role,
@@ -507,7 +539,7 @@ impl Endpoint {
         };
         let now = Instant::now().into_std();
         if !self.players.contains_key(&index) {
-            if self.role == Side::Edge || !message.is_request() {
+            if self.role == Side::Edge || !message.is_request() || self.skipped.contains(&index) {
                 self.unmatched += 1;
                 return;
             }

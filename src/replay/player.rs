@@ -33,6 +33,10 @@ use super::report::Ladder;
 use super::script::{label, Dialogue, Side, Step};
 use super::text::SipText;
 
+/// The ladder note on what a replay sends, and gets, to leave no call behind; not
+/// compared with the capture.
+pub const CLEANUP: &str = "cleanup";
+
 /// Pacing and patience.
 #[derive(Debug, Clone, Copy)]
 pub struct Pacing {
@@ -96,6 +100,8 @@ struct Sent {
     bytes: Vec<u8>,
     /// Any response came, a 100 included.
     responded: bool,
+    /// We CANCELled it to clean up: what it gets from then on is cleanup too.
+    cleaning_up: bool,
     provisionals: usize,
     final_status: Option<u16>,
     ack: Option<Vec<u8>>,
@@ -114,6 +120,8 @@ struct Received {
     origin: Origin,
     last_response: Option<Vec<u8>>,
     final_sent: bool,
+    /// The other side's replay cleaning up (see [`build::CLEANUP_REASON`]).
+    cleanup: bool,
     entry: usize,
 }
 
@@ -244,7 +252,7 @@ impl Player {
         if message.is_request() {
             self.on_request(now, message, origin);
         } else {
-            self.on_response(now, message);
+            self.on_response(message);
         }
         self.advance(now);
     }
@@ -346,8 +354,10 @@ impl Player {
             })
             .collect();
         for index in pending {
-            let cancel = build::cancel(&self.sent[index].request);
-            self.send_request(now, cancel, None, Some("cleanup"));
+            self.sent[index].cleaning_up = true;
+            let mut cancel = build::cancel(&self.sent[index].request);
+            cancel.set("Reason", build::CLEANUP_REASON.into());
+            self.send_request(now, cancel, None, Some(CLEANUP));
         }
         let invite = self
             .sent
@@ -362,8 +372,9 @@ impl Player {
         if let (Some(invite), Some(dialog)) = (invite, dialog) {
             let branch = self.next_branch();
             let via = self.rewrite.via(&branch);
-            let bye = build::bye(&invite, &dialog, self.highest_cseq + 1, via);
-            self.send_request(now, bye, None, Some("cleanup"));
+            let mut bye = build::bye(&invite, &dialog, self.highest_cseq + 1, via);
+            bye.set("Reason", build::CLEANUP_REASON.into());
+            self.send_request(now, bye, None, Some(CLEANUP));
         }
     }
 
@@ -534,6 +545,7 @@ impl Player {
             request,
             bytes,
             responded: false,
+            cleaning_up: false,
             provisionals: 0,
             final_status: None,
             ack: None,
@@ -617,7 +629,7 @@ impl Player {
         }
     }
 
-    fn on_response(&mut self, now: Instant, response: SipText) {
+    fn on_response(&mut self, response: SipText) {
         let code = response.status().unwrap_or(0);
         let branch = response.branch().unwrap_or_default();
         let method = response.method().unwrap_or_default().to_ascii_uppercase();
@@ -625,13 +637,20 @@ impl Player {
             "response {branch} {method} {code} {}",
             response.to_tag().unwrap_or_default()
         );
-        self.ladder
-            .push_or_repeat(false, label(&response), key, None);
-        let Some(index) = self
+        let index = self
             .sent
             .iter()
-            .position(|sent| sent.branch == branch && sent.method == method)
-        else {
+            .position(|sent| sent.branch == branch && sent.method == method);
+        // The answer to a cleanup request is part of the cleanup.
+        let note = index
+            .filter(|&index| {
+                let sent = &self.sent[index];
+                sent.transaction.is_none() || sent.cleaning_up
+            })
+            .map(|_| CLEANUP);
+        self.ladder
+            .push_or_repeat(false, label(&response), key, note);
+        let Some(index) = index else {
             self.note(format!("stray {}", label(&response)));
             return;
         };
@@ -700,10 +719,9 @@ impl Player {
             true,
             "ACK".into(),
             format!("request {ack_branch} ACK"),
-            None,
+            note,
         );
         self.outputs.push_back(Output { bytes, to: None });
-        let _ = now;
     }
 
     /// The body of the captured ACK for a captured INVITE transaction (late offer).
@@ -778,11 +796,12 @@ impl Player {
             }
             return;
         }
+        let cleanup = build::is_cleanup(&request);
         let entry = self.ladder.push(
             false,
             method.clone(),
             format!("request {branch} {method}"),
-            None,
+            cleanup.then_some(CLEANUP),
         );
         if method == "INVITE" && request.to_tag().is_none() {
             // We are the UAS of the dialog this INVITE creates.
@@ -804,6 +823,7 @@ impl Player {
             origin,
             last_response: None,
             final_sent: false,
+            cleanup,
             entry,
         });
         let count = self.received_counts.entry(method.clone()).or_default();
@@ -855,7 +875,12 @@ impl Player {
             }
             None => build::plain_response(live, 200, "OK", &self.rewrite.run),
         };
-        self.send_response(now, index, response, Some("auto"));
+        let note = if self.received[index].cleanup {
+            CLEANUP
+        } else {
+            "auto"
+        };
+        self.send_response(now, index, response, Some(note));
         if method == "CANCEL" {
             let branch = self.received[index].branch.clone();
             let pending_invite = self.received.iter().position(|received| {
@@ -868,7 +893,7 @@ impl Player {
                     "Request Terminated",
                     &self.rewrite.run,
                 );
-                self.send_response(now, invite, terminated, Some("auto"));
+                self.send_response(now, invite, terminated, Some(note));
             }
         }
     }

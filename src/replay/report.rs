@@ -1,10 +1,10 @@
 //! Ladders (the messages of one side of a dialogue, in order, retransmissions folded into
 //! a count), their comparison, and the replay report as text and JSON.
 //!
-//! Two ladders match when they hold the same messages in the same order, counts aside
-//! and 100 Trying aside: a 100 is hop-by-hop (RFC 3261 §16.7 step 5: a proxy never
-//! forwards one), so whether one shows up says which boxes stood in between, not how the
-//! dialogue went.
+//! Two ladders match when they hold the same messages in the same order, counts aside,
+//! 100 Trying aside (a 100 is hop-by-hop, RFC 3261 §16.7 step 5: whether one shows up
+//! says which boxes stood in between, not how the dialogue went), and the replay's own
+//! cleanup aside (the CANCEL or BYE that ends a call the capture left up).
 
 use std::fmt::Write as _;
 
@@ -45,8 +45,9 @@ impl Entry {
         text
     }
 
+    /// Whether the entry counts in a comparison: not a 100, not a replay's cleanup.
     fn significant(&self) -> bool {
-        !self.label.starts_with("100 ")
+        !self.label.starts_with("100 ") && self.note.as_deref() != Some(super::player::CLEANUP)
     }
 }
 
@@ -205,6 +206,8 @@ pub enum Verdict {
     TimedOut,
     /// The side never saw this dialogue live.
     NotPlayed,
+    /// The capture begins inside the dialogue: it cannot be started live.
+    Skipped,
 }
 
 impl Verdict {
@@ -214,6 +217,7 @@ impl Verdict {
             Verdict::Diverged => "DIVERGED",
             Verdict::TimedOut => "TIMED OUT",
             Verdict::NotPlayed => "NOT PLAYED",
+            Verdict::Skipped => "SKIPPED",
         }
     }
 }
@@ -250,6 +254,8 @@ pub struct Summary {
     pub matched: usize,
     pub diverged: usize,
     pub timed_out: usize,
+    /// Dialogues the capture begins inside of.
+    pub skipped: usize,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -279,6 +285,7 @@ impl Report {
                 Verdict::Matched => summary.matched += 1,
                 Verdict::Diverged => summary.diverged += 1,
                 Verdict::TimedOut | Verdict::NotPlayed => summary.timed_out += 1,
+                Verdict::Skipped => summary.skipped += 1,
             }
         }
         Report {
@@ -295,9 +302,9 @@ impl Report {
         serde_json::to_string_pretty(self).unwrap_or_default()
     }
 
-    /// Whether every dialogue matched.
+    /// Whether every dialogue that could be played matched.
     pub fn all_matched(&self) -> bool {
-        self.summary.matched == self.summary.dialogues
+        self.summary.matched + self.summary.skipped == self.summary.dialogues
     }
 
     pub fn to_text(&self) -> String {
@@ -331,13 +338,14 @@ impl Report {
         let summary = &self.summary;
         let _ = writeln!(
             out,
-            "summary: {} dialogues, {} messages captured, {} replayed; {} matched, {} diverged, {} timed out",
+            "summary: {} dialogues, {} messages captured, {} replayed; {} matched, {} diverged, {} timed out, {} skipped",
             summary.dialogues,
             summary.messages_captured,
             summary.messages_replayed,
             summary.matched,
             summary.diverged,
-            summary.timed_out
+            summary.timed_out,
+            summary.skipped
         );
         out
     }

@@ -1,7 +1,12 @@
 //! Captured messages turned into dialogues a player can act out. A dialogue is every
-//! message with one Call-ID; its *leg* is the pair of addresses of its first request:
-//! the sender plays the Edge, the receiver the core. Messages of the Call-ID between
-//! other addresses (the far side of a proxy) are counted, not played.
+//! message with one Call-ID; its *leg* is the pair of hosts of its first request: the
+//! sender plays the Edge, the receiver the core. Between two different hosts any ports
+//! count (over TCP the core's requests arrive on a connection to the Edge's listening
+//! port, not on the one the Edge opened); on one host only the two exact addresses do.
+//! Messages of the Call-ID between other addresses (the far side of a proxy) are
+//! counted, not played. A dialogue whose capture begins after its first request (with a
+//! response, an ACK, a CANCEL or an in-dialog request) cannot be started live: it is
+//! marked not playable.
 //!
 //! Each message of the leg becomes a [`Step`]: who sent it, which transaction it belongs
 //! to (RFC 3261 §17.1.3: branch and CSeq method, so an ACK or CANCEL is its own
@@ -44,6 +49,24 @@ pub struct Dialogue {
     pub transactions: Vec<Transaction>,
     /// Messages with this Call-ID between other addresses.
     pub other_legs: usize,
+}
+
+impl Dialogue {
+    /// Why the dialogue cannot be started live, if it cannot: its first message on the
+    /// leg must be a request from the Edge that begins a transaction outside a dialog.
+    pub fn unplayable(&self) -> Option<String> {
+        let first = self.steps.first()?;
+        let starts = first.side == Side::Edge
+            && first.text.is_request()
+            && first.text.to_tag().is_none()
+            && !matches!(first.text.method(), Some("ACK" | "CANCEL"));
+        (!starts).then(|| {
+            format!(
+                "the capture begins inside this dialogue (its first message is {}): nothing starts it live",
+                first.label()
+            )
+        })
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -140,10 +163,18 @@ fn build(call_id: &str, messages: &[&CapturedMessage]) -> Option<Dialogue> {
     let mut ordinals: HashMap<(Side, String), usize> = HashMap::new();
     let mut provisionals: HashMap<usize, Vec<(u16, Option<String>)>> = HashMap::new();
     let mut finals: HashMap<usize, Vec<(u16, Option<String>)>> = HashMap::new();
+    let same_host = edge.ip() == core.ip();
+    let matches = |from: SocketAddr, to: SocketAddr, a: SocketAddr, b: SocketAddr| {
+        if same_host {
+            (from, to) == (a, b)
+        } else {
+            (from.ip(), to.ip()) == (a.ip(), b.ip())
+        }
+    };
     for message in messages {
-        let side = if (message.source, message.destination) == (edge, core) {
+        let side = if matches(message.source, message.destination, edge, core) {
             Side::Edge
-        } else if (message.source, message.destination) == (core, edge) {
+        } else if matches(message.source, message.destination, core, edge) {
             Side::Core
         } else {
             dialogue.other_legs += 1;

@@ -28,6 +28,7 @@ fn rewrite(transport: Transport) -> Rewrite {
         run: "run1".into(),
         local: "127.0.0.1:40000".parse().unwrap(),
         transport,
+        dialogue: 0,
     }
 }
 
@@ -222,10 +223,21 @@ fn a_captured_403_answered_200_live_is_acked_and_the_call_hung_up() {
         vec![
             "captured, not replayed: <- 403 INVITE",
             "replayed, not captured: <- 200 INVITE",
-            "replayed, not captured: -> BYE (cleanup)",
-            "replayed, not captured: <- 200 BYE",
         ]
     );
+    // The cleanup shows in the ladder, marked, and is not compared.
+    let cleanup: Vec<(String, Option<String>)> = player.ladder().entries[3..]
+        .iter()
+        .map(|entry| (entry.label.clone(), entry.note.clone()))
+        .collect();
+    assert_eq!(
+        cleanup,
+        vec![
+            ("BYE".to_string(), Some(CLEANUP.to_string())),
+            ("200 BYE".to_string(), Some(CLEANUP.to_string())),
+        ]
+    );
+    assert_eq!(out[1].header("Reason"), Some(build::CLEANUP_REASON));
 }
 
 #[test]
