@@ -253,3 +253,43 @@ fn damaged_captures_never_panic_the_reader() {
         }
     }
 }
+
+#[test]
+fn filters_keep_ports_time_windows_and_call_ids() {
+    let (a, b) = addresses();
+    let other: (SocketAddr, SocketAddr) = (
+        "10.0.0.1:5070".parse().unwrap(),
+        "10.0.0.2:5070".parse().unwrap(),
+    );
+    let records = [
+        Record::new(0, ethernet_udp(a, b, &options("a"), None)),
+        Record::new(
+            2_000_000_000,
+            ethernet_udp(other.0, other.1, &options("b"), None),
+        ),
+        Record::new(4_000_000_000, ethernet_udp(a, b, &options("c"), None)),
+    ];
+    let capture = Capture::from_bytes(pcap(false, false, ETHERNET, 65_535, &records)).unwrap();
+    let by_port = extract(
+        &capture,
+        &Filter {
+            ports: vec![5070],
+            ..Filter::default()
+        },
+    );
+    assert_eq!(call_ids(&by_port), vec!["b"]);
+    assert_eq!(by_port.stats.filtered_out, 2);
+    let window = extract(
+        &capture,
+        &Filter {
+            from: Some(Duration::from_secs(1)),
+            until: Some(Duration::from_secs(4)),
+            ..Filter::default()
+        },
+    );
+    assert_eq!(call_ids(&window), vec!["b"]);
+    let all = extract(&capture, &Filter::default());
+    let (chosen, _) = super::script::dialogues(&all.messages, &["c".to_string()]);
+    assert_eq!(chosen.len(), 1);
+    assert_eq!(chosen[0].call_id, "c");
+}
