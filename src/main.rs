@@ -195,15 +195,8 @@ fn sim(simulator: Simulator) -> ExitCode {
         format: "text".into(),
         level: "warn".into(),
     });
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(runtime) => runtime,
-        Err(error) => {
-            eprintln!("cannot start the async runtime: {error}");
-            return ExitCode::FAILURE;
-        }
+    let Some(runtime) = runtime() else {
+        return ExitCode::FAILURE;
     };
     let result: anyhow::Result<()> = runtime.block_on(async {
         use byoc_sidecar::sim::serve::{start_core, start_idp, IdpOptions};
@@ -281,15 +274,8 @@ fn demo(seconds: u64, rate: u64) -> ExitCode {
         settings.token_lifetime.as_secs_f64() * 0.55,
         settings.rival_interval.as_secs_f64()
     );
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(runtime) => runtime,
-        Err(error) => {
-            eprintln!("cannot start the async runtime: {error}");
-            return ExitCode::FAILURE;
-        }
+    let Some(runtime) = runtime() else {
+        return ExitCode::FAILURE;
     };
     match runtime.block_on(byoc_sidecar::demo::run(&settings, std::io::stderr())) {
         Ok(report) => {
@@ -354,15 +340,8 @@ fn replay(args: &ReplayArgs) -> ExitCode {
         },
         filter,
     };
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(runtime) => runtime,
-        Err(error) => {
-            eprintln!("cannot start the async runtime: {error}");
-            return ExitCode::FAILURE;
-        }
+    let Some(runtime) = runtime() else {
+        return ExitCode::FAILURE;
     };
     let outcome = runtime.block_on(async {
         let cancel = CancellationToken::new();
@@ -436,15 +415,8 @@ fn run(path: &std::path::Path) -> ExitCode {
         Err(error) => return config_failure(&error),
     };
     init_logging(&settings.log);
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(runtime) => runtime,
-        Err(error) => {
-            eprintln!("cannot start the async runtime: {error}");
-            return ExitCode::FAILURE;
-        }
+    let Some(runtime) = runtime() else {
+        return ExitCode::FAILURE;
     };
     match runtime.block_on(serve(settings)) {
         Ok(()) => ExitCode::SUCCESS,
@@ -470,6 +442,21 @@ async fn serve(settings: byoc_sidecar::config::Settings) -> anyhow::Result<()> {
         tracing::warn!(deadline = ?SHUTDOWN_DEADLINE, "some tasks were still running at the shutdown deadline");
     }
     Ok(())
+}
+
+/// The multi-threaded runtime the commands run on; `None`, said on stderr, when it
+/// cannot be built.
+fn runtime() -> Option<tokio::runtime::Runtime> {
+    match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => Some(runtime),
+        Err(error) => {
+            eprintln!("cannot start the async runtime: {error}");
+            None
+        }
+    }
 }
 
 /// SIGINT and SIGTERM, listened to from the moment they are installed.

@@ -16,7 +16,6 @@ use byoc_sidecar::config::Transport;
 use byoc_sidecar::replay::player::Pacing;
 use byoc_sidecar::replay::report::{Report, Verdict};
 use byoc_sidecar::replay::{self, Filter, ReplayOptions};
-use byoc_sidecar::sim::core::SimCore;
 use byoc_sidecar::sim::idp::{TokenKind, Validation};
 use byoc_sidecar::transport::Side;
 use common::sim::SimIdp;
@@ -218,15 +217,7 @@ async fn the_403_after_rotation_is_absorbed_and_the_replayed_edge_sees_200() {
         TokenKind::Opaque,
     )
     .await;
-    let core = SimCore::start(
-        sim.idp.clone(),
-        Validation::RevokeOnReissue,
-        "127.0.0.1:0".parse().unwrap(),
-        sim.cancel.clone(),
-        &sim.tracker,
-    )
-    .await
-    .unwrap();
+    let core = sim.core(Validation::RevokeOnReissue).await;
     let dir = tempfile::tempdir().unwrap();
     let sidecar = sim
         .bearer_sidecar(

@@ -34,15 +34,7 @@ async fn rig(
     extra: &str,
 ) -> (SimIdp, SimCore, Sidecar, tempfile::TempDir) {
     let sim = SimIdp::start(client, secret, organization, ttl, kind).await;
-    let core = SimCore::start(
-        sim.idp.clone(),
-        validation,
-        "127.0.0.1:0".parse().unwrap(),
-        sim.cancel.clone(),
-        &sim.tracker,
-    )
-    .await
-    .unwrap();
+    let core = sim.core(validation).await;
     let dir = tempfile::tempdir().unwrap();
     let sidecar = sim.bearer_sidecar(dir.path(), core.addr, extra).await;
     (sim, core, sidecar, dir)

@@ -5,7 +5,8 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
-use byoc_sidecar::sim::idp::{Idp, IdpSettings, SimClient, TokenKind};
+use byoc_sidecar::sim::core::SimCore;
+use byoc_sidecar::sim::idp::{Idp, IdpSettings, SimClient, TokenKind, Validation};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -63,6 +64,20 @@ impl SimIdp {
             secret.display(),
             self.client.organization
         )
+    }
+
+    /// A simulated core on a loopback port checking this endpoint's tokens under
+    /// `validation`; it stops with the endpoint.
+    pub async fn core(&self, validation: Validation) -> SimCore {
+        SimCore::start(
+            self.idp.clone(),
+            validation,
+            "127.0.0.1:0".parse().unwrap(),
+            self.cancel.clone(),
+            &self.tracker,
+        )
+        .await
+        .unwrap()
     }
 
     /// A sidecar whose one trunk sends its requests to `core` with a bearer token from
