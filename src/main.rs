@@ -79,7 +79,7 @@ struct ReplayArgs {
     #[arg(long)]
     list: bool,
     /// Also play the core side from the capture, listening on IP:PORT (UDP and TCP).
-    #[arg(long)]
+    #[arg(long, value_parser = parse_specific_address)]
     core: Option<std::net::SocketAddr>,
     /// udp or tcp for every dialogue (default: as captured).
     #[arg(long, value_parser = parse_transport)]
@@ -87,14 +87,14 @@ struct ReplayArgs {
     /// Play N times faster than captured (0.5 = slower).
     #[arg(long, default_value_t = 1.0, value_parser = parse_speed)]
     speed: f64,
-    /// No pause between messages longer than this (after --speed).
-    #[arg(long, default_value = "5s", value_parser = byoc_sidecar::config::parse_duration)]
+    /// No pause between messages longer than this (after --speed); at most 1h.
+    #[arg(long, default_value = "5s", value_parser = parse_wait)]
     max_gap: Duration,
-    /// How long a message of the other side is waited for.
-    #[arg(long, default_value = "32s", value_parser = byoc_sidecar::config::parse_duration)]
+    /// How long a message of the other side is waited for; at most 1h.
+    #[arg(long, default_value = "32s", value_parser = parse_wait)]
     timeout: Duration,
     /// Our address in Via and Contact (default: the one that routes to --to).
-    #[arg(long)]
+    #[arg(long, value_parser = parse_specific_ip)]
     local: Option<std::net::IpAddr>,
     /// Only this Call-ID (repeatable).
     #[arg(long = "call-id")]
@@ -123,11 +123,37 @@ fn parse_transport(text: &str) -> Result<byoc_sidecar::config::Transport, String
 
 fn parse_speed(text: &str) -> Result<f64, String> {
     match text.parse::<f64>() {
-        Ok(speed) if speed.is_finite() && speed > 0.0 && speed <= 1e6 => Ok(speed),
-        _ => Err(format!(
-            "{text:?} is not a speed between 0 (exclusive) and 1000000"
-        )),
+        Ok(speed) if (0.001..=1e6).contains(&speed) => Ok(speed),
+        _ => Err(format!("{text:?} is not a speed from 0.001 to 1000000")),
     }
+}
+
+fn parse_wait(text: &str) -> Result<Duration, String> {
+    let wait = byoc_sidecar::config::parse_duration(text)?;
+    if wait > Duration::from_secs(3600) {
+        return Err(format!("{text:?} is longer than 1h"));
+    }
+    Ok(wait)
+}
+
+fn parse_specific_ip(text: &str) -> Result<std::net::IpAddr, String> {
+    let ip: std::net::IpAddr = text
+        .parse()
+        .map_err(|_| format!("{text:?} is not an IP address"))?;
+    if ip.is_unspecified() {
+        return Err(format!(
+            "{text} is not a specific address: it goes into Via and Contact"
+        ));
+    }
+    Ok(ip)
+}
+
+fn parse_specific_address(text: &str) -> Result<std::net::SocketAddr, String> {
+    let address: std::net::SocketAddr = text
+        .parse()
+        .map_err(|_| format!("{text:?} is not IP:PORT"))?;
+    parse_specific_ip(&address.ip().to_string())?;
+    Ok(address)
 }
 
 #[derive(clap::Args)]

@@ -114,7 +114,7 @@ fn every_shared_capture_reads_with_the_counts_its_readme_records() {
     assert_eq!(rows.len(), 8, "eight captures in the README table");
     for (file, messages, call_ids) in rows {
         let extraction = replay::read(&dir.join(&file), &Filter::default()).unwrap();
-        let (dialogues, without) = replay::script::dialogues(&extraction.messages, &[]);
+        let (dialogues, without) = replay::script::dialogues(extraction.messages, &[]);
         assert_eq!(
             (extraction.stats.sip_messages, dialogues.len(), without),
             (messages, call_ids, 0),
@@ -306,7 +306,10 @@ fn the_command_lists_a_capture_and_refuses_what_is_no_capture_with_65() {
     let json: serde_json::Value = serde_json::from_slice(&listed.stdout).unwrap();
     assert_eq!(json["reader"]["sip_messages"], 20);
     assert_eq!(json["dialogues"].as_array().unwrap().len(), 1);
-    assert_eq!(json["dialogues"][0]["ladder"][0]["label"], "INVITE");
+    assert_eq!(
+        json["dialogues"][0]["ladder"]["entries"][0]["label"],
+        "INVITE"
+    );
 
     let dir = tempfile::tempdir().unwrap();
     let not_a_capture = dir.path().join("notes.txt");
@@ -346,12 +349,21 @@ fn the_command_lists_a_capture_and_refuses_what_is_no_capture_with_65() {
         stdout.contains("warning: the file ends inside frame"),
         "{stdout}"
     );
-    let bad_speed = std::process::Command::new(BINARY)
-        .args(["replay", "--to", "127.0.0.1:9", "--speed", "0"])
-        .arg(fixture("reinvite.pcap"))
-        .output()
-        .unwrap();
-    assert_eq!(bad_speed.status.code(), Some(2));
+    for bad in [
+        ["--speed", "0"],
+        ["--speed", "0.0001"],
+        ["--timeout", "2h"],
+        ["--core", "0.0.0.0:5090"],
+        ["--local", "::"],
+    ] {
+        let refused = std::process::Command::new(BINARY)
+            .args(["replay", "--to", "127.0.0.1:9"])
+            .args(bad)
+            .arg(fixture("reinvite.pcap"))
+            .output()
+            .unwrap();
+        assert_eq!(refused.status.code(), Some(2), "{bad:?}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

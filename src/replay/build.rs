@@ -89,11 +89,12 @@ impl Rewrite {
             return value.to_string();
         };
         let (scheme, rest) = uri.split_once(':').unwrap_or(("sip", uri));
-        let user = rest
-            .split_once('@')
-            .map(|(user, _)| format!("{user}@"))
-            .unwrap_or_default();
-        let params: String = rest
+        // The user part may hold `;` itself (`+1555;npdi@host`): parameters follow the host.
+        let (user, host_part) = match rest.rsplit_once('@') {
+            Some((user, host)) => (format!("{user}@"), host),
+            None => (String::new(), rest),
+        };
+        let params: String = host_part
             .split(';')
             .skip(1)
             .filter(|param| !param.trim().to_ascii_lowercase().starts_with("transport="))
@@ -155,12 +156,7 @@ impl Rewrite {
     /// Record-Route copied (§12.1.1).
     pub fn response(&self, captured: &SipText, live: &SipText) -> SipText {
         let mut message = captured.clone();
-        for name in ["Via", "From", "Call-ID", "CSeq"] {
-            message.set_list(
-                name,
-                &live.values(name).map(str::to_string).collect::<Vec<_>>(),
-            );
-        }
+        copy_dialog_headers(&mut message, live);
         let to = live.header("To").unwrap_or_default();
         let to = match (live.to_tag(), captured.to_tag()) {
             (None, Some(tag)) => with_tag(to, Some(tag)),
@@ -183,6 +179,15 @@ impl Rewrite {
     }
 }
 
+/// Via, From, To, Call-ID and CSeq of a response, from the request it answers
+/// (§8.2.6.2).
+fn copy_dialog_headers(response: &mut SipText, request: &SipText) {
+    for name in ["Via", "From", "To", "Call-ID", "CSeq"] {
+        let values: Vec<String> = request.values(name).map(str::to_string).collect();
+        response.set_list(name, &values);
+    }
+}
+
 /// A response made up here, for a request the capture has no answer to.
 pub fn plain_response(live: &SipText, code: u16, reason: &str, tag: &str) -> SipText {
     let mut message = SipText {
@@ -193,12 +198,7 @@ pub fn plain_response(live: &SipText, code: u16, reason: &str, tag: &str) -> Sip
         headers: Vec::new(),
         body: Vec::new(),
     };
-    for name in ["Via", "From", "To", "Call-ID", "CSeq"] {
-        message.set_list(
-            name,
-            &live.values(name).map(str::to_string).collect::<Vec<_>>(),
-        );
-    }
+    copy_dialog_headers(&mut message, live);
     if live.to_tag().is_none() {
         if let Some(to) = live.header("To") {
             message.set("To", with_tag(to, Some(tag)));
@@ -207,9 +207,37 @@ pub fn plain_response(live: &SipText, code: u16, reason: &str, tag: &str) -> Sip
     message
 }
 
+/// A request of the INVITE's own transaction, `method` (ACK for a non-2xx, §17.1.1.3, or
+/// CANCEL, §9.1): the INVITE's Request-URI, top Via, routes, Max-Forwards, From, Call-ID
+/// and CSeq number, and `to` as To.
+fn in_invite_transaction(invite: &SipText, method: &str, to: Option<&str>) -> SipText {
+    let mut message = SipText {
+        start: StartLine::Request {
+            method: method.into(),
+            uri: request_uri(invite),
+        },
+        headers: Vec::new(),
+        body: Vec::new(),
+    };
+    let top_via: Vec<String> = invite.list("Via").into_iter().take(1).collect();
+    message.set_list("Via", &top_via);
+    message.set_list("Route", &invite.list("Route"));
+    for name in ["Max-Forwards", "From"] {
+        copy(&mut message, invite, name);
+    }
+    if let Some(to) = to {
+        message.set("To", to.to_string());
+    }
+    copy(&mut message, invite, "Call-ID");
+    let number = invite.cseq().map_or(1, |(number, _)| number);
+    message.set("CSeq", format!("{number} {method}"));
+    message
+}
+
 /// The ACK for a final response to `invite` (as we sent it). For a non-2xx it is part of
-/// the INVITE transaction (same Via, URI and routes, §17.1.1.3); for a 2xx a new
-/// transaction to the remote target along the dialog's routes (§13.2.2.4) with `branch`.
+/// the INVITE transaction (§17.1.1.3). For a 2xx it is a new transaction (`branch`) to
+/// the remote target along the route set, of the live dialog or else of the 2xx itself,
+/// carrying the INVITE's credentials and `body` (a late offer's answer, §13.2.2.4).
 pub fn ack(
     invite: &SipText,
     response: &SipText,
@@ -221,35 +249,30 @@ pub fn ack(
     let success = response
         .status()
         .is_some_and(|code| (200..300).contains(&code));
-    let (uri, vias, routes) = match (success, dialog) {
-        (true, Some(dialog)) => (
-            dialog.target.clone(),
-            vec![rewrite.via(branch)],
-            dialog.route_set.clone(),
-        ),
-        _ => (
-            request_uri(invite),
-            invite.list("Via").into_iter().take(1).collect(),
-            invite.list("Route"),
-        ),
+    let to = response.header("To").or_else(|| invite.header("To"));
+    let mut message = in_invite_transaction(invite, "ACK", to);
+    if !success {
+        return message;
+    }
+    let (target, routes) = match dialog {
+        Some(dialog) => (Some(dialog.target.clone()), dialog.route_set.clone()),
+        None => {
+            let mut routes = response.list("Record-Route");
+            routes.reverse();
+            (response.contact_uri(), routes)
+        }
     };
-    let mut message = SipText {
-        start: StartLine::Request {
-            method: "ACK".into(),
-            uri,
-        },
-        headers: Vec::new(),
-        body: if success { body.to_vec() } else { Vec::new() },
-    };
-    message.set_list("Via", &vias);
+    if let (Some(target), StartLine::Request { uri, .. }) = (target, &mut message.start) {
+        *uri = target;
+    }
+    message.set("Via", rewrite.via(branch));
     message.set_list("Route", &routes);
-    copy(&mut message, invite, "Max-Forwards");
-    copy(&mut message, invite, "From");
-    copy(&mut message, response, "To");
-    copy(&mut message, invite, "Call-ID");
-    let number = invite.cseq().map_or(1, |(number, _)| number);
-    message.set("CSeq", format!("{number} ACK"));
-    if success && !body.is_empty() {
+    for name in ["Authorization", "Proxy-Authorization"] {
+        let values: Vec<String> = invite.values(name).map(str::to_string).collect();
+        message.set_list(name, &values);
+    }
+    if !body.is_empty() {
+        message.body = body.to_vec();
         copy(&mut message, invite, "Content-Type");
     }
     message
@@ -257,25 +280,7 @@ pub fn ack(
 
 /// The CANCEL for `invite` as we sent it (§9.1).
 pub fn cancel(invite: &SipText) -> SipText {
-    let mut message = SipText {
-        start: StartLine::Request {
-            method: "CANCEL".into(),
-            uri: request_uri(invite),
-        },
-        headers: Vec::new(),
-        body: Vec::new(),
-    };
-    message.set_list(
-        "Via",
-        &invite.list("Via").into_iter().take(1).collect::<Vec<_>>(),
-    );
-    message.set_list("Route", &invite.list("Route"));
-    for name in ["Max-Forwards", "From", "To", "Call-ID"] {
-        copy(&mut message, invite, name);
-    }
-    let number = invite.cseq().map_or(1, |(number, _)| number);
-    message.set("CSeq", format!("{number} CANCEL"));
-    message
+    in_invite_transaction(invite, "CANCEL", invite.header("To"))
 }
 
 /// A BYE in the live dialog that `invite` (as we sent it) created, numbered `cseq`.
@@ -450,6 +455,52 @@ From: <sip:alice@a>;tag=a1\r\nTo: <sip:bob@b>;tag=t9\r\nCall-ID: abc@10.0.0.1\r\
         assert_eq!(cancel.cseq(), Some((1, "CANCEL")));
         assert_eq!(cancel.header("To"), Some("<sip:bob@b>"));
         assert_eq!(cancel.branch().as_deref(), Some("z9hG4bKx"));
+    }
+
+    #[test]
+    fn a_2xx_ack_is_a_new_transaction_with_the_invites_credentials() {
+        let mut invite = SipText::parse(INVITE.as_bytes()).unwrap();
+        invite.set("Proxy-Authorization", "Bearer t0k3n".into());
+        let accepted = SipText::parse(
+            b"SIP/2.0 200 OK\r\nVia: SIP/2.0/UDP 10.0.0.1:5060;branch=z9hG4bKx\r\n\
+From: <sip:alice@a>;tag=a1\r\nTo: <sip:bob@b>;tag=t9\r\nCall-ID: abc@10.0.0.1\r\nCSeq: 1 INVITE\r\n\
+Record-Route: <sip:p1;lr>, <sip:p2;lr>\r\nContact: <sip:bob@10.0.0.7:5062>\r\n\r\n",
+        )
+        .unwrap();
+        let ack = ack(
+            &invite,
+            &accepted,
+            None,
+            "z9hG4bKnew",
+            &rewrite(Transport::Udp),
+            b"",
+        );
+        assert_eq!(ack.branch().as_deref(), Some("z9hG4bKnew"));
+        assert_eq!(
+            ack.start,
+            StartLine::Request {
+                method: "ACK".into(),
+                uri: "sip:bob@10.0.0.7:5062".into()
+            }
+        );
+        assert_eq!(
+            ack.list("Route"),
+            vec!["<sip:p2;lr>".to_string(), "<sip:p1;lr>".to_string()]
+        );
+        assert_eq!(ack.header("Proxy-Authorization"), Some("Bearer t0k3n"));
+    }
+
+    #[test]
+    fn a_contact_user_with_parameters_keeps_them_in_the_user_part() {
+        let mut message = SipText::parse(
+            b"REGISTER sip:x SIP/2.0\r\nContact: <sip:+1555;npdi@10.0.0.1:5060;ob>\r\n\r\n",
+        )
+        .unwrap();
+        rewrite(Transport::Udp).rewrite_contacts(&mut message);
+        assert_eq!(
+            message.header("Contact"),
+            Some("<sip:+1555;npdi@127.0.0.1:40000;ob>")
+        );
     }
 
     #[test]

@@ -27,12 +27,8 @@ pub enum CaptureError {
         #[source]
         source: std::io::Error,
     },
-    #[error("{path} is {size} bytes, more than the {limit}-byte limit")]
-    TooLarge {
-        path: PathBuf,
-        size: u64,
-        limit: u64,
-    },
+    #[error("{path} is larger than the {limit}-byte limit")]
+    TooLarge { path: PathBuf, limit: u64 },
     #[error("not a pcap or pcapng file: it starts with {magic}")]
     NotACapture { magic: String },
     #[error("the file ends inside frame {frame} (byte {offset}): the capture is truncated")]
@@ -62,19 +58,23 @@ pub struct Capture {
 
 impl Capture {
     pub fn open(path: &Path) -> Result<Capture, CaptureError> {
+        use std::io::Read as _;
         let read_error = |source| CaptureError::Read {
             path: path.to_path_buf(),
             source,
         };
-        let size = std::fs::metadata(path).map_err(read_error)?.len();
-        if size > MAX_CAPTURE_BYTES {
+        // Read through a limit rather than trusting the size: a pipe says 0.
+        let mut bytes = Vec::new();
+        std::fs::File::open(path)
+            .and_then(|file| file.take(MAX_CAPTURE_BYTES + 1).read_to_end(&mut bytes))
+            .map_err(read_error)?;
+        if bytes.len() as u64 > MAX_CAPTURE_BYTES {
             return Err(CaptureError::TooLarge {
                 path: path.to_path_buf(),
-                size,
                 limit: MAX_CAPTURE_BYTES,
             });
         }
-        Capture::from_bytes(std::fs::read(path).map_err(read_error)?)
+        Capture::from_bytes(bytes)
     }
 
     /// Checks the magic number; frames are parsed as they are iterated.
@@ -95,9 +95,8 @@ impl Capture {
             [0xd4, 0xc3, 0xb2, 0xa1] | [0x4d, 0x3c, 0xb2, 0xa1] | [0x34, 0xcd, 0xb2, 0xa1] => {
                 Some(Format::Pcap)
             }
-            [0xa1, 0xb2, 0xc3, 0xd4] | [0xa1, 0xb2, 0x3c, 0x4d] | [0xa1, 0xb2, 0xcd, 0x34] => {
-                Some(Format::Pcap)
-            }
+            // pcap-parser reads the "modified" variant in little-endian order only.
+            [0xa1, 0xb2, 0xc3, 0xd4] | [0xa1, 0xb2, 0x3c, 0x4d] => Some(Format::Pcap),
             _ => None,
         }
     }
@@ -162,6 +161,8 @@ enum State<'a> {
         big_endian: bool,
         interfaces: Vec<Interface>,
     },
+    /// The file header itself is damaged: one error, then nothing.
+    Failed(Option<CaptureError>),
     Done,
 }
 
@@ -174,7 +175,7 @@ fn pcap_state(bytes: &[u8]) -> State<'_> {
             nanoseconds: header.is_nanosecond_precision(),
             link_type: header.network.0,
         },
-        Err(_) => State::Done,
+        Err(error) => State::Failed(Some(block_error(&error, 0, 0, "file header"))),
     }
 }
 
@@ -360,6 +361,7 @@ impl<'a> Iterator for Frames<'a> {
         match self.state {
             State::Pcap { .. } => self.next_pcap(),
             State::PcapNg { .. } => self.next_pcapng(),
+            State::Failed(ref mut error) => error.take().map(Err),
             State::Done => None,
         }
     }

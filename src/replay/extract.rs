@@ -54,6 +54,38 @@ pub struct Extraction {
     pub stats: ReaderStats,
 }
 
+/// Where and when a message was seen, for [`CapturedMessage`].
+struct Seen {
+    frame: u64,
+    time: Duration,
+    transport: Transport,
+    source: SocketAddr,
+    destination: SocketAddr,
+}
+
+impl Seen {
+    /// The message, if `bytes` are SIP; counted either way.
+    fn message(&self, bytes: &[u8], stats: &mut ReaderStats) -> Option<CapturedMessage> {
+        match SipText::parse(bytes) {
+            Ok(text) => {
+                stats.sip_messages += 1;
+                Some(CapturedMessage {
+                    frame: self.frame,
+                    time: self.time,
+                    transport: self.transport,
+                    source: self.source,
+                    destination: self.destination,
+                    text,
+                })
+            }
+            Err(_) => {
+                stats.non_sip_payloads += 1;
+                None
+            }
+        }
+    }
+}
+
 /// Reads every SIP message of `capture` that passes `filter`. A truncated or malformed
 /// file keeps what came before the damage and says so in `stats.file_error`.
 pub fn extract(capture: &Capture, filter: &Filter) -> Extraction {
@@ -85,70 +117,60 @@ pub fn extract(capture: &Capture, filter: &Filter) -> Extraction {
             continue;
         }
         let key = (segment.source, segment.destination);
-        let message = |bytes: &[u8], transport, stats: &mut ReaderStats| match SipText::parse(bytes)
-        {
-            Ok(text) => {
-                stats.sip_messages += 1;
-                Some(CapturedMessage {
-                    frame: segment.frame,
-                    time: offset,
-                    transport,
-                    source: segment.source,
-                    destination: segment.destination,
-                    text,
-                })
-            }
-            Err(_) => {
-                stats.non_sip_payloads += 1;
-                None
-            }
+        let seen = Seen {
+            frame: segment.frame,
+            time: offset,
+            transport: if segment.tcp.is_some() {
+                Transport::Tcp
+            } else {
+                Transport::Udp
+            },
+            source: segment.source,
+            destination: segment.destination,
         };
-        match segment.tcp {
-            None => {
-                if segment
-                    .payload
-                    .iter()
-                    .all(|byte| matches!(byte, b'\r' | b'\n'))
-                {
-                    stats.keep_alives += 1;
-                    continue;
-                }
-                messages.extend(message(&segment.payload, Transport::Udp, &mut stats));
+        let Some(header) = segment.tcp else {
+            if segment
+                .payload
+                .iter()
+                .all(|byte| matches!(byte, b'\r' | b'\n'))
+            {
+                stats.keep_alives += 1;
+            } else {
+                messages.extend(seen.message(&segment.payload, &mut stats));
             }
-            Some(header) => {
-                let delivery = streams.push(key.0, key.1, header, &segment.payload);
-                stats.tcp_retransmitted_bytes += delivery.retransmitted as u64;
-                if delivery.restarted {
-                    framers.remove(&key);
-                }
-                for chunk in delivery.chunks {
-                    let framer = framers.entry(key).or_default();
-                    for bytes in framer.push(&chunk, &mut stats) {
-                        messages.extend(message(&bytes, Transport::Tcp, &mut stats));
-                    }
-                }
+            continue;
+        };
+        let delivery = streams.push(key.0, key.1, header, &segment.payload);
+        stats.tcp_retransmitted_bytes += delivery.retransmitted as u64;
+        if delivery.restarted {
+            drop_framer(&mut framers, &key, &mut stats);
+        }
+        for gone in streams.take_forgotten() {
+            drop_framer(&mut framers, &gone, &mut stats);
+        }
+        for chunk in delivery.chunks {
+            let framer = framers.entry(key).or_default();
+            for bytes in framer.push(&chunk, &mut stats) {
+                messages.extend(seen.message(&bytes, &mut stats));
             }
         }
     }
     // What waited behind holes at the end of the capture.
     for (key, chunk) in streams.finish() {
+        let seen = Seen {
+            frame: last.0,
+            time: last.1,
+            transport: Transport::Tcp,
+            source: key.0,
+            destination: key.1,
+        };
         let framer = framers.entry(key).or_default();
         for bytes in framer.push(&chunk, &mut stats) {
-            if let Ok(text) = SipText::parse(&bytes) {
-                stats.sip_messages += 1;
-                messages.push(CapturedMessage {
-                    frame: last.0,
-                    time: last.1,
-                    transport: Transport::Tcp,
-                    source: key.0,
-                    destination: key.1,
-                    text,
-                });
-            }
+            messages.extend(seen.message(&bytes, &mut stats));
         }
     }
     for framer in framers.values() {
-        stats.tcp_bytes_skipped += framer.buffer.len() as u64;
+        stats.tcp_bytes_skipped += framer.held() as u64;
     }
     decoder.finish(&mut stats);
     let before = messages.len();
@@ -160,6 +182,17 @@ pub fn extract(capture: &Capture, filter: &Filter) -> Extraction {
     Extraction { messages, stats }
 }
 
+/// Forgets the framer of a stream that ended; what it held is counted as skipped.
+fn drop_framer(
+    framers: &mut HashMap<(SocketAddr, SocketAddr), Framer>,
+    key: &(SocketAddr, SocketAddr),
+    stats: &mut ReaderStats,
+) {
+    if let Some(framer) = framers.remove(key) {
+        stats.tcp_bytes_skipped += framer.held() as u64;
+    }
+}
+
 /// Reads a capture file and extracts its SIP.
 pub fn read(path: &std::path::Path, filter: &Filter) -> Result<Extraction, CaptureError> {
     Ok(extract(&Capture::open(path)?, filter))
@@ -169,68 +202,94 @@ pub fn read(path: &std::path::Path, filter: &Filter) -> Result<Extraction, Captu
 #[derive(Debug, Default)]
 struct Framer {
     buffer: Vec<u8>,
+    /// Where the bytes not yet consumed begin.
+    start: usize,
+    /// How far past `start` the blank line ending the headers was looked for, so a
+    /// message arriving in many pieces is scanned once.
+    scanned: usize,
 }
 
 impl Framer {
+    /// Bytes held, not yet part of a message.
+    fn held(&self) -> usize {
+        self.buffer.len() - self.start
+    }
+
     fn push(&mut self, chunk: &Chunk, stats: &mut ReaderStats) -> Vec<Vec<u8>> {
-        if chunk.after_gap && !self.buffer.is_empty() {
-            stats.tcp_bytes_skipped += self.buffer.len() as u64;
-            self.buffer.clear();
+        if chunk.after_gap && self.held() > 0 {
+            let held = self.held();
+            self.skip(held, stats);
         }
         self.buffer.extend_from_slice(&chunk.data);
         let mut out = Vec::new();
         loop {
-            let blank = self
-                .buffer
+            let pending = &self.buffer[self.start..];
+            let blank = pending
                 .iter()
                 .take_while(|byte| matches!(byte, b'\r' | b'\n'))
                 .count();
-            self.buffer.drain(..blank);
-            let Some(line_end) = find(&self.buffer, b"\r\n") else {
-                if self.buffer.len() > MAX_STREAM_MESSAGE {
-                    self.skip(self.buffer.len(), stats);
+            if blank > 0 {
+                self.consume(blank);
+                continue;
+            }
+            let Some(line_end) = find(pending, b"\r\n") else {
+                if pending.len() > MAX_STREAM_MESSAGE {
+                    self.skip(pending.len(), stats);
                 }
                 break;
             };
-            if !is_start_line(&self.buffer[..line_end]) {
-                let skip = next_start_line(&self.buffer).unwrap_or_else(|| {
+            if !is_start_line(&pending[..line_end]) {
+                let skip = next_start_line(pending).unwrap_or_else(|| {
                     // Keep a partial last line: it may become a start line.
-                    self.buffer
+                    pending
                         .iter()
                         .rposition(|&byte| byte == b'\n')
                         .map_or(0, |newline| newline + 1)
                 });
-                self.skip(skip, stats);
                 if skip == 0 {
                     break;
                 }
+                self.skip(skip, stats);
                 continue;
             }
-            let Some(end) = header_end(&self.buffer) else {
-                if self.buffer.len() > MAX_STREAM_MESSAGE {
+            let from = self.scanned.saturating_sub(3);
+            let Some(end) = header_end(&pending[from..]).map(|end| end + from) else {
+                self.scanned = pending.len();
+                if pending.len() > MAX_STREAM_MESSAGE {
                     self.skip(line_end + 2, stats);
                     continue;
                 }
                 break;
             };
             // Without a readable Content-Length the body is taken as empty.
-            let length = content_length(&self.buffer[..end]).unwrap_or(0);
+            let length = content_length(&pending[..end]).unwrap_or(0);
             if end.saturating_add(length) > MAX_STREAM_MESSAGE {
                 self.skip(line_end + 2, stats);
                 continue;
             }
-            if self.buffer.len() < end + length {
+            if pending.len() < end + length {
                 break;
             }
-            out.push(self.buffer.drain(..end + length).collect());
+            out.push(pending[..end + length].to_vec());
+            self.consume(end + length);
         }
         out
     }
 
+    fn consume(&mut self, count: usize) {
+        self.start = (self.start + count).min(self.buffer.len());
+        self.scanned = 0;
+        // Compact once the consumed part is the larger half, so the cost stays linear.
+        if self.start * 2 >= self.buffer.len() {
+            self.buffer.drain(..self.start);
+            self.start = 0;
+        }
+    }
+
     fn skip(&mut self, count: usize, stats: &mut ReaderStats) {
-        let count = count.min(self.buffer.len());
+        let count = count.min(self.held());
         stats.tcp_bytes_skipped += count as u64;
-        self.buffer.drain(..count);
+        self.consume(count);
     }
 }
 

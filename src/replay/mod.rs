@@ -13,11 +13,13 @@
 //! - [`build`] and [`player`]: a side of a dialogue acted out live (RFC 3261 UAC and UAS
 //!   behaviour, with timers taken as arguments);
 //! - [`report`]: ladders side by side, verdicts, text and JSON;
-//! - [`driver`]: sockets, the clock and the command line's options.
+//! - [`endpoint`]: one side on the network (sockets, connections, the clock);
+//! - [`driver`]: the run as a whole, from options to report.
 
 pub mod build;
 pub mod capture;
 pub mod driver;
+pub mod endpoint;
 pub mod extract;
 pub mod packet;
 pub mod player;

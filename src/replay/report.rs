@@ -51,17 +51,37 @@ impl Entry {
     }
 }
 
+/// Entries one ladder keeps; what comes after is counted in [`Ladder::left_out`].
+pub const MAX_ENTRIES: usize = 4096;
+
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
-#[serde(transparent)]
 pub struct Ladder {
     pub entries: Vec<Entry>,
+    /// Messages past [`MAX_ENTRIES`], not shown.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub left_out: u64,
     #[serde(skip)]
     keys: Vec<String>,
 }
 
+fn is_zero(value: &u64) -> bool {
+    *value == 0
+}
+
 impl Ladder {
-    /// Adds an entry; `key` identifies it for later repeats.
-    pub fn push(&mut self, sent: bool, label: String, key: String, note: Option<&str>) -> usize {
+    /// Adds an entry; `key` identifies it for later repeats. `None` when the ladder is
+    /// full.
+    pub fn push(
+        &mut self,
+        sent: bool,
+        label: String,
+        key: String,
+        note: Option<&str>,
+    ) -> Option<usize> {
+        if self.entries.len() >= MAX_ENTRIES {
+            self.left_out += 1;
+            return None;
+        }
         self.entries.push(Entry {
             sent,
             label,
@@ -69,12 +89,13 @@ impl Ladder {
             note: note.map(str::to_string),
         });
         self.keys.push(key);
-        self.entries.len() - 1
+        Some(self.entries.len() - 1)
     }
 
-    pub fn repeat(&mut self, index: usize) {
-        if let Some(entry) = self.entries.get_mut(index) {
-            entry.count += 1;
+    pub fn repeat(&mut self, index: Option<usize>) {
+        match index.and_then(|index| self.entries.get_mut(index)) {
+            Some(entry) => entry.count += 1,
+            None => self.left_out += 1,
         }
     }
 
@@ -85,11 +106,11 @@ impl Ladder {
         label: String,
         key: String,
         note: Option<&str>,
-    ) -> usize {
+    ) -> Option<usize> {
         match self.keys.iter().position(|known| *known == key) {
             Some(index) => {
-                self.repeat(index);
-                index
+                self.repeat(Some(index));
+                Some(index)
             }
             None => self.push(sent, label, key, note),
         }
@@ -143,10 +164,38 @@ impl Row<'_> {
     }
 }
 
-/// The two ladders aligned on their longest common subsequence of (direction, label).
+/// Above this many cells (entries × entries) ladders are compared position by position
+/// rather than aligned, so the table stays within a few megabytes.
+const MAX_ALIGNMENT_CELLS: usize = 1 << 22;
+
+/// The two ladders aligned on their longest common subsequence of (direction, label);
+/// very long ones position by position.
 pub fn align<'a>(captured: &'a Ladder, replayed: &'a Ladder) -> Vec<Row<'a>> {
     let (a, b) = (&captured.entries, &replayed.entries);
     let same = |x: &Entry, y: &Entry| x.sent == y.sent && x.label == y.label;
+    if (a.len() + 1).saturating_mul(b.len() + 1) > MAX_ALIGNMENT_CELLS {
+        return (0..a.len().max(b.len()))
+            .flat_map(|index| match (a.get(index), b.get(index)) {
+                (Some(x), Some(y)) if same(x, y) => vec![Row {
+                    captured: Some(x),
+                    replayed: Some(y),
+                }],
+                (x, y) => [
+                    x.map(|x| Row {
+                        captured: Some(x),
+                        replayed: None,
+                    }),
+                    y.map(|y| Row {
+                        captured: None,
+                        replayed: Some(y),
+                    }),
+                ]
+                .into_iter()
+                .flatten()
+                .collect(),
+            })
+            .collect();
+    }
     // lengths[i][j]: LCS length of a[i..] and b[j..].
     let mut lengths = vec![vec![0usize; b.len() + 1]; a.len() + 1];
     for i in (0..a.len()).rev() {
@@ -374,7 +423,7 @@ pub struct ListedDialogue {
 impl Listing {
     pub fn new(extraction: &super::Extraction, filter: &super::Filter) -> Listing {
         let (dialogues, without_call_id) =
-            super::script::dialogues(&extraction.messages, &filter.call_ids);
+            super::script::dialogues(extraction.messages.clone(), &filter.call_ids);
         let mut reader = extraction.stats.clone();
         reader.sip_without_call_id = without_call_id as u64;
         Listing {
@@ -523,7 +572,7 @@ mod tests {
         let mut replayed = Ladder::default();
         let first = replayed.push_or_repeat(true, "INVITE".into(), "k".into(), None);
         let again = replayed.push_or_repeat(true, "INVITE".into(), "k".into(), None);
-        assert_eq!((first, again), (0, 0));
+        assert_eq!((first, again), (Some(0), Some(0)));
         assert_eq!(replayed.entries[0].text(), "-> INVITE x2");
         assert_eq!(replayed.messages(), 2);
     }

@@ -14,7 +14,7 @@
 //! request its ordinal among its side's requests of that method, which is how a live
 //! request is matched to a captured one when a proxy in between has renumbered CSeq.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -115,21 +115,22 @@ pub struct Transaction {
     pub final_status: Option<u16>,
 }
 
-/// Groups messages into dialogues, in the order of their first message.
-pub fn dialogues(messages: &[CapturedMessage], call_ids: &[String]) -> (Vec<Dialogue>, usize) {
-    let mut order: Vec<&str> = Vec::new();
-    let mut by_call: HashMap<&str, Vec<&CapturedMessage>> = HashMap::new();
+/// Groups messages into dialogues, in the order of their first message; also says how
+/// many messages had no Call-ID.
+pub fn dialogues(messages: Vec<CapturedMessage>, call_ids: &[String]) -> (Vec<Dialogue>, usize) {
+    let mut order: Vec<String> = Vec::new();
+    let mut by_call: HashMap<String, Vec<CapturedMessage>> = HashMap::new();
     let mut without_call_id = 0;
     for message in messages {
-        let Some(call_id) = message.text.call_id() else {
+        let Some(call_id) = message.text.call_id().map(str::to_string) else {
             without_call_id += 1;
             continue;
         };
-        if !call_ids.is_empty() && !call_ids.iter().any(|wanted| wanted == call_id) {
+        if !call_ids.is_empty() && !call_ids.contains(&call_id) {
             continue;
         }
         by_call
-            .entry(call_id)
+            .entry(call_id.clone())
             .or_insert_with(|| {
                 order.push(call_id);
                 Vec::new()
@@ -138,21 +139,24 @@ pub fn dialogues(messages: &[CapturedMessage], call_ids: &[String]) -> (Vec<Dial
     }
     let dialogues = order
         .into_iter()
-        .filter_map(|call_id| build(call_id, by_call.get(call_id)?))
+        .filter_map(|call_id| {
+            let messages = by_call.remove(&call_id)?;
+            build(&call_id, messages)
+        })
         .collect();
     (dialogues, without_call_id)
 }
 
-fn build(call_id: &str, messages: &[&CapturedMessage]) -> Option<Dialogue> {
+fn build(call_id: &str, messages: Vec<CapturedMessage>) -> Option<Dialogue> {
     // The leg: the addresses of the first request (or, without one, the first message).
     let first = messages
         .iter()
         .find(|message| message.text.is_request())
         .or_else(|| messages.first())?;
-    let (edge, core) = (first.source, first.destination);
+    let (edge, core, transport) = (first.source, first.destination, first.transport);
     let mut dialogue = Dialogue {
         call_id: call_id.to_string(),
-        transport: first.transport,
+        transport,
         edge,
         core,
         steps: Vec::new(),
@@ -161,8 +165,10 @@ fn build(call_id: &str, messages: &[&CapturedMessage]) -> Option<Dialogue> {
     };
     let mut keys: HashMap<(Side, String, String), usize> = HashMap::new();
     let mut ordinals: HashMap<(Side, String), usize> = HashMap::new();
-    let mut provisionals: HashMap<usize, Vec<(u16, Option<String>)>> = HashMap::new();
-    let mut finals: HashMap<usize, Vec<(u16, Option<String>)>> = HashMap::new();
+    // Responses seen per transaction, by status and To tag, and the count of distinct
+    // provisionals above 100.
+    let mut responses: HashSet<(usize, u16, Option<String>)> = HashSet::new();
+    let mut provisionals: HashMap<usize, usize> = HashMap::new();
     let same_host = edge.ip() == core.ip();
     let matches = |from: SocketAddr, to: SocketAddr, a: SocketAddr, b: SocketAddr| {
         if same_host {
@@ -180,7 +186,7 @@ fn build(call_id: &str, messages: &[&CapturedMessage]) -> Option<Dialogue> {
             dialogue.other_legs += 1;
             continue;
         };
-        let text = &message.text;
+        let text = message.text;
         let method = text.method().unwrap_or_default().to_ascii_uppercase();
         let cseq = text.cseq().map_or(0, |(number, _)| number);
         // Without a branch (RFC 2543 peers) the CSeq number stands in for it.
@@ -196,7 +202,7 @@ fn build(call_id: &str, messages: &[&CapturedMessage]) -> Option<Dialogue> {
             side,
             time: message.time,
             frame: message.frame,
-            text: text.clone(),
+            text,
             transaction: None,
             retransmission: false,
             ordinal: 0,
@@ -205,7 +211,7 @@ fn build(call_id: &str, messages: &[&CapturedMessage]) -> Option<Dialogue> {
         match keys.get(&key) {
             Some(&transaction) => {
                 step.transaction = Some(transaction);
-                if text.is_request() {
+                if step.text.is_request() {
                     let known = &mut dialogue.transactions[transaction];
                     match known.request {
                         Some(_) => step.retransmission = true,
@@ -219,35 +225,29 @@ fn build(call_id: &str, messages: &[&CapturedMessage]) -> Option<Dialogue> {
                     side: requester,
                     method: method.clone(),
                     cseq,
-                    request: text.is_request().then_some(index),
+                    request: step.text.is_request().then_some(index),
                     final_status: None,
                 });
                 keys.insert(key, transaction);
                 step.transaction = Some(transaction);
             }
         }
-        if text.is_request() && !step.retransmission {
+        if step.text.is_request() && !step.retransmission {
             let count = ordinals.entry((side, method)).or_default();
             *count += 1;
             step.ordinal = *count;
         }
-        if let (Some(code), Some(transaction)) = (text.status(), step.transaction) {
-            let identity = (code, text.to_tag().map(str::to_string));
-            let seen = if code >= 200 {
-                finals.entry(transaction).or_default()
-            } else {
-                provisionals.entry(transaction).or_default()
-            };
-            if seen.contains(&identity) {
+        if let (Some(code), Some(transaction)) = (step.text.status(), step.transaction) {
+            let identity = (transaction, code, step.text.to_tag().map(str::to_string));
+            if !responses.insert(identity) {
                 step.retransmission = true;
-            } else {
-                seen.push(identity);
-                if code >= 200 {
-                    let known = &mut dialogue.transactions[transaction];
-                    known.final_status.get_or_insert(code);
-                } else if code > 100 {
-                    step.provisional = seen.iter().filter(|(code, _)| *code > 100).count();
-                }
+            } else if code >= 200 {
+                let known = &mut dialogue.transactions[transaction];
+                known.final_status.get_or_insert(code);
+            } else if code > 100 {
+                let count = provisionals.entry(transaction).or_default();
+                *count += 1;
+                step.provisional = *count;
             }
         }
         dialogue.steps.push(step);
@@ -298,7 +298,7 @@ mod tests {
             message(a, b, &request("ACK", 1, "z9hG4bK1", ";tag=b")),
             message(a, b, &request("INVITE", 2, "z9hG4bK2", "")),
         ];
-        let (dialogues, without) = dialogues(&messages, &[]);
+        let (dialogues, without) = dialogues(messages, &[]);
         assert_eq!((dialogues.len(), without), (1, 0));
         let dialogue = &dialogues[0];
         assert_eq!(dialogue.other_legs, 1);

@@ -7,15 +7,19 @@
 //!
 //! Sequence numbers wrap (RFC 9293 §3.4); distances are taken modulo 2^32.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 
 use super::packet::TcpHeader;
 
 /// Bytes held out of order per direction before the hole in front of them is skipped.
 pub const MAX_PENDING_BYTES: usize = 1 << 20;
-/// Directions tracked at once; the least recently used is forgotten beyond this.
+/// Segments held out of order per direction before the hole in front of them is skipped.
+pub const MAX_PENDING_SEGMENTS: usize = 4096;
+/// Directions tracked at once; beyond it the least recently used half is forgotten.
 pub const MAX_STREAMS: usize = 65_536;
+
+type Key = (SocketAddr, SocketAddr);
 
 /// Bytes now in order for one direction.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -40,18 +44,35 @@ pub struct Delivery {
 struct Stream {
     /// The sequence number of the next byte to deliver.
     next: u32,
-    /// Out-of-order segments by their first sequence number.
-    pending: Vec<(u32, Vec<u8>)>,
+    /// The stream offset of that byte: bytes delivered or skipped so far.
+    offset: u64,
+    /// Out-of-order segments by stream offset.
+    pending: BTreeMap<u64, Vec<u8>>,
     pending_bytes: usize,
     /// The next delivery follows lost bytes.
     gap: bool,
     last_use: u64,
 }
 
+impl Stream {
+    fn new(next: u32, gap: bool, last_use: u64) -> Stream {
+        Stream {
+            next,
+            offset: 0,
+            pending: BTreeMap::new(),
+            pending_bytes: 0,
+            gap,
+            last_use,
+        }
+    }
+}
+
 /// Every direction of every connection in a capture.
 #[derive(Debug, Default)]
 pub struct Reassembler {
-    streams: HashMap<(SocketAddr, SocketAddr), Stream>,
+    streams: HashMap<Key, Stream>,
+    /// Directions ended by RST or forgotten for room since [`Reassembler::take_forgotten`].
+    forgotten: Vec<Key>,
     clock: u64,
 }
 
@@ -77,44 +98,32 @@ impl Reassembler {
         let key = (source, destination);
         let mut delivery = Delivery::default();
         if header.rst {
-            self.streams.remove(&key);
+            if self.streams.remove(&key).is_some() {
+                self.forgotten.push(key);
+            }
             return delivery;
         }
         if header.syn {
-            delivery.restarted = self
-                .streams
-                .insert(
-                    key,
-                    Stream {
-                        next: header.sequence.wrapping_add(1),
-                        pending: Vec::new(),
-                        pending_bytes: 0,
-                        gap: false,
-                        last_use: self.clock,
-                    },
-                )
-                .is_some();
+            let fresh = Stream::new(header.sequence.wrapping_add(1), false, self.clock);
+            delivery.restarted = self.streams.insert(key, fresh).is_some();
             self.evict();
-            let payload_start = header.sequence.wrapping_add(1);
             if payload.is_empty() {
                 return delivery;
             }
-            return self.push_data(key, payload_start, payload, header.fin, delivery);
+            return self.push_data(
+                key,
+                header.sequence.wrapping_add(1),
+                payload,
+                header.fin,
+                delivery,
+            );
         }
         if !self.streams.contains_key(&key) {
             if payload.is_empty() {
                 return delivery;
             }
-            self.streams.insert(
-                key,
-                Stream {
-                    next: header.sequence,
-                    pending: Vec::new(),
-                    pending_bytes: 0,
-                    gap: true,
-                    last_use: self.clock,
-                },
-            );
+            self.streams
+                .insert(key, Stream::new(header.sequence, true, self.clock));
             self.evict();
         }
         self.push_data(key, header.sequence, payload, header.fin, delivery)
@@ -122,7 +131,7 @@ impl Reassembler {
 
     fn push_data(
         &mut self,
-        key: (SocketAddr, SocketAddr),
+        key: Key,
         sequence: u32,
         payload: &[u8],
         fin: bool,
@@ -136,30 +145,30 @@ impl Reassembler {
         let ahead = distance(sequence, stream.next);
         if ahead > 0 {
             if !payload.is_empty() {
-                stream.pending_bytes += payload.len();
-                match stream
-                    .pending
-                    .iter_mut()
-                    .find(|(start, _)| *start == sequence)
-                {
-                    Some((_, held)) if held.len() >= payload.len() => {
-                        stream.pending_bytes -= payload.len();
+                let at = stream.offset + ahead.unsigned_abs();
+                match stream.pending.get_mut(&at) {
+                    Some(held) if held.len() >= payload.len() => {
                         delivery.retransmitted += payload.len();
                     }
-                    Some((_, held)) => {
-                        stream.pending_bytes -= held.len();
+                    Some(held) => {
                         delivery.retransmitted += held.len();
+                        stream.pending_bytes += payload.len() - held.len();
                         *held = payload.to_vec();
                     }
-                    None => stream.pending.push((sequence, payload.to_vec())),
+                    None => {
+                        stream.pending_bytes += payload.len();
+                        stream.pending.insert(at, payload.to_vec());
+                    }
                 }
             }
-            if stream.pending_bytes > MAX_PENDING_BYTES {
+            if stream.pending_bytes > MAX_PENDING_BYTES
+                || stream.pending.len() > MAX_PENDING_SEGMENTS
+            {
                 stream.skip_hole(&mut delivery);
             }
             return delivery;
         }
-        let already = usize::try_from(-ahead).unwrap_or(usize::MAX);
+        let already = usize::try_from(ahead.unsigned_abs()).unwrap_or(usize::MAX);
         if already >= payload.len() {
             delivery.retransmitted += payload.len();
         } else {
@@ -174,7 +183,7 @@ impl Reassembler {
     }
 
     /// The end of the capture: what still waits behind holes is delivered after them.
-    pub fn finish(&mut self) -> Vec<((SocketAddr, SocketAddr), Chunk)> {
+    pub fn finish(&mut self) -> Vec<(Key, Chunk)> {
         let mut out = Vec::new();
         for (key, stream) in &mut self.streams {
             while !stream.pending.is_empty() {
@@ -186,18 +195,33 @@ impl Reassembler {
         out
     }
 
+    /// The directions that ended (RST) or were forgotten for room since the last call:
+    /// whatever a framer holds for them will never complete.
+    pub fn take_forgotten(&mut self) -> Vec<Key> {
+        std::mem::take(&mut self.forgotten)
+    }
+
+    /// Beyond [`MAX_STREAMS`], forgets the least recently used half in one pass.
     fn evict(&mut self) {
         if self.streams.len() <= MAX_STREAMS {
             return;
         }
-        if let Some(oldest) = self
+        let mut uses: Vec<u64> = self
             .streams
-            .iter()
-            .min_by_key(|(_, stream)| stream.last_use)
-            .map(|(key, _)| *key)
-        {
-            self.streams.remove(&oldest);
-        }
+            .values()
+            .map(|stream| stream.last_use)
+            .collect();
+        let middle = uses.len() / 2;
+        let (_, median, _) = uses.select_nth_unstable(middle);
+        let median = *median;
+        let forgotten = &mut self.forgotten;
+        self.streams.retain(|key, stream| {
+            let keep = stream.last_use >= median;
+            if !keep {
+                forgotten.push(*key);
+            }
+            keep
+        });
     }
 }
 
@@ -206,9 +230,9 @@ impl Stream {
         if data.is_empty() {
             return;
         }
-        self.next = self
-            .next
-            .wrapping_add(u32::try_from(data.len()).unwrap_or(u32::MAX));
+        let length = u32::try_from(data.len()).unwrap_or(u32::MAX);
+        self.next = self.next.wrapping_add(length);
+        self.offset += u64::from(length);
         match delivery.chunks.last_mut() {
             Some(last) if !self.gap => last.data.extend_from_slice(data),
             _ => delivery.chunks.push(Chunk {
@@ -218,16 +242,15 @@ impl Stream {
         }
     }
 
-    /// Delivers every held segment that now starts at or before `next`.
+    /// Delivers every held segment that now starts at or before the next offset.
     fn drain(&mut self, delivery: &mut Delivery) {
-        while let Some(position) = self
-            .pending
-            .iter()
-            .position(|(start, _)| distance(*start, self.next) <= 0)
-        {
-            let (start, data) = self.pending.swap_remove(position);
+        while let Some(entry) = self.pending.first_entry() {
+            if *entry.key() > self.offset {
+                break;
+            }
+            let (start, data) = entry.remove_entry();
             self.pending_bytes -= data.len();
-            let already = usize::try_from(-distance(start, self.next)).unwrap_or(usize::MAX);
+            let already = usize::try_from(self.offset - start).unwrap_or(usize::MAX);
             if already >= data.len() {
                 delivery.retransmitted += data.len();
             } else {
@@ -239,13 +262,12 @@ impl Stream {
 
     /// Gives up on the hole before the earliest held segment and delivers from there.
     fn skip_hole(&mut self, delivery: &mut Delivery) {
-        let next = self.next;
-        if let Some(&(start, _)) = self
-            .pending
-            .iter()
-            .min_by_key(|(start, _)| distance(*start, next))
-        {
-            self.next = start;
+        if let Some(&start) = self.pending.keys().next() {
+            let lost = start - self.offset;
+            self.next = self
+                .next
+                .wrapping_add(u32::try_from(lost).unwrap_or(u32::MAX));
+            self.offset = start;
             self.gap = true;
             self.drain(delivery);
         }

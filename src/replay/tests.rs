@@ -210,6 +210,14 @@ fn a_truncated_file_keeps_the_frames_before_the_cut() {
 }
 
 #[test]
+fn a_damaged_file_header_is_reported() {
+    let bytes = pcap(false, false, ETHERNET, 65_535, &[]);
+    let extraction = read(bytes[..10].to_vec());
+    assert_eq!(extraction.stats.frames, 0);
+    assert!(extraction.stats.file_error.unwrap().contains("truncated"));
+}
+
+#[test]
 fn a_file_that_is_no_capture_is_refused_by_its_magic() {
     match Capture::from_bytes(b"SIP/2.0 200 OK\r\n".to_vec()) {
         Err(CaptureError::NotACapture { magic }) => assert_eq!(magic, "53 49 50 2f"),
@@ -249,7 +257,7 @@ fn damaged_captures_never_panic_the_reader() {
         }
         if let Ok(capture) = Capture::from_bytes(bytes) {
             let extraction = extract(&capture, &Filter::default());
-            let _ = super::script::dialogues(&extraction.messages, &[]);
+            let _ = super::script::dialogues(extraction.messages, &[]);
         }
     }
 }
@@ -289,7 +297,7 @@ fn filters_keep_ports_time_windows_and_call_ids() {
     );
     assert_eq!(call_ids(&window), vec!["b"]);
     let all = extract(&capture, &Filter::default());
-    let (chosen, _) = super::script::dialogues(&all.messages, &["c".to_string()]);
+    let (chosen, _) = super::script::dialogues(all.messages, &["c".to_string()]);
     assert_eq!(chosen.len(), 1);
     assert_eq!(chosen[0].call_id, "c");
 }

@@ -30,7 +30,12 @@ pub enum TextError {
     NotSip,
     #[error("the headers are not text")]
     NotText,
+    #[error("more than {MAX_HEADERS} header lines")]
+    TooManyHeaders,
 }
+
+/// Header lines a message may have; more is taken for garbage, not SIP.
+pub const MAX_HEADERS: usize = 1024;
 
 /// Whether `line` is a SIP/2.0 status line or request line.
 pub fn is_start_line(line: &[u8]) -> bool {
@@ -85,6 +90,9 @@ impl SipText {
                 continue;
             }
             if let Some((name, value)) = line.split_once(':') {
+                if headers.len() == MAX_HEADERS {
+                    return Err(TextError::TooManyHeaders);
+                }
                 headers.push((name.trim().to_string(), value.trim().to_string()));
             }
         }

@@ -7,7 +7,7 @@ use super::*;
 use crate::config::Transport;
 use crate::replay::extract::CapturedMessage;
 use crate::replay::report::differences;
-use crate::replay::script::dialogues;
+use crate::replay::script::{dialogues, label};
 use crate::replay::text::StartLine;
 
 const EDGE: &str = "10.0.0.1:5060";
@@ -62,7 +62,7 @@ fn response(code: u16, method: &str, cseq: u32, branch: &str) -> String {
 }
 
 fn dialogue(messages: Vec<CapturedMessage>) -> Arc<Dialogue> {
-    let (mut found, _) = dialogues(&messages, &[]);
+    let (mut found, _) = dialogues(messages, &[]);
     assert_eq!(found.len(), 1);
     Arc::new(found.remove(0))
 }
@@ -167,15 +167,15 @@ fn a_call_is_played_with_the_captured_pacing_and_matches() {
     );
     assert!(ack[0].header("To").unwrap().ends_with("tag=live-bob"));
     assert_ne!(ack[0].branch(), invite[0].branch());
-    // The BYE comes 2 s after the captured ACK (1010 ms -> 3010 ms), counted from when
-    // the ACK was sent (at the 200, 900 ms).
+    // The BYE comes 2.01 s after the 200 (1000 ms -> 3010 ms in the capture), counted
+    // from when the live 200 came; the ACK between them took no time.
     assert_eq!(
         player.poll_timeout(),
-        Some(answered + Duration::from_secs(2))
+        Some(answered + Duration::from_millis(2010))
     );
-    player.handle_timeout(answered + Duration::from_millis(1999));
+    player.handle_timeout(answered + Duration::from_millis(2009));
     assert!(drain(&mut player).is_empty());
-    player.handle_timeout(answered + Duration::from_millis(2000));
+    player.handle_timeout(answered + Duration::from_millis(2010));
     let bye = drain(&mut player);
     assert_eq!(labels(&bye), vec!["BYE"]);
     assert!(bye[0].header("To").unwrap().ends_with("tag=live-bob"));
@@ -420,4 +420,107 @@ From: <sip:alice@a>;tag=alice\r\nTo: <sip:bob@b>\r\nCall-ID: run1-call-1\r\nCSeq
     let auto = drain(&mut core);
     assert_eq!(labels(&auto), vec!["200 INVITE"]);
     assert_eq!(auto[0].cseq(), Some((3, "INVITE")));
+}
+
+#[test]
+fn a_captured_cancel_waits_for_a_provisional_response() {
+    let start = Instant::now();
+    // In the capture the CANCEL follows the INVITE after 50 ms, with nothing between.
+    let call = dialogue(vec![
+        captured(true, 0, &request("INVITE", 1, "z9hG4bK1", "", "")),
+        captured(true, 50, &request("CANCEL", 1, "z9hG4bK1", "", "")),
+        captured(false, 60, &response(200, "CANCEL", 1, "z9hG4bK1")),
+        captured(false, 70, &response(487, "INVITE", 1, "z9hG4bK1")),
+    ]);
+    let mut player = Player::new(start, Side::Edge, call, rewrite(Transport::Tcp), pacing());
+    player.handle_timeout(start);
+    let invite = drain(&mut player);
+    player.handle_timeout(start + Duration::from_millis(60));
+    assert!(
+        drain(&mut player).is_empty(),
+        "no CANCEL before a provisional (§9.1)"
+    );
+    player.handle_message(
+        start + Duration::from_millis(80),
+        answer(&invite[0], 100, ""),
+        origin(),
+    );
+    assert_eq!(labels(&drain(&mut player)), vec!["CANCEL"]);
+}
+
+#[test]
+fn the_core_repeats_its_final_answer_over_udp_until_the_ack() {
+    let start = Instant::now();
+    let mut core = Player::new(
+        start,
+        Side::Core,
+        simple_call(),
+        rewrite(Transport::Udp),
+        pacing(),
+    );
+    let invite = SipText::parse(
+        b"INVITE sip:bob@10.0.0.2 SIP/2.0\r\nVia: SIP/2.0/UDP 127.0.0.1:5070;branch=z9hG4bKp1\r\n\
+From: <sip:alice@a>;tag=alice\r\nTo: <sip:bob@b>\r\nCall-ID: run1-call-1\r\nCSeq: 1 INVITE\r\n\
+Contact: <sip:alice@127.0.0.1:40000>\r\n\r\n",
+    )
+    .unwrap();
+    core.handle_message(start, invite, origin());
+    let answered_at = run_until(&mut core, start + Duration::from_millis(1000));
+    let answers = drain(&mut core);
+    assert_eq!(
+        labels(&answers),
+        vec!["100 INVITE", "180 INVITE", "200 INVITE"]
+    );
+    let ok_at = *answered_at.last().unwrap();
+    // No ACK: the 200 again after T1, then 2·T1.
+    let repeats = run_until(&mut core, ok_at + Duration::from_millis(1600));
+    assert_eq!(
+        repeats,
+        vec![
+            ok_at + Duration::from_millis(500),
+            ok_at + Duration::from_millis(1500)
+        ]
+    );
+    assert_eq!(labels(&drain(&mut core)), vec!["200 INVITE", "200 INVITE"]);
+    let ack = SipText::parse(
+        b"ACK sip:alice@127.0.0.1:40000 SIP/2.0\r\nVia: SIP/2.0/UDP 127.0.0.1:5070;branch=z9hG4bKp2\r\n\
+From: <sip:alice@a>;tag=alice\r\nTo: <sip:bob@b>;tag=bob\r\nCall-ID: run1-call-1\r\nCSeq: 1 ACK\r\n\r\n",
+    )
+    .unwrap();
+    core.handle_message(ok_at + Duration::from_millis(1700), ack, origin());
+    run_until(&mut core, ok_at + Duration::from_secs(6));
+    assert!(drain(&mut core)
+        .iter()
+        .all(|message| message.status() != Some(200)));
+}
+
+#[test]
+fn a_call_still_ringing_when_the_walk_ends_is_cancelled_and_one_answered_late_hung_up() {
+    let start = Instant::now();
+    // The capture ends while the call rings.
+    let call = dialogue(vec![
+        captured(true, 0, &request("INVITE", 1, "z9hG4bK1", "", "")),
+        captured(false, 10, &response(180, "INVITE", 1, "z9hG4bK1")),
+    ]);
+    let mut player = Player::new(start, Side::Edge, call, rewrite(Transport::Tcp), pacing());
+    player.handle_timeout(start);
+    let invite = drain(&mut player);
+    player.handle_message(start, answer(&invite[0], 180, LIVE_CONTACT), origin());
+    let cancel = drain(&mut player);
+    assert_eq!(labels(&cancel), vec!["CANCEL"]);
+    assert_eq!(cancel[0].header("Reason"), Some(build::CLEANUP_REASON));
+    // The 200 crosses the CANCEL: ACK it, then hang up.
+    player.handle_message(start, answer(&cancel[0], 200, ""), origin());
+    player.handle_message(start, answer(&invite[0], 200, LIVE_CONTACT), origin());
+    let after = drain(&mut player);
+    assert_eq!(labels(&after), vec!["ACK", "BYE"]);
+    assert!(!player.is_done());
+    player.handle_message(start, answer(&after[1], 200, ""), origin());
+    assert!(player.is_done());
+    assert!(player
+        .ladder()
+        .entries
+        .iter()
+        .skip(2)
+        .all(|entry| entry.note.as_deref() == Some(CLEANUP)));
 }
