@@ -68,24 +68,37 @@ impl SipText {
         let start = match first.strip_prefix("SIP/2.0 ") {
             Some(status) => {
                 let (code, reason) = status.split_once(' ').unwrap_or((status, ""));
+                // Status-Code is three digits from 100 to 699 (RFC 3261 §7.2, §21).
+                let code = code
+                    .parse::<u16>()
+                    .ok()
+                    .filter(|number| (100..700).contains(number) && code.len() == 3)
+                    .ok_or(TextError::NotSip)?;
                 StartLine::Response {
-                    code: code.parse().map_err(|_| TextError::NotSip)?,
+                    code,
                     reason: reason.to_string(),
                 }
             }
             None => {
-                let mut parts = first.splitn(3, ' ');
-                let method = parts.next().unwrap_or_default().to_string();
-                let uri = parts.next().unwrap_or_default().to_string();
-                StartLine::Request { method, uri }
+                // `METHOD SP Request-URI SP SIP/2.0`: the URI is all between, kept as
+                // written even when it holds spaces it should not.
+                let (method, rest) = first.split_once(' ').unwrap_or((first, ""));
+                let uri = rest.strip_suffix(" SIP/2.0").unwrap_or(rest);
+                StartLine::Request {
+                    method: method.to_string(),
+                    uri: uri.to_string(),
+                }
             }
         };
         let mut headers: Vec<(String, String)> = Vec::new();
         for line in lines {
             if line.starts_with([' ', '\t']) {
                 if let Some((_, value)) = headers.last_mut() {
-                    value.push(' ');
-                    value.push_str(line.trim());
+                    let more = line.trim();
+                    if !value.is_empty() && !more.is_empty() {
+                        value.push(' ');
+                    }
+                    value.push_str(more);
                 }
                 continue;
             }
@@ -339,6 +352,31 @@ v=0\r\nextra";
         assert!(!is_start_line(b"GET / HTTP/1.1"));
         assert!(!is_start_line(b"SIP/2.0 2"));
         assert!(SipText::parse(b"\x80\x00garbage").is_err());
+    }
+
+    #[test]
+    fn what_the_fuzzer_found_round_trips_or_is_refused() {
+        // An empty value continued on the next line; a Request-URI with a space in it.
+        for input in [
+            &b"OPTIONS sip:x SIP/2.0\r\nv: \r\n b\r\n\r\n"[..],
+            b"INVITEI  NVITE sip:bob@10.0.0.2 SIP/2.0\r\nl: 0\r\n\r\n",
+        ] {
+            let message = SipText::parse(input).unwrap();
+            assert_eq!(SipText::parse(&message.encode()).unwrap(), {
+                let mut expected = message.clone();
+                expected.set("Content-Length", "0".into());
+                expected
+            });
+        }
+        // A status code is three digits from 100 to 699.
+        assert_eq!(
+            SipText::parse(b"SIP/2.0 020 x\r\n\r\n"),
+            Err(TextError::NotSip)
+        );
+        assert_eq!(
+            SipText::parse(b"SIP/2.0 700 x\r\n\r\n"),
+            Err(TextError::NotSip)
+        );
     }
 
     #[test]
