@@ -109,6 +109,14 @@ fn run_until(player: &mut Player, until: Instant) -> Vec<Instant> {
     times
 }
 
+/// An Edge player started at `start`, and what it sent first.
+fn start_edge(start: Instant, call: Arc<Dialogue>, transport: Transport) -> (Player, Vec<SipText>) {
+    let mut player = Player::new(start, Side::Edge, call, rewrite(transport), pacing());
+    player.handle_timeout(start);
+    let first = drain(&mut player);
+    (player, first)
+}
+
 fn origin() -> Origin {
     Origin {
         address: "127.0.0.1:5060".parse().unwrap(),
@@ -134,15 +142,7 @@ const LIVE_CONTACT: &str =
 #[test]
 fn a_call_is_played_with_the_captured_pacing_and_matches() {
     let start = Instant::now();
-    let mut player = Player::new(
-        start,
-        Side::Edge,
-        simple_call(),
-        rewrite(Transport::Udp),
-        pacing(),
-    );
-    player.handle_timeout(start);
-    let invite = drain(&mut player);
+    let (mut player, invite) = start_edge(start, simple_call(), Transport::Udp);
     assert_eq!(labels(&invite), vec!["INVITE"]);
     assert_eq!(invite[0].call_id(), Some("run1-call-1"));
     let later = start + Duration::from_millis(300);
@@ -201,15 +201,7 @@ fn a_captured_403_answered_200_live_is_acked_and_the_call_hung_up() {
         captured(false, 10, &response(403, "INVITE", 1, "z9hG4bK1")),
         captured(true, 11, &request("ACK", 1, "z9hG4bK1", ";tag=bob", "")),
     ]);
-    let mut player = Player::new(
-        start,
-        Side::Edge,
-        call.clone(),
-        rewrite(Transport::Udp),
-        pacing(),
-    );
-    player.handle_timeout(start);
-    let invite = drain(&mut player);
+    let (mut player, invite) = start_edge(start, call.clone(), Transport::Udp);
     player.handle_message(start, answer(&invite[0], 200, LIVE_CONTACT), origin());
     let out = drain(&mut player);
     assert_eq!(labels(&out), vec!["ACK", "BYE"]);
@@ -261,9 +253,7 @@ fn a_retry_with_credentials_is_skipped_when_no_challenge_came_live() {
         captured(false, 30, &response(200, "INVITE", 2, "z9hG4bK2")),
         captured(true, 31, &request("ACK", 2, "z9hG4bK3", ";tag=bob", "")),
     ]);
-    let mut player = Player::new(start, Side::Edge, call, rewrite(Transport::Udp), pacing());
-    player.handle_timeout(start);
-    let invite = drain(&mut player);
+    let (mut player, invite) = start_edge(start, call, Transport::Udp);
     player.handle_message(start, answer(&invite[0], 200, LIVE_CONTACT), origin());
     player.handle_timeout(start + Duration::from_secs(1));
     let out = drain(&mut player);
@@ -345,15 +335,7 @@ fn a_cancel_goes_on_the_live_invite_and_its_487_is_acked_hop_by_hop() {
         captured(false, 520, &response(487, "INVITE", 1, "z9hG4bK1")),
         captured(true, 530, &request("ACK", 1, "z9hG4bK1", ";tag=bob", "")),
     ]);
-    let mut player = Player::new(
-        start,
-        Side::Edge,
-        call.clone(),
-        rewrite(Transport::Tcp),
-        pacing(),
-    );
-    player.handle_timeout(start);
-    let invite = drain(&mut player);
+    let (mut player, invite) = start_edge(start, call.clone(), Transport::Tcp);
     player.handle_message(start, answer(&invite[0], 180, LIVE_CONTACT), origin());
     player.handle_timeout(start + Duration::from_millis(490));
     let cancel = drain(&mut player);
@@ -432,9 +414,7 @@ fn a_captured_cancel_waits_for_a_provisional_response() {
         captured(false, 60, &response(200, "CANCEL", 1, "z9hG4bK1")),
         captured(false, 70, &response(487, "INVITE", 1, "z9hG4bK1")),
     ]);
-    let mut player = Player::new(start, Side::Edge, call, rewrite(Transport::Tcp), pacing());
-    player.handle_timeout(start);
-    let invite = drain(&mut player);
+    let (mut player, invite) = start_edge(start, call, Transport::Tcp);
     player.handle_timeout(start + Duration::from_millis(60));
     assert!(
         drain(&mut player).is_empty(),
@@ -502,9 +482,7 @@ fn a_call_still_ringing_when_the_walk_ends_is_cancelled_and_one_answered_late_hu
         captured(true, 0, &request("INVITE", 1, "z9hG4bK1", "", "")),
         captured(false, 10, &response(180, "INVITE", 1, "z9hG4bK1")),
     ]);
-    let mut player = Player::new(start, Side::Edge, call, rewrite(Transport::Tcp), pacing());
-    player.handle_timeout(start);
-    let invite = drain(&mut player);
+    let (mut player, invite) = start_edge(start, call, Transport::Tcp);
     player.handle_message(start, answer(&invite[0], 180, LIVE_CONTACT), origin());
     let cancel = drain(&mut player);
     assert_eq!(labels(&cancel), vec!["CANCEL"]);
