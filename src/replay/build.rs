@@ -85,7 +85,9 @@ impl Rewrite {
         if value.trim() == "*" || uri.is_empty() {
             return value.to_string();
         }
-        let Some(start) = value.find(uri) else {
+        // Inside the brackets, not in a display name that repeats the URI.
+        let from = value.find('<').map_or(0, |bracket| bracket + 1);
+        let Some(start) = value[from..].find(uri).map(|start| start + from) else {
             return value.to_string();
         };
         let (scheme, rest) = uri.split_once(':').unwrap_or(("sip", uri));
@@ -488,6 +490,19 @@ Record-Route: <sip:p1;lr>, <sip:p2;lr>\r\nContact: <sip:bob@10.0.0.7:5062>\r\n\r
             vec!["<sip:p2;lr>".to_string(), "<sip:p1;lr>".to_string()]
         );
         assert_eq!(ack.header("Proxy-Authorization"), Some("Bearer t0k3n"));
+    }
+
+    #[test]
+    fn a_display_name_that_repeats_the_uri_is_left_alone() {
+        let mut message = SipText::parse(
+            b"REGISTER sip:x SIP/2.0\r\nContact: \"sip:100@10.1.1.1\" <sip:100@10.1.1.1>\r\n\r\n",
+        )
+        .unwrap();
+        rewrite(Transport::Udp).rewrite_contacts(&mut message);
+        assert_eq!(
+            message.header("Contact"),
+            Some("\"sip:100@10.1.1.1\" <sip:100@127.0.0.1:40000>")
+        );
     }
 
     #[test]

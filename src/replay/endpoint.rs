@@ -94,6 +94,10 @@ enum Inbound {
     Closed {
         id: u64,
     },
+    /// Our background connect to the target ended.
+    TargetConnected {
+        outcome: Result<TcpStream, String>,
+    },
 }
 
 /// What an endpoint drops, for the log at its end.
@@ -123,6 +127,9 @@ pub struct Endpoint {
     started: usize,
     connections: HashMap<u64, mpsc::Sender<Bytes>>,
     target_connection: Option<u64>,
+    /// A connect to the target runs; these wait for it.
+    connecting: bool,
+    waiting: Vec<Bytes>,
     connect_after: Option<Instant>,
     next_connection: u64,
     tracker: TaskTracker,
@@ -180,6 +187,8 @@ impl Endpoint {
             started: 0,
             connections: HashMap::new(),
             target_connection: None,
+            connecting: false,
+            waiting: Vec::new(),
             connect_after: None,
             next_connection: 0,
             tracker: TaskTracker::new(),
@@ -201,7 +210,7 @@ impl Endpoint {
         let began = Instant::now();
         loop {
             if self.role == Side::Edge {
-                self.start_due(began, &sender, &stop).await;
+                self.start_due(began, &sender).await;
                 if self.started == self.starts.len() && self.done.len() == self.players.len() {
                     break;
                 }
@@ -213,10 +222,12 @@ impl Endpoint {
                     Some(event) => self.on_inbound(event, &sender, &stop).await,
                     None => break,
                 },
-                _ = sleep_until(wake) => self.on_timers(&sender, &stop).await,
+                _ = sleep_until(wake) => self.on_timers(&sender).await,
             }
         }
         stop.cancel();
+        // Nobody reads the queue any more: senders blocked on it must see it closed.
+        inbound.close();
         self.tracker.close();
         if tokio::time::timeout(Duration::from_secs(1), self.tracker.wait())
             .await
@@ -244,12 +255,7 @@ impl Endpoint {
         player.into_iter().chain(start).min()
     }
 
-    async fn start_due(
-        &mut self,
-        began: Instant,
-        sender: &mpsc::Sender<Inbound>,
-        stop: &CancellationToken,
-    ) {
+    async fn start_due(&mut self, began: Instant, sender: &mpsc::Sender<Inbound>) {
         let now = Instant::now();
         while let Some(&(index, offset)) = self.starts.get(self.started) {
             if began + offset > now {
@@ -259,7 +265,7 @@ impl Endpoint {
             let mut player = self.player(index, now.into_std());
             player.handle_timeout(now.into_std());
             self.players.insert(index, player);
-            self.settle(index, sender, stop).await;
+            self.settle(index, sender).await;
         }
     }
 
@@ -277,7 +283,7 @@ impl Endpoint {
     }
 
     /// Runs every player whose timer is due.
-    async fn on_timers(&mut self, sender: &mpsc::Sender<Inbound>, stop: &CancellationToken) {
+    async fn on_timers(&mut self, sender: &mpsc::Sender<Inbound>) {
         let now = Instant::now().into_std();
         while let Some(&(at, index)) = self.timers.first() {
             if at > now {
@@ -288,18 +294,13 @@ impl Endpoint {
             if let Some(player) = self.players.get_mut(&index) {
                 player.handle_timeout(now);
             }
-            self.settle(index, sender, stop).await;
+            self.settle(index, sender).await;
         }
     }
 
     /// After player `index` handled something: send what it queued, file its next timer,
     /// note whether it is done.
-    async fn settle(
-        &mut self,
-        index: usize,
-        sender: &mpsc::Sender<Inbound>,
-        stop: &CancellationToken,
-    ) {
+    async fn settle(&mut self, index: usize, sender: &mpsc::Sender<Inbound>) {
         let transport = self.transport_of(index);
         loop {
             let Some(player) = self.players.get_mut(&index) else {
@@ -312,7 +313,7 @@ impl Endpoint {
                 Side::Edge => None,
                 Side::Core => player.peer(),
             });
-            self.send(to, transport, bytes, sender, stop).await;
+            self.send(to, transport, bytes, sender).await;
         }
         let Some(player) = self.players.get(&index) else {
             return;
@@ -324,8 +325,11 @@ impl Endpoint {
             self.timers.insert((at, index));
             self.timer_of.insert(index, at);
         }
+        // A done player can come back to life (a call answered after its cleanup).
         if player.is_done() {
             self.done.insert(index);
+        } else {
+            self.done.remove(&index);
         }
     }
 
@@ -418,6 +422,10 @@ impl Endpoint {
                 }
                 return;
             }
+            Inbound::TargetConnected { outcome } => {
+                self.on_target_connected(outcome, sender, stop);
+                return;
+            }
             Inbound::Message { bytes, origin } => (bytes, origin),
         };
         let Ok(message) = SipText::parse(&bytes) else {
@@ -435,7 +443,7 @@ impl Endpoint {
             if message.is_request() && message.method() != Some("ACK") {
                 let answer =
                     plain_response(&message, 481, "Call/Transaction Does Not Exist", "replay");
-                self.send(Some(origin), Transport::Udp, answer.encode(), sender, stop)
+                self.send(Some(origin), Transport::Udp, answer.encode(), sender)
                     .await;
             }
             return;
@@ -452,7 +460,7 @@ impl Endpoint {
         if let Some(player) = self.players.get_mut(&index) {
             player.handle_message(now, message, origin);
         }
-        self.settle(index, sender, stop).await;
+        self.settle(index, sender).await;
     }
 
     /// Sends to `to` (back the way it came), or to the target over `transport`.
@@ -462,19 +470,17 @@ impl Endpoint {
         transport: Transport,
         bytes: Vec<u8>,
         sender: &mpsc::Sender<Inbound>,
-        stop: &CancellationToken,
     ) {
         let bytes = Bytes::from(bytes);
         let (address, connection) = match to {
             Some(origin) => (origin.address, origin.connection),
-            None if transport == Transport::Tcp => {
-                let Some(id) = self.target_connection(sender, stop).await else {
-                    // No connection: lost, and the player's timeout tells.
-                    self.dropped.unsent += 1;
+            None if transport == Transport::Tcp => match self.target_connection {
+                Some(id) => (self.options.target, Some(id)),
+                None => {
+                    self.wait_for_target(bytes, sender);
                     return;
-                };
-                (self.options.target, Some(id))
-            }
+                }
+            },
             None => (self.options.target, None),
         };
         match connection {
@@ -496,41 +502,65 @@ impl Endpoint {
         }
     }
 
-    /// Our TCP connection to the target, opened when first needed; after a failure, no
-    /// new attempt for [`CONNECT_HOLDOFF`].
-    async fn target_connection(
+    /// Holds `bytes` for the target until our TCP connection to it is up, connecting in
+    /// the background (the endpoint never waits on a connect). After a failure no new
+    /// attempt for [`CONNECT_HOLDOFF`]; what comes meanwhile is dropped and counted.
+    fn wait_for_target(&mut self, bytes: Bytes, sender: &mpsc::Sender<Inbound>) {
+        if self.waiting.len() >= WRITE_QUEUE
+            || self
+                .connect_after
+                .is_some_and(|after| Instant::now() < after)
+        {
+            self.dropped.unsent += 1;
+            return;
+        }
+        self.waiting.push(bytes);
+        if self.connecting {
+            return;
+        }
+        self.connecting = true;
+        let (target, sender) = (self.options.target, sender.clone());
+        self.tracker.spawn(async move {
+            let outcome =
+                match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(target)).await {
+                    Ok(Ok(stream)) => Ok(stream),
+                    Ok(Err(error)) => Err(error.to_string()),
+                    Err(_) => Err("timed out".to_string()),
+                };
+            // The endpoint may have stopped meanwhile; then the stream just closes.
+            let _ = sender.send(Inbound::TargetConnected { outcome }).await;
+        });
+    }
+
+    /// The background connect to the target ended: send what waited, or drop it.
+    fn on_target_connected(
         &mut self,
+        outcome: Result<TcpStream, String>,
         sender: &mpsc::Sender<Inbound>,
         stop: &CancellationToken,
-    ) -> Option<u64> {
-        if let Some(id) = self.target_connection {
-            if self.connections.contains_key(&id) {
-                return Some(id);
-            }
-        }
-        if self
-            .connect_after
-            .is_some_and(|after| Instant::now() < after)
-        {
-            return None;
-        }
-        let target = self.options.target;
-        let stream = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(target)).await {
-            Ok(Ok(stream)) => stream,
-            failed => {
-                let error = match failed {
-                    Ok(Err(error)) => error.to_string(),
-                    _ => "timed out".to_string(),
-                };
+    ) {
+        self.connecting = false;
+        let waiting = std::mem::take(&mut self.waiting);
+        let stream = match outcome {
+            Ok(stream) => stream,
+            Err(error) => {
+                let target = self.options.target;
                 tracing::warn!(error, %target, "replay: cannot connect to the target");
                 self.connect_after = Some(Instant::now() + CONNECT_HOLDOFF);
-                return None;
+                self.dropped.unsent += waiting.len() as u64;
+                return;
             }
         };
         self.next_connection += 1;
         let id = self.next_connection;
         let (reader, writer) = start_writer(&self.tracker, stream, stop);
+        for bytes in waiting {
+            if writer.try_send(bytes).is_err() {
+                self.dropped.unsent += 1;
+            }
+        }
         self.connections.insert(id, writer.clone());
+        let target = self.options.target;
         start_reader(
             &self.tracker,
             id,
@@ -542,7 +572,6 @@ impl Endpoint {
             None,
         );
         self.target_connection = Some(id);
-        Some(id)
     }
 }
 

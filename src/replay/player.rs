@@ -429,6 +429,14 @@ impl Player {
     fn finish_walk(&mut self, now: Instant, outcome: Outcome) {
         self.outcome = Some(outcome);
         if self.role != Side::Edge {
+            // Requests of the Edge that the capture answers no more still get answered;
+            // an INVITE still ringing rings on until the Edge cancels it.
+            for index in 0..self.received.len() {
+                let received = &self.received[index];
+                if !received.final_sent && !matches!(received.method.as_str(), "ACK" | "INVITE") {
+                    self.auto_answer(now, index);
+                }
+            }
             self.phase = Phase::Done;
             return;
         }
@@ -446,13 +454,34 @@ impl Player {
     }
 
     /// Whether cleanup still waits for an answer: to its own requests, or to INVITEs it
-    /// is ending.
+    /// is ending or that were cancelled.
     fn cleanup_pending(&self, now: Instant) -> bool {
         self.sent.iter().any(|sent| {
-            (sent.transaction.is_none() || sent.cleaning_up)
+            (sent.transaction.is_none() || sent.cleaning_up || sent.cancelled)
                 && sent.final_status.is_none()
                 && now < sent.deadline
         })
+    }
+
+    /// A cleanup request went out at `now`: cleanup lasts until it can be answered, even
+    /// when it had ended already (a call answered late).
+    fn extend_cleanup(&mut self, now: Instant) {
+        let until = now + self.pacing.timeout;
+        self.phase = match self.phase {
+            Phase::CleaningUp { until: earlier } => Phase::CleaningUp {
+                until: earlier.max(until),
+            },
+            Phase::Done => Phase::CleaningUp { until },
+            Phase::Walking => Phase::Walking,
+        };
+    }
+
+    /// Marks INVITE `index` cancelled at `now`: its final answer (a 487, or a 200 that
+    /// crossed the CANCEL) is awaited for another timeout, as Timer C would.
+    fn note_cancelled(&mut self, now: Instant, index: usize) {
+        let sent = &mut self.sent[index];
+        sent.cancelled = true;
+        sent.deadline = now + self.pacing.timeout;
     }
 
     /// Sends a cleanup CANCEL for INVITE `index` once it may (after a provisional).
@@ -463,8 +492,9 @@ impl Player {
         }
         let mut cancel = build::cancel(&sent.request);
         cancel.set("Reason", build::CLEANUP_REASON.into());
-        self.sent[index].cancelled = true;
+        self.note_cancelled(now, index);
         self.send_request(now, cancel, None, Some(CLEANUP));
+        self.extend_cleanup(now);
     }
 
     /// Sends a cleanup BYE when the walk is over and a dialog we created is still up.
@@ -503,6 +533,7 @@ impl Player {
         let mut bye = build::bye(&invite, &dialog, cseq, via);
         bye.set("Reason", build::CLEANUP_REASON.into());
         self.send_request(now, bye, None, Some(CLEANUP));
+        self.extend_cleanup(now);
     }
 
     fn next_branch(&mut self) -> String {
@@ -609,7 +640,7 @@ impl Player {
             return true;
         }
         let cancel = build::cancel(&sent.request);
-        self.sent[index].cancelled = true;
+        self.note_cancelled(now, index);
         self.send_request(now, cancel, Some(transaction), None);
         true
     }

@@ -96,9 +96,16 @@ impl Player {
         );
         received.last_response = Some(bytes.clone());
         received.final_sent |= code >= 200;
-        // A final answer to an INVITE is repeated until its ACK comes (Timer G for a
-        // non-2xx, §17.2.1; the 2xx of §13.3.1.4), both capped at T2.
-        if received.method == "INVITE" && code >= 200 && !reliable {
+        // A final answer to an INVITE is repeated until its ACK comes, at T1 doubling up
+        // to T2: a 2xx by us on every transport (§13.3.1.4, reliability is end to end),
+        // a non-2xx over UDP only (Timer G, §17.2.1).
+        let repeats = received.method == "INVITE"
+            && match code {
+                200..=299 => true,
+                300.. => !reliable,
+                _ => false,
+            };
+        if repeats {
             received.retransmit = Retransmit::start(now, t1, Some(t2), now + timeout);
         }
         let origin = received.origin;
@@ -177,6 +184,16 @@ impl Player {
             self.note(format!("stray {}", label(&response)));
             return;
         };
+        if code >= 200 {
+            if let Some(ack) = self.sent[index].ack.clone() {
+                // A retransmitted final: the same ACK again, and nothing learnt from it.
+                self.outputs.push_back(Output {
+                    bytes: ack,
+                    to: None,
+                });
+                return;
+            }
+        }
         if method == "INVITE" {
             if self.sent[index].request.to_tag().is_some() {
                 self.refresh_target(&response, code);
@@ -205,14 +222,6 @@ impl Player {
                 // Timer E goes on at T2 (§17.1.2.2).
                 sent.retransmit = Retransmit::start(now, t2, Some(t2), sent.deadline);
             }
-            return;
-        }
-        if let Some(ack) = sent.ack.clone() {
-            // A retransmitted final: the same ACK again.
-            self.outputs.push_back(Output {
-                bytes: ack,
-                to: None,
-            });
             return;
         }
         let first_final = sent.final_status.is_none();
@@ -391,16 +400,27 @@ impl Player {
                     .method()
                     .is_some_and(|captured| captured.eq_ignore_ascii_case(&method))
         });
-        match captured.and_then(|step| step.transaction) {
-            Some(transaction) => {
-                self.received_for.insert(transaction, index);
-            }
-            None => self.auto_answer(now, index),
+        let Some(transaction) = captured.and_then(|step| step.transaction) else {
+            self.auto_answer(now, index);
+            return;
+        };
+        self.received_for.insert(transaction, index);
+        // The walk answers it if a captured answer of ours is still ahead. An INVITE the
+        // capture never answers rings on (the capture ended while it rang); anything
+        // else is answered now.
+        let answered_later = self.phase == Phase::Walking
+            && self.steps()[self.cursor..].iter().any(|step| {
+                step.side == self.role
+                    && !step.text.is_request()
+                    && step.transaction == Some(transaction)
+            });
+        if !answered_later && method != "INVITE" {
+            self.auto_answer(now, index);
         }
     }
 
-    /// Answers a live request the capture has no counterpart for.
-    fn auto_answer(&mut self, now: Instant, index: usize) {
+    /// Answers a live request the capture has no (more) answer for.
+    pub(super) fn auto_answer(&mut self, now: Instant, index: usize) {
         let method = self.received[index].method.clone();
         if method == "ACK" {
             return;

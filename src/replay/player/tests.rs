@@ -502,3 +502,65 @@ fn a_call_still_ringing_when_the_walk_ends_is_cancelled_and_one_answered_late_hu
         .skip(2)
         .all(|entry| entry.note.as_deref() == Some(CLEANUP)));
 }
+
+#[test]
+fn a_cancelled_invite_is_waited_for_past_its_own_deadline() {
+    let start = Instant::now();
+    let call = dialogue(vec![
+        captured(true, 0, &request("INVITE", 1, "z9hG4bK1", "", "")),
+        captured(false, 10, &response(180, "INVITE", 1, "z9hG4bK1")),
+        captured(false, 1000, &response(200, "INVITE", 1, "z9hG4bK1")),
+    ]);
+    let (mut player, invite) = start_edge(start, call, Transport::Tcp);
+    player.handle_message(start, answer(&invite[0], 180, LIVE_CONTACT), origin());
+    // The 200 never comes: the walk times out 10 s after the 180, and the cleanup
+    // CANCELs the INVITE, whose own 10 s are over by then.
+    let timed_out = start + Duration::from_secs(10);
+    player.handle_timeout(timed_out);
+    let cancel = drain(&mut player);
+    assert_eq!(labels(&cancel), vec!["CANCEL"]);
+    player.handle_message(timed_out, answer(&cancel[0], 200, ""), origin());
+    assert!(!player.is_done(), "the INVITE's 487 is still due");
+    player.handle_message(
+        timed_out + Duration::from_secs(1),
+        answer(&invite[0], 487, ""),
+        origin(),
+    );
+    assert_eq!(labels(&drain(&mut player)), vec!["ACK"]);
+    assert!(player.is_done());
+}
+
+#[test]
+fn the_core_answers_a_request_the_capture_stops_before_answering() {
+    let start = Instant::now();
+    // The capture ends with the Edge's BYE: no 200 for it.
+    let call = dialogue(vec![
+        captured(true, 0, &request("OPTIONS", 1, "z9hG4bK1", "", "")),
+        captured(false, 10, &response(200, "OPTIONS", 1, "z9hG4bK1")),
+        captured(true, 20, &request("OPTIONS", 2, "z9hG4bK2", "", "")),
+    ]);
+    let mut core = Player::new(start, Side::Core, call, rewrite(Transport::Tcp), pacing());
+    let options = |cseq: u32, branch: &str| {
+        SipText::parse(
+            format!(
+                "OPTIONS sip:bob@10.0.0.2 SIP/2.0\r\nVia: SIP/2.0/TCP 127.0.0.1:5070;branch={branch}\r\n\
+                 From: <sip:alice@a>;tag=alice\r\nTo: <sip:bob@b>\r\nCall-ID: run1-call-1\r\n\
+                 CSeq: {cseq} OPTIONS\r\n\r\n"
+            )
+            .as_bytes(),
+        )
+        .unwrap()
+    };
+    core.handle_message(start, options(1, "z9hG4bKa"), origin());
+    run_until(&mut core, start + Duration::from_millis(10));
+    assert_eq!(labels(&drain(&mut core)), vec!["200 OPTIONS"]);
+    core.handle_message(
+        start + Duration::from_millis(20),
+        options(2, "z9hG4bKb"),
+        origin(),
+    );
+    let answer = drain(&mut core);
+    assert_eq!(labels(&answer), vec!["200 OPTIONS"]);
+    assert_eq!(answer[0].cseq(), Some((2, "OPTIONS")));
+    assert!(core.is_done());
+}
