@@ -83,6 +83,14 @@ async fn run(options: &ReplayOptions) -> Report {
     report
 }
 
+/// Replays `capture` through `sidecar`'s Edge side, over the transport it was captured
+/// on, with the core side played on `core` if given.
+async fn through(sidecar: &Sidecar, capture: &Path, core: Option<SocketAddr>) -> Report {
+    let transport = replay::read(capture, &Filter::default()).unwrap().messages[0].transport;
+    let target = sidecar.addr(Side::Edge, transport);
+    run(&options(capture.to_path_buf(), target, core)).await
+}
+
 /// The edge-side ladder of the only dialogue, as `-> INVITE` / `<- 200 INVITE` lines.
 fn replayed_edge(report: &Report) -> Vec<String> {
     report.dialogues[0]
@@ -131,10 +139,7 @@ async fn every_fixture_replays_through_the_sidecar_against_its_captured_core() {
     let core: SocketAddr = ([127, 0, 0, 1], core_port).into();
     let sidecar = Sidecar::start("udp:127.0.0.1:9", &format!("udp:{core}"), "").await;
     for capture in fixtures() {
-        let extraction = replay::read(&capture, &Filter::default()).unwrap();
-        let transport = extraction.messages[0].transport;
-        let target = sidecar.addr(Side::Edge, transport);
-        let report = run(&options(capture.clone(), target, Some(core))).await;
+        let report = through(&sidecar, &capture, Some(core)).await;
         let dialogue = &report.dialogues[0];
         let core_side = dialogue.core_side.as_ref().unwrap();
         assert_eq!(
@@ -160,9 +165,7 @@ async fn against_sipp(capture: &str, uas: &str) -> Report {
     let sipp = Sipp::start("uas", &uas_args(uas, uas_port, Transport::Udp, 1));
     tokio::time::sleep(Duration::from_millis(300)).await;
     let sidecar = Sidecar::start("udp:127.0.0.1:9", &format!("udp:127.0.0.1:{uas_port}"), "").await;
-    let path = fixture(capture);
-    let transport = replay::read(&path, &Filter::default()).unwrap().messages[0].transport;
-    let report = run(&options(path, sidecar.addr(Side::Edge, transport), None)).await;
+    let report = through(&sidecar, &fixture(capture), None).await;
     let outcome = sipp.finish(Duration::from_secs(20)).await;
     assert_all_calls_succeeded(&outcome, 1, "sipp as the far end");
     sidecar.stop().await;
@@ -229,13 +232,7 @@ async fn the_403_after_rotation_is_absorbed_and_the_replayed_edge_sees_200() {
     // Another instance of the client takes a token: the sidecar's is revoked, unknown
     // to it, as in the capture.
     sim.idp.issue_for("edge-a").unwrap();
-    let capture = fixture("invite-403-after-rotation.pcap");
-    let report = run(&options(
-        capture,
-        sidecar.addr(Side::Edge, Transport::Udp),
-        None,
-    ))
-    .await;
+    let report = through(&sidecar, &fixture("invite-403-after-rotation.pcap"), None).await;
     let edge = &report.dialogues[0].edge_side;
     assert_eq!(edge.verdict, Verdict::Diverged);
     assert_eq!(
@@ -272,13 +269,7 @@ async fn a_captured_digest_registration_registers_with_kamailio_through_a_digest
         "",
     ))
     .await;
-    let capture = fixture("register-digest.pcapng");
-    let report = run(&options(
-        capture,
-        sidecar.addr(Side::Edge, Transport::Udp),
-        None,
-    ))
-    .await;
+    let report = through(&sidecar, &fixture("register-digest.pcapng"), None).await;
     let edge = &report.dialogues[0].edge_side;
     // The sidecar answered Kamailio's 401 itself: the Edge's own retry with the
     // captured (stale) credentials is not needed and not sent.

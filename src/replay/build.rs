@@ -320,21 +320,6 @@ fn copy(target: &mut SipText, source: &SipText, name: &str) {
     }
 }
 
-/// Where a request for the URI `uri` goes when it names an IP literal: `host:port`
-/// (5060 by default). Host names are not resolved.
-pub fn uri_address(uri: &str) -> Option<SocketAddr> {
-    let rest = uri.split_once(':')?.1;
-    let host_port = rest.rsplit_once('@').map_or(rest, |(_, host)| host);
-    let host_port = host_port.split([';', '?', '>']).next()?;
-    if let Ok(address) = host_port.parse::<SocketAddr>() {
-        return Some(address);
-    }
-    let host = host_port.trim_start_matches('[').trim_end_matches(']');
-    host.parse::<std::net::IpAddr>()
-        .ok()
-        .map(|ip| SocketAddr::new(ip, 5060))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -516,22 +501,5 @@ Record-Route: <sip:p1;lr>, <sip:p2;lr>\r\nContact: <sip:bob@10.0.0.7:5062>\r\n\r
             message.header("Contact"),
             Some("<sip:+1555;npdi@127.0.0.1:40000;ob>")
         );
-    }
-
-    #[test]
-    fn uri_addresses_are_ip_literals_only() {
-        assert_eq!(
-            uri_address("sip:a@127.0.0.1:5070;lr"),
-            Some("127.0.0.1:5070".parse().unwrap())
-        );
-        assert_eq!(
-            uri_address("sip:10.1.1.1"),
-            Some("10.1.1.1:5060".parse().unwrap())
-        );
-        assert_eq!(
-            uri_address("sip:[::1]:5062;transport=tcp"),
-            Some("[::1]:5062".parse().unwrap())
-        );
-        assert_eq!(uri_address("sip:host.example.com"), None);
     }
 }

@@ -164,7 +164,7 @@ impl Endpoint {
                     offset.saturating_add(options.pacing.scale(first.saturating_sub(previous)));
             }
             previous = Some(first);
-            if dialogue.unplayable().is_none() {
+            if dialogue.playable() {
                 starts.push((index, offset));
             }
         }
@@ -437,7 +437,7 @@ impl Endpoint {
             .and_then(|live| self.rewrite.captured_call_id(live))
             .and_then(|captured| self.by_call_id.get(captured))
             .copied()
-            .filter(|&index| self.dialogues[index].unplayable().is_none());
+            .filter(|&index| self.dialogues[index].playable());
         let Some(index) = index else {
             self.dropped.unmatched += 1;
             if message.is_request() && message.method() != Some("ACK") {

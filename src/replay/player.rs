@@ -288,10 +288,6 @@ impl Player {
         }
     }
 
-    pub fn dialogue(&self) -> &Arc<Dialogue> {
-        &self.dialogue
-    }
-
     /// Where requests of ours go when not to the target: the origin of the first live
     /// request that reached us.
     pub fn peer(&self) -> Option<Origin> {

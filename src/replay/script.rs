@@ -52,15 +52,21 @@ pub struct Dialogue {
 }
 
 impl Dialogue {
-    /// Why the dialogue cannot be started live, if it cannot: its first message on the
-    /// leg must be a request from the Edge that begins a transaction outside a dialog.
+    /// Whether the dialogue can be started live: its first message on the leg is a
+    /// request from the Edge that begins a transaction outside a dialog.
+    pub fn playable(&self) -> bool {
+        self.steps.first().is_some_and(|first| {
+            first.side == Side::Edge
+                && first.text.is_request()
+                && first.text.to_tag().is_none()
+                && !matches!(first.text.method(), Some("ACK" | "CANCEL"))
+        })
+    }
+
+    /// Why the dialogue cannot be started live, if it cannot.
     pub fn unplayable(&self) -> Option<String> {
         let first = self.steps.first()?;
-        let starts = first.side == Side::Edge
-            && first.text.is_request()
-            && first.text.to_tag().is_none()
-            && !matches!(first.text.method(), Some("ACK" | "CANCEL"));
-        (!starts).then(|| {
+        (!self.playable()).then(|| {
             format!(
                 "the capture begins inside this dialogue (its first message is {}): nothing starts it live",
                 first.label()

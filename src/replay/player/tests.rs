@@ -268,15 +268,8 @@ fn a_retry_with_credentials_is_skipped_when_no_challenge_came_live() {
 #[test]
 fn udp_requests_are_retransmitted_until_answered_and_silence_times_out() {
     let start = Instant::now();
-    let mut player = Player::new(
-        start,
-        Side::Edge,
-        simple_call(),
-        rewrite(Transport::Udp),
-        pacing(),
-    );
-    player.handle_timeout(start);
-    assert_eq!(drain(&mut player).len(), 1);
+    let (mut player, invite) = start_edge(start, simple_call(), Transport::Udp);
+    assert_eq!(invite.len(), 1);
     // Timer A: 500 ms, then 1 s, 2 s, 4 s after that.
     let mut sends = Vec::new();
     let mut now = start;
@@ -311,15 +304,7 @@ fn udp_requests_are_retransmitted_until_answered_and_silence_times_out() {
 #[test]
 fn tcp_requests_are_not_retransmitted() {
     let start = Instant::now();
-    let mut player = Player::new(
-        start,
-        Side::Edge,
-        simple_call(),
-        rewrite(Transport::Tcp),
-        pacing(),
-    );
-    player.handle_timeout(start);
-    drain(&mut player);
+    let (mut player, _) = start_edge(start, simple_call(), Transport::Tcp);
     player.handle_timeout(start + Duration::from_secs(4));
     assert!(drain(&mut player).is_empty());
 }
