@@ -2,7 +2,8 @@
 //! whole story on loopback, `sim` the simulators, `replay` a capture.
 //!
 //! Exit codes: 0 success, 64 invalid configuration or usage, 65 an unusable capture,
-//! 1 any other failure (for `replay`: a dialogue diverged or timed out).
+//! 70 an internal error (a panic in any task ends the process), 1 any other failure
+//! (for `replay`: a dialogue diverged or timed out).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -207,6 +208,7 @@ enum Simulator {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    byoc_sidecar::fatal::exit_on_panic();
     match cli.command {
         Command::Check { config } => check(&config),
         Command::Run { config } => run(&config),

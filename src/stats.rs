@@ -85,10 +85,30 @@ counters! {
     tcp_connections_refused,
     /// TCP streams closed because of a framing error (size, Content-Length).
     tcp_framing_errors,
+    /// TCP connections closed because a write did not finish within tcp_write_timeout.
+    tcp_write_timeouts,
+    /// Requests of a trunk with credentials whose next hop is not the trunk's core:
+    /// forwarded without the trunk's credentials.
+    credentials_withheld,
+    /// Route trunk parameters ignored because the sender does not belong to that trunk.
+    foreign_trunk_parameters,
+    /// In-dialog requests that waited for their trunk's credential to become valid.
+    credential_waits,
+    /// Requests toward the core sent without a credential because none was valid in time
+    /// (in-dialog requests after `resend_wait`, ACKs at once).
+    sent_without_credential,
+    /// The longest time, in microseconds, a refused request waited for its re-send or
+    /// for its refusal to be passed on (a maximum, not a counter).
+    longest_resend_wait_micros,
 }
 
 impl Stats {
     pub fn bump(counter: &AtomicU64) {
         counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Raises a maximum to `value` if it is higher.
+    pub fn raise(maximum: &AtomicU64, value: u64) {
+        maximum.fetch_max(value, Ordering::Relaxed);
     }
 }

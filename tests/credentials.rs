@@ -102,6 +102,7 @@ fn policy() -> RefreshPolicy {
         slow_retry: Duration::from_secs(60),
         force_interval: Duration::from_secs(5),
         activation_delay: Duration::ZERO,
+        resend_wait: Duration::from_secs(8),
     }
 }
 

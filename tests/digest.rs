@@ -37,7 +37,7 @@ impl DigestRig {
         let core = RawPeer::bind().await;
         let config = format!(
             // The file is not polled: only a forced refresh (a refused password) reads it.
-            "{}auth = \"digest\"\n\n[trunk.credentials]\nkind = \"file\"\nformat = \"username_password\"\npoll_interval = \"1h\"\nforce_refresh_interval = \"0s\"\npath = \"{}\"\n",
+            "{}auth = \"digest\"\n\n[trunk.credentials]\nkind = \"file\"\nformat = \"username_password\"\npoll_interval = \"1h\"\nforce_refresh_interval = \"1s\"\npath = \"{}\"\n",
             Sidecar::config("udp:127.0.0.1:9", &format!("udp:{}", core.addr), ""),
             dir.path().join("login").display()
         );

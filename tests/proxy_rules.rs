@@ -475,27 +475,67 @@ async fn tcp_response_after_the_edges_connection_closed_goes_to_the_sent_by_port
 
 /// A 2xx matching no transaction is forwarded by its Via only within the allow list: a
 /// Via the core wrote cannot make the sidecar send anywhere else.
+/// A 2xx that matches no transaction any more (after Timer M) is forwarded by its next
+/// Via only when the Via it pops is really ours (a branch this proxy made, at our
+/// address), and only to an address the Edge side allows.
 #[tokio::test]
-async fn stateless_response_forwarding_stays_within_the_allow_list() {
+async fn stateless_response_forwarding_needs_our_via_and_stays_within_the_allow_list() {
     let core = RawPeer::bind().await;
-    let text = Sidecar::config("udp:127.0.0.2:9", &format!("udp:{}", core.addr), "").replacen(
-        "allow = [\"127.0.0.0/8\"]",
-        "allow = [\"127.0.0.5/32\"]",
-        1,
-    );
+    // T1 of 10 ms: Timer M (64·T1) ends the INVITE's Accepted state after 640 ms.
+    let text = Sidecar::config(
+        "udp:127.0.0.2:9",
+        &format!("udp:{}", core.addr),
+        "t1 = \"10ms\"\nt2 = \"40ms\"",
+    )
+    .replacen("allow = [\"127.0.0.0/8\"]", "allow = [\"127.0.0.5/32\"]", 1);
     let sidecar = Sidecar::start_with(&text).await;
+    let proxy = sidecar.addr(Side::Edge, Transport::Udp);
     let core_side = sidecar.addr(Side::Core, Transport::Udp);
+    let edge = tokio::net::UdpSocket::bind("127.0.0.2:0").await.unwrap();
+    let edge_addr = edge.local_addr().unwrap();
     let outsider = RawPeer::bind().await; // 127.0.0.1: not allowed on the edge side
-    let allowed = tokio::net::UdpSocket::bind("127.0.0.2:0").await.unwrap();
-    let late_ok = |to: std::net::SocketAddr, branch: &str| {
-        format!(
-            "SIP/2.0 200 OK\r\nVia: SIP/2.0/UDP {core_side};branch=z9hG4bKbsc{branch}\r\n\
-             Via: SIP/2.0/UDP {to};branch=z9hG4bKedge\r\nFrom: <sip:a@b>;tag=1\r\nTo: <sip:c@d>;tag=2\r\n\
-             Call-ID: late@test\r\nCSeq: 1 INVITE\r\nContent-Length: 0\r\n\r\n"
-        )
-    };
-    core.send(&late_ok(outsider.addr, "00000000000000aa"), core_side)
-        .await;
+    edge.send_to(
+        invite(edge_addr, proxy, "z9hG4bKlate", "late@test").as_bytes(),
+        proxy,
+    )
+    .await
+    .unwrap();
+    let (request, from) = common::raw::next_request(&core, rsip::Method::Invite).await;
+    let ok = common::raw::answer(&request, 200, "OK", "core");
+    core.send(&ok, from).await;
+    let mut buffer = [0u8; 4096];
+    let mut relayed = Vec::new();
+    while !relayed.contains(&200) {
+        let (length, _) = tokio::time::timeout(WAIT, edge.recv_from(&mut buffer))
+            .await
+            .expect("the 200 at the Edge")
+            .unwrap();
+        relayed.push(status(&message::parse(&buffer[..length], true).unwrap()));
+    }
+    tokio::time::sleep(Duration::from_millis(1000)).await; // past Timer M
+    let strays = sidecar.app.stats.snapshot().stray_responses;
+
+    // The same 2xx again: our Via, a branch we made, the Edge allowed: forwarded.
+    core.send(&ok, core_side).await;
+    let late = tokio::time::timeout(WAIT, edge.recv_from(&mut buffer)).await;
+    assert!(late.is_ok(), "the allowed Edge did not get the late 2xx");
+
+    // Our branch, but the next Via names an address outside the allow list: dropped.
+    let theirs = header_values(&request, "Via")[1].clone();
+    let to_outsider = ok.replace(
+        &theirs,
+        &format!("SIP/2.0/UDP {};branch=z9hG4bKedge", outsider.addr),
+    );
+    assert_ne!(to_outsider, ok);
+    core.send(&to_outsider, core_side).await;
+    // A branch with our prefix that we never made: dropped.
+    let ours = common::raw::top_branch(&request);
+    let forged = ok.replace(&ours, "z9hG4bKbsc0000000000000000000000aa");
+    core.send(&forged, core_side).await;
+    // Our branch under another host's sent-by: dropped.
+    let elsewhere = ok.replacen(&core_side.to_string(), "127.0.0.9:5060", 1);
+    assert_ne!(elsewhere, ok);
+    core.send(&elsewhere, core_side).await;
     let leaked = tokio::time::timeout(
         Duration::from_millis(300),
         outsider.socket.recv_from(&mut [0u8; 10]),
@@ -505,17 +545,9 @@ async fn stateless_response_forwarding_stays_within_the_allow_list() {
         leaked.is_err(),
         "a response was sent outside the allow list"
     );
-    core.send(
-        &late_ok(allowed.local_addr().unwrap(), "00000000000000bb"),
-        core_side,
-    )
-    .await;
-    let mut buffer = [0u8; 2048];
-    let received = tokio::time::timeout(WAIT, allowed.recv_from(&mut buffer)).await;
-    assert!(
-        received.is_ok(),
-        "the allowed Edge did not get the late 2xx"
-    );
-    assert_eq!(sidecar.app.stats.snapshot().stray_responses, 1);
+    let at_edge =
+        tokio::time::timeout(Duration::from_millis(300), edge.recv_from(&mut buffer)).await;
+    assert!(at_edge.is_err(), "a forged 2xx reached the Edge");
+    assert_eq!(sidecar.app.stats.snapshot().stray_responses, strays + 3);
     sidecar.stop().await;
 }

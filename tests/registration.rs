@@ -339,7 +339,7 @@ async fn a_rejected_token_is_replaced_and_the_register_re_sent_once() {
     let dir = tempfile::tempdir().unwrap();
     let registrar = RawPeer::bind().await;
     let config = format!(
-        "{}auth = \"bearer\"\n{}force_refresh_interval = \"0s\"\n{REGISTRATION}",
+        "{}auth = \"bearer\"\n{}force_refresh_interval = \"1s\"\n{REGISTRATION}",
         Sidecar::config("udp:127.0.0.1:9", &format!("udp:{}", registrar.addr), ""),
         sim.credentials_toml(dir.path(), "")
     );

@@ -49,7 +49,7 @@ async fn calls_survive_revoke_on_reissue_rotation_every_two_seconds() {
         Duration::from_secs(10),
         TokenKind::Jwt,
         Validation::RevokeOnReissue,
-        "force_refresh_interval = \"500ms\"\n",
+        "",
     )
     .await;
     let (idp, cancel) = (&sim.idp, &sim.cancel);

@@ -16,6 +16,10 @@ use crate::credentials::schedule::RefreshPolicy;
 use crate::credentials::{read_secret, Secret};
 
 const DAY: Duration = Duration::from_secs(24 * 3600);
+
+/// The longest `resend_wait` (and so `force_refresh_interval`): a refused BYE must still
+/// be answered before the Edge gives up on it (Timer F, 32 s with the default T1).
+const MAX_RESEND_WAIT: Duration = Duration::from_secs(30);
 /// The longest lifetime a credential may be configured with.
 const MAX_LIFETIME: Duration = Duration::from_secs(30 * 24 * 3600);
 
@@ -60,6 +64,7 @@ pub struct CredentialsConfig {
     pub slow_retry: Option<String>,
     pub force_refresh_interval: Option<String>,
     pub activation_delay: Option<String>,
+    pub resend_wait: Option<String>,
 }
 
 /// A validated credential configuration.
@@ -162,7 +167,8 @@ impl CredentialsConfig {
             backoff_max,
             slow_retry,
             force_refresh_interval,
-            activation_delay
+            activation_delay,
+            resend_wait
         );
         given
     }
@@ -180,6 +186,7 @@ impl CredentialsConfig {
             "slow_retry",
             "force_refresh_interval",
             "activation_delay",
+            "resend_wait",
         ];
         const ORG: &[&str] = &["organization", "scopes", "organization_claim"];
         let allowed: Vec<&str> = match self.kind.as_str() {
@@ -202,7 +209,13 @@ impl CredentialsConfig {
             // A file another agent rewrites is re-read when the core refuses what it
             // held, as often as force_refresh_interval allows.
             "file" => [
-                &["path", "format", "poll_interval", "force_refresh_interval"][..],
+                &[
+                    "path",
+                    "format",
+                    "poll_interval",
+                    "force_refresh_interval",
+                    "resend_wait",
+                ][..],
                 ORG,
             ]
             .concat(),
@@ -289,6 +302,12 @@ impl CredentialsConfig {
                 &self.activation_delay,
                 defaults.activation_delay,
             ),
+            resend_wait: duration(
+                problems,
+                "resend_wait",
+                &self.resend_wait,
+                defaults.resend_wait,
+            ),
         };
         if policy.backoff_initial.is_zero() || policy.backoff_max < policy.backoff_initial {
             problems.add(
@@ -312,11 +331,18 @@ impl CredentialsConfig {
                 DAY,
             ),
             ("slow_retry", policy.slow_retry, Duration::from_secs(1), DAY),
+            // Below a second a refused credential could make token requests back to back.
             (
                 "force_refresh_interval",
                 policy.force_interval,
-                Duration::ZERO,
-                DAY,
+                Duration::from_secs(1),
+                MAX_RESEND_WAIT,
+            ),
+            (
+                "resend_wait",
+                policy.resend_wait,
+                Duration::from_secs(1),
+                MAX_RESEND_WAIT,
             ),
             (
                 "activation_delay",
@@ -326,6 +352,17 @@ impl CredentialsConfig {
             ),
         ] {
             problems.within(&key(name), value, low, high);
+        }
+        // A refused request waits for the next forced refresh; the rate limit must let one
+        // through within the wait, or a rotation inside the window would fail calls.
+        if policy.resend_wait < policy.force_interval {
+            problems.add(
+                &key("resend_wait"),
+                format!(
+                    "{:?} is shorter than force_refresh_interval ({:?}): a rotation inside the rate-limit window would fail calls",
+                    policy.resend_wait, policy.force_interval
+                ),
+            );
         }
         let secret = |problems: &mut Problems,
                       file: &Option<PathBuf>,

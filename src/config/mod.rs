@@ -110,6 +110,9 @@ pub struct SipConfig {
     pub tcp_max_connections: usize,
     pub tcp_idle_timeout: String,
     pub tcp_connect_timeout: String,
+    /// How long one write to a TCP connection may take before the connection is closed
+    /// (a peer that stops reading must not hold its connection and slot for ever).
+    pub tcp_write_timeout: String,
 }
 
 impl Default for SipConfig {
@@ -125,6 +128,7 @@ impl Default for SipConfig {
             tcp_max_connections: 1024,
             tcp_idle_timeout: "300s".into(),
             tcp_connect_timeout: "5s".into(),
+            tcp_write_timeout: "10s".into(),
         }
     }
 }
@@ -228,6 +232,7 @@ pub struct Limits {
     pub tcp_max_connections: usize,
     pub tcp_idle_timeout: Duration,
     pub tcp_connect_timeout: Duration,
+    pub tcp_write_timeout: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -375,32 +380,59 @@ impl Config {
 
     fn validate_limits(&self, problems: &mut Problems) -> Limits {
         let sip = &self.sip;
-        if !(1024..=1 << 20).contains(&sip.max_message_size) {
-            problems.add(
-                "sip.max_message_size",
-                format!("{} is outside 1024..=1048576 bytes", sip.max_message_size),
-            );
-        }
-        for (key, value) in [
-            ("sip.max_transactions", sip.max_transactions),
-            ("sip.queue_capacity", sip.queue_capacity),
-            ("sip.tcp_max_connections", sip.tcp_max_connections),
+        // Upper bounds keep tables, queues and deadlines far from what would exhaust
+        // memory or overflow a clock; nothing real comes near them.
+        for (key, value, low, high) in [
+            ("sip.max_message_size", sip.max_message_size, 1024, 1 << 20),
+            ("sip.max_transactions", sip.max_transactions, 1, 10_000_000),
+            ("sip.queue_capacity", sip.queue_capacity, 1, 1 << 20),
+            (
+                "sip.tcp_max_connections",
+                sip.tcp_max_connections,
+                1,
+                1 << 20,
+            ),
         ] {
-            if value == 0 {
-                problems.add(key, "must be more than zero".into());
+            if !(low..=high).contains(&value) {
+                problems.add(key, format!("{value} is outside {low}..={high}"));
             }
         }
+        let mut timeout = |key: &str, text: &str, default: u64, low: Duration, high: Duration| {
+            let value = problems
+                .duration(key, text)
+                .unwrap_or(Duration::from_secs(default));
+            problems.within(key, value, low, high);
+            value
+        };
+        let tcp_idle_timeout = timeout(
+            "sip.tcp_idle_timeout",
+            &sip.tcp_idle_timeout,
+            300,
+            Duration::from_secs(1),
+            Duration::from_secs(24 * 3600),
+        );
+        let tcp_connect_timeout = timeout(
+            "sip.tcp_connect_timeout",
+            &sip.tcp_connect_timeout,
+            5,
+            Duration::from_millis(100),
+            Duration::from_secs(60),
+        );
+        let tcp_write_timeout = timeout(
+            "sip.tcp_write_timeout",
+            &sip.tcp_write_timeout,
+            10,
+            Duration::from_millis(100),
+            Duration::from_secs(60),
+        );
         Limits {
             max_message_size: sip.max_message_size,
             max_transactions: sip.max_transactions,
             queue_capacity: sip.queue_capacity,
             tcp_max_connections: sip.tcp_max_connections,
-            tcp_idle_timeout: problems
-                .duration("sip.tcp_idle_timeout", &sip.tcp_idle_timeout)
-                .unwrap_or(Duration::from_secs(300)),
-            tcp_connect_timeout: problems
-                .duration("sip.tcp_connect_timeout", &sip.tcp_connect_timeout)
-                .unwrap_or(Duration::from_secs(5)),
+            tcp_idle_timeout,
+            tcp_connect_timeout,
+            tcp_write_timeout,
         }
     }
 

@@ -13,8 +13,13 @@
 //! - [`CredentialManager::force_refresh`] refreshes only while the rejected generation is
 //!   still current, lets one caller through per `force_interval`, and makes every
 //!   concurrent caller wait for that one attempt.
-//! - Each attempt runs in its own task, so even a panicking source cannot take the
-//!   refresher down with it.
+//! - [`CredentialManager::replacement`] is what a caller uses when the core refused a
+//!   request: it reads the refusal by the rule of [`super::verdict`] (rotation, refusal of
+//!   the request, permanent refusal) and, for a rotation, forces a refresh, waiting for
+//!   the rate limit up to `resend_wait`, so no rotation schedule can fail a call.
+//! - Each attempt runs in its own task, so a panicking source cannot take the refresher
+//!   down with it where panics unwind (the tests); the binary makes every panic end the
+//!   process instead ([`crate::fatal`]).
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -28,6 +33,7 @@ use tokio_util::task::TaskTracker;
 
 use super::jwt::{self, Diagnostic};
 use super::schedule::{ForceLimiter, RefreshPolicy};
+use super::verdict::{CoreView, Reading};
 use super::{Credential, CredentialValue, FetchError, Fetched, Source};
 
 /// How long a forced refresh waits for its attempt before answering with what there is:
@@ -65,6 +71,14 @@ pub struct CredentialStats {
     pub forced: AtomicU64,
     pub forced_coalesced: AtomicU64,
     pub forced_rate_limited: AtomicU64,
+    /// Forced refreshes that waited for the rate limit to let them through.
+    pub forced_waited: AtomicU64,
+    /// Refusals read as a rotation (refresh and re-send).
+    pub refusals_rotation: AtomicU64,
+    /// Refusals of a credential the core accepted on a later request.
+    pub refusals_of_the_request: AtomicU64,
+    /// Refusals read as permanent (passed on at once).
+    pub refusals_permanent: AtomicU64,
 }
 
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -76,6 +90,10 @@ pub struct CredentialStatsSnapshot {
     pub forced: u64,
     pub forced_coalesced: u64,
     pub forced_rate_limited: u64,
+    pub forced_waited: u64,
+    pub refusals_rotation: u64,
+    pub refusals_of_the_request: u64,
+    pub refusals_permanent: u64,
 }
 
 /// Point-in-time values for the metrics exporter.
@@ -101,6 +119,8 @@ struct ForceState {
     configuration_error: bool,
     /// No forced attempt before this (the backoff or `Retry-After` after a failure).
     not_before: Option<Instant>,
+    /// What the core's answers showed of the generations (see [`super::verdict`]).
+    view: CoreView,
 }
 
 struct Shared {
@@ -115,6 +135,8 @@ struct Shared {
     finished: watch::Sender<u64>,
     stats: CredentialStats,
     refresher_alive: AtomicBool,
+    /// Whether a fetch can bring a different credential (not for `static`).
+    renewable: bool,
 }
 
 /// A handle to one managed credential; cheap to clone.
@@ -158,6 +180,7 @@ impl CredentialManager {
                 pending: None,
                 configuration_error: false,
                 not_before: None,
+                view: CoreView::default(),
             }),
             options,
             current: ArcSwapOption::empty(),
@@ -165,6 +188,7 @@ impl CredentialManager {
             finished,
             stats: CredentialStats::default(),
             refresher_alive: AtomicBool::new(true),
+            renewable: source.renewable(),
         });
         tracker.spawn(refresher(shared.clone(), source, cancel));
         Self { shared }
@@ -227,6 +251,10 @@ impl CredentialManager {
             forced: load(&stats.forced),
             forced_coalesced: load(&stats.forced_coalesced),
             forced_rate_limited: load(&stats.forced_rate_limited),
+            forced_waited: load(&stats.forced_waited),
+            refusals_rotation: load(&stats.refusals_rotation),
+            refusals_of_the_request: load(&stats.refusals_of_the_request),
+            refusals_permanent: load(&stats.refusals_permanent),
         }
     }
 
@@ -250,49 +278,153 @@ impl CredentialManager {
         self.shared.finished.subscribe()
     }
 
-    /// The core rejected generation `rejected`: get a newer credential if one can be had.
-    /// Returns the newest credential afterwards, even one still within its activation
-    /// delay (which may still be `rejected` when the source handed out the same value, or
-    /// when `rejected` was itself within its delay and is offered again after it; `None`
-    /// when there is none).
+    /// How long a caller may wait for a replacement credential (`resend_wait`).
+    pub fn resend_wait(&self) -> Duration {
+        self.shared.options.policy.resend_wait
+    }
+
+    /// The core accepted a request carrying `generation` that was sent at `sent_at`.
+    pub fn note_accepted(&self, generation: u64, sent_at: std::time::Instant) {
+        self.lock_force().view.accepted(generation, sent_at);
+    }
+
+    /// Whether the core's refusals are read as permanent now (a credential fetched to
+    /// replace a refused one was refused too, and none was accepted since).
+    pub fn core_refusing(&self) -> bool {
+        self.lock_force().view.is_refusing()
+    }
+
+    /// Waits until a valid credential is at hand, at most until `deadline`.
+    pub async fn wait_valid(&self, deadline: Instant) -> Option<Arc<Credential>> {
+        let mut finished = self.shared.finished.subscribe();
+        let valid = finished.wait_for(|_| self.current().is_some());
+        // Past the deadline the caller goes on without; the refresher carries on.
+        let _ = tokio::time::timeout_at(deadline, valid).await;
+        self.current()
+    }
+
+    /// The core refused a request that carried generation `rejected` and was sent at
+    /// `sent_at` (DESIGN.md item 6). Returns the credential to re-send it with, or `None`
+    /// when the refusal should go to the Edge:
+    ///
+    /// - a newer credential at hand, or `rejected` itself once its activation delay has
+    ///   passed: that one, at once;
+    /// - a refusal read as one of the request, or as permanent ([`super::verdict`]):
+    ///   `None` at once; a permanent refusal also starts a refresh in the background
+    ///   when the rate limit allows, so a repaired configuration is picked up;
+    /// - a rotation: a forced refresh, waiting for the rate limit (or the backoff after
+    ///   a failed attempt) at most `resend_wait` from now, then the newest credential.
+    pub async fn replacement(
+        &self,
+        rejected: u64,
+        sent_at: std::time::Instant,
+    ) -> Option<Arc<Credential>> {
+        if let Some(credential) = self.without_fetching(rejected).await {
+            return Some(credential);
+        }
+        if !self.shared.renewable {
+            return None;
+        }
+        let reading = self.lock_force().view.refused(rejected, sent_at);
+        let stats = &self.shared.stats;
+        let counter = match reading {
+            Reading::Rotation => &stats.refusals_rotation,
+            Reading::RequestRefused => &stats.refusals_of_the_request,
+            Reading::Permanent => &stats.refusals_permanent,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        tracing::debug!(trunk = %self.shared.options.trunk, generation = rejected, reading = reading.as_str(), "core refused the credential");
+        match reading {
+            Reading::RequestRefused => None,
+            Reading::Permanent => {
+                if matches!(self.start_forced(rejected), Start::Started) {
+                    tracing::info!(trunk = %self.shared.options.trunk, generation = rejected, "core refuses fresh credentials; refreshing in the background, refusals go to the Edge meanwhile");
+                }
+                None
+            }
+            Reading::Rotation => {
+                let deadline = Instant::now() + self.shared.options.policy.resend_wait;
+                self.refresh_for(rejected, Some(deadline)).await
+            }
+        }
+    }
+
+    /// The core rejected generation `rejected`: get a newer credential if one can be had
+    /// now, without waiting for the rate limit. Returns the newest credential afterwards,
+    /// even one still within its activation delay (which may still be `rejected` when
+    /// the source handed out the same value, or when `rejected` was itself within its
+    /// delay and is offered again after it; `None` when there is none).
     pub async fn force_refresh(&self, rejected: u64) -> Option<Arc<Credential>> {
+        if let Some(credential) = self.without_fetching(rejected).await {
+            return Some(credential);
+        }
+        self.refresh_for(rejected, None).await
+    }
+
+    /// A credential that answers a rejection of `rejected` without a fetch: a newer one,
+    /// or `rejected` itself once its activation delay has passed.
+    async fn without_fetching(&self, rejected: u64) -> Option<Arc<Credential>> {
         // A newer credential in its activation delay is used at once when the one served
         // meanwhile is rejected.
-        if let Some(newest) = self.newest() {
-            if newest.generation != rejected {
-                return Some(newest);
-            }
-            // The rejected credential is the newest and still within its activation
-            // delay: it may not have propagated yet, and neither would another one.
-            // Offer it again once the delay has passed instead of fetching.
-            let delay = self.shared.options.policy.activation_delay;
-            let active_at = newest.obtained + delay;
-            if !delay.is_zero() && Instant::now().into_std() < active_at {
-                tokio::time::sleep_until(Instant::from_std(active_at)).await;
-                return Some(newest);
-            }
+        let newest = self.newest()?;
+        if newest.generation != rejected {
+            return Some(newest);
         }
+        // The rejected credential is the newest and still within its activation delay:
+        // it may not have propagated yet, and neither would another one. Offer it again
+        // once the delay has passed instead of fetching.
+        let delay = self.shared.options.policy.activation_delay;
+        let active_at = newest.obtained + delay;
+        if !delay.is_zero() && Instant::now().into_std() < active_at {
+            tokio::time::sleep_until(Instant::from_std(active_at)).await;
+            return Some(newest);
+        }
+        None
+    }
+
+    /// Forces a refresh replacing `rejected`; with a `deadline`, waits for the rate limit
+    /// or a backoff that ends before it instead of giving up.
+    async fn refresh_for(
+        &self,
+        rejected: u64,
+        deadline: Option<Instant>,
+    ) -> Option<Arc<Credential>> {
         let stats = &self.shared.stats;
-        {
-            let now = Instant::now();
-            let mut force = self.lock_force();
-            let backing_off = force.not_before.is_some_and(|not_before| now < not_before);
-            if force.pending == Some(rejected) {
-                stats.forced_coalesced.fetch_add(1, Ordering::Relaxed);
-            } else if force.pending.is_some()
-                || force.configuration_error
-                || backing_off
-                || !force.limiter.try_acquire(now.into_std())
-            {
-                stats.forced_rate_limited.fetch_add(1, Ordering::Relaxed);
-                return self.newest();
-            } else {
-                force.pending = Some(rejected);
-                stats.forced.fetch_add(1, Ordering::Relaxed);
-                self.shared.wake.notify_one();
+        let mut finished = self.shared.finished.subscribe();
+        let mut waited = false;
+        loop {
+            match self.start_forced(rejected) {
+                Start::Newer => return self.newest(),
+                Start::Started | Start::Joined => break,
+                Start::Busy => {
+                    // Another forced attempt is under way: its end may bring what we need.
+                    let limit = deadline.unwrap_or_else(|| Instant::now() + FORCE_WAIT);
+                    if tokio::time::timeout_at(limit, finished.changed())
+                        .await
+                        .is_err()
+                    {
+                        return self.newest();
+                    }
+                }
+                Start::Blocked { until } => match (deadline, until) {
+                    (Some(deadline), Some(until)) if until <= deadline => {
+                        if !waited {
+                            waited = true;
+                            stats.forced_waited.fetch_add(1, Ordering::Relaxed);
+                        }
+                        // A scheduled refresh may bring a newer credential meanwhile.
+                        tokio::select! {
+                            _ = tokio::time::sleep_until(until) => {}
+                            _ = finished.changed() => {}
+                        }
+                    }
+                    _ => {
+                        stats.forced_rate_limited.fetch_add(1, Ordering::Relaxed);
+                        return self.newest();
+                    }
+                },
             }
         }
-        let mut finished = self.shared.finished.subscribe();
         let wait = finished.wait_for(|_| {
             let newer = self
                 .shared
@@ -303,13 +435,71 @@ impl CredentialManager {
             newer || self.lock_force().pending != Some(rejected)
         });
         // Past the limit, answer with what there is; the refresher carries on.
-        let _ = tokio::time::timeout(FORCE_WAIT, wait).await;
+        let limit = Instant::now() + FORCE_WAIT;
+        let limit = deadline.map_or(limit, |deadline| deadline.min(limit));
+        let _ = tokio::time::timeout_at(limit, wait).await;
         self.newest()
+    }
+
+    /// Asks the refresher for an attempt replacing `rejected`, if the rules allow one now.
+    fn start_forced(&self, rejected: u64) -> Start {
+        let now = Instant::now();
+        let stats = &self.shared.stats;
+        let newer = self
+            .shared
+            .current
+            .load()
+            .as_ref()
+            .is_some_and(|credential| credential.generation != rejected);
+        if newer {
+            return Start::Newer;
+        }
+        let mut force = self.lock_force();
+        if force.pending == Some(rejected) {
+            stats.forced_coalesced.fetch_add(1, Ordering::Relaxed);
+            return Start::Joined;
+        }
+        if force.pending.is_some() {
+            return Start::Busy;
+        }
+        if force.configuration_error {
+            return Start::Blocked { until: None };
+        }
+        let limited = force
+            .limiter
+            .available_at(now.into_std())
+            .map(Instant::from_std);
+        let backing_off = force.not_before.filter(|not_before| now < *not_before);
+        if let Some(until) = limited.max(backing_off) {
+            return Start::Blocked { until: Some(until) };
+        }
+        if !force.limiter.try_acquire(now.into_std()) {
+            return Start::Blocked { until: None };
+        }
+        force.pending = Some(rejected);
+        stats.forced.fetch_add(1, Ordering::Relaxed);
+        self.shared.wake.notify_one();
+        Start::Started
     }
 
     fn lock_force(&self) -> std::sync::MutexGuard<'_, ForceState> {
         lock(&self.shared.force)
     }
+}
+
+/// What asking for a forced attempt led to.
+enum Start {
+    /// A credential newer than the rejected one is there already.
+    Newer,
+    /// An attempt for this rejection was requested now.
+    Started,
+    /// An attempt for this rejection is already under way.
+    Joined,
+    /// An attempt for another rejection is under way.
+    Busy,
+    /// Not allowed now: the rate limit or a backoff ends at `until`; a configuration
+    /// error (or a clock that refuses) ends never.
+    Blocked { until: Option<Instant> },
 }
 
 /// The force state is plain data; a panic elsewhere while holding it leaves it usable.
@@ -404,6 +594,7 @@ async fn refresher(shared: Arc<Shared>, source: Arc<dyn Source>, cancel: Cancell
             })),
         };
         let result = result.and_then(|fetched| usable(fetched, sent_at));
+        let before = generation_of(&shared);
         next_attempt = match result {
             Ok(fetched) => on_success(&shared, &mut memory, fetched, sent_at, wall_sent_at),
             Err(error) => on_failure(&shared, &mut memory, &error, &source.describe()),
@@ -412,11 +603,25 @@ async fn refresher(shared: Arc<Shared>, source: Arc<dyn Source>, cancel: Cancell
             let mut force = lock(&shared.force);
             if forced {
                 force.pending = None;
+                // A credential fetched to replace a refused one: if the core refuses it
+                // before accepting it, the refusal is permanent (see `verdict`).
+                let after = generation_of(&shared);
+                if let Some(generation) = after.filter(|_| after != before) {
+                    force.view.forced(generation);
+                }
             }
         }
         shared.finished.send_modify(|count| *count += 1);
     }
     tracing::debug!(trunk = %shared.options.trunk, "credential manager stopped");
+}
+
+fn generation_of(shared: &Shared) -> Option<u64> {
+    shared
+        .current
+        .load()
+        .as_ref()
+        .map(|credential| credential.generation)
 }
 
 /// Bounds a fetched lifetime and refuses a credential that is (nearly) dead on arrival.

@@ -14,6 +14,7 @@ pub mod manager;
 pub mod oauth2;
 pub mod schedule;
 pub mod secret;
+pub mod verdict;
 
 pub use manager::{CredentialManager, ManagerOptions};
 pub use secret::Secret;
@@ -158,6 +159,12 @@ pub trait Source: Send + Sync + 'static {
 
     /// What the source is, for logs ("oauth2 https://login.example/token").
     fn describe(&self) -> String;
+
+    /// Whether fetching again can bring a different credential: a refusal of one that
+    /// cannot change is passed on without a refresh.
+    fn renewable(&self) -> bool {
+        true
+    }
 }
 
 /// A credential that never changes on its own (`kind = "static"`).
@@ -178,6 +185,10 @@ impl Source for StaticSource {
 
     fn describe(&self) -> String {
         format!("static {}", self.value.kind())
+    }
+
+    fn renewable(&self) -> bool {
+        false
     }
 }
 

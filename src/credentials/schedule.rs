@@ -37,6 +37,10 @@ pub struct RefreshPolicy {
     /// replaces is still valid: for cores that accept a new token only some time after
     /// it was issued (propagation lag). Zero: at once.
     pub activation_delay: Duration,
+    /// How long a request the core refused may wait for its replacement credential
+    /// (for the rate limit, a backoff, the token request itself) before the refusal goes
+    /// to the Edge; also how long an in-dialog request waits for a valid credential.
+    pub resend_wait: Duration,
 }
 
 impl Default for RefreshPolicy {
@@ -48,6 +52,7 @@ impl Default for RefreshPolicy {
             slow_retry: Duration::from_secs(300),
             force_interval: Duration::from_secs(5),
             activation_delay: Duration::ZERO,
+            resend_wait: Duration::from_secs(8),
         }
     }
 }
@@ -117,6 +122,12 @@ impl ForceLimiter {
             interval,
             last: None,
         }
+    }
+
+    /// When the next forced refresh may go, if not at `now`.
+    pub fn available_at(&self, now: Instant) -> Option<Instant> {
+        let next = self.last?.checked_add(self.interval)?;
+        (next > now).then_some(next)
     }
 
     /// True (and the slot taken) when a forced refresh may go now.
@@ -266,5 +277,21 @@ mod tests {
         assert!(!limiter.try_acquire(start + secs(1)));
         assert!(!limiter.try_acquire(start + Duration::from_millis(4999)));
         assert!(limiter.try_acquire(start + secs(5)));
+    }
+
+    #[test]
+    fn the_limiter_says_when_the_next_forced_refresh_may_go() {
+        let mut limiter = ForceLimiter::new(secs(5));
+        let start = Instant::now();
+        assert_eq!(limiter.available_at(start), None);
+        assert!(limiter.try_acquire(start + secs(1)));
+        assert_eq!(limiter.available_at(start + secs(2)), Some(start + secs(6)));
+        assert!(!limiter.try_acquire(start + secs(5)));
+        assert_eq!(limiter.available_at(start + secs(6)), None);
+        assert!(limiter.try_acquire(start + secs(6)));
+        assert_eq!(
+            limiter.available_at(start + secs(6)),
+            Some(start + secs(11))
+        );
     }
 }

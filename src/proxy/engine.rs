@@ -59,8 +59,52 @@ pub fn transaction_span(
 /// The Record-Route URI parameter that carries the trunk of a dialog.
 pub const TRUNK_PARAM: &str = "bsct";
 
-pub fn new_branch() -> String {
-    format!("{OWN_BRANCH_PREFIX}{:016x}", rand::random::<u64>())
+/// Makes and recognises this proxy's branches: the prefix, a random nonce and a keyed
+/// tag over it (SipHash with a key drawn at start), so a response whose top Via claims
+/// to be ours can be checked without a transaction: a stray 2xx is forwarded only with
+/// a branch this proxy really made.
+pub struct Branches {
+    key: std::collections::hash_map::RandomState,
+}
+
+impl Branches {
+    pub fn new() -> Self {
+        Self {
+            key: std::collections::hash_map::RandomState::new(),
+        }
+    }
+
+    pub fn next(&self) -> String {
+        let nonce = rand::random::<u64>();
+        format!("{OWN_BRANCH_PREFIX}{nonce:016x}{:08x}", self.tag(nonce))
+    }
+
+    /// Whether `branch` was made by [`Branches::next`] of this instance.
+    pub fn is_own(&self, branch: &str) -> bool {
+        let Some(rest) = branch.strip_prefix(OWN_BRANCH_PREFIX) else {
+            return false;
+        };
+        if rest.len() != 24 || !rest.is_ascii() {
+            return false;
+        }
+        let (nonce, tag) = rest.split_at(16);
+        match (u64::from_str_radix(nonce, 16), u32::from_str_radix(tag, 16)) {
+            (Ok(nonce), Ok(tag)) => self.tag(nonce) == tag,
+            _ => false,
+        }
+    }
+
+    fn tag(&self, nonce: u64) -> u32 {
+        use std::hash::BuildHasher;
+        // The high half of a keyed 64-bit hash.
+        (self.key.hash_one(nonce) >> 32) as u32
+    }
+}
+
+impl Default for Branches {
+    fn default() -> Self {
+        Self::new()
+    }
 }
 
 /// Where to send: a side, a transport and an address, and for UDP the local socket to
@@ -140,6 +184,8 @@ pub(super) struct ServerEntry {
     pub client: Option<u64>,
     /// A rejected request waiting for a fresh credential to be re-sent.
     pub pending_resend: Option<Box<super::resend::PendingResend>>,
+    /// An in-dialog request waiting for its trunk to hold a valid credential.
+    pub pending_forward: Option<Box<super::request::Forward>>,
     /// The Edge cancelled this INVITE (matters while a re-send is pending).
     pub cancel_requested: bool,
     pub span: tracing::Span,
@@ -189,6 +235,7 @@ pub struct Engine {
     /// A way back into this engine's own queue, for work finished elsewhere (a forced
     /// credential refresh). Weak, so the queue still closes when the transports stop.
     pub(super) internal: mpsc::WeakSender<TransportEvent>,
+    pub(super) branches: Branches,
 }
 
 /// The engine's clock: tokio's, so `tokio::time::pause` drives it in tests.
@@ -227,6 +274,7 @@ impl Engine {
             digest: HashMap::new(),
             last_dialog_sweep: now(),
             internal,
+            branches: Branches::new(),
         }
     }
 
@@ -261,6 +309,9 @@ impl Engine {
             TransportEvent::Message(inbound) => self.handle_message(inbound),
             TransportEvent::CredentialRefreshed { server, credential } => {
                 self.finish_resend(server, credential)
+            }
+            TransportEvent::CredentialReady { server, credential } => {
+                self.finish_forward(server, credential)
             }
             TransportEvent::Originate {
                 trunk,
@@ -414,6 +465,7 @@ impl Engine {
                 reconnect: None,
                 client: None,
                 pending_resend: None,
+                pending_forward: None,
                 cancel_requested: false,
                 span,
                 scheduled: None,
@@ -600,6 +652,7 @@ impl Engine {
         } else if code >= 200 {
             entry.cancel_pending = false;
         }
+        self.note_acceptance(client, code);
         // Past the first final answer only an absorbed rejection needs the copy.
         let keep_copy = matches!(code, 401 | 403 | 407);
         if (200..300).contains(&code) {
@@ -734,16 +787,16 @@ impl Engine {
             }
             return;
         }
-        if !key.branch.starts_with(OWN_BRANCH_PREFIX) {
-            Stats::bump(&self.stats.stray_responses);
-            tracing::debug!(peer = %source.peer, "dropped response to a request this proxy did not send");
-            return;
-        }
         // A late 2xx retransmission for an INVITE after the transaction ended (§16.7
-        // step 1): forward it by Via. Nothing else is forwarded without a transaction.
+        // step 1): forward it by Via, but only when the Via it pops is ours (our address
+        // and a branch we made). Nothing else is forwarded without a transaction.
         let success = (200..300).contains(&response.status_code.code());
-        if !success || key.method.0 != rsip::Method::Invite {
+        let ours = self.branches.is_own(&key.branch)
+            && message::top_via(&response.headers)
+                .is_ok_and(|via| self.router.is_own_host(&via.host, via.port));
+        if !ours || !success || key.method.0 != rsip::Method::Invite {
             Stats::bump(&self.stats.stray_responses);
+            tracing::debug!(peer = %source.peer, "dropped response matching no transaction");
             return;
         }
         let mut response = response;
@@ -873,5 +926,32 @@ impl Engine {
                 _ => {}
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn own_branches_are_recognised_and_forged_ones_are_not() {
+        let branches = Branches::new();
+        let made = branches.next();
+        assert!(made.starts_with(OWN_BRANCH_PREFIX));
+        assert!(branches.is_own(&made));
+        // Another instance (another key) did not make it.
+        assert!(!Branches::new().is_own(&made));
+        // The prefix alone, a changed nonce, a changed tag, junk: not ours.
+        let flipped = |position: usize| {
+            let mut bytes = made.clone().into_bytes();
+            bytes[position] = if bytes[position] == b'0' { b'1' } else { b'0' };
+            String::from_utf8(bytes).unwrap()
+        };
+        assert!(!branches.is_own(&flipped(OWN_BRANCH_PREFIX.len())));
+        assert!(!branches.is_own(&flipped(made.len() - 1)));
+        assert!(!branches.is_own(&format!("{OWN_BRANCH_PREFIX}00000000000000aa")));
+        assert!(!branches.is_own(&format!("{OWN_BRANCH_PREFIX}zzzzzzzzzzzzzzzzzzzzzzzz")));
+        assert!(!branches.is_own("z9hG4bKother"));
+        assert!(!branches.is_own(&format!("{OWN_BRANCH_PREFIX}é0000000000000000000000")));
     }
 }

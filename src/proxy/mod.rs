@@ -285,6 +285,7 @@ impl Shared<'_> {
             receive: receive.clone(),
             idle_timeout: limits.tcp_idle_timeout,
             connect_timeout: limits.tcp_connect_timeout,
+            write_timeout: limits.tcp_write_timeout,
             max_connections: limits.tcp_max_connections,
             open_connections: Arc::new(AtomicUsize::new(0)),
             next_id: Arc::new(AtomicU64::new(1)),

@@ -7,16 +7,17 @@ use std::sync::Arc;
 
 use rsip::{Method, Request};
 
-use super::engine::{new_branch, now, Destination, Engine, Entry, TRUNK_PARAM};
+use super::engine::{now, Destination, Engine, Entry, TRUNK_PARAM};
 use super::routing::{Hop, RouteError};
 use crate::config::{AuthMode, Transport};
-use crate::credentials::CredentialValue;
+use crate::credentials::{Credential, CredentialValue};
 use crate::sip::digest::{ChallengeKind, DigestClient};
 use crate::sip::message;
 use crate::sip::transaction::{ServerKey, ServerTransaction};
 use crate::sip::via::Via;
 use crate::stats::Stats;
 use crate::transport::Side;
+use crate::transport::TransportEvent;
 
 /// Where a message came from.
 #[derive(Debug, Clone, Copy)]
@@ -28,14 +29,26 @@ pub struct Source {
 }
 
 /// A request ready to go to the next hop.
-struct Forward {
+pub(super) struct Forward {
     request: Request,
     branch: String,
     destination: Destination,
     trunk: Option<Arc<str>>,
     trunk_index: Option<usize>,
-    /// The generation of the credential attached, if any.
-    generation: Option<u64>,
+    attach: Attach,
+}
+
+/// What a forwarded request carries of the sidecar's credentials.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Attach {
+    /// Nothing: toward the Edge, on a trunk without auth, toward a hop that is not the
+    /// trunk's core, or an ACK or CANCEL that Digest does not cover.
+    Nothing,
+    /// The trunk's credential of this generation, which makes it eligible for a re-send.
+    Generation(u64),
+    /// An in-dialog request for a trunk that holds no valid credential right now: it
+    /// waits (bounded) for one instead of being refused (DESIGN.md item 6).
+    Awaiting,
 }
 
 /// Why a request is answered here instead of forwarded.
@@ -87,6 +100,12 @@ impl Engine {
         };
         let key = match ServerKey::for_request(&request) {
             Ok(key) => key,
+            // An ACK is never answered (§17.1.1.3): one we cannot key is dropped.
+            Err(error) if request.method == Method::Ack => {
+                Stats::bump(&self.stats.malformed_dropped);
+                tracing::debug!(peer = %source.peer, error = %error, "dropped ACK that cannot be matched");
+                return;
+            }
             Err(error) => {
                 tracing::debug!(peer = %source.peer, error = %error, "rejecting request");
                 self.reject_stateless(reply_to, &request, 400, &error.to_string());
@@ -150,27 +169,7 @@ impl Engine {
                 if let Some(trunk) = forward.trunk.as_deref() {
                     span.record("trunk", trunk);
                 }
-                tracing::debug!(to = %forward.destination.addr, branch = %forward.branch, "forwarding request");
-                let resend =
-                    forward
-                        .generation
-                        .zip(forward.trunk_index)
-                        .map(|(generation, trunk)| {
-                            Box::new(super::resend::ResendInfo {
-                                request: forward.request.clone(),
-                                generation,
-                                trunk,
-                                is_resend: false,
-                                sent_at: super::engine::now(),
-                            })
-                        });
-                self.start_client(
-                    forward.request,
-                    &forward.branch,
-                    forward.destination,
-                    Some(server),
-                    resend,
-                );
+                self.dispatch(server, forward);
             }
             Err(rejection) => {
                 Stats::bump(&self.stats.locally_rejected);
@@ -181,6 +180,114 @@ impl Engine {
                 );
             }
         }
+    }
+
+    /// Starts the client transaction of a prepared request, or parks it until its trunk
+    /// holds a valid credential.
+    fn dispatch(&mut self, server: u64, forward: Forward) {
+        let generation = match forward.attach {
+            Attach::Awaiting => {
+                self.await_credential(server, forward);
+                return;
+            }
+            Attach::Generation(generation) => Some(generation),
+            Attach::Nothing => None,
+        };
+        tracing::debug!(to = %forward.destination.addr, branch = %forward.branch, "forwarding request");
+        let resend = generation
+            .zip(forward.trunk_index)
+            .map(|(generation, trunk)| {
+                Box::new(super::resend::ResendInfo {
+                    request: forward.request.clone(),
+                    generation,
+                    trunk,
+                    is_resend: false,
+                    sent_at: now(),
+                })
+            });
+        self.start_client(
+            forward.request,
+            &forward.branch,
+            forward.destination,
+            Some(server),
+            resend,
+        );
+    }
+
+    /// Parks an in-dialog request until its trunk's credential is valid again, at most
+    /// `resend_wait`; [`Engine::finish_forward`] takes it up.
+    fn await_credential(&mut self, server: u64, forward: Forward) {
+        let manager = forward
+            .trunk_index
+            .and_then(|index| self.router.trunk(index))
+            .and_then(|trunk| trunk.credentials.clone());
+        let (Some(manager), Some(internal)) = (manager, self.internal.upgrade()) else {
+            // Nothing to wait for (or the engine is stopping): the core decides.
+            self.finish_forward_with(server, forward, None);
+            return;
+        };
+        tracing::info!(
+            trunk = manager.trunk(),
+            "no valid credential for an in-dialog request; waiting for one"
+        );
+        Stats::bump(&self.stats.credential_waits);
+        if let Some(Entry::Server(entry)) = self.entries.get_mut(&server) {
+            entry.pending_forward = Some(Box::new(forward));
+        }
+        let deadline = tokio::time::Instant::now() + manager.resend_wait();
+        tokio::spawn(async move {
+            let credential = manager.wait_valid(deadline).await;
+            // The engine may have stopped meanwhile; then nobody waits for this.
+            let _ = internal
+                .send(TransportEvent::CredentialReady { server, credential })
+                .await;
+        });
+    }
+
+    /// The wait of a parked in-dialog request ended: it goes with the credential, or
+    /// without one (counted), and the core decides.
+    pub(super) fn finish_forward(&mut self, server: u64, credential: Option<Arc<Credential>>) {
+        let Some(Entry::Server(entry)) = self.entries.get_mut(&server) else {
+            return;
+        };
+        let Some(forward) = entry.pending_forward.take() else {
+            return;
+        };
+        if entry.transaction.is_final() {
+            return;
+        }
+        if entry.cancel_requested {
+            self.respond_locally(server, message::status(487));
+            return;
+        }
+        self.finish_forward_with(server, *forward, credential);
+    }
+
+    fn finish_forward_with(
+        &mut self,
+        server: u64,
+        mut forward: Forward,
+        credential: Option<Arc<Credential>>,
+    ) {
+        let attached = match (credential, forward.trunk_index) {
+            (Some(credential), Some(trunk)) => {
+                // In a dialog a Digest challenge is answered by the re-send.
+                self.put_credential(&mut forward.request, trunk, &credential, false)
+                    .then_some(credential.generation)
+            }
+            _ => None,
+        };
+        forward.attach = match attached {
+            Some(generation) => Attach::Generation(generation),
+            None => {
+                Stats::bump(&self.stats.sent_without_credential);
+                tracing::warn!(
+                    "no valid credential in time; forwarding the in-dialog request without one"
+                );
+                Attach::Nothing
+            }
+        };
+        self.dispatch(server, forward);
     }
 
     /// ACK: for a non-2xx final response it belongs to the INVITE server transaction and
@@ -277,7 +384,7 @@ impl Engine {
         );
         let out_side = source.side.opposite();
         let (hop, trunk_index) = self.next_hop(source, &mut request, out_side)?;
-        let generation = self.apply_credentials(&mut request, out_side, trunk_index)?;
+        let attach = self.apply_credentials(&mut request, out_side, trunk_index, hop)?;
         let trunk = trunk_index.and_then(|index| self.router.trunk(index));
         let inbound = self.side(source.side);
         let outbound = self.side(out_side);
@@ -298,7 +405,7 @@ impl Engine {
                 format!("no {} listener on the {out_side} side", hop.transport),
             )
         })?;
-        let branch = new_branch();
+        let branch = self.branches.next();
         let mut via = Via::new(
             hop.transport.via_token(),
             &outbound.advertise,
@@ -318,7 +425,7 @@ impl Engine {
             },
             trunk: trunk.map(|trunk| trunk.name.clone()),
             trunk_index,
-            generation,
+            attach,
         })
     }
 
@@ -337,7 +444,7 @@ impl Engine {
             tracing::warn!(transport = %hop.transport, "no core-side listener for the trunk's transport; cannot send");
             return;
         };
-        let branch = new_branch();
+        let branch = self.branches.next();
         let mut via = Via::new(
             hop.transport.via_token(),
             &self.core.advertise,
@@ -358,83 +465,115 @@ impl Engine {
         }
     }
 
-    /// Credentials go toward the core only, and only the trunk's own (DESIGN.md item 5).
-    /// On a `bearer` or `digest` trunk whatever the Edge put in `Authorization` or
-    /// `Proxy-Authorization` is removed; a `bearer` trunk adds its current token, a
-    /// `digest` trunk its answers to the challenges the core last sent (none before the
-    /// first). Toward the Edge both headers are removed. Without a valid credential the
-    /// request is refused with 503 rather than sent with an expired one. Returns the
-    /// credential generation used, which makes the request eligible for a re-send.
+    /// Credentials go toward the core only, and only the trunk's own, and only to the
+    /// trunk's configured core (DESIGN.md items 2 and 5). On a `bearer` or `digest` trunk
+    /// whatever the Edge put in `Authorization` or `Proxy-Authorization` is removed; a
+    /// `bearer` trunk adds its current token, a `digest` trunk its answers to the
+    /// challenges the core last sent (none before the first). Toward the Edge, and toward
+    /// any hop that is not the trunk's core (an in-dialog request whose remote target or
+    /// route leads elsewhere), nothing is added and both headers are removed. Without a
+    /// valid credential an initial request is refused with 503 rather than sent with an
+    /// expired one; an in-dialog request waits for one instead ([`Attach::Awaiting`]).
     fn apply_credentials(
         &mut self,
         request: &mut Request,
         out_side: Side,
         trunk_index: Option<usize>,
-    ) -> Result<Option<u64>, Rejection> {
+        hop: Hop,
+    ) -> Result<Attach, Rejection> {
         let trunk = trunk_index.and_then(|index| self.router.trunk(index));
         let Some(trunk) = trunk.filter(|_| out_side == Side::Core) else {
             // Toward the Edge never; toward the core without a trunk, nothing the Edge
             // sent is vouched for either.
             strip_credentials(request);
-            return Ok(None);
+            return Ok(Attach::Nothing);
         };
         if trunk.auth == AuthMode::None {
-            return Ok(None);
+            return Ok(Attach::Nothing);
         }
         strip_credentials(request);
+        if !self.router.is_core_of(trunk, hop) {
+            Stats::bump(&self.stats.credentials_withheld);
+            tracing::info!(trunk = %trunk.name, to = %hop.addr, "next hop is not the trunk's core; forwarding without the trunk's credentials");
+            return Ok(Attach::Nothing);
+        }
         let ack = request.method == Method::Ack;
         // ACK and CANCEL cannot be challenged (§22.1): no Digest answer for them.
         if trunk.auth == AuthMode::Digest && (ack || request.method == Method::Cancel) {
-            return Ok(None);
+            return Ok(Attach::Nothing);
         }
+        let in_dialog = message::to_value(&request.headers)
+            .ok()
+            .and_then(message::tag_of)
+            .is_some();
+        let (index, name) = (trunk.index, trunk.name.clone());
         let Some(credential) = trunk
             .credentials
             .as_ref()
             .and_then(|manager| manager.current())
         else {
-            // An ACK for a 2xx cannot be refused: the call would break. It goes without.
+            // An ACK for a 2xx cannot wait or be refused: the call would break.
             if ack {
-                return Ok(None);
+                Stats::bump(&self.stats.sent_without_credential);
+                return Ok(Attach::Nothing);
+            }
+            if in_dialog {
+                return Ok(Attach::Awaiting);
             }
             return Err(Rejection::new(
                 503,
-                format!("trunk {} has no valid credential", trunk.name),
+                format!("trunk {name} has no valid credential"),
             ));
         };
-        match (&credential.value, trunk.auth) {
+        // Answers go ahead of a challenge only on requests outside a dialog: a core that
+        // does not consume them would pass them on to the far end. In a dialog a
+        // challenge is answered by the re-send.
+        if !self.put_credential(request, index, &credential, !in_dialog) {
+            return Err(Rejection::new(
+                503,
+                format!("trunk {name} has no credential of the kind its auth needs"),
+            ));
+        }
+        tracing::debug!(trunk = %name, generation = credential.generation, fingerprint = %credential.fingerprint, "credential attached");
+        Ok(Attach::Generation(credential.generation))
+    }
+
+    /// Adds trunk `trunk`'s `credential` to a request going to its core: the Bearer
+    /// token, or (with `answer_digest`) the answers to the challenges the core last
+    /// sent. False when the credential is not of the kind the trunk's auth needs.
+    pub(super) fn put_credential(
+        &mut self,
+        request: &mut Request,
+        trunk: usize,
+        credential: &Credential,
+        answer_digest: bool,
+    ) -> bool {
+        let Some((auth, realm)) = self
+            .router
+            .trunk(trunk)
+            .map(|trunk| (trunk.auth, trunk.digest_realm.clone()))
+        else {
+            return false;
+        };
+        match (&credential.value, auth) {
             (CredentialValue::Token(token), AuthMode::Bearer) => {
                 request.headers.push(rsip::Header::Authorization(
                     format!("Bearer {}", token.expose()).into(),
                 ));
+                true
             }
             (CredentialValue::UserPassword { username, password }, AuthMode::Digest) => {
-                // Answers go ahead of a challenge only on requests outside a dialog: a
-                // core that does not consume them would pass them on to the far end.
-                // In a dialog a challenge is answered by the re-send.
-                let in_dialog = message::to_value(&request.headers)
-                    .ok()
-                    .and_then(message::tag_of)
-                    .is_some();
-                if !in_dialog {
+                if answer_digest {
                     let client = self
                         .digest
-                        .entry(trunk.index)
-                        .or_insert_with(|| DigestClient::new(trunk.digest_realm.clone()));
+                        .entry(trunk)
+                        .or_insert_with(|| DigestClient::new(realm));
                     push_digest_answers(request, client, username, password);
                 }
+                true
             }
-            _ => {
-                return Err(Rejection::new(
-                    503,
-                    format!(
-                        "trunk {} has no credential of the kind its auth needs",
-                        trunk.name
-                    ),
-                ))
-            }
+            _ => false,
         }
-        tracing::debug!(trunk = %trunk.name, generation = credential.generation, fingerprint = %credential.fingerprint, "credential attached");
-        Ok(Some(credential.generation))
     }
 
     /// Route processing (§16.4) and target selection: a remaining Route wins; a request
@@ -471,6 +610,29 @@ impl Engine {
         }
         if routes.len() != original_count {
             message::set_routes(&mut request.headers, &routes);
+        }
+        let initial = message::to_value(&request.headers)
+            .ok()
+            .and_then(message::tag_of)
+            .is_none();
+        if initial && source.side == Side::Edge {
+            // Outbound-proxy semantics: an initial request from the Edge goes to its
+            // trunk's core whatever its Request-URI and the Route entries after ours say;
+            // those stay in the message for the core to act on. So an Edge can never
+            // carry its trunk's credentials to another host.
+            let trunk = match dialog_trunk {
+                Some(index) => self.router.trunk(index),
+                None => self.router.edge_trunk(
+                    source.peer.ip(),
+                    source.local.port(),
+                    &request.uri.host().to_string(),
+                ),
+            }
+            .ok_or(RouteError::NoTrunk)?;
+            return Ok((
+                self.router.checked(trunk.core, out_side)?,
+                Some(trunk.index),
+            ));
         }
         if let Some(first) = routes.first() {
             let uri = message::route_uri(first)
@@ -509,7 +671,8 @@ impl Engine {
 
     /// The trunk index our Record-Route wrote into a Route value, if it names a trunk
     /// the sender may use: an Edge cannot borrow another trunk's credentials by writing
-    /// that trunk's index into a Route.
+    /// that trunk's index into a Route, and a core can name only a trunk it serves (or
+    /// that trunk's in-dialog requests would carry its credentials to the wrong core).
     fn trunk_of_route(&self, route: &str, source: Source) -> Option<usize> {
         let uri = crate::sip::header::name_addr_uri(route);
         let params = &uri[uri.find(';')?..];
@@ -519,8 +682,12 @@ impl Engine {
         let trunk = self.router.trunk(index)?;
         let allowed = match source.side {
             Side::Edge => self.router.edge_may_use(trunk, source.peer.ip()),
-            Side::Core => true,
+            Side::Core => self.router.is_core_address(trunk, source.peer.ip()),
         };
+        if !allowed {
+            Stats::bump(&self.stats.foreign_trunk_parameters);
+            tracing::info!(side = %source.side, peer = %source.peer, trunk = %trunk.name, "ignoring a Route's trunk parameter naming a trunk the sender does not belong to");
+        }
         allowed.then_some(trunk.index)
     }
 

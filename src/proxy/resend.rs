@@ -9,8 +9,14 @@
 //!   is answered at once with the credential at hand (the nonce is what is new);
 //! - anything else (403, a Bearer 401, a Digest answer refused with its own nonce) means
 //!   the credential itself may be stale: the trunk's credential manager is asked for a
-//!   newer generation (`force_refresh`, coalesced and rate-limited there), and only if
-//!   one comes is the request re-sent.
+//!   replacement ([`crate::credentials::CredentialManager::replacement`]), which reads
+//!   the refusal by the one rule of [`crate::credentials::verdict`]: a rotation waits
+//!   (at most `resend_wait`) for the next refresh the rate limit allows, a permanent
+//!   refusal or one of the request itself is passed on at once. Only if a newer
+//!   credential comes is the request re-sent.
+//!
+//! Every answer above 100 other than 401/403/407 to a request that carried a credential
+//! tells the manager that the core accepted that generation.
 //!
 //! The dialog remembers the offset so later requests from the Edge are numbered as the
 //! core now expects, and responses toward the Edge carry the Edge's own CSeq
@@ -23,10 +29,10 @@ use std::sync::Arc;
 
 use rsip::{Request, Response};
 
-use super::engine::{new_branch, now, Destination, Engine, Entry};
-use super::request::{push_digest_answers, strip_credentials};
+use super::engine::{now, Destination, Engine, Entry};
+use super::request::strip_credentials;
 use crate::config::AuthMode;
-use crate::credentials::{Credential, CredentialValue};
+use crate::credentials::Credential;
 use crate::sip::dialog::{DialogKey, MAX_CSEQ};
 use crate::sip::digest::{sent_answers, ChallengeKind, DigestClient, Verdict};
 use crate::sip::message::{self, header_values};
@@ -58,6 +64,8 @@ pub struct PendingResend {
     /// Whether the re-send needs a credential generation newer than the rejected one
     /// (not when a Digest challenge is answered with the same password).
     require_newer: bool,
+    /// When the rejection arrived (engine clock), for the longest wait.
+    absorbed_at: std::time::Instant,
 }
 
 impl std::fmt::Debug for ResendInfo {
@@ -79,9 +87,10 @@ impl std::fmt::Debug for PendingResend {
     }
 }
 
-/// How long a pending re-send waits for its credential at most; the manager answers
-/// sooner (its own bound is 10 s), this only guarantees an answer reaches the engine.
-const RESEND_WAIT: std::time::Duration = std::time::Duration::from_secs(12);
+/// How much longer than the trunk's `resend_wait` a pending re-send waits for the
+/// manager's answer: the manager answers within `resend_wait`, this only guarantees that
+/// an answer reaches the engine.
+const RESEND_MARGIN: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// The dialog key of a request or response from the Edge's side: Call-ID and From tag.
 fn dialog_key(headers: &rsip::Headers, tag_of_to: bool) -> Option<DialogKey> {
@@ -220,7 +229,7 @@ impl Engine {
         let Some(info) = entry.resend.take() else {
             return false;
         };
-        let rejected_generation = info.generation;
+        let (rejected_generation, sent_at) = (info.generation, info.sent_at);
         let Some(Entry::Server(server_entry)) = self.entries.get_mut(&server) else {
             return false;
         };
@@ -229,6 +238,7 @@ impl Engine {
             destination,
             rejected,
             require_newer,
+            absorbed_at: now(),
         }));
         Stats::bump(&self.stats.rejections_absorbed);
         if !require_newer {
@@ -246,9 +256,10 @@ impl Engine {
             status = code,
             "core rejected the credential; refreshing to re-send once"
         );
+        let limit = manager.resend_wait() + RESEND_MARGIN;
         tokio::spawn(async move {
             let credential =
-                tokio::time::timeout(RESEND_WAIT, manager.force_refresh(rejected_generation))
+                tokio::time::timeout(limit, manager.replacement(rejected_generation, sent_at))
                     .await
                     .unwrap_or(None);
             // The engine may have stopped meanwhile; then nobody waits for this.
@@ -281,7 +292,13 @@ impl Engine {
             destination,
             rejected,
             require_newer,
+            absorbed_at,
         } = *pending;
+        let waited = now().saturating_duration_since(absorbed_at);
+        Stats::raise(
+            &self.stats.longest_resend_wait_micros,
+            u64::try_from(waited.as_micros()).unwrap_or(u64::MAX),
+        );
         // The same credential qualifies for a Digest challenge (the nonce is what is new)
         // and for one rejected while still within its activation delay, offered again
         // after it (a core that accepts new tokens only after a propagation lag).
@@ -366,31 +383,38 @@ impl Engine {
         credential: &Credential,
     ) -> Option<(Request, String)> {
         let mut via = message::pop_via(&mut request.headers).ok()?;
-        let branch = new_branch();
+        let branch = self.branches.next();
         via.set_param("branch", Some(branch.clone()));
         message::push_via(&mut request.headers, &via);
         let (seq, method) = message::cseq(&request.headers).ok()?;
         let next = seq.checked_add(1).filter(|next| *next <= MAX_CSEQ)?;
         message::set_cseq(&mut request.headers, next, method);
         strip_credentials(&mut request);
-        let auth = self.router.trunk(trunk)?.auth;
-        match (&credential.value, auth) {
-            (CredentialValue::Token(token), AuthMode::Bearer) => {
-                request.headers.push(rsip::Header::Authorization(
-                    format!("Bearer {}", token.expose()).into(),
-                ));
-            }
-            (CredentialValue::UserPassword { username, password }, AuthMode::Digest) => {
-                let realm = self.router.trunk(trunk)?.digest_realm.clone();
-                let client = self
-                    .digest
-                    .entry(trunk)
-                    .or_insert_with(|| DigestClient::new(realm));
-                push_digest_answers(&mut request, client, username, password);
-            }
-            _ => return None,
+        if !self.put_credential(&mut request, trunk, credential, true) {
+            return None;
         }
         Some((request, branch))
+    }
+
+    /// An answer above 100 other than 401/403/407 to a request that carried the trunk's
+    /// credential: the core accepted that generation (see `credentials::verdict`).
+    pub(super) fn note_acceptance(&self, client: u64, code: u16) {
+        if code <= 100 || matches!(code, 401 | 403 | 407) {
+            return;
+        }
+        let Some(Entry::Client(entry)) = self.entries.get(&client) else {
+            return;
+        };
+        let Some(info) = entry.resend.as_ref() else {
+            return;
+        };
+        if let Some(manager) = self
+            .router
+            .trunk(info.trunk)
+            .and_then(|trunk| trunk.credentials.as_ref())
+        {
+            manager.note_accepted(info.generation, info.sent_at);
+        }
     }
 
     /// A success from the core for a request carrying the trunk's credentials may hand

@@ -170,6 +170,19 @@ impl Router {
             .or_else(|| (self.trunks.len() == 1).then(|| &self.trunks[0]))
     }
 
+    /// Whether `hop` is `trunk`'s configured core: only there may its credentials go
+    /// (DESIGN.md item 2). The transport does not matter, the address does.
+    pub fn is_core_of(&self, trunk: &RoutedTrunk, hop: Hop) -> bool {
+        canonical(hop.addr.ip()) == canonical(trunk.core.addr.ip())
+            && hop.addr.port() == trunk.core.addr.port()
+    }
+
+    /// Whether `source` is `trunk`'s core (any port: a core may send from another one
+    /// than it listens on, over TCP always).
+    pub fn is_core_address(&self, trunk: &RoutedTrunk, source: IpAddr) -> bool {
+        canonical(source) == canonical(trunk.core.addr.ip())
+    }
+
     /// Whether a URI names this proxy (so a Route entry with it is ours to remove).
     pub fn is_own(&self, uri: &rsip::Uri) -> bool {
         let host = uri_host(uri);
@@ -350,6 +363,29 @@ mod tests {
             "b"
         );
         assert!(router.core_trunk("198.51.100.7".parse().unwrap()).is_none());
+    }
+
+    #[test]
+    fn a_trunks_core_is_its_address_and_port_whatever_the_transport() {
+        let router = router();
+        let trunk = router.trunk(0).unwrap().clone();
+        assert!(router.is_core_of(&trunk, hop("198.51.100.1:5060")));
+        let tcp = Hop {
+            transport: Transport::Tcp,
+            ..hop("198.51.100.1:5060")
+        };
+        assert!(router.is_core_of(&trunk, tcp));
+        assert!(router.is_core_of(
+            &trunk,
+            Hop {
+                transport: Transport::Udp,
+                addr: "[::ffff:198.51.100.1]:5060".parse().unwrap()
+            }
+        ));
+        assert!(!router.is_core_of(&trunk, hop("198.51.100.1:5061")));
+        assert!(!router.is_core_of(&trunk, hop("198.51.100.2:5060")));
+        assert!(router.is_core_address(&trunk, "198.51.100.1".parse().unwrap()));
+        assert!(!router.is_core_address(&trunk, "198.51.100.2".parse().unwrap()));
     }
 
     #[test]

@@ -4,7 +4,10 @@
 //! outcome back. It is the UAC of its own REGISTERs, so it answers their challenges
 //! itself with the rules of the proxy's re-send (`proxy::resend`): a Digest challenge is
 //! answered at once, a 403 or a refused credential only with a newer credential from
-//! `force_refresh`; one re-send per REGISTER, one more for a stale nonce.
+//! the manager's `replacement` (the one rule of `credentials::verdict`: a rotation waits
+//! for the next refresh the rate limit allows, a permanent refusal does not wait); one
+//! re-send per REGISTER, one more for a stale nonce. Every answer that shows the
+//! registrar accepting the credential is reported to the manager.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -52,8 +55,9 @@ pub struct TrunkRegistration {
 /// How long the first REGISTER waits for the trunk's first credential.
 const FIRST_CREDENTIAL_WAIT: Duration = Duration::from_secs(10);
 
-/// How long a forced refresh may hold up a REGISTER that the core refused.
-const REFRESH_WAIT: Duration = Duration::from_secs(5);
+/// How much longer than `resend_wait` a refused REGISTER waits for the manager's answer
+/// (which comes within `resend_wait`; this only bounds the wait whatever happens).
+const REFRESH_MARGIN: Duration = Duration::from_secs(2);
 
 /// Starts the driver; its status is published on the returned receiver. The task ends
 /// after `stop` is cancelled and the unregister (if any) is done.
@@ -99,6 +103,8 @@ pub fn spawn(
 struct Attempt {
     resends: u8,
     generation: Option<u64>,
+    /// When the REGISTER carrying `generation` was sent.
+    sent_at: Option<std::time::Instant>,
     /// Its credentials header values, for telling a stale nonce from a refused password.
     answers: Vec<(ChallengeKind, String)>,
 }
@@ -252,6 +258,7 @@ impl Driver {
             }
         };
         self.attempt.generation = credential.map(|credential| credential.generation);
+        self.attempt.sent_at = Some(now());
         let (reply, receiver) = oneshot::channel();
         let event = TransportEvent::Originate {
             trunk: self.trunk.index,
@@ -347,6 +354,17 @@ impl Driver {
             None => Reading::Failed(Failure::NoAnswer),
             Some(response) => self.read(response),
         };
+        if let (Some(response), Some(manager), Some(generation), Some(sent_at)) = (
+            &response,
+            &self.trunk.credentials,
+            self.attempt.generation,
+            self.attempt.sent_at,
+        ) {
+            // Any answer but a refusal shows the registrar took the credential.
+            if !matches!(response.status_code.code(), 401 | 403 | 407) {
+                manager.note_accepted(generation, sent_at);
+            }
+        }
         // A challenge is answered even while unregistering (the kept nonce is often
         // stale by then); waiting for a newer credential is not worth the deadline.
         let resend_allowed = self.attempt.resends < 2;
@@ -364,9 +382,11 @@ impl Driver {
             Reading::ResendIfNewer if resend_allowed && !stopping => {
                 if let Some(manager) = self.trunk.credentials.clone() {
                     let rejected = self.attempt.generation.unwrap_or(0);
+                    let sent_at = self.attempt.sent_at.unwrap_or(now);
+                    let limit = manager.resend_wait() + REFRESH_MARGIN;
                     // Shutdown does not wait for this.
                     let refreshed = tokio::select! {
-                        refreshed = tokio::time::timeout(REFRESH_WAIT, manager.force_refresh(rejected)) => {
+                        refreshed = tokio::time::timeout(limit, manager.replacement(rejected, sent_at)) => {
                             refreshed.ok().flatten()
                         }
                         _ = stop.cancelled() => None,

@@ -48,6 +48,8 @@ pub struct TcpContext {
     pub receive: ReceiveContext,
     pub idle_timeout: Duration,
     pub connect_timeout: Duration,
+    /// A write that takes longer closes the connection: its peer stopped reading.
+    pub write_timeout: Duration,
     pub max_connections: usize,
     pub open_connections: Arc<AtomicUsize>,
     pub next_id: Arc<AtomicU64>,
@@ -178,8 +180,8 @@ impl TcpContext {
                         match framer.next_frame() {
                             Ok(None) => break,
                             Ok(Some(Frame::Ping)) => {
-                                if writer.write_all(PONG).await.is_err() {
-                                    break 'connection "write error";
+                                if let Err(reason) = self.write(&mut writer, PONG, peer).await {
+                                    break 'connection reason;
                                 }
                             }
                             Ok(Some(Frame::Message(bytes))) => {
@@ -209,10 +211,9 @@ impl TcpContext {
                 }
                 queued = outgoing.recv() => {
                     let Some(bytes) = queued else { break 'connection "engine dropped the connection" };
-                    if let Err(error) = writer.write_all(&bytes).await {
-                        tracing::debug!(%side, %peer, error = %error, "tcp write failed");
+                    if let Err(reason) = self.write(&mut writer, &bytes, peer).await {
                         Stats::bump(&self.receive.stats.send_failed);
-                        break 'connection "write error";
+                        break 'connection reason;
                     }
                     idle_deadline = Instant::now() + self.idle_timeout;
                 }
@@ -221,6 +222,30 @@ impl TcpContext {
         tracing::debug!(%side, %peer, id, reason, "tcp connection closed");
         self.discard(&mut outgoing);
         self.report_closed(peer, id, false).await;
+    }
+}
+
+impl TcpContext {
+    /// Writes `bytes` within `write_timeout`; the error names why the connection ends.
+    async fn write(
+        &self,
+        writer: &mut tokio::net::tcp::OwnedWriteHalf,
+        bytes: &[u8],
+        peer: SocketAddr,
+    ) -> Result<(), &'static str> {
+        let side = self.receive.side;
+        match tokio::time::timeout(self.write_timeout, writer.write_all(bytes)).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(error)) => {
+                tracing::debug!(%side, %peer, error = %error, "tcp write failed");
+                Err("write error")
+            }
+            Err(_) => {
+                Stats::bump(&self.receive.stats.tcp_write_timeouts);
+                tracing::warn!(%side, %peer, timeout = ?self.write_timeout, "closing tcp connection: the peer stopped reading");
+                Err("write timeout")
+            }
+        }
     }
 }
 
