@@ -174,6 +174,9 @@ struct IdpArgs {
     /// Another instance of the client takes a token this often (e.g. 2s).
     #[arg(long, value_parser = byoc_sidecar::config::parse_duration)]
     reissue_every: Option<Duration>,
+    /// Every token issued so far is revoked this often (a signing-key rotation, e.g. 4s).
+    #[arg(long, value_parser = byoc_sidecar::config::parse_duration)]
+    revoke_every: Option<Duration>,
     /// A fault for the next token request after every --idp-fault-every: status=503,
     /// status=429,retry-after=2, delay=3s, empty, garbage or drop.
     #[arg(long, value_parser = byoc_sidecar::sim::serve::parse_fault, requires = "idp_fault_every")]
@@ -237,6 +240,7 @@ fn sim(simulator: Simulator) -> ExitCode {
             kind: args.kind,
             client: args.client.clone(),
             reissue_every: args.reissue_every,
+            revoke_every: args.revoke_every,
             fault: args.idp_fault.clone().zip(args.idp_fault_every),
         };
         match &simulator {

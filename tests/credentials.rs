@@ -853,3 +853,143 @@ async fn activation_delay_serves_the_previous_credential_until_the_new_one_has_p
     assert_eq!(fixture.idp.tokens_issued(), 2);
     fixture.cancel.cancel();
 }
+
+// ---- reading the core's refusals (credentials::verdict) -------------------------------
+
+fn hour_long_steps() -> (
+    CredentialManager,
+    Arc<std::sync::atomic::AtomicU64>,
+    CancellationToken,
+) {
+    steps(policy(), |_| (Duration::ZERO, Ok(Duration::from_secs(3600))))
+}
+
+fn now() -> std::time::Instant {
+    tokio::time::Instant::now().into_std()
+}
+
+/// A credential the core took is revoked twice within the 5 s rate limit: the first
+/// refusal gets a forced refresh at once, the second waits for the rate limit to let the
+/// next one through instead of passing the refusal on (issue 12).
+#[tokio::test(start_paused = true)]
+async fn a_rotation_inside_the_rate_limit_waits_for_the_next_allowed_refresh() {
+    let (manager, fetches, cancel) = hour_long_steps();
+    let first = first_credential(&manager).await;
+    let start = tokio::time::Instant::now();
+    manager.note_accepted(first, now());
+    let second = manager.replacement(first, now()).await.unwrap();
+    assert_eq!(second.generation, first + 1);
+    manager.note_accepted(second.generation, now());
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let third = manager.replacement(second.generation, now()).await.unwrap();
+    assert_eq!(third.generation, first + 2);
+    assert!(
+        tokio::time::Instant::now() >= start + Duration::from_secs(5),
+        "the refresh came before the rate limit allowed it"
+    );
+    assert_eq!(fetched(&fetches), 3);
+    let stats = manager.stats();
+    assert_eq!(
+        (stats.forced, stats.forced_waited, stats.refusals_rotation),
+        (2, 1, 2)
+    );
+    cancel.cancel();
+}
+
+/// The wait is bounded by `resend_wait`: a refusal whose next allowed refresh comes later
+/// gets the credential at hand (the rejected one) at once.
+#[tokio::test(start_paused = true)]
+async fn a_rotation_the_rate_limit_cannot_serve_within_resend_wait_is_not_held() {
+    let (manager, fetches, cancel) = steps(
+        RefreshPolicy {
+            resend_wait: Duration::from_secs(2),
+            ..policy()
+        },
+        |_| (Duration::ZERO, Ok(Duration::from_secs(3600))),
+    );
+    let first = first_credential(&manager).await;
+    let second = manager.replacement(first, now()).await.unwrap();
+    manager.note_accepted(second.generation, now());
+    let start = tokio::time::Instant::now();
+    let answer = manager.replacement(second.generation, now()).await.unwrap();
+    assert_eq!(answer.generation, second.generation);
+    assert_eq!(tokio::time::Instant::now(), start);
+    assert_eq!(fetched(&fetches), 2);
+    assert_eq!(manager.stats().forced_rate_limited, 1);
+    cancel.cancel();
+}
+
+/// A credential fetched to replace a refused one is refused before the core took it:
+/// a permanent refusal. Refusals go on at once from then on, without a fetch while the
+/// rate limit forbids one; once it allows one, a refusal starts a refresh in the
+/// background; the first acceptance ends the permanent reading.
+#[tokio::test(start_paused = true)]
+async fn a_fresh_credential_refused_at_once_is_a_permanent_refusal() {
+    let (manager, fetches, cancel) = hour_long_steps();
+    let first = first_credential(&manager).await;
+    let second = manager.replacement(first, now()).await.unwrap();
+    assert_eq!(second.generation, first + 1);
+    let start = tokio::time::Instant::now();
+    assert!(manager.replacement(second.generation, now()).await.is_none());
+    assert!(manager.replacement(second.generation, now()).await.is_none());
+    assert_eq!(tokio::time::Instant::now(), start, "a permanent refusal waited");
+    assert!(manager.core_refusing());
+    assert_eq!(fetched(&fetches), 2);
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let attempts = manager.attempts();
+    assert!(manager.replacement(second.generation, now()).await.is_none());
+    attempts_finished_from(attempts, 1).await;
+    assert_eq!(fetched(&fetches), 3, "a background refresh once allowed");
+    let third = manager.current().unwrap();
+    assert_eq!(third.generation, first + 2);
+    manager.note_accepted(third.generation, now());
+    assert!(!manager.core_refusing());
+    let stats = manager.stats();
+    assert_eq!((stats.refusals_rotation, stats.refusals_permanent), (1, 3));
+    cancel.cancel();
+}
+
+/// The core took this very credential on a request sent after the refused one: the
+/// refusal is about the request (a barred number), not the credential. No fetch.
+#[tokio::test(start_paused = true)]
+async fn a_refusal_of_a_credential_taken_on_a_later_request_is_passed_on_at_once() {
+    let (manager, fetches, cancel) = hour_long_steps();
+    let first = first_credential(&manager).await;
+    let refused_sent_at = now();
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    manager.note_accepted(first, now());
+    assert!(manager.replacement(first, refused_sent_at).await.is_none());
+    assert_eq!(fetched(&fetches), 1);
+    assert_eq!(manager.stats().refusals_of_the_request, 1);
+    cancel.cancel();
+}
+
+/// A `static` credential cannot change: its refusal is passed on without a fetch.
+#[tokio::test(start_paused = true)]
+async fn a_refused_static_credential_is_passed_on_without_a_fetch() {
+    let cancel = CancellationToken::new();
+    let manager = CredentialManager::start(
+        Arc::new(byoc_sidecar::credentials::StaticSource {
+            value: CredentialValue::Token(Secret::new("static-token")),
+        }),
+        options(policy()),
+        cancel.clone(),
+        &TaskTracker::new(),
+    );
+    let first = first_credential(&manager).await;
+    assert!(manager.replacement(first, now()).await.is_none());
+    assert_eq!(manager.stats().attempts, 1);
+    cancel.cancel();
+}
+
+/// Waits until `count` more attempts finished after `attempts` was taken.
+async fn attempts_finished_from(mut attempts: tokio::sync::watch::Receiver<u64>, count: u64) {
+    let start = *attempts.borrow_and_update();
+    tokio::time::timeout(
+        Duration::from_secs(600),
+        attempts.wait_for(|seen| *seen >= start + count),
+    )
+    .await
+    .expect("attempts in time")
+    .unwrap();
+}

@@ -1,6 +1,7 @@
 //! Per-message rules of the running proxy, checked with hand-driven peers: Max-Forwards,
-//! compact headers, Via received/rport, CANCEL without a transaction, the allow list,
-//! overload, and the TCP transport (framing, keep-alive, size limit, idle close, reuse).
+//! compact headers, Via received/rport, CANCEL without a transaction, unmatchable ACKs,
+//! the allow list, overload, and the TCP transport (framing, keep-alive, size limit, idle
+//! close, write timeout, reuse).
 
 mod common;
 
@@ -550,4 +551,105 @@ async fn stateless_response_forwarding_needs_our_via_and_stays_within_the_allow_
     assert!(at_edge.is_err(), "a forged 2xx reached the Edge");
     assert_eq!(sidecar.app.stats.snapshot().stray_responses, strays + 3);
     sidecar.stop().await;
+}
+
+/// An ACK whose transaction key cannot be built (an RFC 2543 Via branch, without the
+/// z9hG4bK magic cookie) is dropped and counted as malformed, never answered: an ACK
+/// gets no response (RFC 3261 §17.1.1.3), nor is it forwarded. Defect found in issue 12
+/// (it was answered 400).
+#[tokio::test]
+async fn an_ack_without_the_magic_cookie_is_dropped_not_answered() {
+    let Rig {
+        core,
+        sidecar,
+        edge,
+        proxy,
+    } = Rig::start("").await;
+    let before = sidecar.app.stats.snapshot();
+    let ack = invite(edge.addr, proxy, "1234", "rfc2543@test")
+        .replace("INVITE sip", "ACK sip")
+        .replace("1 INVITE", "1 ACK");
+    edge.send(&ack, proxy).await;
+    let answered = tokio::time::timeout(
+        Duration::from_millis(300),
+        edge.socket.recv_from(&mut [0u8; 10]),
+    )
+    .await;
+    assert!(answered.is_err(), "the ACK was answered");
+    let forwarded = tokio::time::timeout(
+        Duration::from_millis(100),
+        core.socket.recv_from(&mut [0u8; 10]),
+    )
+    .await;
+    assert!(forwarded.is_err(), "the ACK was forwarded");
+    let after = sidecar.app.stats.snapshot();
+    assert_eq!(
+        after.malformed_dropped,
+        before.malformed_dropped + 1,
+        "{after:?}"
+    );
+    assert_eq!(after.locally_rejected, before.locally_rejected, "{after:?}");
+    sidecar.stop().await;
+}
+
+/// A core that accepts the sidecar's TCP connection and then stops reading cannot hold
+/// the connection (and its slot and queue) for ever: once the socket buffers are full, a
+/// write that does not finish within `tcp_write_timeout` closes the connection and is
+/// counted in `tcp_write_timeouts`. Defect found in issue 12 (the write waited without
+/// limit).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_that_stops_reading_loses_its_connection_after_the_write_timeout() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let core_addr = listener.local_addr().unwrap();
+    // Accepts every connection and holds it open without reading, so the kernel neither
+    // drains nor resets it while the test runs.
+    let holder = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((stream, _)) = listener.accept().await {
+            held.push(stream);
+        }
+        held
+    });
+    let sidecar = Sidecar::start(
+        "udp:127.0.0.1:9",
+        &format!("tcp:{core_addr}"),
+        "tcp_write_timeout = \"200ms\"",
+    )
+    .await;
+    let edge = RawPeer::bind().await;
+    let edge_addr = edge.addr;
+    let proxy = sidecar.addr(Side::Edge, Transport::Udp);
+    // 50 kB bodies: under max_message_size (65535) and the UDP datagram limit, so a few
+    // hundred of them overflow the loopback socket buffers toward the core.
+    let body = "x".repeat(50_000);
+    for index in 0..1000 {
+        if sidecar.app.stats.snapshot().tcp_write_timeouts > 0 {
+            break;
+        }
+        let request = format!(
+            "OPTIONS sip:service@{proxy} SIP/2.0\r\n\
+             Via: SIP/2.0/UDP {edge_addr};branch=z9hG4bKstall{index}\r\n\
+             From: <sip:edge@{edge_addr}>;tag=1\r\nTo: <sip:service@{proxy}>\r\n\
+             Call-ID: stall{index}@test\r\nCSeq: 1 OPTIONS\r\nMax-Forwards: 70\r\n\
+             Content-Type: text/plain\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        edge.send(&request, proxy).await;
+        // Paced: the sidecar's UDP receive buffer holds only a few datagrams this size.
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    // What the Edge receives meanwhile (503, 408, nothing) does not matter here.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while sidecar.app.stats.snapshot().tcp_write_timeouts == 0
+        && tokio::time::Instant::now() < deadline
+    {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let stats = sidecar.app.stats.snapshot();
+    assert!(
+        stats.tcp_write_timeouts >= 1,
+        "no write to the stalled core timed out: {stats:?}"
+    );
+    sidecar.stop().await;
+    holder.abort();
 }

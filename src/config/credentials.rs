@@ -355,7 +355,12 @@ impl CredentialsConfig {
         }
         // A refused request waits for the next forced refresh; the rate limit must let one
         // through within the wait, or a rotation inside the window would fail calls.
-        if policy.resend_wait < policy.force_interval {
+        let in_range =
+            |value: Duration| (Duration::from_secs(1)..=MAX_RESEND_WAIT).contains(&value);
+        if in_range(policy.force_interval)
+            && in_range(policy.resend_wait)
+            && policy.resend_wait < policy.force_interval
+        {
             problems.add(
                 &key("resend_wait"),
                 format!(

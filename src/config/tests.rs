@@ -470,3 +470,158 @@ fn registration_problems_are_all_reported_with_their_keys() {
     .to_string();
     assert!(error.contains("expire"), "{error}");
 }
+
+/// VALID with `line` added to its `[sip]` table.
+fn with_sip(line: &str) -> String {
+    VALID.replacen("t1 = \"100ms\"", &format!("t1 = \"100ms\"\n{line}"), 1)
+}
+
+/// The one problem `text` has, which must be on `key`.
+fn only_problem(text: &str, key: &str) -> Problem {
+    let found = problems(text);
+    assert_eq!(keys(&found), vec![key], "{found:?}");
+    found[0].clone()
+}
+
+const EPHEMERAL: &str = "kind = \"ephemeral\"\nuser = \"u\"\nsecret_env = \"PATH\"";
+
+/// A forced refresh at most once per 0 s is no rate limit: a core refusing every
+/// credential would drive token requests back to back. Defect found in issue 12.
+#[test]
+fn force_refresh_interval_of_zero_is_refused_naming_the_key() {
+    let problem = only_problem(
+        &with_credentials(&format!("{EPHEMERAL}\nforce_refresh_interval = \"0s\"")),
+        "trunk \"org-a\".credentials.force_refresh_interval",
+    );
+    assert!(problem.message.contains("outside"), "{problem}");
+    let one_second = with_credentials(&format!("{EPHEMERAL}\nforce_refresh_interval = \"1s\""));
+    assert!(Config::from_toml(&one_second, "t")
+        .unwrap()
+        .validate()
+        .is_ok());
+}
+
+/// A refused request waits at most `resend_wait` for the next forced refresh; a wait
+/// shorter than the rate limit's interval would let a rotation inside the window fail
+/// calls, so the configuration is refused and says so. Defect found in issue 12.
+#[test]
+fn resend_wait_shorter_than_force_refresh_interval_is_refused_saying_why() {
+    let problem = only_problem(
+        &with_credentials(&format!(
+            "{EPHEMERAL}\nforce_refresh_interval = \"10s\"\nresend_wait = \"6s\""
+        )),
+        "trunk \"org-a\".credentials.resend_wait",
+    );
+    assert!(
+        problem
+            .message
+            .contains("shorter than force_refresh_interval"),
+        "{problem}"
+    );
+    assert!(problem.message.contains("would fail calls"), "{problem}");
+    let equal = with_credentials(&format!(
+        "{EPHEMERAL}\nforce_refresh_interval = \"10s\"\nresend_wait = \"10s\""
+    ));
+    assert!(Config::from_toml(&equal, "t").unwrap().validate().is_ok());
+}
+
+/// A refused BYE must be answered before the Edge gives up on it (Timer F, 32 s), so
+/// `resend_wait` is at most 30 s. Defect found in issue 12.
+#[test]
+fn resend_wait_over_thirty_seconds_is_refused() {
+    let problem = only_problem(
+        &with_credentials(&format!("{EPHEMERAL}\nresend_wait = \"31s\"")),
+        "trunk \"org-a\".credentials.resend_wait",
+    );
+    assert!(problem.message.contains("outside"), "{problem}");
+    let thirty = with_credentials(&format!("{EPHEMERAL}\nresend_wait = \"30s\""));
+    assert!(Config::from_toml(&thirty, "t").unwrap().validate().is_ok());
+}
+
+/// Without the keys, a refused request waits up to 8 s for a credential forced at most
+/// every 5 s: the wait covers the rate limit. Defect found in issue 12.
+#[test]
+fn credential_defaults_are_a_resend_wait_of_8s_and_a_force_interval_of_5s() {
+    let settings = Config::from_toml(&with_credentials(EPHEMERAL), "t")
+        .unwrap()
+        .validate()
+        .unwrap();
+    let policy = settings.trunks[0].credentials.as_ref().unwrap().policy;
+    assert_eq!(policy.resend_wait, Duration::from_secs(8));
+    assert_eq!(policy.force_interval, Duration::from_secs(5));
+}
+
+/// An idle timeout of a million hours, or the largest the duration syntax accepts
+/// (which saturates), is refused on its key instead of overflowing a deadline; a number
+/// beyond u64 is refused as not a duration. Defect found in issue 12.
+#[test]
+fn huge_tcp_idle_timeout_is_refused_without_a_panic() {
+    for huge in [
+        "1000000h",
+        "18446744073709551615h",
+        "18446744073709551615s18446744073709551615h",
+        "99999999999999999999h",
+    ] {
+        let problem = only_problem(
+            &with_sip(&format!("tcp_idle_timeout = \"{huge}\"")),
+            "sip.tcp_idle_timeout",
+        );
+        assert!(!problem.message.is_empty(), "{huge}: {problem}");
+    }
+    let day = Config::from_toml(&with_sip("tcp_idle_timeout = \"24h\""), "t")
+        .unwrap()
+        .validate()
+        .unwrap();
+    assert_eq!(day.limits.tcp_idle_timeout, Duration::from_secs(24 * 3600));
+}
+
+/// A queue capacity of u64::MAX is refused: TOML integers stop at i64::MAX, so the file
+/// does not parse (the error shows the line), and i64::MAX itself is refused on its key
+/// rather than allocating a queue that size. Defect found in issue 12.
+#[test]
+fn huge_queue_capacity_is_refused() {
+    let error = Config::from_toml(&with_sip("queue_capacity = 18446744073709551615"), "t")
+        .unwrap_err()
+        .to_string();
+    assert!(error.contains("queue_capacity"), "{error}");
+    let problem = only_problem(
+        &with_sip("queue_capacity = 9223372036854775807"),
+        "sip.queue_capacity",
+    );
+    assert_eq!(
+        problem.message,
+        "9223372036854775807 is outside 1..=1048576"
+    );
+    assert_eq!(
+        keys(&problems(&with_sip("queue_capacity = 0"))),
+        vec!["sip.queue_capacity"]
+    );
+}
+
+/// A table of zero transactions would answer every request 503. Defect found in issue 12.
+#[test]
+fn zero_max_transactions_is_refused() {
+    let problem = only_problem(&with_sip("max_transactions = 0"), "sip.max_transactions");
+    assert_eq!(problem.message, "0 is outside 1..=10000000");
+}
+
+/// Every TCP write is bounded: 10 s unless configured, and never 0 s (which would close
+/// every connection at its first write). Defect found in issue 12.
+#[test]
+fn tcp_write_timeout_defaults_to_10s_and_zero_is_refused() {
+    let settings = Config::from_toml(VALID, "t").unwrap().validate().unwrap();
+    assert_eq!(settings.limits.tcp_write_timeout, Duration::from_secs(10));
+    let problem = only_problem(
+        &with_sip("tcp_write_timeout = \"0s\""),
+        "sip.tcp_write_timeout",
+    );
+    assert!(problem.message.contains("outside"), "{problem}");
+    let configured = Config::from_toml(&with_sip("tcp_write_timeout = \"200ms\""), "t")
+        .unwrap()
+        .validate()
+        .unwrap();
+    assert_eq!(
+        configured.limits.tcp_write_timeout,
+        Duration::from_millis(200)
+    );
+}

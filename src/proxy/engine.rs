@@ -204,10 +204,21 @@ pub(super) struct ClientEntry {
     /// What is needed to re-send the request once with a fresh credential, while that is
     /// still possible (bearer trunks toward the core; a re-send has none).
     pub resend: Option<Box<super::resend::ResendInfo>>,
+    /// The trunk credential the request carries, for telling the credential manager
+    /// when the core accepted it (set for re-sends too, which keep no `resend`).
+    pub carried: Option<Carried>,
     /// For a request the sidecar originated: where its final response goes.
     pub local: Option<tokio::sync::oneshot::Sender<Response>>,
     pub span: tracing::Span,
     scheduled: Option<StdInstant>,
+}
+
+/// Which trunk credential a client transaction's request carries, and since when.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Carried {
+    pub trunk: usize,
+    pub generation: u64,
+    pub sent_at: StdInstant,
 }
 
 pub(super) enum Entry {
@@ -483,6 +494,25 @@ impl Engine {
         server: Option<u64>,
         resend: Option<Box<super::resend::ResendInfo>>,
     ) -> u64 {
+        let carried = resend.as_ref().map(|info| Carried {
+            trunk: info.trunk,
+            generation: info.generation,
+            sent_at: info.sent_at,
+        });
+        self.start_client_carrying(request, branch, destination, server, resend, carried)
+    }
+
+    /// [`Engine::start_client`] for a request carrying a credential without keeping what
+    /// a re-send would need (a re-send itself).
+    pub(super) fn start_client_carrying(
+        &mut self,
+        request: Request,
+        branch: &str,
+        destination: Destination,
+        server: Option<u64>,
+        resend: Option<Box<super::resend::ResendInfo>>,
+        carried: Option<Carried>,
+    ) -> u64 {
         let id = self.allocate_id();
         Stats::bump(&self.stats.client_transactions);
         let key = ClientKey::new(branch, request.method);
@@ -508,6 +538,7 @@ impl Engine {
                 cancel_pending: false,
                 cancel_sent: false,
                 resend,
+                carried,
                 local: None,
                 span,
                 scheduled: None,

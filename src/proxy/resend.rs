@@ -365,7 +365,13 @@ impl Engine {
                 sent_at: now(),
             })
         });
-        let client = self.start_client(request, &branch, destination, Some(server), again);
+        let carried = Some(super::engine::Carried {
+            trunk,
+            generation,
+            sent_at: now(),
+        });
+        let client =
+            self.start_client_carrying(request, &branch, destination, Some(server), again, carried);
         if cancel_requested {
             if let Some(Entry::Client(entry)) = self.entries.get_mut(&client) {
                 entry.cancel_pending = true;
@@ -405,15 +411,15 @@ impl Engine {
         let Some(Entry::Client(entry)) = self.entries.get(&client) else {
             return;
         };
-        let Some(info) = entry.resend.as_ref() else {
+        let Some(carried) = entry.carried else {
             return;
         };
         if let Some(manager) = self
             .router
-            .trunk(info.trunk)
+            .trunk(carried.trunk)
             .and_then(|trunk| trunk.credentials.as_ref())
         {
-            manager.note_accepted(info.generation, info.sent_at);
+            manager.note_accepted(carried.generation, carried.sent_at);
         }
     }
 
@@ -425,7 +431,7 @@ impl Engine {
         let Some(Entry::Client(entry)) = self.entries.get(&client) else {
             return;
         };
-        let Some(trunk) = entry.resend.as_ref().map(|info| info.trunk) else {
+        let Some(trunk) = entry.carried.map(|carried| carried.trunk) else {
             return;
         };
         if let Some(digest) = self.digest.get_mut(&trunk) {

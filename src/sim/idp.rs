@@ -125,6 +125,9 @@ struct State {
     settings: IdpSettings,
     faults: Mutex<Faults>,
     issued: Mutex<Vec<IssuedToken>>,
+    /// Every token issued at or before this moment is revoked (a signing-key rotation).
+    revoked_before: Mutex<Option<Instant>>,
+    revocations: AtomicU64,
     requests: AtomicU64,
     tokens: AtomicU64,
 }
@@ -167,6 +170,8 @@ impl Idp {
             settings,
             faults: Mutex::new(Faults::default()),
             issued: Mutex::new(Vec::new()),
+            revoked_before: Mutex::new(None),
+            revocations: AtomicU64::new(0),
             requests: AtomicU64::new(0),
             tokens: AtomicU64::new(0),
         });
@@ -240,8 +245,21 @@ impl Idp {
         Some(mint(&self.state, client, ""))
     }
 
+    /// Revokes every token issued so far, of every client, as rotating the signing key
+    /// does: each validation mode then refuses them as revoked.
+    pub fn revoke_all(&self) {
+        *lock(&self.state.revoked_before) = Some(Instant::now());
+        self.state.revocations.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// How many times [`Idp::revoke_all`] ran.
+    pub fn revocations(&self) -> u64 {
+        self.state.revocations.load(Ordering::Relaxed)
+    }
+
     /// Whether `token` is acceptable now under `validation`.
     pub fn check(&self, token: &str, validation: Validation) -> TokenCheck {
+        let revoked_before = *lock(&self.state.revoked_before);
         let issued = lock(&self.state.issued);
         let Some(position) = issued
             .iter()
@@ -252,6 +270,9 @@ impl Idp {
         let found = &issued[position];
         if Instant::now() >= found.expires_at {
             return TokenCheck::Expired;
+        }
+        if revoked_before.is_some_and(|revoked| found.issued_at <= revoked) {
+            return TokenCheck::Revoked;
         }
         match validation {
             Validation::AnyUnexpired => TokenCheck::Valid,

@@ -21,6 +21,8 @@ pub struct IdpOptions {
     /// Another instance of the client takes a token this often (revoking earlier ones
     /// under revoke-on-reissue).
     pub reissue_every: Option<Duration>,
+    /// Every token issued so far is revoked this often (a signing-key rotation).
+    pub revoke_every: Option<Duration>,
     /// The next token request fails this way once per interval.
     pub fault: Option<(Fault, Duration)>,
 }
@@ -105,7 +107,27 @@ pub fn parse_kind(text: &str) -> Result<TokenKind, String> {
     }
 }
 
-/// Starts the token endpoint (and the rival reissuer, if asked); prints its URL.
+/// Runs `action` every `period`, first after one period, until cancelled.
+fn repeat(
+    period: Duration,
+    cancel: &CancellationToken,
+    tracker: &TaskTracker,
+    mut action: impl FnMut() + Send + 'static,
+) {
+    let cancel = cancel.clone();
+    tracker.spawn(async move {
+        let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+        loop {
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = ticks.tick() => action(),
+            }
+        }
+    });
+}
+
+/// Starts the token endpoint (and the rival reissuer, the revoker and the fault
+/// injector, if asked); prints its URL.
 pub async fn start_idp(
     options: &IdpOptions,
     cancel: &CancellationToken,
@@ -126,29 +148,22 @@ pub async fn start_idp(
         options.ttl
     );
     if let Some(every) = options.reissue_every {
-        let (idp, client, cancel) = (idp.clone(), options.client.id.clone(), cancel.clone());
-        tracker.spawn(async move {
-            let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
-            loop {
-                tokio::select! {
-                    _ = cancel.cancelled() => return,
-                    _ = ticks.tick() => { let _ = idp.issue_for(&client); }
-                }
-            }
+        let (issuer, client) = (idp.clone(), options.client.id.clone());
+        repeat(every, cancel, tracker, move || {
+            let _ = issuer.issue_for(&client);
         });
         println!("sim idp: another instance of the client takes a token every {every:?}");
     }
+    if let Some(every) = options.revoke_every {
+        let revoker = idp.clone();
+        repeat(every, cancel, tracker, move || revoker.revoke_all());
+        println!("sim idp: every token issued so far is revoked every {every:?}");
+    }
     if let Some((fault, every)) = options.fault.clone() {
-        let (idp, cancel) = (idp.clone(), cancel.clone());
+        let injector = idp.clone();
         println!("sim idp: the next token request after every {every:?} fails with {fault:?}");
-        tracker.spawn(async move {
-            let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
-            loop {
-                tokio::select! {
-                    _ = cancel.cancelled() => return,
-                    _ = ticks.tick() => idp.push_faults([fault.clone()]),
-                }
-            }
+        repeat(every, cancel, tracker, move || {
+            injector.push_faults([fault.clone()])
         });
     }
     Ok(idp)

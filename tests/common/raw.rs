@@ -15,9 +15,26 @@ pub struct RawPeer {
 
 impl RawPeer {
     pub async fn bind() -> RawPeer {
-        let socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        Self::bind_on("127.0.0.1").await
+    }
+
+    /// A peer on another loopback address (127.0.0.0/8), so tests can tell hosts apart.
+    pub async fn bind_on(ip: &str) -> RawPeer {
+        let socket = UdpSocket::bind((ip, 0)).await.unwrap();
         let addr = socket.local_addr().unwrap();
         RawPeer { socket, addr }
+    }
+
+    /// Everything that arrives within `quiet` of the previous message, as text.
+    pub async fn drain(&self, quiet: Duration) -> Vec<String> {
+        let mut buffer = vec![0u8; 65_536];
+        let mut texts = Vec::new();
+        while let Ok(Ok((length, _))) =
+            tokio::time::timeout(quiet, self.socket.recv_from(&mut buffer)).await
+        {
+            texts.push(String::from_utf8_lossy(&buffer[..length]).into_owned());
+        }
+        texts
     }
 
     pub async fn send(&self, text: &str, to: SocketAddr) {
@@ -204,6 +221,17 @@ pub async fn final_response(peer: &RawPeer) -> SipMessage {
     loop {
         let (message, _) = peer.receive(WAIT, "a final response").await;
         if status(&message) >= 200 {
+            return message;
+        }
+    }
+}
+
+/// The next final response at `peer` for `call_id`, skipping provisional ones and
+/// retransmissions of other calls' answers.
+pub async fn final_for(peer: &RawPeer, call_id: &str) -> SipMessage {
+    loop {
+        let (message, _) = peer.receive(WAIT, "a final response").await;
+        if status(&message) >= 200 && header_values(&message, "Call-ID")[0] == call_id {
             return message;
         }
     }
