@@ -22,30 +22,52 @@ use common::Sidecar;
 
 const WAIT: Duration = Duration::from_secs(5);
 
+/// A bearer trunk getting tokens of `ttl` from a simulated endpoint, quick to retry
+/// (backoff 100-300 ms) and waiting at most 3 s for a token; a hand-driven core and Edge.
+struct WaitRig {
+    sim: SimIdp,
+    _dir: tempfile::TempDir,
+    core: RawPeer,
+    sidecar: Sidecar,
+    edge: RawPeer,
+}
+
+impl WaitRig {
+    async fn start(client: &str, ttl: Duration) -> WaitRig {
+        let sim = SimIdp::start(client, "wait-secret", "org-w", ttl, TokenKind::Opaque).await;
+        let dir = tempfile::tempdir().unwrap();
+        let core = RawPeer::bind().await;
+        let text = format!(
+            "{}auth = \"bearer\"\n{}",
+            Sidecar::config("udp:127.0.0.1:9", &format!("udp:{}", core.addr), ""),
+            sim.credentials_toml(
+                dir.path(),
+                "refresh_buffer = \"1s\"\nbackoff_initial = \"100ms\"\nbackoff_max = \"300ms\"\n\
+                 force_refresh_interval = \"1s\"\nresend_wait = \"3s\"\n"
+            )
+        );
+        let sidecar = Sidecar::start_ready(&text).await;
+        let edge = RawPeer::bind().await;
+        WaitRig {
+            sim,
+            _dir: dir,
+            core,
+            sidecar,
+            edge,
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn in_dialog_requests_wait_for_a_valid_token_then_go_without_one_past_the_wait() {
-    let sim = SimIdp::start(
-        "edge-w",
-        "wait-secret",
-        "org-w",
-        Duration::from_secs(3),
-        TokenKind::Opaque,
-    )
-    .await;
-    let dir = tempfile::tempdir().unwrap();
-    let core = RawPeer::bind().await;
-    let text = format!(
-        "{}auth = \"bearer\"\n{}",
-        Sidecar::config("udp:127.0.0.1:9", &format!("udp:{}", core.addr), ""),
-        sim.credentials_toml(
-            dir.path(),
-            "refresh_buffer = \"1s\"\nbackoff_initial = \"100ms\"\nbackoff_max = \"300ms\"\n\
-             force_refresh_interval = \"1s\"\nresend_wait = \"3s\"\n"
-        )
-    );
-    let sidecar = Sidecar::start_ready(&text).await;
+    let WaitRig {
+        sim,
+        _dir,
+        core,
+        sidecar,
+        edge,
+    } = WaitRig::start("edge-w", Duration::from_secs(3)).await;
     let manager = sidecar.app.credentials["test"].clone();
-    let edge = RawPeer::bind().await;
     let proxy = sidecar.addr(Side::Edge, Transport::Udp);
 
     // A call is set up while the token is good.
@@ -135,28 +157,14 @@ async fn in_dialog_requests_wait_for_a_valid_token_then_go_without_one_past_the_
 /// sending it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_waiting_reinvite_cancelled_by_the_edge_is_answered_487_and_never_sent() {
-    let sim = SimIdp::start(
-        "edge-c",
-        "cancel-secret",
-        "org-c",
-        Duration::from_secs(2),
-        TokenKind::Opaque,
-    )
-    .await;
-    let dir = tempfile::tempdir().unwrap();
-    let core = RawPeer::bind().await;
-    let text = format!(
-        "{}auth = \"bearer\"\n{}",
-        Sidecar::config("udp:127.0.0.1:9", &format!("udp:{}", core.addr), ""),
-        sim.credentials_toml(
-            dir.path(),
-            "refresh_buffer = \"1s\"\nbackoff_initial = \"100ms\"\nbackoff_max = \"300ms\"\n\
-             force_refresh_interval = \"1s\"\nresend_wait = \"3s\"\n"
-        )
-    );
-    let sidecar = Sidecar::start_ready(&text).await;
+    let WaitRig {
+        sim,
+        _dir,
+        core,
+        sidecar,
+        edge,
+    } = WaitRig::start("edge-c", Duration::from_secs(2)).await;
     let manager = sidecar.app.credentials["test"].clone();
-    let edge = RawPeer::bind().await;
     let proxy = sidecar.addr(Side::Edge, Transport::Udp);
     sim.idp.set_fault(Some(Fault::Status {
         code: 503,

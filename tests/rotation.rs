@@ -42,6 +42,16 @@ async fn rig(
     (sim, core, sidecar, dir)
 }
 
+/// One token at start, then at most one forced refresh per default 5 s interval.
+fn assert_tokens_within_the_rate_limit(idp: &byoc_sidecar::sim::idp::Idp, elapsed: Duration) {
+    let allowed = 1 + elapsed.as_secs() / 5 + 1;
+    assert!(
+        idp.tokens_issued() <= allowed,
+        "{} tokens in {elapsed:?}",
+        idp.tokens_issued()
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn calls_survive_revoke_on_reissue_rotation_every_two_seconds() {
     let (sim, core, sidecar, _dir) = rig(
@@ -171,14 +181,8 @@ async fn calls_survive_revocations_faster_than_the_forced_refresh_rate_limit() {
         "no refusal waited for the rate limit: {manager:?}"
     );
     assert_eq!(manager.refusals_permanent, 0, "{manager:?}");
-    // No proactive refresh within the hour-long lifetime: one token at start, then at
-    // most one forced refresh per 5 s interval.
-    let allowed = 1 + elapsed.as_secs() / 5 + 1;
-    assert!(
-        idp.tokens_issued() <= allowed,
-        "{} tokens in {elapsed:?}",
-        idp.tokens_issued()
-    );
+    // No proactive refresh within the hour-long lifetime.
+    assert_tokens_within_the_rate_limit(idp, elapsed);
     println!(
         "revocations every 4 s: {CALLS} calls, {} failed, {} revocations, {} 403s absorbed, {} re-sends, \
          {} token requests, {} refusals waited for the rate limit, longest wait {:.3} s, run {:.1} s",
@@ -252,13 +256,7 @@ async fn persistent_403_reaches_the_edge_without_waiting_and_within_the_rate_lim
         manager.refusals_permanent >= CALLS - stats.resends - 1,
         "{manager:?} {stats:?}"
     );
-    // One token at start, then at most one forced refresh per 5 s interval.
-    let allowed = 1 + elapsed.as_secs() / 5 + 1;
-    assert!(
-        idp.tokens_issued() <= allowed,
-        "{} tokens in {elapsed:?}",
-        idp.tokens_issued()
-    );
+    assert_tokens_within_the_rate_limit(idp, elapsed);
     println!(
         "persistent 403: {CALLS} calls, {} re-sent, {} passed on at once as permanent, {} tokens issued, \
          longest wait {:.3} s, run {:.1} s",

@@ -425,15 +425,8 @@ impl CredentialManager {
                 },
             }
         }
-        let wait = finished.wait_for(|_| {
-            let newer = self
-                .shared
-                .current
-                .load()
-                .as_ref()
-                .is_some_and(|credential| credential.generation != rejected);
-            newer || self.lock_force().pending != Some(rejected)
-        });
+        let wait = finished
+            .wait_for(|_| self.has_newer(rejected) || self.lock_force().pending != Some(rejected));
         // Past the limit, answer with what there is; the refresher carries on.
         let limit = Instant::now() + FORCE_WAIT;
         let limit = deadline.map_or(limit, |deadline| deadline.min(limit));
@@ -441,17 +434,20 @@ impl CredentialManager {
         self.newest()
     }
 
+    /// Whether the current credential is another than `rejected` (generations only grow).
+    fn has_newer(&self, rejected: u64) -> bool {
+        self.shared
+            .current
+            .load()
+            .as_ref()
+            .is_some_and(|credential| credential.generation != rejected)
+    }
+
     /// Asks the refresher for an attempt replacing `rejected`, if the rules allow one now.
     fn start_forced(&self, rejected: u64) -> Start {
         let now = Instant::now();
         let stats = &self.shared.stats;
-        let newer = self
-            .shared
-            .current
-            .load()
-            .as_ref()
-            .is_some_and(|credential| credential.generation != rejected);
-        if newer {
+        if self.has_newer(rejected) {
             return Start::Newer;
         }
         let mut force = self.lock_force();

@@ -499,20 +499,6 @@ impl Engine {
             generation: info.generation,
             sent_at: info.sent_at,
         });
-        self.start_client_carrying(request, branch, destination, server, resend, carried)
-    }
-
-    /// [`Engine::start_client`] for a request carrying a credential without keeping what
-    /// a re-send would need (a re-send itself).
-    pub(super) fn start_client_carrying(
-        &mut self,
-        request: Request,
-        branch: &str,
-        destination: Destination,
-        server: Option<u64>,
-        resend: Option<Box<super::resend::ResendInfo>>,
-        carried: Option<Carried>,
-    ) -> u64 {
         let id = self.allocate_id();
         Stats::bump(&self.stats.client_transactions);
         let key = ClientKey::new(branch, request.method);

@@ -365,13 +365,16 @@ impl Engine {
                 sent_at: now(),
             })
         });
-        let carried = Some(super::engine::Carried {
-            trunk,
-            generation,
-            sent_at: now(),
-        });
-        let client =
-            self.start_client_carrying(request, &branch, destination, Some(server), again, carried);
+        let client = self.start_client(request, &branch, destination, Some(server), again);
+        if let Some(Entry::Client(entry)) = self.entries.get_mut(&client) {
+            // A re-send keeps no re-send state of its own (bearer), but the core's
+            // acceptance of it must still reach the manager.
+            entry.carried.get_or_insert(super::engine::Carried {
+                trunk,
+                generation,
+                sent_at: now(),
+            });
+        }
         if cancel_requested {
             if let Some(Entry::Client(entry)) = self.entries.get_mut(&client) {
                 entry.cancel_pending = true;
