@@ -11,6 +11,7 @@ pub const EXIT_PANIC: i32 = 70;
 /// [`EXIT_PANIC`]. The panic's message is not logged: it could quote data the panicking
 /// code held (a credential source's response, say).
 pub fn exit_on_panic() {
+    use std::io::Write as _;
     std::panic::set_hook(Box::new(|info| {
         let location = info
             .location()
@@ -21,7 +22,12 @@ pub fn exit_on_panic() {
             .unwrap_or("unnamed")
             .to_string();
         tracing::error!(%location, %thread, "internal error (panic); exiting so the supervisor restarts the sidecar");
-        eprintln!("byoc-sidecar: internal error (panic) at {location} in thread {thread}; exiting with status {EXIT_PANIC}");
+        // Not eprintln!: it panics when stderr is closed, which inside the hook would
+        // abort the process with another status.
+        let _ = writeln!(
+            std::io::stderr(),
+            "byoc-sidecar: internal error (panic) at {location} in thread {thread}; exiting with status {EXIT_PANIC}"
+        );
         std::process::exit(EXIT_PANIC);
     }));
 }

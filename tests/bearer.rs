@@ -368,10 +368,11 @@ async fn rejection_without_a_newer_credential_goes_to_the_edge() {
     sidecar.stop().await;
 }
 
-/// The Edge cancels while the re-send waits for its token: the CANCEL is answered at once,
-/// held, and sent to the core on the re-sent INVITE's branch; the Edge gets 487.
+/// The Edge cancels while the re-send waits for its token: nothing is outstanding at the
+/// core (it refused the INVITE), so the CANCEL is answered 200 and the INVITE 487 at once,
+/// and the INVITE is never sent again (no ringing after the caller gave up).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn cancel_arriving_during_the_resend_follows_the_new_branch_and_the_edge_gets_487() {
+async fn cancel_arriving_during_the_resend_ends_the_invite_with_487_and_nothing_is_re_sent() {
     use byoc_sidecar::sim::idp::{Fault, TokenKind};
     let sim = common::sim::SimIdp::start(
         "edge-c",
@@ -409,47 +410,18 @@ async fn cancel_arriving_during_the_resend_follows_the_new_branch_and_the_edge_g
         .replacen("INVITE sip", "CANCEL sip", 1)
         .replace("1 INVITE", "1 CANCEL");
     edge.send(&cancel, proxy).await;
-    let cancel_answer = loop {
-        let (message, _) = edge.receive(WAIT, "200 for the CANCEL").await;
-        if cseq(&message).ends_with("CANCEL") {
-            break message;
-        }
-    };
-    assert_eq!(status(&cancel_answer), 200);
-
-    let (second, from) = next_request(&core, rsip::Method::Invite).await;
-    assert_eq!(cseq(&second), "2 INVITE");
-    core.send(
-        &common::raw::answer(&second, 180, "Ringing", "core-tag"),
-        from,
-    )
-    .await;
-    let (core_cancel, from) = next_request(&core, rsip::Method::Cancel).await;
-    assert_eq!(
-        top_branch(&core_cancel),
-        top_branch(&second),
-        "the CANCEL goes on the re-sent INVITE's branch"
-    );
-    assert_eq!(cseq(&core_cancel), "2 CANCEL");
-    assert_eq!(
-        header_values(&core_cancel, "Authorization"),
-        header_values(&second, "Authorization"),
-        "the CANCEL carries the INVITE's token"
-    );
-    core.send(
-        &common::raw::answer(&core_cancel, 200, "OK", "core-tag"),
-        from,
-    )
-    .await;
-    core.send(
-        &common::raw::answer(&second, 487, "Request Terminated", "core-tag"),
-        from,
-    )
-    .await;
-    let answer = final_response(&edge).await;
-    assert_eq!(
-        (status(&answer), cseq(&answer)),
-        (487, "1 INVITE".to_string())
+    let mut codes = Vec::new();
+    while !codes.contains(&(200, "1 CANCEL".to_string()))
+        || !codes.contains(&(487, "1 INVITE".to_string()))
+    {
+        let (message, _) = edge.receive(WAIT, "200 for the CANCEL and 487").await;
+        codes.push((status(&message), cseq(&message)));
+    }
+    // The refresh lands later; the cancelled INVITE is not sent again.
+    let resent = core.drain(Duration::from_millis(1500)).await;
+    assert!(
+        resent.iter().all(|text| !text.starts_with("INVITE")),
+        "the cancelled INVITE was re-sent: {resent:?}"
     );
     sidecar.stop().await;
 }

@@ -15,8 +15,8 @@ use byoc_sidecar::credentials::file::{FileFormat, FileSource};
 use byoc_sidecar::credentials::oauth2::{ClientAuth, OAuth2Settings, OAuth2Source};
 use byoc_sidecar::credentials::schedule::RefreshPolicy;
 use byoc_sidecar::credentials::{
-    CredentialManager, CredentialValue, FetchError, FetchFuture, Fetched, ManagerOptions, Secret,
-    Source,
+    Credential, CredentialManager, CredentialValue, FetchError, FetchFuture, Fetched,
+    ManagerOptions, Secret, Source,
 };
 use byoc_sidecar::sim::idp::{Fault, Idp, TokenKind};
 use common::sim::SimIdp;
@@ -862,6 +862,13 @@ fn now() -> std::time::Instant {
     tokio::time::Instant::now().into_std()
 }
 
+/// The core refused a request carrying `generation` that was sent now and just arrived:
+/// the replacement, waiting at most the manager's `resend_wait`.
+async fn refused(manager: &CredentialManager, generation: u64) -> Option<Arc<Credential>> {
+    let deadline = tokio::time::Instant::now() + manager.resend_wait();
+    manager.replacement(generation, now(), deadline).await
+}
+
 /// A credential the core took is revoked twice within the 5 s rate limit: the first
 /// refusal gets a forced refresh at once, the second waits for the rate limit to let the
 /// next one through instead of passing the refusal on (issue 12).
@@ -871,11 +878,11 @@ async fn a_rotation_inside_the_rate_limit_waits_for_the_next_allowed_refresh() {
     let first = first_credential(&manager).await;
     let start = tokio::time::Instant::now();
     manager.note_accepted(first, now());
-    let second = manager.replacement(first, now()).await.unwrap();
+    let second = refused(&manager, first).await.unwrap();
     assert_eq!(second.generation, first + 1);
     manager.note_accepted(second.generation, now());
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let third = manager.replacement(second.generation, now()).await.unwrap();
+    let third = refused(&manager, second.generation).await.unwrap();
     assert_eq!(third.generation, first + 2);
     assert!(
         tokio::time::Instant::now() >= start + Duration::from_secs(5),
@@ -902,10 +909,10 @@ async fn a_rotation_the_rate_limit_cannot_serve_within_resend_wait_is_not_held()
         |_| (Duration::ZERO, Ok(Duration::from_secs(3600))),
     );
     let first = first_credential(&manager).await;
-    let second = manager.replacement(first, now()).await.unwrap();
+    let second = refused(&manager, first).await.unwrap();
     manager.note_accepted(second.generation, now());
     let start = tokio::time::Instant::now();
-    let answer = manager.replacement(second.generation, now()).await.unwrap();
+    let answer = refused(&manager, second.generation).await.unwrap();
     assert_eq!(answer.generation, second.generation);
     assert_eq!(tokio::time::Instant::now(), start);
     assert_eq!(fetched(&fetches), 2);
@@ -914,24 +921,25 @@ async fn a_rotation_the_rate_limit_cannot_serve_within_resend_wait_is_not_held()
 }
 
 /// A credential fetched to replace a refused one is refused before the core took it:
-/// a permanent refusal. Refusals go on at once from then on, without a fetch while the
-/// rate limit forbids one; once it allows one, a refusal starts a refresh in the
-/// background; the first acceptance ends the permanent reading.
+/// a permanent refusal. Refusals go on at once from then on, never waiting for the rate
+/// limit; once the limit allows a refresh, a refusal gets one at once (a repaired
+/// configuration is picked up); the first acceptance ends the permanent reading.
 #[tokio::test(start_paused = true)]
 async fn a_fresh_credential_refused_at_once_is_a_permanent_refusal() {
     let (manager, fetches, cancel) = hour_long_steps();
     let first = first_credential(&manager).await;
-    let second = manager.replacement(first, now()).await.unwrap();
+    let second = refused(&manager, first).await.unwrap();
     assert_eq!(second.generation, first + 1);
     let start = tokio::time::Instant::now();
-    assert!(manager
-        .replacement(second.generation, now())
-        .await
-        .is_none());
-    assert!(manager
-        .replacement(second.generation, now())
-        .await
-        .is_none());
+    let same = |answer: Option<Arc<Credential>>| answer.map(|credential| credential.generation);
+    assert_eq!(
+        same(refused(&manager, second.generation).await),
+        Some(second.generation)
+    );
+    assert_eq!(
+        same(refused(&manager, second.generation).await),
+        Some(second.generation)
+    );
     assert_eq!(
         tokio::time::Instant::now(),
         start,
@@ -940,19 +948,57 @@ async fn a_fresh_credential_refused_at_once_is_a_permanent_refusal() {
     assert!(manager.core_refusing());
     assert_eq!(fetched(&fetches), 2);
     tokio::time::sleep(Duration::from_secs(6)).await;
-    let attempts = manager.attempts();
-    assert!(manager
-        .replacement(second.generation, now())
-        .await
-        .is_none());
-    attempts_finished_from(attempts, 1).await;
-    assert_eq!(fetched(&fetches), 3, "a background refresh once allowed");
-    let third = manager.current().unwrap();
-    assert_eq!(third.generation, first + 2);
+    let third = refused(&manager, second.generation).await.unwrap();
+    assert_eq!(
+        third.generation,
+        first + 2,
+        "a refresh once the limit allows one"
+    );
+    assert_eq!(fetched(&fetches), 3);
     manager.note_accepted(third.generation, now());
     assert!(!manager.core_refusing());
     let stats = manager.stats();
     assert_eq!((stats.refusals_rotation, stats.refusals_permanent), (1, 3));
+    assert_eq!(stats.forced_waited, 0);
+    cancel.cancel();
+}
+
+/// A source that hands out the same value again (a file nobody rewrote, a token server
+/// that returns its cached token): the first refusal fetches once and gets nothing new;
+/// every refusal after it is permanent and goes on at once.
+#[tokio::test(start_paused = true)]
+async fn a_refused_credential_fetched_again_unchanged_is_a_permanent_refusal() {
+    let cancel = CancellationToken::new();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("token");
+    std::fs::write(&path, "unchanging-token").unwrap();
+    let source = FileSource::start(
+        path,
+        FileFormat::Token,
+        Duration::from_secs(3600),
+        cancel.clone(),
+        &TaskTracker::new(),
+    );
+    let manager = CredentialManager::start(
+        Arc::new(source),
+        options(policy()),
+        cancel.clone(),
+        &TaskTracker::new(),
+    );
+    let first = first_credential(&manager).await;
+    let answer = refused(&manager, first)
+        .await
+        .map(|credential| credential.generation);
+    assert_eq!(answer, Some(first), "nothing newer to re-send with");
+    let start = tokio::time::Instant::now();
+    refused(&manager, first).await;
+    assert_eq!(
+        tokio::time::Instant::now(),
+        start,
+        "the second refusal waited"
+    );
+    let stats = manager.stats();
+    assert_eq!((stats.refusals_rotation, stats.refusals_permanent), (1, 1));
     cancel.cancel();
 }
 
@@ -965,7 +1011,11 @@ async fn a_refusal_of_a_credential_taken_on_a_later_request_is_passed_on_at_once
     let refused_sent_at = now();
     tokio::time::sleep(Duration::from_millis(10)).await;
     manager.note_accepted(first, now());
-    assert!(manager.replacement(first, refused_sent_at).await.is_none());
+    let deadline = tokio::time::Instant::now() + manager.resend_wait();
+    assert!(manager
+        .replacement(first, refused_sent_at, deadline)
+        .await
+        .is_none());
     assert_eq!(fetched(&fetches), 1);
     assert_eq!(manager.stats().refusals_of_the_request, 1);
     cancel.cancel();
@@ -984,7 +1034,7 @@ async fn a_refused_static_credential_is_passed_on_without_a_fetch() {
         &TaskTracker::new(),
     );
     let first = first_credential(&manager).await;
-    assert!(manager.replacement(first, now()).await.is_none());
+    assert!(refused(&manager, first).await.is_none());
     assert_eq!(manager.stats().attempts, 1);
     cancel.cancel();
 }

@@ -45,15 +45,17 @@ struct TwoTrunks {
 }
 
 impl TwoTrunks {
-    async fn start(auth: Auth) -> TwoTrunks {
+    /// Two trunks whose cores listen on `core_ips` (the same address twice: two cores on
+    /// one host, told apart by port).
+    async fn start(auth: Auth, core_ips: (&str, &str)) -> TwoTrunks {
         let dir = tempfile::tempdir().unwrap();
         let (edge_a, edge_b) = (
             RawPeer::bind_on("127.0.0.21").await,
             RawPeer::bind_on("127.0.0.22").await,
         );
         let (core_a, core_b) = (
-            RawPeer::bind_on("127.0.0.11").await,
-            RawPeer::bind_on("127.0.0.12").await,
+            RawPeer::bind_on(core_ips.0).await,
+            RawPeer::bind_on(core_ips.1).await,
         );
         let trunk = |name: &str, edge: &RawPeer, core: &RawPeer, secret: &str, user: &str| {
             let credentials = match auth {
@@ -207,8 +209,11 @@ fn steered_bye(rig: &TwoTrunks, branch: &str, call_id: &str, route: &str) -> Str
     )
 }
 
-async fn every_path_keeps_org_as_credential_away_from_org_bs_core(auth: Auth) {
-    let mut rig = TwoTrunks::start(auth).await;
+async fn every_path_keeps_org_as_credential_away_from_org_bs_core(
+    auth: Auth,
+    core_ips: (&str, &str),
+) {
+    let mut rig = TwoTrunks::start(auth, core_ips).await;
     if auth == Auth::Digest {
         rig.learn_digest_challenge().await;
     }
@@ -294,9 +299,16 @@ async fn every_path_keeps_org_as_credential_away_from_org_bs_core(auth: Auth) {
             "the BYE was re-sent to org-b's core"
         );
     }
+    // An ACK for a 2xx is forwarded statelessly along the same path: without too.
+    let ack = steered_bye(&rig, "z9hG4bKack3", "ack3@test", &routes[0])
+        .replace("BYE sip:", "ACK sip:")
+        .replace("CSeq: 2 BYE", "CSeq: 1 ACK");
+    rig.edge_a.send(&ack, rig.proxy).await;
+    let (at_b, _) = rig.at_core_b("the ACK at org-b's core").await;
+    assert!(header_values(&at_b, "Authorization").is_empty());
     assert_eq!(
         rig.sidecar.app.stats.snapshot().credentials_withheld,
-        withheld + 2
+        withheld + 3
     );
 
     // 4. org-b's core sends a call to org-a's Edge naming org-a's trunk in its Route:
@@ -378,10 +390,30 @@ async fn every_path_keeps_org_as_credential_away_from_org_bs_core(auth: Auth) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bearer_token_of_one_trunk_never_reaches_another_trunks_core() {
-    every_path_keeps_org_as_credential_away_from_org_bs_core(Auth::Bearer).await;
+    every_path_keeps_org_as_credential_away_from_org_bs_core(
+        Auth::Bearer,
+        ("127.0.0.11", "127.0.0.12"),
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn digest_answers_of_one_trunk_never_reach_another_trunks_core() {
-    every_path_keeps_org_as_credential_away_from_org_bs_core(Auth::Digest).await;
+    every_path_keeps_org_as_credential_away_from_org_bs_core(
+        Auth::Digest,
+        ("127.0.0.11", "127.0.0.12"),
+    )
+    .await;
+}
+
+/// The issue's own set-up: both cores on one host, on two ports.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cores_on_one_host_are_kept_apart_by_port() {
+    for auth in [Auth::Bearer, Auth::Digest] {
+        every_path_keeps_org_as_credential_away_from_org_bs_core(
+            auth,
+            ("127.0.0.11", "127.0.0.11"),
+        )
+        .await;
+    }
 }

@@ -309,18 +309,25 @@ impl CredentialManager {
     ///
     /// - a newer credential at hand, or `rejected` itself once its activation delay has
     ///   passed: that one, at once;
-    /// - a refusal read as one of the request, or as permanent ([`super::verdict`]):
-    ///   `None` at once; a permanent refusal also starts a refresh in the background
-    ///   when the rate limit allows, so a repaired configuration is picked up;
+    /// - a refusal read as one of the request ([`super::verdict`]): `None` at once;
+    /// - a permanent refusal: a forced refresh only if the rate limit allows one now (so
+    ///   a repaired configuration is picked up), never a wait for it;
     /// - a rotation: a forced refresh, waiting for the rate limit (or the backoff after
-    ///   a failed attempt) at most `resend_wait` from now, then the newest credential.
+    ///   a failed attempt) until `deadline` at most, then the newest credential.
+    ///
+    /// Callers give `deadline` as when the request reached the sidecar plus
+    /// [`CredentialManager::resend_wait`], so every wait of one request together stays
+    /// within it.
     pub async fn replacement(
         &self,
         rejected: u64,
         sent_at: std::time::Instant,
+        deadline: Instant,
     ) -> Option<Arc<Credential>> {
-        if let Some(credential) = self.without_fetching(rejected).await {
-            return Some(credential);
+        match self.without_fetching(rejected, Some(deadline)).await {
+            Early::Use(credential) => return Some(credential),
+            Early::PassOn => return None,
+            Early::Fetch => {}
         }
         if !self.shared.renewable {
             return None;
@@ -336,16 +343,10 @@ impl CredentialManager {
         tracing::debug!(trunk = %self.shared.options.trunk, generation = rejected, reading = reading.as_str(), "core refused the credential");
         match reading {
             Reading::RequestRefused => None,
-            Reading::Permanent => {
-                if matches!(self.start_forced(rejected), Start::Started) {
-                    tracing::info!(trunk = %self.shared.options.trunk, generation = rejected, "core refuses fresh credentials; refreshing in the background, refusals go to the Edge meanwhile");
-                }
-                None
-            }
-            Reading::Rotation => {
-                let deadline = Instant::now() + self.shared.options.policy.resend_wait;
-                self.refresh_for(rejected, Some(deadline)).await
-            }
+            // No waiting for the rate limit: a refresh only when it is allowed now (so a
+            // repaired configuration is picked up), else the refusal goes on at once.
+            Reading::Permanent => self.refresh_for(rejected, None).await,
+            Reading::Rotation => self.refresh_for(rejected, Some(deadline)).await,
         }
     }
 
@@ -355,31 +356,38 @@ impl CredentialManager {
     /// the source handed out the same value, or when `rejected` was itself within its
     /// delay and is offered again after it; `None` when there is none).
     pub async fn force_refresh(&self, rejected: u64) -> Option<Arc<Credential>> {
-        if let Some(credential) = self.without_fetching(rejected).await {
-            return Some(credential);
+        match self.without_fetching(rejected, None).await {
+            Early::Use(credential) => Some(credential),
+            Early::PassOn => self.newest(),
+            Early::Fetch => self.refresh_for(rejected, None).await,
         }
-        self.refresh_for(rejected, None).await
     }
 
-    /// A credential that answers a rejection of `rejected` without a fetch: a newer one,
-    /// or `rejected` itself once its activation delay has passed.
-    async fn without_fetching(&self, rejected: u64) -> Option<Arc<Credential>> {
+    /// What answers a rejection of `rejected` without a fetch: a newer credential, or
+    /// `rejected` itself once its activation delay has passed (by `deadline`, if any).
+    async fn without_fetching(&self, rejected: u64, deadline: Option<Instant>) -> Early {
         // A newer credential in its activation delay is used at once when the one served
         // meanwhile is rejected.
-        let newest = self.newest()?;
+        let Some(newest) = self.newest() else {
+            return Early::Fetch;
+        };
         if newest.generation != rejected {
-            return Some(newest);
+            return Early::Use(newest);
         }
         // The rejected credential is the newest and still within its activation delay:
         // it may not have propagated yet, and neither would another one. Offer it again
-        // once the delay has passed instead of fetching.
+        // once the delay has passed instead of fetching; a delay that outlasts the
+        // caller's wait means the rejection goes on.
         let delay = self.shared.options.policy.activation_delay;
-        let active_at = newest.obtained + delay;
-        if !delay.is_zero() && Instant::now().into_std() < active_at {
-            tokio::time::sleep_until(Instant::from_std(active_at)).await;
-            return Some(newest);
+        let active_at = Instant::from_std(newest.obtained + delay);
+        if !delay.is_zero() && Instant::now() < active_at {
+            if deadline.is_some_and(|deadline| active_at > deadline) {
+                return Early::PassOn;
+            }
+            tokio::time::sleep_until(active_at).await;
+            return Early::Use(newest);
         }
-        None
+        Early::Fetch
     }
 
     /// Forces a refresh replacing `rejected`; with a `deadline`, waits for the rate limit
@@ -481,6 +489,13 @@ impl CredentialManager {
     fn lock_force(&self) -> std::sync::MutexGuard<'_, ForceState> {
         lock(&self.shared.force)
     }
+}
+
+/// What answers a rejection before any fetch.
+enum Early {
+    Use(Arc<Credential>),
+    PassOn,
+    Fetch,
 }
 
 /// What asking for a forced attempt led to.
@@ -590,7 +605,7 @@ async fn refresher(shared: Arc<Shared>, source: Arc<dyn Source>, cancel: Cancell
             })),
         };
         let result = result.and_then(|fetched| usable(fetched, sent_at));
-        let before = generation_of(&shared);
+        let fetched_one = result.is_ok();
         next_attempt = match result {
             Ok(fetched) => on_success(&shared, &mut memory, fetched, sent_at, wall_sent_at),
             Err(error) => on_failure(&shared, &mut memory, &error, &source.describe()),
@@ -599,10 +614,10 @@ async fn refresher(shared: Arc<Shared>, source: Arc<dyn Source>, cancel: Cancell
             let mut force = lock(&shared.force);
             if forced {
                 force.pending = None;
-                // A credential fetched to replace a refused one: if the core refuses it
-                // before accepting it, the refusal is permanent (see `verdict`).
-                let after = generation_of(&shared);
-                if let Some(generation) = after.filter(|_| after != before) {
+                // A credential fetched to replace a refused one (a new one, or the same
+                // value again): if the core refuses it before taking it, the refusal is
+                // permanent (see `verdict`).
+                if let Some(generation) = generation_of(&shared).filter(|_| fetched_one) {
                     force.view.forced(generation);
                 }
             }

@@ -16,9 +16,28 @@
 //!   needed, and the request re-sent once.
 //!
 //! The view is per credential (per trunk), fed with every answer that shows the core
-//! accepting a credential: any response above 100 other than 401, 403 and 407.
+//! accepting a credential ([`shows_acceptance`]): a response above 100 other than 401,
+//! 403 and 407 to a request the core is known to check ([`checked_by_core`]).
 
 use std::time::Instant;
+
+/// Whether the core's answer to a request like this tells whether it took the request's
+/// credential: only requests outside a dialog, other than OPTIONS, CANCEL and ACK. Cores
+/// commonly check credentials on initial requests only (Kamailio's usual set-up lets
+/// in-dialog requests through on the strength of the dialog) and answer OPTIONS
+/// keep-alives before any check, so their answers prove nothing.
+pub fn checked_by_core(method: &rsip::Method, in_dialog: bool) -> bool {
+    !in_dialog
+        && !matches!(
+            method,
+            rsip::Method::Options | rsip::Method::Cancel | rsip::Method::Ack
+        )
+}
+
+/// Whether a response code to a request the core checks shows it took the credential.
+pub fn shows_acceptance(code: u16) -> bool {
+    code > 100 && !matches!(code, 401 | 403 | 407)
+}
 
 /// How a refusal of a credential is read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -185,6 +204,25 @@ mod tests {
         // An older acceptance does not vouch for a newer generation.
         assert_eq!(view.refused(5, at(start, 50)), Reading::Rotation);
         assert_eq!(view.accepted_generation(), Some(4));
+    }
+
+    #[test]
+    fn only_answers_to_requests_the_core_checks_show_acceptance() {
+        use rsip::Method;
+        assert!(checked_by_core(&Method::Invite, false));
+        assert!(checked_by_core(&Method::Register, false));
+        assert!(checked_by_core(&Method::Message, false));
+        assert!(!checked_by_core(&Method::Invite, true), "a re-INVITE");
+        assert!(!checked_by_core(&Method::Bye, true));
+        assert!(!checked_by_core(&Method::Options, false));
+        assert!(!checked_by_core(&Method::Cancel, false));
+        assert!(!checked_by_core(&Method::Ack, true));
+        for code in [180, 183, 200, 202, 404, 486, 503] {
+            assert!(shows_acceptance(code), "{code}");
+        }
+        for code in [100, 401, 403, 407] {
+            assert!(!shows_acceptance(code), "{code}");
+        }
     }
 
     #[test]

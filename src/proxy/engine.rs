@@ -60,9 +60,9 @@ pub fn transaction_span(
 pub const TRUNK_PARAM: &str = "bsct";
 
 /// Makes and recognises this proxy's branches: the prefix, a random nonce and a keyed
-/// tag over it (SipHash with a key drawn at start), so a response whose top Via claims
-/// to be ours can be checked without a transaction: a stray 2xx is forwarded only with
-/// a branch this proxy really made.
+/// tag over the nonce and the request's Call-ID (SipHash with a key drawn at start), so a
+/// response whose top Via claims to be ours can be checked without a transaction: a
+/// stray 2xx is forwarded only with a branch this proxy made for that very call.
 pub struct Branches {
     key: std::collections::hash_map::RandomState,
 }
@@ -74,13 +74,17 @@ impl Branches {
         }
     }
 
-    pub fn next(&self) -> String {
+    /// A new branch for a request of call `call_id`.
+    pub fn next(&self, call_id: &str) -> String {
         let nonce = rand::random::<u64>();
-        format!("{OWN_BRANCH_PREFIX}{nonce:016x}{:08x}", self.tag(nonce))
+        format!(
+            "{OWN_BRANCH_PREFIX}{nonce:016x}{:08x}",
+            self.tag(nonce, call_id)
+        )
     }
 
-    /// Whether `branch` was made by [`Branches::next`] of this instance.
-    pub fn is_own(&self, branch: &str) -> bool {
+    /// Whether `branch` was made by [`Branches::next`] of this instance for `call_id`.
+    pub fn is_own(&self, branch: &str, call_id: &str) -> bool {
         let Some(rest) = branch.strip_prefix(OWN_BRANCH_PREFIX) else {
             return false;
         };
@@ -89,15 +93,15 @@ impl Branches {
         }
         let (nonce, tag) = rest.split_at(16);
         match (u64::from_str_radix(nonce, 16), u32::from_str_radix(tag, 16)) {
-            (Ok(nonce), Ok(tag)) => self.tag(nonce) == tag,
+            (Ok(nonce), Ok(tag)) => self.tag(nonce, call_id) == tag,
             _ => false,
         }
     }
 
-    fn tag(&self, nonce: u64) -> u32 {
+    fn tag(&self, nonce: u64, call_id: &str) -> u32 {
         use std::hash::BuildHasher;
         // The high half of a keyed 64-bit hash.
-        (self.key.hash_one(nonce) >> 32) as u32
+        (self.key.hash_one((nonce, call_id)) >> 32) as u32
     }
 }
 
@@ -188,6 +192,8 @@ pub(super) struct ServerEntry {
     pub pending_forward: Option<Box<super::request::Forward>>,
     /// The Edge cancelled this INVITE (matters while a re-send is pending).
     pub cancel_requested: bool,
+    /// When the request arrived: every wait for a credential counts from here.
+    pub arrived: StdInstant,
     pub span: tracing::Span,
     scheduled: Option<StdInstant>,
 }
@@ -219,6 +225,23 @@ pub(super) struct Carried {
     pub trunk: usize,
     pub generation: u64,
     pub sent_at: StdInstant,
+    /// Whether the core checks requests like this one, so that its answer tells whether
+    /// it took the credential (`credentials::verdict::checked_by_core`).
+    pub checked: bool,
+}
+
+impl Carried {
+    pub fn new(trunk: usize, generation: u64, sent_at: StdInstant, request: &Request) -> Self {
+        Self {
+            trunk,
+            generation,
+            sent_at,
+            checked: crate::credentials::verdict::checked_by_core(
+                &request.method,
+                message::in_dialog(&request.headers),
+            ),
+        }
+    }
 }
 
 pub(super) enum Entry {
@@ -478,6 +501,7 @@ impl Engine {
                 pending_resend: None,
                 pending_forward: None,
                 cancel_requested: false,
+                arrived: now(),
                 span,
                 scheduled: None,
             }),
@@ -494,11 +518,9 @@ impl Engine {
         server: Option<u64>,
         resend: Option<Box<super::resend::ResendInfo>>,
     ) -> u64 {
-        let carried = resend.as_ref().map(|info| Carried {
-            trunk: info.trunk,
-            generation: info.generation,
-            sent_at: info.sent_at,
-        });
+        let carried = resend
+            .as_ref()
+            .map(|info| Carried::new(info.trunk, info.generation, info.sent_at, &request));
         let id = self.allocate_id();
         Stats::bump(&self.stats.client_transactions);
         let key = ClientKey::new(branch, request.method);
@@ -738,10 +760,7 @@ impl Engine {
                 && ((method == rsip::Method::Bye && (200..300).contains(&code))
                     || (method == rsip::Method::Invite
                         && code >= 300
-                        && message::to_value(request_headers)
-                            .ok()
-                            .and_then(message::tag_of)
-                            .is_none()));
+                        && !message::in_dialog(request_headers)));
             if message::cseq(&response.headers).is_ok_and(|(current, _)| current != seq) {
                 message::set_cseq(&mut response.headers, seq, method);
             }
@@ -808,7 +827,8 @@ impl Engine {
         // step 1): forward it by Via, but only when the Via it pops is ours (our address
         // and a branch we made). Nothing else is forwarded without a transaction.
         let success = (200..300).contains(&response.status_code.code());
-        let ours = self.branches.is_own(&key.branch)
+        let call_id = message::call_id(&response.headers).unwrap_or("");
+        let ours = self.branches.is_own(&key.branch, call_id)
             && message::top_via(&response.headers)
                 .is_ok_and(|via| self.router.is_own_host(&via.host, via.port));
         if !ours || !success || key.method.0 != rsip::Method::Invite {
@@ -953,22 +973,28 @@ mod tests {
     #[test]
     fn own_branches_are_recognised_and_forged_ones_are_not() {
         let branches = Branches::new();
-        let made = branches.next();
+        let made = branches.next("call@test");
         assert!(made.starts_with(OWN_BRANCH_PREFIX));
-        assert!(branches.is_own(&made));
-        // Another instance (another key) did not make it.
-        assert!(!Branches::new().is_own(&made));
+        assert!(branches.is_own(&made, "call@test"));
+        // Another call's response, or another instance (another key): not ours.
+        assert!(!branches.is_own(&made, "other@test"));
+        assert!(!Branches::new().is_own(&made, "call@test"));
         // The prefix alone, a changed nonce, a changed tag, junk: not ours.
         let flipped = |position: usize| {
             let mut bytes = made.clone().into_bytes();
             bytes[position] = if bytes[position] == b'0' { b'1' } else { b'0' };
             String::from_utf8(bytes).unwrap()
         };
-        assert!(!branches.is_own(&flipped(OWN_BRANCH_PREFIX.len())));
-        assert!(!branches.is_own(&flipped(made.len() - 1)));
-        assert!(!branches.is_own(&format!("{OWN_BRANCH_PREFIX}00000000000000aa")));
-        assert!(!branches.is_own(&format!("{OWN_BRANCH_PREFIX}zzzzzzzzzzzzzzzzzzzzzzzz")));
-        assert!(!branches.is_own("z9hG4bKother"));
-        assert!(!branches.is_own(&format!("{OWN_BRANCH_PREFIX}é0000000000000000000000")));
+        let ours = |branch: &str| branches.is_own(branch, "call@test");
+        assert!(!ours(&flipped(OWN_BRANCH_PREFIX.len())));
+        assert!(!ours(&flipped(made.len() - 1)));
+        assert!(!ours(&format!("{OWN_BRANCH_PREFIX}00000000000000aa")));
+        assert!(!ours(&format!(
+            "{OWN_BRANCH_PREFIX}zzzzzzzzzzzzzzzzzzzzzzzz"
+        )));
+        assert!(!ours("z9hG4bKother"));
+        assert!(!ours(&format!(
+            "{OWN_BRANCH_PREFIX}é0000000000000000000000"
+        )));
     }
 }

@@ -231,10 +231,11 @@ impl Engine {
             "no valid credential for an in-dialog request; waiting for one"
         );
         Stats::bump(&self.stats.credential_waits);
-        if let Some(Entry::Server(entry)) = self.entries.get_mut(&server) {
-            entry.pending_forward = Some(Box::new(forward));
-        }
-        let deadline = tokio::time::Instant::now() + manager.resend_wait();
+        let Some(Entry::Server(entry)) = self.entries.get_mut(&server) else {
+            return;
+        };
+        entry.pending_forward = Some(Box::new(forward));
+        let deadline = tokio::time::Instant::from_std(entry.arrived + manager.resend_wait());
         tokio::spawn(async move {
             let credential = manager.wait_valid(deadline).await;
             // The engine may have stopped meanwhile; then nobody waits for this.
@@ -256,10 +257,8 @@ impl Engine {
         if entry.transaction.is_final() {
             return;
         }
-        if entry.cancel_requested {
-            self.respond_locally(server, message::status(487));
-            return;
-        }
+        let span = entry.span.clone();
+        let _entered = span.enter();
         self.finish_forward_with(server, *forward, credential);
     }
 
@@ -349,14 +348,22 @@ impl Engine {
             ServerTransaction::new(false, source.transport.is_reliable(), self.timers);
         let cancel = self.insert_server(key, transaction, reply_to, request);
         self.respond_locally(cancel, message::status(200));
-        let client = match self.entries.get_mut(&invite) {
+        let (client, waiting) = match self.entries.get_mut(&invite) {
             Some(Entry::Server(server)) if !server.transaction.is_final() => {
-                // Held for a re-send that may be pending (see `resend`).
                 server.cancel_requested = true;
-                server.client
+                // An INVITE waiting for a credential (its re-send after a refusal, or a
+                // parked re-INVITE) has nothing outstanding at the core: it ends here and
+                // is never sent.
+                let resend = server.pending_resend.take().is_some();
+                let parked = server.pending_forward.take().is_some();
+                (server.client, resend || parked)
             }
-            _ => None,
+            _ => (None, false),
         };
+        if waiting {
+            self.respond_locally(invite, message::status(487));
+            return;
+        }
         let Some(client) = client else { return };
         if let Some(Entry::Client(entry)) = self.entries.get_mut(&client) {
             if entry.transaction.saw_provisional() {
@@ -405,7 +412,9 @@ impl Engine {
                 format!("no {} listener on the {out_side} side", hop.transport),
             )
         })?;
-        let branch = self.branches.next();
+        let branch = self
+            .branches
+            .next(message::call_id(&request.headers).unwrap_or(""));
         let mut via = Via::new(
             hop.transport.via_token(),
             &outbound.advertise,
@@ -444,7 +453,9 @@ impl Engine {
             tracing::warn!(transport = %hop.transport, "no core-side listener for the trunk's transport; cannot send");
             return;
         };
-        let branch = self.branches.next();
+        let branch = self
+            .branches
+            .next(message::call_id(&request.headers).unwrap_or(""));
         let mut via = Via::new(
             hop.transport.via_token(),
             &self.core.advertise,
@@ -502,10 +513,7 @@ impl Engine {
         if trunk.auth == AuthMode::Digest && (ack || request.method == Method::Cancel) {
             return Ok(Attach::Nothing);
         }
-        let in_dialog = message::to_value(&request.headers)
-            .ok()
-            .and_then(message::tag_of)
-            .is_some();
+        let in_dialog = message::in_dialog(&request.headers);
         let (index, name) = (trunk.index, trunk.name.clone());
         let Some(credential) = trunk
             .credentials
@@ -611,10 +619,7 @@ impl Engine {
         if routes.len() != original_count {
             message::set_routes(&mut request.headers, &routes);
         }
-        let initial = message::to_value(&request.headers)
-            .ok()
-            .and_then(message::tag_of)
-            .is_none();
+        let initial = !message::in_dialog(&request.headers);
         if initial && source.side == Side::Edge {
             // Outbound-proxy semantics: an initial request from the Edge goes to its
             // trunk's core whatever its Request-URI and the Route entries after ours say;
@@ -658,7 +663,7 @@ impl Engine {
             ),
             Side::Core => match self.contact_trunk(request, source)? {
                 Some(index) => self.router.trunk(index),
-                None => self.router.core_trunk(source.peer.ip()),
+                None => self.router.core_trunk(source.peer, source.transport),
             },
         }
         .ok_or(RouteError::NoTrunk)?;
@@ -682,7 +687,9 @@ impl Engine {
         let trunk = self.router.trunk(index)?;
         let allowed = match source.side {
             Side::Edge => self.router.edge_may_use(trunk, source.peer.ip()),
-            Side::Core => self.router.is_core_address(trunk, source.peer.ip()),
+            Side::Core => self
+                .router
+                .is_core_sender(trunk, source.peer, source.transport),
         };
         if !allowed {
             Stats::bump(&self.stats.foreign_trunk_parameters);
@@ -710,9 +717,12 @@ impl Engine {
         }) else {
             return Ok(None);
         };
-        let sender = crate::transport::canonical(source.peer.ip());
         match self.router.trunk(index) {
-            Some(trunk) if crate::transport::canonical(trunk.core.addr.ip()) == sender => {
+            Some(trunk)
+                if self
+                    .router
+                    .is_core_sender(trunk, source.peer, source.transport) =>
+            {
                 Ok(Some(trunk.index))
             }
             _ => Err(Rejection::new(
@@ -730,7 +740,7 @@ impl Engine {
                 source.local.port(),
                 &request.uri.host().to_string(),
             ),
-            Side::Core => self.router.core_trunk(source.peer.ip()),
+            Side::Core => self.router.core_trunk(source.peer, source.transport),
         }
         .map(|trunk| trunk.index)
     }
@@ -781,10 +791,7 @@ fn reason_phrase(rejection: &Rejection) -> String {
 
 /// Whether the proxy must stay in the path of the dialog this request may create.
 fn creates_dialog(request: &Request) -> bool {
-    let initial = message::to_value(&request.headers)
-        .ok()
-        .and_then(message::tag_of)
-        .is_none();
+    let initial = !message::in_dialog(&request.headers);
     initial
         && matches!(
             request.method,

@@ -23,7 +23,9 @@
 //! ([`Engine::deliver`]). A second rejection is final, except that a re-sent Digest
 //! request may answer one more challenge that calls its nonce stale. A rejection is also
 //! final when no newer credential exists. A CANCEL that arrives while the re-send waits
-//! is held and sent on the new branch.
+//! ends the INVITE with 487 at once; it is never sent again. Every wait of one request
+//! (for a valid credential in a dialog, then for a replacement) stays within the trunk's
+//! `resend_wait` from when the request arrived.
 
 use std::sync::Arc;
 
@@ -32,7 +34,7 @@ use rsip::{Request, Response};
 use super::engine::{now, Destination, Engine, Entry};
 use super::request::strip_credentials;
 use crate::config::AuthMode;
-use crate::credentials::Credential;
+use crate::credentials::{verdict, Credential};
 use crate::sip::dialog::{DialogKey, MAX_CSEQ};
 use crate::sip::digest::{sent_answers, ChallengeKind, DigestClient, Verdict};
 use crate::sip::message::{self, header_values};
@@ -87,9 +89,9 @@ impl std::fmt::Debug for PendingResend {
     }
 }
 
-/// How much longer than the trunk's `resend_wait` a pending re-send waits for the
-/// manager's answer: the manager answers within `resend_wait`, this only guarantees that
-/// an answer reaches the engine.
+/// How much longer than its deadline a pending re-send waits for the manager's answer:
+/// the manager answers by the deadline, this only guarantees that an answer reaches the
+/// engine.
 const RESEND_MARGIN: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// The dialog key of a request or response from the Edge's side: Call-ID and From tag.
@@ -233,6 +235,8 @@ impl Engine {
         let Some(Entry::Server(server_entry)) = self.entries.get_mut(&server) else {
             return false;
         };
+        // Every wait of one request together stays within resend_wait.
+        let deadline = tokio::time::Instant::from_std(server_entry.arrived + manager.resend_wait());
         server_entry.pending_resend = Some(Box::new(PendingResend {
             info: *info,
             destination,
@@ -256,12 +260,11 @@ impl Engine {
             status = code,
             "core rejected the credential; refreshing to re-send once"
         );
-        let limit = manager.resend_wait() + RESEND_MARGIN;
         tokio::spawn(async move {
-            let credential =
-                tokio::time::timeout(limit, manager.replacement(rejected_generation, sent_at))
-                    .await
-                    .unwrap_or(None);
+            let replacement = manager.replacement(rejected_generation, sent_at, deadline);
+            let credential = tokio::time::timeout_at(deadline + RESEND_MARGIN, replacement)
+                .await
+                .unwrap_or(None);
             // The engine may have stopped meanwhile; then nobody waits for this.
             let _ = internal
                 .send(TransportEvent::CredentialRefreshed { server, credential })
@@ -282,6 +285,8 @@ impl Engine {
         if entry.transaction.is_final() {
             return;
         }
+        let span = entry.span.clone();
+        let _entered = span.enter();
         let cancel_requested = entry.cancel_requested;
         // The number the Edge gave the request: offset steps are kept in the Edge's count.
         let edge_cseq = message::cseq(&entry.request.headers)
@@ -365,15 +370,12 @@ impl Engine {
                 sent_at: now(),
             })
         });
+        // A re-send keeps no re-send state of its own (bearer), but the core's acceptance
+        // of it must still reach the manager.
+        let carried = super::engine::Carried::new(trunk, generation, now(), &request);
         let client = self.start_client(request, &branch, destination, Some(server), again);
         if let Some(Entry::Client(entry)) = self.entries.get_mut(&client) {
-            // A re-send keeps no re-send state of its own (bearer), but the core's
-            // acceptance of it must still reach the manager.
-            entry.carried.get_or_insert(super::engine::Carried {
-                trunk,
-                generation,
-                sent_at: now(),
-            });
+            entry.carried.get_or_insert(carried);
         }
         if cancel_requested {
             if let Some(Entry::Client(entry)) = self.entries.get_mut(&client) {
@@ -392,7 +394,9 @@ impl Engine {
         credential: &Credential,
     ) -> Option<(Request, String)> {
         let mut via = message::pop_via(&mut request.headers).ok()?;
-        let branch = self.branches.next();
+        let branch = self
+            .branches
+            .next(message::call_id(&request.headers).unwrap_or(""));
         via.set_param("branch", Some(branch.clone()));
         message::push_via(&mut request.headers, &via);
         let (seq, method) = message::cseq(&request.headers).ok()?;
@@ -405,16 +409,16 @@ impl Engine {
         Some((request, branch))
     }
 
-    /// An answer above 100 other than 401/403/407 to a request that carried the trunk's
-    /// credential: the core accepted that generation (see `credentials::verdict`).
+    /// An answer that shows the core took the credential a request carried (see
+    /// `credentials::verdict`): the trunk's manager learns it.
     pub(super) fn note_acceptance(&self, client: u64, code: u16) {
-        if code <= 100 || matches!(code, 401 | 403 | 407) {
+        if !verdict::shows_acceptance(code) {
             return;
         }
         let Some(Entry::Client(entry)) = self.entries.get(&client) else {
             return;
         };
-        let Some(carried) = entry.carried else {
+        let Some(carried) = entry.carried.filter(|carried| carried.checked) else {
             return;
         };
         if let Some(manager) = self
@@ -522,10 +526,7 @@ impl Engine {
 /// Requests whose CSeq numbering the core keeps per dialog: those inside one (a To tag)
 /// and those that create one. Others (OPTIONS, MESSAGE outside a dialog) need no offset.
 fn in_or_creating_dialog(request: &Request) -> bool {
-    let in_dialog = message::to_value(&request.headers)
-        .ok()
-        .and_then(message::tag_of)
-        .is_some();
+    let in_dialog = message::in_dialog(&request.headers);
     in_dialog
         || matches!(
             request.method,

@@ -160,27 +160,48 @@ impl Router {
             || canonical(trunk.edge.addr.ip()) == source
     }
 
-    /// The trunk a request from the core belongs to: the one whose core address sent it,
-    /// else the only trunk there is.
-    pub fn core_trunk(&self, source: IpAddr) -> Option<&RoutedTrunk> {
-        let source = canonical(source);
-        self.trunks
+    /// The trunk a request from the core belongs to: the one whose core address sent it
+    /// (address and port first, then address alone), else the only trunk there is.
+    pub fn core_trunk(&self, source: SocketAddr, transport: Transport) -> Option<&RoutedTrunk> {
+        let exact = self
+            .trunks
             .iter()
-            .find(|trunk| canonical(trunk.core.addr.ip()) == source)
+            .find(|trunk| same_address(trunk.core.addr, source));
+        exact
+            .or_else(|| {
+                self.trunks
+                    .iter()
+                    .find(|trunk| self.is_core_sender(trunk, source, transport))
+            })
             .or_else(|| (self.trunks.len() == 1).then(|| &self.trunks[0]))
     }
 
     /// Whether `hop` is `trunk`'s configured core: only there may its credentials go
     /// (DESIGN.md item 2). The transport does not matter, the address does.
     pub fn is_core_of(&self, trunk: &RoutedTrunk, hop: Hop) -> bool {
-        canonical(hop.addr.ip()) == canonical(trunk.core.addr.ip())
-            && hop.addr.port() == trunk.core.addr.port()
+        same_address(trunk.core.addr, hop.addr)
     }
 
-    /// Whether `source` is `trunk`'s core (any port: a core may send from another one
-    /// than it listens on, over TCP always).
-    pub fn is_core_address(&self, trunk: &RoutedTrunk, source: IpAddr) -> bool {
-        canonical(source) == canonical(trunk.core.addr.ip())
+    /// Whether a message from `source` over `transport` comes from `trunk`'s core. The
+    /// address must match. A core sends from another port than it listens on over TCP
+    /// always, and may over UDP, so the port is checked only where it tells trunks apart:
+    /// over UDP when another trunk's core shares the address on another port (over TCP
+    /// such trunks cannot be told apart by the sender).
+    pub fn is_core_sender(
+        &self,
+        trunk: &RoutedTrunk,
+        source: SocketAddr,
+        transport: Transport,
+    ) -> bool {
+        let ip = canonical(trunk.core.addr.ip());
+        if canonical(source.ip()) != ip {
+            return false;
+        }
+        let shared = self.trunks.iter().any(|other| {
+            canonical(other.core.addr.ip()) == ip
+                && other.core.addr.port() != trunk.core.addr.port()
+        });
+        !shared || transport == Transport::Tcp || source.port() == trunk.core.addr.port()
     }
 
     /// Whether a URI names this proxy (so a Route entry with it is ours to remove).
@@ -250,6 +271,11 @@ impl Router {
         }
         Ok(hop)
     }
+}
+
+/// Two socket addresses are the same, IPv4-mapped IPv6 taken as IPv4.
+fn same_address(left: SocketAddr, right: SocketAddr) -> bool {
+    canonical(left.ip()) == canonical(right.ip()) && left.port() == right.port()
 }
 
 fn uri_host(uri: &rsip::Uri) -> String {
@@ -356,13 +382,15 @@ mod tests {
         let router = router();
         assert_eq!(
             router
-                .core_trunk("198.51.100.2".parse().unwrap())
+                .core_trunk("198.51.100.2:5060".parse().unwrap(), Transport::Udp)
                 .unwrap()
                 .name
                 .as_ref(),
             "b"
         );
-        assert!(router.core_trunk("198.51.100.7".parse().unwrap()).is_none());
+        assert!(router
+            .core_trunk("198.51.100.7:5060".parse().unwrap(), Transport::Udp)
+            .is_none());
     }
 
     #[test]
@@ -384,8 +412,48 @@ mod tests {
         ));
         assert!(!router.is_core_of(&trunk, hop("198.51.100.1:5061")));
         assert!(!router.is_core_of(&trunk, hop("198.51.100.2:5060")));
-        assert!(router.is_core_address(&trunk, "198.51.100.1".parse().unwrap()));
-        assert!(!router.is_core_address(&trunk, "198.51.100.2".parse().unwrap()));
+        // Its own core address: any port, the address is not shared.
+        let udp = Transport::Udp;
+        assert!(router.is_core_sender(&trunk, "198.51.100.1:40000".parse().unwrap(), udp));
+        assert!(!router.is_core_sender(&trunk, "198.51.100.2:5060".parse().unwrap(), udp));
+    }
+
+    #[test]
+    fn cores_sharing_an_address_are_told_apart_by_port_over_udp() {
+        let trunk = |index: usize, core: &str| RoutedTrunk {
+            index,
+            name: format!("t{index}").into(),
+            auth: crate::config::AuthMode::None,
+            digest_realm: None,
+            credentials: None,
+            sources: vec![],
+            domain: None,
+            port: None,
+            edge: hop("10.1.0.1:5060"),
+            core: hop(core),
+        };
+        let allow = Arc::new(AllowList::new(vec![]));
+        let router = Router::new(
+            vec![trunk(0, "127.0.0.1:5190"), trunk(1, "127.0.0.1:5191")],
+            vec![],
+            HashMap::new(),
+            allow.clone(),
+            allow,
+        );
+        let (a, b) = (router.trunk(0).unwrap(), router.trunk(1).unwrap());
+        let from_b: SocketAddr = "127.0.0.1:5191".parse().unwrap();
+        assert!(!router.is_core_sender(a, from_b, Transport::Udp));
+        assert!(router.is_core_sender(b, from_b, Transport::Udp));
+        // Over TCP the source port says nothing.
+        assert!(router.is_core_sender(a, "127.0.0.1:41000".parse().unwrap(), Transport::Tcp));
+        assert_eq!(
+            router
+                .core_trunk(from_b, Transport::Udp)
+                .unwrap()
+                .name
+                .as_ref(),
+            "t1"
+        );
     }
 
     #[test]

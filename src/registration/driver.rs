@@ -55,8 +55,8 @@ pub struct TrunkRegistration {
 /// How long the first REGISTER waits for the trunk's first credential.
 const FIRST_CREDENTIAL_WAIT: Duration = Duration::from_secs(10);
 
-/// How much longer than `resend_wait` a refused REGISTER waits for the manager's answer
-/// (which comes within `resend_wait`; this only bounds the wait whatever happens).
+/// How much longer than its deadline a refused REGISTER waits for the manager's answer
+/// (which comes by the deadline; this only bounds the wait whatever happens).
 const REFRESH_MARGIN: Duration = Duration::from_secs(2);
 
 /// Starts the driver; its status is published on the returned receiver. The task ends
@@ -243,7 +243,16 @@ impl Driver {
     /// Builds and hands the REGISTER to the engine. `None` when it could not be sent
     /// (no credential, the engine gone); the machine has been told.
     async fn transmit(&mut self, send: Send) -> Option<oneshot::Receiver<Response>> {
-        let credential = self.current_credential();
+        self.transmit_with(send, None).await
+    }
+
+    /// [`Driver::transmit`] with `credential` instead of the current one, if given.
+    async fn transmit_with(
+        &mut self,
+        send: Send,
+        credential: Option<Arc<Credential>>,
+    ) -> Option<oneshot::Receiver<Response>> {
+        let credential = credential.or_else(|| self.current_credential());
         let request = match self.build(send, credential.as_deref()) {
             Ok(request) => request,
             Err(reason) => {
@@ -360,8 +369,12 @@ impl Driver {
             self.attempt.generation,
             self.attempt.sent_at,
         ) {
-            // Any answer but a refusal shows the registrar took the credential.
-            if !matches!(response.status_code.code(), 401 | 403 | 407) {
+            // A REGISTER is checked by the registrar: any answer but a refusal shows it
+            // took the credential (the same rule as the proxy's, `verdict`).
+            let checked =
+                crate::credentials::verdict::checked_by_core(&rsip::Method::Register, false);
+            if checked && crate::credentials::verdict::shows_acceptance(response.status_code.code())
+            {
                 manager.note_accepted(generation, sent_at);
             }
         }
@@ -383,18 +396,21 @@ impl Driver {
                 if let Some(manager) = self.trunk.credentials.clone() {
                     let rejected = self.attempt.generation.unwrap_or(0);
                     let sent_at = self.attempt.sent_at.unwrap_or(now);
-                    let limit = manager.resend_wait() + REFRESH_MARGIN;
+                    let deadline = tokio::time::Instant::now() + manager.resend_wait();
+                    let replacement = manager.replacement(rejected, sent_at, deadline);
                     // Shutdown does not wait for this.
                     let refreshed = tokio::select! {
-                        refreshed = tokio::time::timeout(limit, manager.replacement(rejected, sent_at)) => {
+                        refreshed = tokio::time::timeout_at(deadline + REFRESH_MARGIN, replacement) => {
                             refreshed.ok().flatten()
                         }
                         _ = stop.cancelled() => None,
                     };
-                    let newer =
-                        refreshed.is_some_and(|credential| credential.generation > rejected);
-                    if newer {
-                        return self.resend().await;
+                    if let Some(newer) =
+                        refreshed.filter(|credential| credential.generation > rejected)
+                    {
+                        // With the replacement itself: during an activation delay
+                        // `current` would still serve the refused one.
+                        return self.resend_with(Some(newer)).await;
                     }
                 }
                 self.machine.failed(
@@ -431,9 +447,17 @@ impl Driver {
     }
 
     async fn resend(&mut self) -> Option<oneshot::Receiver<Response>> {
+        self.resend_with(None).await
+    }
+
+    /// Re-sends the REGISTER, with `credential` or else the current one.
+    async fn resend_with(
+        &mut self,
+        credential: Option<Arc<Credential>>,
+    ) -> Option<oneshot::Receiver<Response>> {
         self.attempt.resends += 1;
         let send = self.machine.resend(now())?;
-        self.transmit(send).await
+        self.transmit_with(send, credential).await
     }
 
     /// What a final response means for this REGISTER.

@@ -368,6 +368,12 @@ pub fn tag_of(value: &str) -> Option<&str> {
     param(header_params(value), "tag").flatten()
 }
 
+/// Whether a request is inside a dialog: its To carries a tag (RFC 3261 §12.2). The one
+/// test every caller uses.
+pub fn in_dialog(headers: &Headers) -> bool {
+    to_value(headers).ok().and_then(tag_of).is_some()
+}
+
 /// Max-Forwards, if present.
 pub fn max_forwards(headers: &Headers) -> Result<Option<u32>, MessageError> {
     headers
