@@ -437,8 +437,12 @@ async fn a_refused_password_is_retried_only_when_a_newer_one_exists() {
     assert_eq!((stats.resends, stats.resends_impossible), (1, 1));
 
     // The password changes; the next REGISTER still goes with the old one and the
-    // server refuses it with the very nonce it used: a newer credential is fetched.
+    // server refuses it with the very nonce it used. The old password was fetched again
+    // unchanged after a refusal, so this refusal is read as permanent: no wait for the
+    // rate limit, but once the limit (1 s here) allows a refresh, the refusal gets one,
+    // and the newer password is found.
     rig.change_password("new-password");
+    tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
     rig.edge.send(&register(2, "reg"), rig.proxy).await;
     let (third, from) = next_request(&rig.core, Method::Register).await;
     assert_eq!(
