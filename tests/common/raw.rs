@@ -237,6 +237,23 @@ pub async fn final_for(peer: &RawPeer, call_id: &str) -> SipMessage {
     }
 }
 
+/// Whether nothing arrives at `peer` within `millis` milliseconds.
+pub async fn stays_quiet(peer: &RawPeer, millis: u64) -> bool {
+    tokio::time::timeout(
+        Duration::from_millis(millis),
+        peer.socket.recv_from(&mut [0u8; 10]),
+    )
+    .await
+    .is_err()
+}
+
+/// The text of an [`invite`] turned into an ACK of the same transaction.
+pub fn as_ack(invite: &str) -> String {
+    invite
+        .replacen("INVITE sip", "ACK sip", 1)
+        .replace("1 INVITE", "1 ACK")
+}
+
 /// The branch of a message's top Via.
 pub fn top_branch(message: &SipMessage) -> String {
     message::top_via(rsip::message::HasHeaders::headers(message))
