@@ -3,6 +3,7 @@
 //! The pure protocol core lives in [`sip`]; [`transport`] and [`proxy`] drive it over
 //! sockets; [`config`] is the validated configuration; [`stats`] counts what happens.
 
+pub mod admin;
 pub mod config;
 pub mod credentials;
 pub mod demo;

@@ -69,6 +69,8 @@ counters! {
     resends,
     /// Rejections passed on to the Edge because no newer credential could be had.
     resends_impossible,
+    /// Re-sent requests the core refused again (passed on: one re-send per request).
+    resends_refused_again,
     /// Digest challenges (401/407) from the core answered by a re-send.
     digest_challenges_answered,
     /// Challenges from the core no supported Digest variant could answer.
@@ -110,5 +112,54 @@ impl Stats {
     /// Raises a maximum to `value` if it is higher.
     pub fn raise(maximum: &AtomicU64, value: u64) {
         maximum.fetch_max(value, Ordering::Relaxed);
+    }
+}
+
+/// What the engine measures beyond counters, for the admin endpoint: call-setup latency
+/// (an INVITE's arrival to its first final response), the engine's heartbeat (it beats
+/// once a second while it turns) and the size of its tables.
+#[derive(Debug)]
+pub struct ProxyMetrics {
+    pub call_setup_seconds: prometheus_client::metrics::histogram::Histogram,
+    /// Transactions held now (server and client).
+    pub transactions: AtomicU64,
+    /// Dialogs whose CSeq is translated after a re-send.
+    pub dialogs_translated: AtomicU64,
+    origin: tokio::time::Instant,
+    heartbeat_millis: AtomicU64,
+}
+
+impl ProxyMetrics {
+    pub fn new() -> Self {
+        Self {
+            // 0.5 ms to about 16 s, doubling.
+            call_setup_seconds: prometheus_client::metrics::histogram::Histogram::new(
+                prometheus_client::metrics::histogram::exponential_buckets(0.0005, 2.0, 16),
+            ),
+            transactions: AtomicU64::new(0),
+            dialogs_translated: AtomicU64::new(0),
+            origin: tokio::time::Instant::now(),
+            heartbeat_millis: AtomicU64::new(0),
+        }
+    }
+
+    /// The engine turned at `now`.
+    pub fn beat(&self, now: tokio::time::Instant) {
+        let millis = now.saturating_duration_since(self.origin).as_millis();
+        self.heartbeat_millis
+            .store(u64::try_from(millis).unwrap_or(u64::MAX), Ordering::Relaxed);
+    }
+
+    /// How long ago the engine last turned.
+    pub fn since_heartbeat(&self, now: tokio::time::Instant) -> std::time::Duration {
+        let last = std::time::Duration::from_millis(self.heartbeat_millis.load(Ordering::Relaxed));
+        now.saturating_duration_since(self.origin)
+            .saturating_sub(last)
+    }
+}
+
+impl Default for ProxyMetrics {
+    fn default() -> Self {
+        Self::new()
     }
 }

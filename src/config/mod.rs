@@ -73,9 +73,24 @@ pub struct Config {
     pub sip: SipConfig,
     #[serde(default)]
     pub log: LogConfig,
+    /// The admin HTTP listener (metrics, health, readiness, status); off when absent.
+    #[serde(default)]
+    pub admin: Option<AdminConfig>,
     #[serde(default)]
     pub trunk: Vec<TrunkConfig>,
 }
+
+/// `[admin]`: where the admin HTTP listener binds.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminConfig {
+    /// `IP:PORT`; default `127.0.0.1:9090`.
+    #[serde(default)]
+    pub listen: Option<String>,
+}
+
+/// Where the admin listener binds when `[admin]` names no address.
+pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9090";
 
 /// One side of the proxy: where its peers reach us, and who may.
 #[derive(Debug, Clone, Deserialize)]
@@ -214,6 +229,8 @@ pub struct Settings {
     pub timers: TimerConfig,
     pub limits: Limits,
     pub log: LogConfig,
+    /// The admin listener's address, if it is on.
+    pub admin: Option<std::net::SocketAddr>,
     pub trunks: Vec<Trunk>,
 }
 
@@ -309,6 +326,12 @@ impl Config {
             );
         }
         let trunks = self.validate_trunks(&edge, &core_side, &mut problems);
+        let admin = self.admin.as_ref().and_then(|admin| {
+            let text = admin.listen.as_deref().unwrap_or(DEFAULT_ADMIN_LISTEN);
+            text.parse::<std::net::SocketAddr>()
+                .map_err(|_| problems.add("admin.listen", format!("{text:?} is not IP:PORT")))
+                .ok()
+        });
         if problems.0.is_empty() {
             Ok(Settings {
                 edge,
@@ -316,6 +339,7 @@ impl Config {
                 timers,
                 limits,
                 log: self.log.clone(),
+                admin,
                 trunks,
             })
         } else {

@@ -98,6 +98,19 @@ pub struct CredentialStatsSnapshot {
     pub refusals_permanent: u64,
 }
 
+/// How the last refresh attempt ended, for `/status`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RefreshOutcome {
+    /// Whether it brought a usable credential.
+    pub succeeded: bool,
+    /// `configuration` or `transient` when it failed.
+    pub error_class: Option<&'static str>,
+    /// What went wrong, as logged (never a secret).
+    pub error: Option<String>,
+    /// When it ended.
+    pub at: Instant,
+}
+
 /// Point-in-time values for the metrics exporter.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct CredentialGauges {
@@ -139,6 +152,7 @@ struct Shared {
     refresher_alive: AtomicBool,
     /// Whether a fetch can bring a different credential (not for `static`).
     renewable: bool,
+    last_refresh: Mutex<Option<RefreshOutcome>>,
 }
 
 /// A handle to one managed credential; cheap to clone.
@@ -191,6 +205,7 @@ impl CredentialManager {
             stats: CredentialStats::default(),
             refresher_alive: AtomicBool::new(true),
             renewable: source.renewable(),
+            last_refresh: Mutex::new(None),
         });
         tracker.spawn(refresher(shared.clone(), source, cancel));
         Self { shared }
@@ -236,6 +251,20 @@ impl CredentialManager {
 
     pub fn trunk(&self) -> &str {
         &self.shared.options.trunk
+    }
+
+    /// The organization the credential is asked for, if configured.
+    pub fn organization(&self) -> Option<&str> {
+        self.shared.options.organization.as_deref()
+    }
+
+    /// How the last refresh attempt ended (`None` before the first ended).
+    pub fn last_refresh(&self) -> Option<RefreshOutcome> {
+        self.shared
+            .last_refresh
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
     }
 
     pub fn refresher_alive(&self) -> bool {
@@ -378,10 +407,20 @@ async fn refresher(shared: Arc<Shared>, source: Arc<dyn Source>, cancel: Cancell
         };
         let result = result.and_then(|fetched| usable(fetched, sent_at));
         let fetched_one = result.is_ok();
+        let outcome = RefreshOutcome {
+            succeeded: result.is_ok(),
+            error_class: result.as_ref().err().map(FetchError::class),
+            error: result.as_ref().err().map(ToString::to_string),
+            at: Instant::now(),
+        };
         next_attempt = match result {
             Ok(fetched) => on_success(&shared, &mut memory, fetched, sent_at, wall_sent_at),
             Err(error) => on_failure(&shared, &mut memory, &error, &source.describe()),
         };
+        *shared
+            .last_refresh
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(outcome);
         {
             let mut force = lock(&shared.force);
             if forced {

@@ -228,6 +228,8 @@ pub(super) struct Carried {
     /// Whether the core checks requests like this one, so that its answer tells whether
     /// it took the credential (`credentials::verdict::checked_by_core`).
     pub checked: bool,
+    /// The request is a re-send after a refusal.
+    pub resent: bool,
 }
 
 impl Carried {
@@ -240,6 +242,7 @@ impl Carried {
                 &request.method,
                 message::in_dialog(&request.headers),
             ),
+            resent: false,
         }
     }
 }
@@ -270,6 +273,15 @@ pub struct Engine {
     /// credential refresh). Weak, so the queue still closes when the transports stop.
     pub(super) internal: mpsc::WeakSender<TransportEvent>,
     pub(super) branches: Branches,
+    pub(super) metrics: Arc<crate::stats::ProxyMetrics>,
+}
+
+/// What client transaction `client`'s request carries, if it carries a credential.
+fn entry_carried(entries: &HashMap<u64, Entry>, client: u64) -> Option<Carried> {
+    match entries.get(&client) {
+        Some(Entry::Client(entry)) => entry.carried,
+        _ => None,
+    }
 }
 
 /// The engine's clock: tokio's, so `tokio::time::pause` drives it in tests.
@@ -309,7 +321,15 @@ impl Engine {
             last_dialog_sweep: now(),
             internal,
             branches: Branches::new(),
+            metrics: Arc::default(),
         }
+    }
+
+    /// The engine publishing its heartbeat, table sizes and call-setup times into
+    /// `metrics` (for the admin endpoint).
+    pub fn with_metrics(mut self, metrics: Arc<crate::stats::ProxyMetrics>) -> Self {
+        self.metrics = metrics;
+        self
     }
 
     /// Runs until cancelled or every transport is gone.
@@ -318,6 +338,8 @@ impl Engine {
         mut events: mpsc::Receiver<TransportEvent>,
         cancel: CancellationToken,
     ) {
+        // The heartbeat `/healthz` reads, and the table sizes the metrics show.
+        let mut heartbeat = tokio::time::interval(std::time::Duration::from_secs(1));
         loop {
             let next_timer = self.timer_heap.peek().map(|Reverse((at, _))| *at);
             let sleep = async {
@@ -333,9 +355,23 @@ impl Engine {
                     None => break,
                 },
                 _ = sleep => self.fire_timers(now()),
+                _ = heartbeat.tick() => self.beat(),
             }
         }
         tracing::debug!(transactions = self.entries.len(), "engine stopped");
+    }
+
+    /// Publishes the heartbeat and the sizes of the tables.
+    fn beat(&self) {
+        self.metrics.beat(tokio::time::Instant::now());
+        let size = |count: usize| u64::try_from(count).unwrap_or(u64::MAX);
+        let relaxed = std::sync::atomic::Ordering::Relaxed;
+        self.metrics
+            .transactions
+            .store(size(self.entries.len()), relaxed);
+        self.metrics
+            .dialogs_translated
+            .store(size(self.dialogs.len()), relaxed);
     }
 
     pub fn handle_event(&mut self, event: TransportEvent) {
@@ -567,11 +603,16 @@ impl Engine {
             return false;
         };
         let code = response.status_code.code();
-        let accepted = server.transaction.send_response(
-            now(),
-            code,
-            message::encode(&response.clone().into()),
-        );
+        let first_final = code >= 200 && !server.transaction.is_final();
+        let now = now();
+        let accepted =
+            server
+                .transaction
+                .send_response(now, code, message::encode(&response.clone().into()));
+        if accepted && first_final && server.request.method == rsip::Method::Invite {
+            let setup = now.saturating_duration_since(server.arrived);
+            self.metrics.call_setup_seconds.observe(setup.as_secs_f64());
+        }
         if accepted {
             self.pump_server(id);
         }
@@ -692,6 +733,11 @@ impl Engine {
             entry.cancel_pending = false;
         }
         self.note_acceptance(client, code);
+        if matches!(code, 401 | 403 | 407)
+            && entry_carried(&self.entries, client).is_some_and(|carried| carried.resent)
+        {
+            Stats::bump(&self.stats.resends_refused_again);
+        }
         // Past the first final answer only an absorbed rejection needs the copy.
         let keep_copy = matches!(code, 401 | 403 | 407);
         if (200..300).contains(&code) {

@@ -41,6 +41,8 @@ pub enum StartError {
         host: String,
         reason: String,
     },
+    #[error(transparent)]
+    Admin(#[from] crate::admin::AdminError),
     #[error("trunk {trunk:?}: {source}")]
     Credentials {
         trunk: String,
@@ -59,6 +61,10 @@ pub struct App {
     pub core_listeners: Vec<Listen>,
     /// The registration of each trunk that has one, by trunk name.
     pub registrations: HashMap<String, tokio::sync::watch::Receiver<RegistrationStatus>>,
+    /// What the admin endpoints read (also when the admin listener is off).
+    pub observed: Arc<crate::admin::Observed>,
+    /// The admin listener's bound address, when it is on.
+    pub admin: Option<SocketAddr>,
     cancel: CancellationToken,
     tracker: TaskTracker,
     /// Registrations stop first (they unregister through the running engine).
@@ -181,6 +187,7 @@ impl App {
             registrations.insert(trunk.name.clone(), status);
         }
         let router = Router::new(trunks, own, names, edge_allow, core_allow);
+        let metrics = Arc::new(crate::stats::ProxyMetrics::new());
         let engine = Engine::new(
             settings.timers,
             settings.limits,
@@ -189,9 +196,34 @@ impl App {
             core_io,
             stats.clone(),
             engine_sender.downgrade(),
-        );
+        )
+        .with_metrics(metrics.clone());
         drop(engine_sender);
         tracker.spawn(engine.run(engine_receiver, cancel.clone()));
+        let observed = Arc::new(crate::admin::Observed {
+            stats: stats.clone(),
+            metrics,
+            trunks: settings
+                .trunks
+                .iter()
+                .map(|trunk| crate::admin::ObservedTrunk {
+                    name: trunk.name.clone(),
+                    organization: trunk
+                        .credentials
+                        .as_ref()
+                        .and_then(|credentials| credentials.organization.clone())
+                        .unwrap_or_default(),
+                    credentials: credentials.get(&trunk.name).cloned(),
+                    registration: registrations.get(&trunk.name).cloned(),
+                })
+                .collect(),
+        });
+        let admin = match settings.admin {
+            Some(addr) => {
+                Some(crate::admin::start(addr, observed.clone(), cancel.clone(), &tracker).await?)
+            }
+            None => None,
+        };
         tracing::info!(
             edge = %listeners_text(&edge_listeners),
             core = %listeners_text(&core_listeners),
@@ -204,6 +236,8 @@ impl App {
             edge_listeners,
             core_listeners,
             registrations,
+            observed,
+            admin,
             cancel,
             tracker,
             registration_stop,

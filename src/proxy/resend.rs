@@ -372,10 +372,13 @@ impl Engine {
         });
         // A re-send keeps no re-send state of its own (bearer), but the core's acceptance
         // of it must still reach the manager.
-        let carried = super::engine::Carried::new(trunk, generation, now(), &request);
+        let carried = super::engine::Carried {
+            resent: true,
+            ..super::engine::Carried::new(trunk, generation, now(), &request)
+        };
         let client = self.start_client(request, &branch, destination, Some(server), again);
         if let Some(Entry::Client(entry)) = self.entries.get_mut(&client) {
-            entry.carried.get_or_insert(carried);
+            entry.carried = Some(carried);
         }
         if cancel_requested {
             if let Some(Entry::Client(entry)) = self.entries.get_mut(&client) {

@@ -35,6 +35,17 @@ pub enum State {
 }
 
 impl State {
+    /// Every state, for exporting one series per state.
+    pub const ALL: [State; 7] = [
+        State::Unregistered,
+        State::Registering,
+        State::Registered,
+        State::Refreshing,
+        State::BackingOff,
+        State::Unregistering,
+        State::Stopped,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             State::Unregistered => "unregistered",
