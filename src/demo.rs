@@ -128,10 +128,20 @@ pub enum DemoError {
     Edge(std::io::Error),
 }
 
-/// Runs the demo; progress goes to `progress` (a terminal line rewritten in place).
+/// How progress is shown.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Progress {
+    /// One terminal line rewritten in place twice a second.
+    Live,
+    /// A plain line every 5 s, for a file or a pipe.
+    Lines,
+}
+
+/// Runs the demo; progress goes to `progress`, shown as `style` says.
 pub async fn run(
     settings: &DemoSettings,
     mut progress: impl std::io::Write,
+    style: Progress,
 ) -> Result<DemoReport, DemoError> {
     let cancel = CancellationToken::new();
     let tracker = TaskTracker::new();
@@ -256,15 +266,24 @@ expires = "60s"
     };
     let started = tokio::time::Instant::now();
     let mut ticker = tokio::time::interval(Duration::from_millis(500));
+    let mut ticks = 0u64;
     tokio::pin!(edge);
     let edge_result = loop {
         tokio::select! {
             result = &mut edge => break result,
             _ = ticker.tick() => {
+                ticks += 1;
+                if style == Progress::Lines && ticks % 10 != 1 {
+                    continue;
+                }
                 let stats = app.stats.snapshot();
+                let (start, end) = match style {
+                    Progress::Live => ("\r", ""),
+                    Progress::Lines => ("", "\n"),
+                };
                 let _ = write!(
                     progress,
-                    "\r[{:>4.1} s] calls placed {:>5}  completed {:>5}  failed {:>3}  tokens {:>3}  403s absorbed {:>3}",
+                    "{start}[{:>4.1} s] calls placed {:>5}  completed {:>5}  failed {:>3}  tokens {:>3}  403s absorbed {:>3}{end}",
                     started.elapsed().as_secs_f64(),
                     edge_stats.placed.load(Ordering::Relaxed),
                     edge_stats.completed.load(Ordering::Relaxed),
@@ -277,7 +296,9 @@ expires = "60s"
         }
     };
     rival.abort();
-    let _ = writeln!(progress);
+    if style == Progress::Live {
+        let _ = writeln!(progress);
+    }
     let stats = app.stats.snapshot();
     let report = DemoReport {
         placed: edge_stats.placed.load(Ordering::Relaxed),

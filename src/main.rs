@@ -309,7 +309,13 @@ fn demo(seconds: u64, rate: u64) -> ExitCode {
     let Some(runtime) = runtime() else {
         return ExitCode::FAILURE;
     };
-    match runtime.block_on(byoc_sidecar::demo::run(&settings, std::io::stderr())) {
+    // A terminal gets one line rewritten in place; a file or a pipe plain lines.
+    let style = if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+        byoc_sidecar::demo::Progress::Live
+    } else {
+        byoc_sidecar::demo::Progress::Lines
+    };
+    match runtime.block_on(byoc_sidecar::demo::run(&settings, std::io::stderr(), style)) {
         Ok(report) => {
             print!("{}", report.table());
             if report.passed() {

@@ -162,4 +162,56 @@ fn demo_completes_every_call_while_tokens_are_revoked() {
         stderr.contains("calls placed"),
         "live progress goes to stderr"
     );
+    // Captured output is not a terminal: plain lines, no carriage returns.
+    assert!(!stderr.contains('\r'), "{stderr:?}");
+    assert!(
+        stderr
+            .lines()
+            .any(|line| line.starts_with("[") && line.contains("calls placed")),
+        "{stderr}"
+    );
+}
+
+/// The deployment examples (`deploy/sidecar.toml`, the ConfigMap in
+/// `deploy/kubernetes.yaml`) pass `check`, with their secret directory pointed at a
+/// temporary one holding the client secret.
+#[test]
+fn the_deployment_examples_pass_check() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("org-a-client-secret"), "example-secret").unwrap();
+    let secrets = dir.path().display().to_string();
+    let root = env!("CARGO_MANIFEST_DIR");
+    let container = std::fs::read_to_string(format!("{root}/deploy/sidecar.toml")).unwrap();
+    let manifest = std::fs::read_to_string(format!("{root}/deploy/kubernetes.yaml")).unwrap();
+    // The ConfigMap's sidecar.toml: the block under `sidecar.toml: |`, four spaces in.
+    let block = manifest
+        .split_once("sidecar.toml: |\n")
+        .unwrap()
+        .1
+        .split("\n---")
+        .next()
+        .unwrap();
+    let pod = block
+        .lines()
+        .map(|line| line.strip_prefix("    ").unwrap_or(line))
+        .collect::<Vec<_>>()
+        .join("\n");
+    for (name, text) in [
+        ("deploy/sidecar.toml", container),
+        ("kubernetes ConfigMap", pod),
+    ] {
+        let path = write_config(&dir, &text.replace("/run/secrets/byoc", &secrets));
+        let output = Command::new(BINARY)
+            .args(["check", "--config"])
+            .arg(&path)
+            .output()
+            .unwrap();
+        assert_eq!(
+            output.status.code(),
+            Some(0),
+            "{name}: {}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
 }
