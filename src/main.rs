@@ -231,7 +231,7 @@ fn sim(simulator: Simulator) -> ExitCode {
     };
     let result: anyhow::Result<()> = runtime.block_on(async {
         use byoc_sidecar::sim::serve::{start_core, start_idp, IdpOptions};
-        let signals = Signals::install()?;
+        let mut signals = Signals::install()?;
         let cancel = CancellationToken::new();
         let tracker = tokio_util::task::TaskTracker::new();
         let options = |args: &IdpArgs| IdpOptions {
@@ -383,7 +383,7 @@ fn replay(args: &ReplayArgs) -> ExitCode {
     };
     let outcome = runtime.block_on(async {
         let cancel = CancellationToken::new();
-        let signals = Signals::install()?;
+        let mut signals = Signals::install()?;
         let stop = cancel.clone();
         tokio::spawn(async move {
             signals.wait().await;
@@ -469,12 +469,19 @@ fn run(path: &std::path::Path) -> ExitCode {
 async fn serve(settings: byoc_sidecar::config::Settings) -> anyhow::Result<()> {
     // Handlers first: a signal that arrives while the proxy starts (right after it says
     // so) must stop it cleanly, not kill it.
-    let signals = Signals::install()?;
+    let mut signals = Signals::install()?;
+    let drain = settings.limits.drain_timeout;
     let root = CancellationToken::new();
     let app = App::start(settings, &root)
         .await
         .context("starting the proxy")?;
-    signals.wait().await;
+    if signals.wait().await == Stop::Terminate && !drain.is_zero() {
+        tracing::info!(deadline = ?drain, "SIGTERM: draining (new calls get 503, calls in progress go on)");
+        tokio::select! {
+            _ = app.drain(drain) => {}
+            _ = signals.wait() => tracing::warn!("second stop signal: not waiting for calls in progress"),
+        }
+    }
     tracing::info!("shutting down");
     if !app.shutdown(SHUTDOWN_DEADLINE).await {
         tracing::warn!(deadline = ?SHUTDOWN_DEADLINE, "some tasks were still running at the shutdown deadline");
@@ -497,6 +504,15 @@ fn runtime() -> Option<tokio::runtime::Runtime> {
     }
 }
 
+/// Which signal asked to stop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stop {
+    /// SIGINT (an operator's Ctrl-C): stop now.
+    Interrupt,
+    /// SIGTERM (a supervisor): drain first.
+    Terminate,
+}
+
 /// SIGINT and SIGTERM, listened to from the moment they are installed.
 struct Signals {
     interrupt: tokio::signal::unix::Signal,
@@ -512,10 +528,11 @@ impl Signals {
         })
     }
 
-    async fn wait(mut self) {
+    /// The next stop signal.
+    async fn wait(&mut self) -> Stop {
         tokio::select! {
-            _ = self.interrupt.recv() => {}
-            _ = self.terminate.recv() => {}
+            _ = self.interrupt.recv() => Stop::Interrupt,
+            _ = self.terminate.recv() => Stop::Terminate,
         }
     }
 }

@@ -35,6 +35,8 @@ counters! {
     malformed_dropped,
     /// Messages from an address outside the side's allow list.
     not_allowed_dropped,
+    /// New dialogs refused with 503 while draining for shutdown.
+    drain_rejected,
     /// Datagrams dropped because the engine queue was full.
     queue_full_dropped,
     /// Messages that could not be handed to a socket or connection.
@@ -125,6 +127,10 @@ pub struct ProxyMetrics {
     pub transactions: AtomicU64,
     /// Dialogs whose CSeq is translated after a re-send.
     pub dialogs_translated: AtomicU64,
+    /// Transactions still waiting for their final response.
+    pub pending_transactions: AtomicU64,
+    /// Calls in progress (answered, not yet hung up).
+    pub calls: AtomicU64,
     origin: tokio::time::Instant,
     heartbeat_millis: AtomicU64,
 }
@@ -138,6 +144,8 @@ impl ProxyMetrics {
             ),
             transactions: AtomicU64::new(0),
             dialogs_translated: AtomicU64::new(0),
+            pending_transactions: AtomicU64::new(0),
+            calls: AtomicU64::new(0),
             origin: tokio::time::Instant::now(),
             heartbeat_millis: AtomicU64::new(0),
         }

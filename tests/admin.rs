@@ -14,28 +14,12 @@ use byoc_sidecar::sim::idp::{Fault, TokenKind, Validation};
 use byoc_sidecar::transport::Side;
 use common::sim::SimIdp;
 use common::*;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const ADMIN: &str = "\n[admin]\nlisten = \"127.0.0.1:0\"\n";
 
-/// One HTTP/1.1 request to the admin listener: the status code and the body.
-async fn http(admin: SocketAddr, method: &str, path: &str) -> (u16, String) {
-    let mut stream = tokio::net::TcpStream::connect(admin).await.unwrap();
-    let request = format!("{method} {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n");
-    stream.write_all(request.as_bytes()).await.unwrap();
-    let mut text = String::new();
-    tokio::time::timeout(Duration::from_secs(5), stream.read_to_string(&mut text))
-        .await
-        .expect("an answer in time")
-        .unwrap();
-    let (head, body) = text.split_once("\r\n\r\n").unwrap();
-    let status = head.split_whitespace().nth(1).unwrap().parse().unwrap();
-    (status, body.to_string())
-}
-
 /// `/metrics`, parsed.
 async fn scrape(admin: SocketAddr) -> prometheus_parse::Scrape {
-    let (status, body) = http(admin, "GET", "/metrics").await;
+    let (status, body) = admin_request(admin, "GET", "/metrics").await;
     assert_eq!(status, 200, "{body}");
     prometheus_parse::Scrape::parse(body.lines().map(|line| Ok(line.to_string()))).unwrap()
 }
@@ -163,7 +147,7 @@ async fn metrics_show_the_token_rotating_and_the_refusals_absorbed() {
         .find(|bucket| bucket.less_than.is_infinite())
         .expect("a +Inf bucket");
     assert!(infinite.count >= CALLS as f64, "{buckets:?}");
-    let (_, body) = http(admin, "GET", "/metrics").await;
+    let (_, body) = admin_request(admin, "GET", "/metrics").await;
     let tokens: Vec<_> = sim
         .idp
         .issued()
@@ -205,7 +189,7 @@ async fn readiness_follows_the_token_through_an_outage() {
     let admin = sidecar.app.admin.unwrap();
     let ready = |expected: u16| async move {
         for _ in 0..100 {
-            let (status, body) = http(admin, "GET", "/readyz").await;
+            let (status, body) = admin_request(admin, "GET", "/readyz").await;
             if status == expected {
                 return body;
             }
@@ -218,7 +202,7 @@ async fn readiness_follows_the_token_through_an_outage() {
         before.contains("trunk test: no valid credential"),
         "{before}"
     );
-    assert_eq!(http(admin, "GET", "/healthz").await.0, 200);
+    assert_eq!(admin_request(admin, "GET", "/healthz").await.0, 200);
 
     sim.idp.set_fault(None);
     assert_eq!(ready(200).await, "ready\n");
@@ -229,7 +213,7 @@ async fn readiness_follows_the_token_through_an_outage() {
     }));
     let down = ready(503).await;
     assert!(down.contains("last refresh failed"), "{down}");
-    let (_, status) = http(admin, "GET", "/status").await;
+    let (_, status) = admin_request(admin, "GET", "/status").await;
     let status: serde_json::Value = serde_json::from_str(&status).unwrap();
     assert_eq!(status["ready"], false);
     let trunk = &status["trunks"][0];
@@ -244,7 +228,7 @@ async fn readiness_follows_the_token_through_an_outage() {
 
     sim.idp.set_fault(None);
     ready(200).await;
-    let (_, status) = http(admin, "GET", "/status").await;
+    let (_, status) = admin_request(admin, "GET", "/status").await;
     let status: serde_json::Value = serde_json::from_str(&status).unwrap();
     let credential = &status["trunks"][0]["credential"];
     assert_eq!(credential["valid"], true);
@@ -269,11 +253,17 @@ async fn only_get_on_the_four_paths_is_served_and_no_table_means_no_listener() {
     let text = Sidecar::config("udp:127.0.0.1:9", "udp:127.0.0.1:9", "") + ADMIN;
     let sidecar = Sidecar::start_with(&text).await;
     let admin = sidecar.app.admin.unwrap();
-    assert_eq!(http(admin, "GET", "/nothing").await.0, 404);
-    assert_eq!(http(admin, "POST", "/metrics").await.0, 405);
-    assert_eq!(http(admin, "GET", "/healthz").await, (200, "ok\n".into()));
+    assert_eq!(admin_request(admin, "GET", "/nothing").await.0, 404);
+    assert_eq!(admin_request(admin, "POST", "/metrics").await.0, 405);
+    assert_eq!(
+        admin_request(admin, "GET", "/healthz").await,
+        (200, "ok\n".into())
+    );
     // No credentials, no registration: ready at once.
-    assert_eq!(http(admin, "GET", "/readyz").await, (200, "ready\n".into()));
+    assert_eq!(
+        admin_request(admin, "GET", "/readyz").await,
+        (200, "ready\n".into())
+    );
     sidecar.stop().await;
     let plain = Sidecar::start("udp:127.0.0.1:9", "udp:127.0.0.1:9", "").await;
     assert!(plain.app.admin.is_none());

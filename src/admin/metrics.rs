@@ -77,7 +77,7 @@ impl Observed {
     fn encode_proxy(&self, encoder: &mut DescriptorEncoder) -> fmt::Result {
         let stats = self.stats.snapshot();
         let none = Labels::new;
-        let counters: [(&str, &str, u64); 13] = [
+        let counters: [(&str, &str, u64); 14] = [
             (
                 "byoc_sip_messages_received",
                 "SIP messages parsed and handed to the engine",
@@ -143,6 +143,11 @@ impl Observed {
                 "Digest challenges from the core answered by a re-send",
                 stats.digest_challenges_answered,
             ),
+            (
+                "byoc_drain_rejected",
+                "New dialogs refused with 503 while draining for shutdown",
+                stats.drain_rejected,
+            ),
         ];
         for (name, help, value) in counters {
             family(encoder, name, help, MetricType::Counter, [(none(), value)])?;
@@ -178,6 +183,16 @@ impl Observed {
                 "byoc_sip_dialogs_translated",
                 "Dialogs whose CSeq is translated after a re-send",
                 self.metrics.dialogs_translated.load(relaxed),
+            ),
+            (
+                "byoc_sip_pending_transactions",
+                "Transactions still waiting for their final response",
+                self.metrics.pending_transactions.load(relaxed),
+            ),
+            (
+                "byoc_sip_calls",
+                "Calls in progress (answered and not yet hung up)",
+                self.metrics.calls.load(relaxed),
             ),
         ];
         for (name, help, value) in gauges {

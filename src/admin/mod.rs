@@ -51,6 +51,8 @@ pub enum AdminError {
 pub struct Observed {
     pub stats: Arc<Stats>,
     pub metrics: Arc<ProxyMetrics>,
+    /// Set when graceful shutdown began: not ready any more.
+    pub draining: Arc<std::sync::atomic::AtomicBool>,
     pub trunks: Vec<ObservedTrunk>,
 }
 

@@ -12,6 +12,9 @@ impl Observed {
     /// before the admin listener starts, so what can be missing is per trunk.
     pub fn not_ready(&self) -> Vec<String> {
         let mut reasons = Vec::new();
+        if self.draining.load(std::sync::atomic::Ordering::Relaxed) {
+            reasons.push("draining for shutdown: new calls are refused".to_string());
+        }
         for trunk in &self.trunks {
             if let Some(manager) = &trunk.credentials {
                 if manager.current().is_none() {

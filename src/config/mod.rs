@@ -128,6 +128,9 @@ pub struct SipConfig {
     /// How long one write to a TCP connection may take before the connection is closed
     /// (a peer that stops reading must not hold its connection and slot for ever).
     pub tcp_write_timeout: String,
+    /// On SIGTERM: how long calls and transactions in progress may go on (new dialogs
+    /// get 503 meanwhile) before the proxy stops.
+    pub drain_timeout: String,
 }
 
 impl Default for SipConfig {
@@ -144,6 +147,7 @@ impl Default for SipConfig {
             tcp_idle_timeout: "300s".into(),
             tcp_connect_timeout: "5s".into(),
             tcp_write_timeout: "10s".into(),
+            drain_timeout: "30s".into(),
         }
     }
 }
@@ -250,6 +254,7 @@ pub struct Limits {
     pub tcp_idle_timeout: Duration,
     pub tcp_connect_timeout: Duration,
     pub tcp_write_timeout: Duration,
+    pub drain_timeout: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -449,7 +454,15 @@ impl Config {
             Duration::from_millis(100),
             Duration::from_secs(60),
         );
+        let drain_timeout = timeout(
+            "sip.drain_timeout",
+            &sip.drain_timeout,
+            30,
+            Duration::ZERO,
+            Duration::from_secs(3600),
+        );
         Limits {
+            drain_timeout,
             max_message_size: sip.max_message_size,
             max_transactions: sip.max_transactions,
             queue_capacity: sip.queue_capacity,

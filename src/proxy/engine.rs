@@ -274,6 +274,11 @@ pub struct Engine {
     pub(super) internal: mpsc::WeakSender<TransportEvent>,
     pub(super) branches: Branches,
     pub(super) metrics: Arc<crate::stats::ProxyMetrics>,
+    /// Calls in progress, for graceful shutdown and the metrics.
+    pub(super) calls: super::calls::Calls,
+    /// Set when shutdown begins: new dialogs are refused with 503 and `Retry-After`.
+    pub(super) draining: Arc<std::sync::atomic::AtomicBool>,
+    beats: u64,
 }
 
 /// What client transaction `client`'s request carries, if it carries a credential.
@@ -322,7 +327,19 @@ impl Engine {
             internal,
             branches: Branches::new(),
             metrics: Arc::default(),
+            calls: super::calls::Calls::new(
+                limits.max_transactions,
+                std::time::Duration::from_secs(12 * 3600),
+            ),
+            draining: Arc::default(),
+            beats: 0,
         }
+    }
+
+    /// The engine refusing new dialogs once `draining` is set.
+    pub fn with_drain(mut self, draining: Arc<std::sync::atomic::AtomicBool>) -> Self {
+        self.draining = draining;
+        self
     }
 
     /// The engine publishing its heartbeat, table sizes and call-setup times into
@@ -362,7 +379,20 @@ impl Engine {
     }
 
     /// Publishes the heartbeat and the sizes of the tables.
-    fn beat(&self) {
+    fn beat(&mut self) {
+        self.beats += 1;
+        // Calls whose BYE never came are forgotten after 12 h; looked at once a minute.
+        if self.beats % 60 == 0 {
+            self.calls.expire(now());
+        }
+        let pending = self
+            .entries
+            .values()
+            .filter(|entry| match entry {
+                Entry::Server(server) => !server.transaction.is_final(),
+                Entry::Client(client) => !client.transaction.is_final(),
+            })
+            .count();
         self.metrics.beat(tokio::time::Instant::now());
         let size = |count: usize| u64::try_from(count).unwrap_or(u64::MAX);
         let relaxed = std::sync::atomic::Ordering::Relaxed;
@@ -372,6 +402,10 @@ impl Engine {
         self.metrics
             .dialogs_translated
             .store(size(self.dialogs.len()), relaxed);
+        self.metrics
+            .pending_transactions
+            .store(size(pending), relaxed);
+        self.metrics.calls.store(size(self.calls.len()), relaxed);
     }
 
     pub fn handle_event(&mut self, event: TransportEvent) {
@@ -802,6 +836,12 @@ impl Engine {
             let code = response.status_code.code();
             // A dialog ends with its BYE's 2xx, or never starts when its INVITE fails;
             // only worth looking at while some dialog carries an offset.
+            let answered_call = method == rsip::Method::Invite
+                && (200..300).contains(&code)
+                && !message::in_dialog(request_headers);
+            let ended_call = method == rsip::Method::Bye && code >= 200;
+            let call_id = (answered_call || ended_call)
+                .then(|| message::call_id(request_headers).unwrap_or("").to_string());
             let ends_dialog = !self.dialogs.is_empty()
                 && ((method == rsip::Method::Bye && (200..300).contains(&code))
                     || (method == rsip::Method::Invite
@@ -812,6 +852,11 @@ impl Engine {
             }
             if ends_dialog {
                 self.end_dialog(&response);
+            }
+            match call_id {
+                Some(call_id) if answered_call => self.calls.answered(now(), &call_id),
+                Some(call_id) => self.calls.ended(&call_id),
+                None => {}
             }
         }
         if self.respond(server, &response) {

@@ -2,6 +2,7 @@
 //! spawns the receive tasks and the engine under one cancellation token and task tracker;
 //! [`App::shutdown`] cancels them and waits, within a deadline.
 
+mod calls;
 mod engine;
 mod request;
 mod resend;
@@ -65,6 +66,8 @@ pub struct App {
     pub observed: Arc<crate::admin::Observed>,
     /// The admin listener's bound address, when it is on.
     pub admin: Option<SocketAddr>,
+    /// Set by [`App::drain`]: the engine refuses new dialogs.
+    draining: Arc<std::sync::atomic::AtomicBool>,
     cancel: CancellationToken,
     tracker: TaskTracker,
     /// Registrations stop first (they unregister through the running engine).
@@ -188,6 +191,7 @@ impl App {
         }
         let router = Router::new(trunks, own, names, edge_allow, core_allow);
         let metrics = Arc::new(crate::stats::ProxyMetrics::new());
+        let draining = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let engine = Engine::new(
             settings.timers,
             settings.limits,
@@ -197,12 +201,14 @@ impl App {
             stats.clone(),
             engine_sender.downgrade(),
         )
-        .with_metrics(metrics.clone());
+        .with_metrics(metrics.clone())
+        .with_drain(draining.clone());
         drop(engine_sender);
         tracker.spawn(engine.run(engine_receiver, cancel.clone()));
         let observed = Arc::new(crate::admin::Observed {
             stats: stats.clone(),
             metrics,
+            draining: draining.clone(),
             trunks: settings
                 .trunks
                 .iter()
@@ -238,6 +244,7 @@ impl App {
             registrations,
             observed,
             admin,
+            draining,
             cancel,
             tracker,
             registration_stop,
@@ -255,6 +262,40 @@ impl App {
             .iter()
             .find(|listen| listen.transport == transport)
             .map(|listen| listen.addr)
+    }
+
+    /// Graceful shutdown's first half: new dialogs get 503 with `Retry-After` from now
+    /// on, and this waits until no transaction waits for its final response and no call
+    /// is in progress, at most `deadline`. Returns false when something was still in
+    /// progress at the deadline. [`App::shutdown`] does the rest.
+    pub async fn drain(&self, deadline: Duration) -> bool {
+        self.draining
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        let until = tokio::time::Instant::now() + deadline;
+        // The engine publishes its counts once a second: wait for one beat after the
+        // switch before trusting them.
+        tokio::time::sleep(Duration::from_millis(1100).min(deadline)).await;
+        let relaxed = std::sync::atomic::Ordering::Relaxed;
+        loop {
+            let metrics = &self.observed.metrics;
+            let (pending, calls) = (
+                metrics.pending_transactions.load(relaxed),
+                metrics.calls.load(relaxed),
+            );
+            if pending == 0 && calls == 0 {
+                tracing::info!("drained: no call or transaction in progress");
+                return true;
+            }
+            if tokio::time::Instant::now() >= until {
+                tracing::warn!(
+                    pending,
+                    calls,
+                    "drain deadline reached with work in progress"
+                );
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
     }
 
     /// Stops every task and waits for them, at most `deadline`. Returns false when some

@@ -19,6 +19,9 @@ use crate::stats::Stats;
 use crate::transport::Side;
 use crate::transport::TransportEvent;
 
+/// `Retry-After` (seconds) on the 503 a new dialog gets while the sidecar drains.
+const DRAIN_RETRY_AFTER: &str = "30";
+
 /// Where a message came from.
 #[derive(Debug, Clone, Copy)]
 pub struct Source {
@@ -131,6 +134,18 @@ impl Engine {
         // A CANCEL is let through a full table: it ends an INVITE and so frees room.
         if request.method == Method::Cancel {
             self.handle_cancel(source, key, reply_to, request);
+            return;
+        }
+        if creates_dialog(&request) && self.draining.load(std::sync::atomic::Ordering::Relaxed) {
+            // Shutting down: calls in progress go on, new ones go elsewhere.
+            Stats::bump(&self.stats.drain_rejected);
+            let tag = format!("{:08x}", rand::random::<u32>());
+            let mut response = message::response_for(&request, message::status(503), &tag);
+            response.headers.push(rsip::Header::Other(
+                "Retry-After".into(),
+                DRAIN_RETRY_AFTER.into(),
+            ));
+            self.send(reply_to, message::encode(&response.into()));
             return;
         }
         if self.entries.len() >= self.limits.max_transactions {
