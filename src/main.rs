@@ -456,7 +456,7 @@ fn run(path: &std::path::Path) -> ExitCode {
     let Some(runtime) = runtime() else {
         return ExitCode::FAILURE;
     };
-    match runtime.block_on(serve(settings)) {
+    match runtime.block_on(serve(settings, path)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             tracing::error!(error = format!("{error:#}"), "byoc-sidecar failed");
@@ -466,7 +466,28 @@ fn run(path: &std::path::Path) -> ExitCode {
     }
 }
 
-async fn serve(settings: byoc_sidecar::config::Settings) -> anyhow::Result<()> {
+/// SIGHUP: the configuration is read and validated again; a broken one is refused and
+/// the running one stays; a valid one hands its re-read secrets to the running trunks.
+fn reload(app: &App, path: &std::path::Path) {
+    match Config::load(path) {
+        Err(error) => tracing::error!(
+            error = %error,
+            "SIGHUP: the configuration is refused; the running one stays"
+        ),
+        Ok(settings) => {
+            let changed = app.reload(&settings);
+            tracing::info!(
+                secrets_changed = %changed.join(" "),
+                "SIGHUP: configuration re-read; secrets taken, other changes take effect at the next start"
+            );
+        }
+    }
+}
+
+async fn serve(
+    settings: byoc_sidecar::config::Settings,
+    path: &std::path::Path,
+) -> anyhow::Result<()> {
     // Handlers first: a signal that arrives while the proxy starts (right after it says
     // so) must stop it cleanly, not kill it.
     let mut signals = Signals::install()?;
@@ -475,7 +496,13 @@ async fn serve(settings: byoc_sidecar::config::Settings) -> anyhow::Result<()> {
     let app = App::start(settings, &root)
         .await
         .context("starting the proxy")?;
-    if signals.wait().await == Stop::Terminate && !drain.is_zero() {
+    let stop = loop {
+        match signals.next().await {
+            Stop::Reload => reload(&app, path),
+            stop => break stop,
+        }
+    };
+    if stop == Stop::Terminate && !drain.is_zero() {
         tracing::info!(deadline = ?drain, "SIGTERM: draining (new calls get 503, calls in progress go on)");
         tokio::select! {
             _ = app.drain(drain) => {}
@@ -504,19 +531,22 @@ fn runtime() -> Option<tokio::runtime::Runtime> {
     }
 }
 
-/// Which signal asked to stop.
+/// Which signal came.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Stop {
     /// SIGINT (an operator's Ctrl-C): stop now.
     Interrupt,
     /// SIGTERM (a supervisor): drain first.
     Terminate,
+    /// SIGHUP: re-read the configuration.
+    Reload,
 }
 
 /// SIGINT and SIGTERM, listened to from the moment they are installed.
 struct Signals {
     interrupt: tokio::signal::unix::Signal,
     terminate: tokio::signal::unix::Signal,
+    hangup: tokio::signal::unix::Signal,
 }
 
 impl Signals {
@@ -525,14 +555,26 @@ impl Signals {
         Ok(Self {
             interrupt: signal(SignalKind::interrupt()).context("installing the SIGINT handler")?,
             terminate: signal(SignalKind::terminate()).context("installing the SIGTERM handler")?,
+            hangup: signal(SignalKind::hangup()).context("installing the SIGHUP handler")?,
         })
     }
 
-    /// The next stop signal.
+    /// The next stop signal (SIGHUP is not one).
     async fn wait(&mut self) -> Stop {
+        loop {
+            match self.next().await {
+                Stop::Reload => continue,
+                stop => return stop,
+            }
+        }
+    }
+
+    /// The next signal, SIGHUP included.
+    async fn next(&mut self) -> Stop {
         tokio::select! {
             _ = self.interrupt.recv() => Stop::Interrupt,
             _ = self.terminate.recv() => Stop::Terminate,
+            _ = self.hangup.recv() => Stop::Reload,
         }
     }
 }

@@ -215,3 +215,101 @@ fn the_deployment_examples_pass_check() {
         );
     }
 }
+
+/// SIGHUP (issue 13, item 2): a client secret rotated in its file is taken by the next
+/// token request (the trunk becomes ready), and a broken configuration is refused with
+/// an error while the running one keeps serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_takes_a_rotated_secret_and_refuses_a_broken_configuration() {
+    use byoc_sidecar::sim::idp::TokenKind;
+    use std::sync::{Arc, Mutex};
+    let sim = common::sim::SimIdp::start(
+        "edge-h",
+        "rotated-secret",
+        "org-h",
+        Duration::from_secs(600),
+        TokenKind::Opaque,
+    )
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let secret = dir.path().join("client-secret");
+    std::fs::write(&secret, "old-secret").unwrap();
+    let admin = format!("127.0.0.1:{}", common::free_port());
+    let text = format!(
+        "{}auth = \"bearer\"\n\n[trunk.credentials]\nkind = \"oauth2\"\ntoken_url = \"{}\"\n\
+         client_id = \"edge-h\"\nclient_secret_file = \"{}\"\norganization = \"org-h\"\n\
+         slow_retry = \"1s\"\n\n[admin]\nlisten = \"{admin}\"\n",
+        loopback_config(),
+        sim.idp.url(),
+        secret.display()
+    );
+    let config = write_config(&dir, &text);
+    let mut child = Command::new(BINARY)
+        .args(["run", "--config"])
+        .arg(&config)
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let log = Arc::new(Mutex::new(Vec::<String>::new()));
+    let reader = {
+        let (log, stderr) = (log.clone(), child.stderr.take().unwrap());
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                log.lock().unwrap().push(line);
+            }
+        })
+    };
+    let logged = |needle: &'static str| {
+        let log = log.clone();
+        async move {
+            for _ in 0..250 {
+                if log.lock().unwrap().iter().any(|line| line.contains(needle)) {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(40)).await;
+            }
+            panic!("never logged {needle:?}: {:#?}", log.lock().unwrap());
+        }
+    };
+    let admin: std::net::SocketAddr = admin.parse().unwrap();
+    let ready = |expected: u16| async move {
+        for _ in 0..100 {
+            if common::admin_request(admin, "GET", "/readyz").await.0 == expected {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("/readyz never answered {expected}");
+    };
+    let signal = |name: &str| {
+        let status = Command::new("kill")
+            .args(["-s", name, &child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    };
+    logged("proxy started").await;
+    logged("credential request rejected").await; // the old secret: invalid_client
+    ready(503).await;
+
+    std::fs::write(&secret, "rotated-secret").unwrap();
+    signal("HUP");
+    logged("SIGHUP: configuration re-read").await;
+    ready(200).await;
+
+    std::fs::write(&config, "this is [not a configuration").unwrap();
+    signal("HUP");
+    logged("SIGHUP: the configuration is refused").await;
+    assert_eq!(common::admin_request(admin, "GET", "/healthz").await.0, 200);
+    ready(200).await;
+
+    signal("TERM");
+    let status = child.wait().unwrap();
+    reader.join().unwrap();
+    assert_eq!(status.code(), Some(0), "{:#?}", log.lock().unwrap());
+    let text = log.lock().unwrap().join("\n");
+    assert!(!text.contains("rotated-secret") && !text.contains("old-secret"));
+    sim.cancel.cancel();
+}

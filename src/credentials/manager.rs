@@ -159,6 +159,7 @@ struct Shared {
 #[derive(Clone)]
 pub struct CredentialManager {
     shared: Arc<Shared>,
+    source: Arc<dyn Source>,
 }
 
 impl std::fmt::Debug for CredentialManager {
@@ -207,8 +208,8 @@ impl CredentialManager {
             renewable: source.renewable(),
             last_refresh: Mutex::new(None),
         });
-        tracker.spawn(refresher(shared.clone(), source, cancel));
-        Self { shared }
+        tracker.spawn(refresher(shared.clone(), source.clone(), cancel));
+        Self { shared, source }
     }
 
     /// The credential to use now, or `None` when there is no valid one.
@@ -251,6 +252,11 @@ impl CredentialManager {
 
     pub fn trunk(&self) -> &str {
         &self.shared.options.trunk
+    }
+
+    /// Takes re-read secret material (SIGHUP) for the next fetch; true when it changed.
+    pub fn reload(&self, settings: &crate::config::CredentialSettings) -> bool {
+        self.source.reload(&settings.source)
     }
 
     /// The organization the credential is asked for, if configured.

@@ -165,6 +165,13 @@ pub trait Source: Send + Sync + 'static {
     fn renewable(&self) -> bool {
         true
     }
+
+    /// Takes the secret material of `settings` (re-read on SIGHUP) for the next fetch;
+    /// true when it changed. Sources whose secrets cannot change while running keep
+    /// theirs.
+    fn reload(&self, _settings: &crate::config::SourceSettings) -> bool {
+        false
+    }
 }
 
 /// A credential that never changes on its own (`kind = "static"`).

@@ -30,6 +30,8 @@ pub enum ClientAuth {
 pub struct OAuth2Source {
     client: reqwest::Client,
     settings: OAuth2Settings,
+    /// The client secret in use: the configured one until a reload replaces it.
+    secret: arc_swap::ArcSwap<Secret>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -68,10 +70,16 @@ impl OAuth2Source {
             .user_agent(concat!("byoc-sidecar/", env!("CARGO_PKG_VERSION")))
             .build()
             .map_err(|error| ClientError(error.to_string()))?;
-        Ok(Self { client, settings })
+        let secret = arc_swap::ArcSwap::from_pointee(settings.client_secret.clone());
+        Ok(Self {
+            client,
+            settings,
+            secret,
+        })
     }
 
     async fn request(&self) -> Result<Fetched, FetchError> {
+        let secret = self.secret.load_full();
         let mut form: Vec<(&str, &str)> = vec![("grant_type", "client_credentials")];
         let scope = self.settings.scopes.join(" ");
         if !scope.is_empty() {
@@ -89,7 +97,7 @@ impl OAuth2Source {
                 let credentials = Secret::new(format!(
                     "{}:{}",
                     form_urlencode(&self.settings.client_id),
-                    form_urlencode(self.settings.client_secret.expose())
+                    form_urlencode(secret.expose())
                 ));
                 let header =
                     Secret::new(format!("Basic {}", STANDARD.encode(credentials.expose())));
@@ -105,7 +113,7 @@ impl OAuth2Source {
             }
             ClientAuth::Body => {
                 form.push(("client_id", &self.settings.client_id));
-                form.push(("client_secret", self.settings.client_secret.expose()));
+                form.push(("client_secret", secret.expose()));
             }
         }
         if let Some(organization) = &self.settings.organization {
@@ -127,13 +135,25 @@ impl OAuth2Source {
             .and_then(|value| parse_retry_after(value, std::time::SystemTime::now()));
         let body = read_body(response).await?;
         classify(status, &body, retry_after, self.settings.default_lifetime)
-            .map_err(|error| scrub(error, &self.settings.client_secret))
+            .map_err(|error| scrub(error, &secret))
     }
 }
 
 impl Source for OAuth2Source {
     fn fetch(&self) -> FetchFuture<'_> {
         Box::pin(self.request())
+    }
+
+    fn reload(&self, settings: &crate::config::SourceSettings) -> bool {
+        let crate::config::SourceSettings::OAuth2 { client_secret, .. } = settings else {
+            return false;
+        };
+        if **self.secret.load() == *client_secret {
+            return false;
+        }
+        self.secret
+            .store(std::sync::Arc::new(client_secret.clone()));
+        true
     }
 
     fn describe(&self) -> String {

@@ -264,6 +264,25 @@ impl App {
             .map(|listen| listen.addr)
     }
 
+    /// Takes what can change while running from `settings` (a re-read configuration,
+    /// SIGHUP): today the secret material of each trunk's credentials (an OAuth2 client
+    /// secret rotated in its file). Returns the trunks whose secret changed. Everything
+    /// else (listeners, trunks, timers, limits) takes effect at the next start.
+    pub fn reload(&self, settings: &Settings) -> Vec<String> {
+        settings
+            .trunks
+            .iter()
+            .filter(|trunk| {
+                let manager = self.credentials.get(&trunk.name);
+                match (manager, &trunk.credentials) {
+                    (Some(manager), Some(credentials)) => manager.reload(credentials),
+                    _ => false,
+                }
+            })
+            .map(|trunk| trunk.name.clone())
+            .collect()
+    }
+
     /// Graceful shutdown's first half: new dialogs get 503 with `Retry-After` from now
     /// on, and this waits until no transaction waits for its final response and no call
     /// is in progress, at most `deadline`. Returns false when something was still in
