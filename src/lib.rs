@@ -8,6 +8,7 @@ pub mod config;
 pub mod credentials;
 pub mod demo;
 pub mod fatal;
+pub mod online;
 pub mod proxy;
 pub mod registration;
 pub mod replay;

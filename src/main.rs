@@ -41,10 +41,18 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
-    /// Validate a configuration file and list every problem in it.
+    /// Validate a configuration file and list every problem in it; with --online also
+    /// diagnose each trunk's token endpoint, token and core.
     Check {
         #[arg(long, short)]
         config: PathBuf,
+        /// Request a token per trunk and send its core an OPTIONS with it, and say in plain
+        /// words what is wrong and how to fix it. Exit 0 only when every trunk is healthy.
+        #[arg(long)]
+        online: bool,
+        /// With --online: the report as JSON.
+        #[arg(long, requires = "online")]
+        json: bool,
     },
     /// The simulators as standalone processes, until SIGINT or SIGTERM.
     Sim {
@@ -213,7 +221,17 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     byoc_sidecar::fatal::exit_on_panic();
     match cli.command {
-        Command::Check { config } => check(&config),
+        Command::Check {
+            config,
+            online,
+            json,
+        } => {
+            if online {
+                check_online(&config, json)
+            } else {
+                check(&config)
+            }
+        }
         Command::Run { config } => run(&config),
         Command::Demo { seconds, rate } => demo(seconds, rate),
         Command::Sim { simulator } => sim(*simulator),
@@ -436,6 +454,34 @@ fn check(path: &std::path::Path) -> ExitCode {
             ExitCode::SUCCESS
         }
         Err(error) => config_failure(&error),
+    }
+}
+
+/// `check --online`: exit 0 when every trunk is healthy, 1 otherwise, 64 invalid config.
+fn check_online(path: &std::path::Path, json: bool) -> ExitCode {
+    let settings = match Config::load(path) {
+        Ok(settings) => settings,
+        Err(error) => return config_failure(&error),
+    };
+    let Some(runtime) = runtime() else {
+        return ExitCode::FAILURE;
+    };
+    let reports = runtime.block_on(byoc_sidecar::online::check(&settings));
+    if json {
+        match serde_json::to_string_pretty(&reports) {
+            Ok(text) => println!("{text}"),
+            Err(error) => {
+                eprintln!("cannot write the report as JSON: {error}");
+                return ExitCode::FAILURE;
+            }
+        }
+    } else {
+        print!("{}", byoc_sidecar::online::render(&reports));
+    }
+    if reports.iter().all(|report| report.healthy) {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
     }
 }
 

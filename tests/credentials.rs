@@ -1026,9 +1026,9 @@ async fn a_refusal_of_a_credential_taken_on_a_later_request_is_passed_on_at_once
 async fn a_refused_static_credential_is_passed_on_without_a_fetch() {
     let cancel = CancellationToken::new();
     let manager = CredentialManager::start(
-        Arc::new(byoc_sidecar::credentials::StaticSource {
-            value: CredentialValue::Token(Secret::new("static-token")),
-        }),
+        Arc::new(byoc_sidecar::credentials::StaticSource::new(
+            CredentialValue::Token(Secret::new("static-token")),
+        )),
         options(policy()),
         cancel.clone(),
         &TaskTracker::new(),
@@ -1049,4 +1049,57 @@ async fn attempts_finished_from(mut attempts: tokio::sync::watch::Receiver<u64>,
     .await
     .expect("attempts in time")
     .unwrap();
+}
+
+/// SIGHUP's part in the manager: a `static` password re-read from its file replaces the
+/// credential at once (a new generation), and an unchanged one changes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reloaded_static_password_is_fetched_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let password = dir.path().join("password");
+    std::fs::write(&password, "first-password").unwrap();
+    let text = format!(
+        "{}auth = \"digest\"\n\n[trunk.credentials]\nkind = \"static\"\nusername = \"alice\"\npassword_file = \"{}\"\n",
+        common::Sidecar::config("udp:127.0.0.1:9", "udp:127.0.0.1:9", ""),
+        password.display()
+    );
+    let load = || {
+        byoc_sidecar::config::Config::from_toml(&text, "test")
+            .unwrap()
+            .validate()
+            .unwrap()
+            .trunks
+            .remove(0)
+            .credentials
+            .unwrap()
+    };
+    let cancel = CancellationToken::new();
+    let manager = byoc_sidecar::credentials::start_manager(
+        "test",
+        &load(),
+        cancel.clone(),
+        &TaskTracker::new(),
+    )
+    .unwrap();
+    let first = first_credential(&manager).await;
+    assert!(!manager.reload(&load()), "nothing changed");
+    std::fs::write(&password, "second-password").unwrap();
+    assert!(manager.reload(&load()));
+    let mut attempts = manager.attempts();
+    tokio::time::timeout(
+        Duration::from_secs(5),
+        attempts.wait_for(|_| {
+            manager
+                .current()
+                .is_some_and(|credential| credential.generation > first)
+        }),
+    )
+    .await
+    .expect("the new password in use")
+    .unwrap();
+    let CredentialValue::UserPassword { password, .. } = &manager.current().unwrap().value else {
+        panic!("not a username and password")
+    };
+    assert_eq!(password.expose(), "second-password");
+    cancel.cancel();
 }

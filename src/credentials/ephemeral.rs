@@ -18,10 +18,22 @@ pub enum HmacAlgorithm {
 
 #[derive(Debug)]
 pub struct EphemeralSource {
-    pub user: String,
-    pub secret: Secret,
-    pub algorithm: HmacAlgorithm,
-    pub lifetime: Duration,
+    user: String,
+    /// The shared secret: the configured one until a reload (SIGHUP) replaces it.
+    secret: arc_swap::ArcSwap<Secret>,
+    algorithm: HmacAlgorithm,
+    lifetime: Duration,
+}
+
+impl EphemeralSource {
+    pub fn new(user: String, secret: Secret, algorithm: HmacAlgorithm, lifetime: Duration) -> Self {
+        Self {
+            user,
+            secret: arc_swap::ArcSwap::from_pointee(secret),
+            algorithm,
+            lifetime,
+        }
+    }
 }
 
 /// The credential valid until `expiry` (Unix seconds).
@@ -67,7 +79,7 @@ impl Source for EphemeralSource {
                 // written into the username, not beyond it.
                 let expiry = (now + self.lifetime).as_secs();
                 Fetched {
-                    value: credential(&self.user, &self.secret, self.algorithm, expiry),
+                    value: credential(&self.user, &self.secret.load(), self.algorithm, expiry),
                     lifetime: Some(Duration::from_secs(expiry).saturating_sub(now)),
                     granted_scopes: None,
                 }
@@ -77,6 +89,17 @@ impl Source for EphemeralSource {
 
     fn describe(&self) -> String {
         format!("ephemeral HMAC for user {:?}", self.user)
+    }
+
+    fn reload(&self, settings: &crate::config::SourceSettings) -> bool {
+        let crate::config::SourceSettings::Ephemeral { secret, .. } = settings else {
+            return false;
+        };
+        if **self.secret.load() == *secret {
+            return false;
+        }
+        self.secret.store(std::sync::Arc::new(secret.clone()));
+        true
     }
 }
 

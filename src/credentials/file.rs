@@ -81,41 +81,46 @@ impl FileSource {
     }
 
     fn read(&self) -> Result<Fetched, FetchError> {
-        let shown = self.path.display();
-        let text = std::fs::read_to_string(&self.path).map_err(|error| FetchError::Transient {
-            reason: format!("cannot read credential file {shown}: {error}"),
-            retry_after: None,
-        })?;
-        // An in-place rewrite can be caught half done; an empty or short file is retried.
-        let incomplete = |what: &str| FetchError::Transient {
-            reason: format!("credential file {shown} {what}"),
-            retry_after: None,
-        };
-        let value = match self.format {
-            FileFormat::Token => {
-                let token = text.trim();
-                if token.is_empty() {
-                    return Err(incomplete("is empty"));
-                }
-                CredentialValue::Token(Secret::new(token))
-            }
-            FileFormat::UsernamePassword => {
-                let mut lines = text.lines().map(str::trim).filter(|line| !line.is_empty());
-                let (Some(username), Some(password)) = (lines.next(), lines.next()) else {
-                    return Err(incomplete("needs a username line and a password line"));
-                };
-                CredentialValue::UserPassword {
-                    username: username.to_string(),
-                    password: Secret::new(password),
-                }
-            }
-        };
-        Ok(Fetched {
-            value,
-            lifetime: None,
-            granted_scopes: None,
-        })
+        read_credential(&self.path, self.format)
     }
+}
+
+/// Reads a credential file once, by the watching source's rules (`check --online`).
+pub fn read_credential(path: &std::path::Path, format: FileFormat) -> Result<Fetched, FetchError> {
+    let shown = path.display();
+    let text = std::fs::read_to_string(path).map_err(|error| FetchError::Transient {
+        reason: format!("cannot read credential file {shown}: {error}"),
+        retry_after: None,
+    })?;
+    // An in-place rewrite can be caught half done; an empty or short file is retried.
+    let incomplete = |what: &str| FetchError::Transient {
+        reason: format!("credential file {shown} {what}"),
+        retry_after: None,
+    };
+    let value = match format {
+        FileFormat::Token => {
+            let token = text.trim();
+            if token.is_empty() {
+                return Err(incomplete("is empty"));
+            }
+            CredentialValue::Token(Secret::new(token))
+        }
+        FileFormat::UsernamePassword => {
+            let mut lines = text.lines().map(str::trim).filter(|line| !line.is_empty());
+            let (Some(username), Some(password)) = (lines.next(), lines.next()) else {
+                return Err(incomplete("needs a username line and a password line"));
+            };
+            CredentialValue::UserPassword {
+                username: username.to_string(),
+                password: Secret::new(password),
+            }
+        }
+    };
+    Ok(Fetched {
+        value,
+        lifetime: None,
+        granted_scopes: None,
+    })
 }
 
 impl Source for FileSource {

@@ -254,9 +254,25 @@ impl CredentialManager {
         &self.shared.options.trunk
     }
 
-    /// Takes re-read secret material (SIGHUP) for the next fetch; true when it changed.
+    /// Takes re-read secret material (SIGHUP); when it changed, fetches at once with it
+    /// (so a new password or client secret is in use right away) and returns true.
     pub fn reload(&self, settings: &crate::config::CredentialSettings) -> bool {
-        self.source.reload(&settings.source)
+        if !self.source.reload(&settings.source) {
+            return false;
+        }
+        let current = self
+            .shared
+            .current
+            .load()
+            .as_ref()
+            .map(|credential| credential.generation);
+        let mut force = self.lock_force();
+        if force.pending.is_none() {
+            // The refresher fetches for a pending generation that is still current.
+            force.pending = Some(current.unwrap_or(0));
+            self.shared.wake.notify_one();
+        }
+        true
     }
 
     /// The organization the credential is asked for, if configured.

@@ -174,16 +174,25 @@ pub trait Source: Send + Sync + 'static {
     }
 }
 
-/// A credential that never changes on its own (`kind = "static"`).
+/// A credential that never changes on its own (`kind = "static"`); a reload (SIGHUP)
+/// can replace it.
 #[derive(Debug)]
 pub struct StaticSource {
-    pub value: CredentialValue,
+    value: arc_swap::ArcSwap<CredentialValue>,
+}
+
+impl StaticSource {
+    pub fn new(value: CredentialValue) -> Self {
+        Self {
+            value: arc_swap::ArcSwap::from_pointee(value),
+        }
+    }
 }
 
 impl Source for StaticSource {
     fn fetch(&self) -> FetchFuture<'_> {
         let fetched = Fetched {
-            value: self.value.clone(),
+            value: CredentialValue::clone(&self.value.load()),
             lifetime: None,
             granted_scopes: None,
         };
@@ -191,11 +200,22 @@ impl Source for StaticSource {
     }
 
     fn describe(&self) -> String {
-        format!("static {}", self.value.kind())
+        format!("static {}", self.value.load().kind())
     }
 
     fn renewable(&self) -> bool {
         false
+    }
+
+    fn reload(&self, settings: &crate::config::SourceSettings) -> bool {
+        let crate::config::SourceSettings::Static { value } = settings else {
+            return false;
+        };
+        if **self.value.load() == *value {
+            return false;
+        }
+        self.value.store(std::sync::Arc::new(value.clone()));
+        true
     }
 }
 
@@ -245,15 +265,13 @@ pub fn start_manager(
             secret,
             algorithm,
             lifetime,
-        } => std::sync::Arc::new(ephemeral::EphemeralSource {
-            user: user.clone(),
-            secret: secret.clone(),
-            algorithm: *algorithm,
-            lifetime: *lifetime,
-        }),
-        SourceSettings::Static { value } => std::sync::Arc::new(StaticSource {
-            value: value.clone(),
-        }),
+        } => std::sync::Arc::new(ephemeral::EphemeralSource::new(
+            user.clone(),
+            secret.clone(),
+            *algorithm,
+            *lifetime,
+        )),
+        SourceSettings::Static { value } => std::sync::Arc::new(StaticSource::new(value.clone())),
     };
     let options = ManagerOptions {
         trunk: trunk.to_string(),

@@ -78,8 +78,8 @@ impl OAuth2Source {
         })
     }
 
-    async fn request(&self) -> Result<Fetched, FetchError> {
-        let secret = self.secret.load_full();
+    /// The token request, ready to send, with `secret` as the client secret.
+    fn build(&self, secret: &Secret) -> Result<reqwest::RequestBuilder, FetchError> {
         let mut form: Vec<(&str, &str)> = vec![("grant_type", "client_credentials")];
         let scope = self.settings.scopes.join(" ");
         if !scope.is_empty() {
@@ -122,21 +122,77 @@ impl OAuth2Source {
                 organization.as_str(),
             );
         }
-        let response = request
-            .form(&form)
-            .send()
-            .await
-            .map_err(|error| transport_error(&error))?;
-        let status = response.status().as_u16();
-        let retry_after = response
-            .headers()
-            .get(reqwest::header::RETRY_AFTER)
-            .and_then(|value| value.to_str().ok())
-            .and_then(|value| parse_retry_after(value, std::time::SystemTime::now()));
-        let body = read_body(response).await?;
-        classify(status, &body, retry_after, self.settings.default_lifetime)
-            .map_err(|error| scrub(error, &secret))
+        Ok(request.form(&form))
     }
+
+    async fn request(&self) -> Result<Fetched, FetchError> {
+        self.probe().await.outcome
+    }
+
+    /// One token request, with what a diagnosis needs besides its outcome: the HTTP
+    /// status, the endpoint's `Date`, and how long it took (`check --online`).
+    pub async fn probe(&self) -> Probe {
+        let secret = self.secret.load_full();
+        let sent_at = std::time::SystemTime::now();
+        let started = tokio::time::Instant::now();
+        let mut probe = Probe {
+            sent_at,
+            latency: Duration::ZERO,
+            status: None,
+            server_date: None,
+            outcome: Err(FetchError::Transient {
+                reason: "not sent".into(),
+                retry_after: None,
+            }),
+        };
+        let request = match self.build(&secret) {
+            Ok(request) => request,
+            Err(error) => {
+                probe.outcome = Err(error);
+                return probe;
+            }
+        };
+        let response = match request.send().await {
+            Ok(response) => response,
+            Err(error) => {
+                probe.latency = started.elapsed();
+                probe.outcome = Err(scrub(transport_error(&error), &secret));
+                return probe;
+            }
+        };
+        let status = response.status().as_u16();
+        probe.status = Some(status);
+        let header = |name: reqwest::header::HeaderName| {
+            response
+                .headers()
+                .get(name)
+                .and_then(|value| value.to_str().ok())
+                .map(str::to_string)
+        };
+        probe.server_date =
+            header(reqwest::header::DATE).and_then(|value| httpdate::parse_http_date(&value).ok());
+        let retry_after = header(reqwest::header::RETRY_AFTER)
+            .and_then(|value| parse_retry_after(&value, std::time::SystemTime::now()));
+        let body = read_body(response).await;
+        probe.latency = started.elapsed();
+        probe.outcome = body
+            .and_then(|body| classify(status, &body, retry_after, self.settings.default_lifetime))
+            .map_err(|error| scrub(error, &secret));
+        probe
+    }
+}
+
+/// What one token request showed (see [`OAuth2Source::probe`]).
+#[derive(Debug)]
+pub struct Probe {
+    /// Wall-clock time the request was sent.
+    pub sent_at: std::time::SystemTime,
+    pub latency: Duration,
+    /// The HTTP status, when an answer came.
+    pub status: Option<u16>,
+    /// The endpoint's `Date` header.
+    pub server_date: Option<std::time::SystemTime>,
+    pub outcome: Result<Fetched, FetchError>,
 }
 
 impl Source for OAuth2Source {
