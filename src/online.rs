@@ -7,12 +7,12 @@
 //! with a likely cause and a fix. Nothing here prints a secret.
 
 use std::net::SocketAddr;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 
 use serde::Serialize;
 
 use crate::config::{AuthMode, CredentialSettings, Settings, SourceSettings, Transport, Trunk};
-use crate::credentials::oauth2::{OAuth2Settings, OAuth2Source};
+use crate::credentials::oauth2::OAuth2Source;
 use crate::credentials::{jwt, CredentialValue, FetchError, Fetched, Source};
 
 /// How far the endpoint's clock may be from ours before it is called skew.
@@ -106,31 +106,11 @@ async fn credential(
     settings: &CredentialSettings,
     findings: &mut Vec<Finding>,
 ) -> Option<CredentialValue> {
-    let SourceSettings::OAuth2 {
-        token_url,
-        client_id,
-        client_secret,
-        organization_header,
-        client_auth,
-        extra_params,
-        request_timeout,
-        default_lifetime,
-    } = &settings.source
-    else {
+    let Some(oauth2) = crate::credentials::oauth2_settings(settings) else {
         return other_source(settings, findings).await;
     };
-    let source = match OAuth2Source::new(OAuth2Settings {
-        token_url: token_url.clone(),
-        client_id: client_id.clone(),
-        client_secret: client_secret.clone(),
-        scopes: settings.scopes.clone(),
-        organization: settings.organization.clone(),
-        organization_header: organization_header.clone(),
-        client_auth: *client_auth,
-        extra_params: extra_params.clone(),
-        request_timeout: *request_timeout,
-        default_lifetime: *default_lifetime,
-    }) {
+    let token_url = oauth2.token_url.clone();
+    let source = match OAuth2Source::new(oauth2) {
         Ok(source) => source,
         Err(error) => {
             findings.push(Finding::problem(
@@ -147,7 +127,7 @@ async fn credential(
     let fetched = match probe.outcome {
         Ok(fetched) => fetched,
         Err(error) => {
-            findings.push(refused(&error, probe.status, token_url));
+            findings.push(refused(&error, probe.status, &token_url));
             return None;
         }
     };
@@ -276,29 +256,21 @@ fn token_findings(
     sent_at: SystemTime,
     findings: &mut Vec<Finding>,
 ) {
-    let CredentialValue::Token(token) = &fetched.value else {
-        return;
-    };
-    let claims = jwt::claims(token.expose(), settings.organization_claim.as_deref());
-    let expected_expiry = fetched.lifetime.and_then(|lifetime| {
-        let at = sent_at
-            .checked_add(lifetime)?
-            .duration_since(UNIX_EPOCH)
-            .ok()?;
-        i64::try_from(at.as_secs()).ok()
-    });
-    let granted = fetched
-        .granted_scopes
-        .clone()
-        .or_else(|| claims.as_ref().and_then(|claims| claims.scopes.clone()));
-    let diagnostics = jwt::diagnose(
-        claims.as_ref(),
-        expected_expiry,
-        granted.as_deref(),
+    let Some(jwt::TokenReading {
+        claims,
+        granted,
+        diagnostics,
+    }) = jwt::read_token(
+        fetched,
+        sent_at,
         settings.organization.as_deref(),
+        settings.organization_claim.as_deref(),
         &settings.scopes,
         i64::try_from(SKEW_LIMIT.as_secs()).unwrap_or(5),
-    );
+    )
+    else {
+        return;
+    };
     for diagnostic in &diagnostics {
         let (cause, fix) = match diagnostic {
             jwt::Diagnostic::OrganizationMismatch { .. } => (
@@ -637,7 +609,7 @@ mod tests {
 
     #[test]
     fn clock_skew_beyond_the_limit_is_a_problem_and_rounding_is_not() {
-        let sent = UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+        let sent = std::time::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
         let latency = Duration::from_millis(200);
         assert!(clock(sent, latency, Some(sent + Duration::from_secs(1))).ok);
         assert!(clock(sent, latency, Some(sent - Duration::from_secs(5))).ok);

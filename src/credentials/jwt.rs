@@ -149,6 +149,55 @@ pub fn encode_unverified(claims: &Value, signature: &str) -> String {
     format!("{header}.{payload}.{signature}")
 }
 
+/// What one fetched token tells: its claims, the scopes granted (from the response, else
+/// the token), and the diagnostics against the configuration. `sent_at` is the wall-clock
+/// time the token request was sent. `None` for credentials that are no token.
+pub struct TokenReading {
+    pub claims: Option<Claims>,
+    pub granted: Option<Vec<String>>,
+    pub diagnostics: Vec<Diagnostic>,
+}
+
+/// Reads `fetched` as [`TokenReading`]; the one place the manager and `check --online`
+/// diagnose a token.
+pub fn read_token(
+    fetched: &super::Fetched,
+    sent_at: std::time::SystemTime,
+    organization: Option<&str>,
+    organization_claim: Option<&str>,
+    scopes: &[String],
+    skew_threshold_seconds: i64,
+) -> Option<TokenReading> {
+    let super::CredentialValue::Token(token) = &fetched.value else {
+        return None;
+    };
+    let claims = claims(token.expose(), organization_claim);
+    let expected_expiry = fetched.lifetime.and_then(|lifetime| {
+        let at = sent_at
+            .checked_add(lifetime)?
+            .duration_since(std::time::UNIX_EPOCH)
+            .ok()?;
+        i64::try_from(at.as_secs()).ok()
+    });
+    let granted = fetched
+        .granted_scopes
+        .clone()
+        .or_else(|| claims.as_ref().and_then(|claims| claims.scopes.clone()));
+    let diagnostics = diagnose(
+        claims.as_ref(),
+        expected_expiry,
+        granted.as_deref(),
+        organization,
+        scopes,
+        skew_threshold_seconds,
+    );
+    Some(TokenReading {
+        claims,
+        granted,
+        diagnostics,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

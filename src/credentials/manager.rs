@@ -23,7 +23,7 @@
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 
 use arc_swap::ArcSwapOption;
 use tokio::sync::{watch, Notify};
@@ -36,7 +36,7 @@ use super::schedule::{ForceLimiter, RefreshPolicy};
 use super::verdict::CoreView;
 
 mod refusals;
-use super::{Credential, CredentialValue, FetchError, Fetched, Source};
+use super::{Credential, FetchError, Fetched, Source};
 
 /// How long a forced refresh waits for its attempt before answering with what there is:
 /// well inside the 32 s a client waits for a non-INVITE transaction (Timer F).
@@ -625,29 +625,17 @@ fn report_diagnostics(
     fetched: &Fetched,
     wall_sent_at: SystemTime,
 ) {
-    let CredentialValue::Token(token) = &fetched.value else {
-        return;
-    };
-    let claims = jwt::claims(token.expose(), options.organization_claim.as_deref());
-    let expected_expiry = fetched.lifetime.and_then(|lifetime| {
-        let at = wall_sent_at
-            .checked_add(lifetime)?
-            .duration_since(UNIX_EPOCH)
-            .ok()?;
-        i64::try_from(at.as_secs()).ok()
-    });
-    let granted = fetched
-        .granted_scopes
-        .clone()
-        .or_else(|| claims.as_ref().and_then(|claims| claims.scopes.clone()));
-    let found = jwt::diagnose(
-        claims.as_ref(),
-        expected_expiry,
-        granted.as_deref(),
+    let Some(reading) = jwt::read_token(
+        fetched,
+        wall_sent_at,
         options.organization.as_deref(),
+        options.organization_claim.as_deref(),
         &options.scopes,
         i64::try_from(options.skew_threshold.as_secs()).unwrap_or(i64::MAX),
-    );
+    ) else {
+        return;
+    };
+    let found = reading.diagnostics;
     if found != memory.last_diagnostics {
         for diagnostic in &found {
             tracing::warn!(trunk = %options.trunk, diagnostic = %diagnostic, "credential diagnostic");

@@ -219,6 +219,37 @@ impl Source for StaticSource {
     }
 }
 
+/// The OAuth2 source's settings of an `oauth2` credential configuration.
+pub fn oauth2_settings(
+    settings: &crate::config::CredentialSettings,
+) -> Option<oauth2::OAuth2Settings> {
+    let crate::config::SourceSettings::OAuth2 {
+        token_url,
+        client_id,
+        client_secret,
+        organization_header,
+        client_auth,
+        extra_params,
+        request_timeout,
+        default_lifetime,
+    } = &settings.source
+    else {
+        return None;
+    };
+    Some(oauth2::OAuth2Settings {
+        token_url: token_url.clone(),
+        client_id: client_id.clone(),
+        client_secret: client_secret.clone(),
+        scopes: settings.scopes.clone(),
+        organization: settings.organization.clone(),
+        organization_header: organization_header.clone(),
+        client_auth: *client_auth,
+        extra_params: extra_params.clone(),
+        request_timeout: *request_timeout,
+        default_lifetime: *default_lifetime,
+    })
+}
+
 /// Builds the source a trunk's configuration describes and starts its manager.
 pub fn start_manager(
     trunk: &str,
@@ -228,27 +259,12 @@ pub fn start_manager(
 ) -> Result<CredentialManager, oauth2::ClientError> {
     use crate::config::SourceSettings;
     let source: std::sync::Arc<dyn Source> = match &settings.source {
-        SourceSettings::OAuth2 {
-            token_url,
-            client_id,
-            client_secret,
-            organization_header,
-            client_auth,
-            extra_params,
-            request_timeout,
-            default_lifetime,
-        } => std::sync::Arc::new(oauth2::OAuth2Source::new(oauth2::OAuth2Settings {
-            token_url: token_url.clone(),
-            client_id: client_id.clone(),
-            client_secret: client_secret.clone(),
-            scopes: settings.scopes.clone(),
-            organization: settings.organization.clone(),
-            organization_header: organization_header.clone(),
-            client_auth: *client_auth,
-            extra_params: extra_params.clone(),
-            request_timeout: *request_timeout,
-            default_lifetime: *default_lifetime,
-        })?),
+        SourceSettings::OAuth2 { .. } => {
+            let Some(oauth2) = oauth2_settings(settings) else {
+                return Err(oauth2::ClientError::not_oauth2());
+            };
+            std::sync::Arc::new(oauth2::OAuth2Source::new(oauth2)?)
+        }
         SourceSettings::File {
             path,
             format,

@@ -38,6 +38,13 @@ pub struct OAuth2Source {
 #[error("cannot build the HTTP client: {0}")]
 pub struct ClientError(String);
 
+impl ClientError {
+    /// Asked to build an OAuth2 source from settings of another kind.
+    pub fn not_oauth2() -> Self {
+        Self("the credential settings are not oauth2".into())
+    }
+}
+
 /// Everything an [`OAuth2Source`] is made from.
 #[derive(Debug)]
 pub struct OAuth2Settings {
