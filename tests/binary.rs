@@ -17,6 +17,18 @@ fn write_config(dir: &tempfile::TempDir, text: &str) -> std::path::PathBuf {
     path
 }
 
+/// `byoc-sidecar run --config CONFIG` at info level, its log on a pipe.
+fn spawn_run(config: &std::path::Path) -> std::process::Child {
+    Command::new(BINARY)
+        .args(["run", "--config"])
+        .arg(config)
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
 fn loopback_config() -> String {
     common::Sidecar::config("udp:127.0.0.1:9", "udp:127.0.0.1:9", "")
 }
@@ -70,14 +82,7 @@ fn check_exits_0_on_the_example_and_64_listing_every_problem() {
 fn stops_cleanly_on(signal: &str) {
     let dir = tempfile::tempdir().unwrap();
     let config = write_config(&dir, &loopback_config());
-    let mut child = Command::new(BINARY)
-        .args(["run", "--config"])
-        .arg(&config)
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = spawn_run(&config);
     let stderr = child.stderr.take().unwrap();
     let mut lines = BufReader::new(stderr).lines();
     let started = lines
@@ -244,14 +249,7 @@ async fn sighup_takes_a_rotated_secret_and_refuses_a_broken_configuration() {
         secret.display()
     );
     let config = write_config(&dir, &text);
-    let mut child = Command::new(BINARY)
-        .args(["run", "--config"])
-        .arg(&config)
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = spawn_run(&config);
     let log = Arc::new(Mutex::new(Vec::<String>::new()));
     let reader = {
         let (log, stderr) = (log.clone(), child.stderr.take().unwrap());

@@ -22,6 +22,25 @@ use common::Sidecar;
 
 const WAIT: Duration = Duration::from_secs(5);
 
+/// The token endpoint goes down (503) and stays down until `manager`'s token expired.
+async fn endpoint_down_until_expired(
+    sim: &SimIdp,
+    manager: &byoc_sidecar::credentials::CredentialManager,
+) {
+    sim.idp.set_fault(Some(Fault::Status {
+        code: 503,
+        retry_after: None,
+    }));
+    let expired = async {
+        while manager.current().is_some() {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), expired)
+        .await
+        .expect("the token expires");
+}
+
 /// A bearer trunk getting tokens of `ttl` from a simulated endpoint, quick to retry
 /// (backoff 100-300 ms) and waiting at most 3 s for a token; a hand-driven core and Edge.
 struct WaitRig {
@@ -30,6 +49,9 @@ struct WaitRig {
     core: RawPeer,
     sidecar: Sidecar,
     edge: RawPeer,
+    /// The sidecar's Edge-side UDP address.
+    proxy: std::net::SocketAddr,
+    manager: byoc_sidecar::credentials::CredentialManager,
 }
 
 impl WaitRig {
@@ -48,12 +70,16 @@ impl WaitRig {
         );
         let sidecar = Sidecar::start_ready(&text).await;
         let edge = RawPeer::bind().await;
+        let proxy = sidecar.addr(Side::Edge, Transport::Udp);
+        let manager = sidecar.app.credentials["test"].clone();
         WaitRig {
             sim,
             _dir: dir,
             core,
             sidecar,
             edge,
+            proxy,
+            manager,
         }
     }
 }
@@ -66,9 +92,9 @@ async fn in_dialog_requests_wait_for_a_valid_token_then_go_without_one_past_the_
         core,
         sidecar,
         edge,
+        proxy,
+        manager,
     } = WaitRig::start("edge-w", Duration::from_secs(3)).await;
-    let manager = sidecar.app.credentials["test"].clone();
-    let proxy = sidecar.addr(Side::Edge, Transport::Udp);
 
     // A call is set up while the token is good.
     edge.send(&invite(edge.addr, proxy, "z9hG4bKwait", "wait@test"), proxy)
@@ -91,18 +117,7 @@ async fn in_dialog_requests_wait_for_a_valid_token_then_go_without_one_past_the_
 
     // The token endpoint goes down and the token expires.
     let before = manager.current().unwrap().generation;
-    sim.idp.set_fault(Some(Fault::Status {
-        code: 503,
-        retry_after: None,
-    }));
-    let expired = async {
-        while manager.current().is_some() {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    };
-    tokio::time::timeout(Duration::from_secs(10), expired)
-        .await
-        .expect("the token expires");
+    endpoint_down_until_expired(&sim, &manager).await;
 
     // A new call is refused at once: nothing expired goes to the core.
     edge.send(&invite(edge.addr, proxy, "z9hG4bKnew", "new@test"), proxy)
@@ -163,16 +178,10 @@ async fn a_waiting_reinvite_cancelled_by_the_edge_is_answered_487_and_never_sent
         core,
         sidecar,
         edge,
+        proxy,
+        manager,
     } = WaitRig::start("edge-c", Duration::from_secs(2)).await;
-    let manager = sidecar.app.credentials["test"].clone();
-    let proxy = sidecar.addr(Side::Edge, Transport::Udp);
-    sim.idp.set_fault(Some(Fault::Status {
-        code: 503,
-        retry_after: None,
-    }));
-    while manager.current().is_some() {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    endpoint_down_until_expired(&sim, &manager).await;
     // A re-INVITE of a dialog (a To tag), then its CANCEL while it waits.
     let reinvite = invite(edge.addr, proxy, "z9hG4bKre", "re@test").replace(
         &format!("To: <sip:service@{proxy}>"),

@@ -162,14 +162,10 @@ fn answer<B>(observed: &Arc<Observed>, request: &Request<B>) -> Response<Full<By
         );
     }
     match request.uri().path() {
-        "/metrics" => {
-            let mut response = plain(StatusCode::OK, observed.metrics_text());
-            response.headers_mut().insert(
-                hyper::header::CONTENT_TYPE,
-                hyper::header::HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
-            );
-            response
-        }
+        "/metrics" => typed(
+            plain(StatusCode::OK, observed.metrics_text()),
+            "text/plain; version=0.0.4; charset=utf-8",
+        ),
         "/healthz" => match observed.unhealthy() {
             None => plain(StatusCode::OK, "ok\n".into()),
             Some(reason) => plain(StatusCode::SERVICE_UNAVAILABLE, format!("{reason}\n")),
@@ -182,19 +178,24 @@ fn answer<B>(observed: &Arc<Observed>, request: &Request<B>) -> Response<Full<By
                 plain(StatusCode::SERVICE_UNAVAILABLE, reasons.join("\n") + "\n")
             }
         }
-        "/status" => {
-            let mut response = plain(StatusCode::OK, observed.status_json());
-            response.headers_mut().insert(
-                hyper::header::CONTENT_TYPE,
-                hyper::header::HeaderValue::from_static("application/json"),
-            );
-            response
-        }
+        "/status" => typed(
+            plain(StatusCode::OK, observed.status_json()),
+            "application/json",
+        ),
         _ => plain(
             StatusCode::NOT_FOUND,
             "not found: /metrics, /healthz, /readyz, /status\n".into(),
         ),
     }
+}
+
+/// `response` with its `Content-Type` set.
+fn typed(mut response: Response<Full<Bytes>>, content_type: &'static str) -> Response<Full<Bytes>> {
+    response.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static(content_type),
+    );
+    response
 }
 
 fn plain(status: StatusCode, body: String) -> Response<Full<Bytes>> {

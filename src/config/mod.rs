@@ -426,41 +426,43 @@ impl Config {
                 problems.add(key, format!("{value} is outside {low}..={high}"));
             }
         }
-        let mut timeout = |key: &str, text: &str, default: u64, low: Duration, high: Duration| {
-            let value = problems
-                .duration(key, text)
-                .unwrap_or(Duration::from_secs(default));
+        // Every bounded duration of [sip]: key, text, default, and range.
+        let secs = Duration::from_secs;
+        let [tcp_idle_timeout, tcp_connect_timeout, tcp_write_timeout, drain_timeout] = [
+            (
+                "sip.tcp_idle_timeout",
+                &sip.tcp_idle_timeout,
+                secs(300),
+                secs(1),
+                secs(24 * 3600),
+            ),
+            (
+                "sip.tcp_connect_timeout",
+                &sip.tcp_connect_timeout,
+                secs(5),
+                Duration::from_millis(100),
+                secs(60),
+            ),
+            (
+                "sip.tcp_write_timeout",
+                &sip.tcp_write_timeout,
+                secs(10),
+                Duration::from_millis(100),
+                secs(60),
+            ),
+            (
+                "sip.drain_timeout",
+                &sip.drain_timeout,
+                secs(30),
+                Duration::ZERO,
+                secs(3600),
+            ),
+        ]
+        .map(|(key, text, default, low, high)| {
+            let value = problems.duration(key, text).unwrap_or(default);
             problems.within(key, value, low, high);
             value
-        };
-        let tcp_idle_timeout = timeout(
-            "sip.tcp_idle_timeout",
-            &sip.tcp_idle_timeout,
-            300,
-            Duration::from_secs(1),
-            Duration::from_secs(24 * 3600),
-        );
-        let tcp_connect_timeout = timeout(
-            "sip.tcp_connect_timeout",
-            &sip.tcp_connect_timeout,
-            5,
-            Duration::from_millis(100),
-            Duration::from_secs(60),
-        );
-        let tcp_write_timeout = timeout(
-            "sip.tcp_write_timeout",
-            &sip.tcp_write_timeout,
-            10,
-            Duration::from_millis(100),
-            Duration::from_secs(60),
-        );
-        let drain_timeout = timeout(
-            "sip.drain_timeout",
-            &sip.drain_timeout,
-            30,
-            Duration::ZERO,
-            Duration::from_secs(3600),
-        );
+        });
         Limits {
             drain_timeout,
             max_message_size: sip.max_message_size,
