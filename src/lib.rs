@@ -7,6 +7,7 @@ pub mod admin;
 pub mod config;
 pub mod credentials;
 pub mod demo;
+pub mod dns;
 pub mod fatal;
 pub mod online;
 pub mod proxy;

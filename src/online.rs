@@ -87,7 +87,7 @@ pub async fn check(settings: &Settings) -> Vec<TrunkReport> {
                 None
             }
         };
-        findings.push(core(trunk, credential.as_ref()).await);
+        findings.push(core(settings, trunk, credential.as_ref()).await);
         reports.push(TrunkReport {
             trunk: trunk.name.clone(),
             organization: trunk
@@ -384,19 +384,38 @@ fn refresh(
     )
 }
 
-/// One OPTIONS to the trunk's core with the credential, and what came back.
-async fn core(trunk: &Trunk, credential: Option<&CredentialValue>) -> Finding {
-    let target = match tokio::net::lookup_host(trunk.core.host_port()).await {
-        Ok(mut addresses) => addresses.next(),
-        Err(_) => None,
+/// One OPTIONS to the trunk's core with the credential, and what came back. The core
+/// is resolved as the proxy resolves it (RFC 3263, `[dns]`); its first host is asked.
+async fn core(settings: &Settings, trunk: &Trunk, credential: Option<&CredentialValue>) -> Finding {
+    let supported: Vec<Transport> = settings
+        .core_side
+        .listen
+        .iter()
+        .map(|listen| listen.transport)
+        .collect();
+    let resolved = match crate::dns::resolve::Resolver::new(&settings.dns) {
+        Ok(resolver) => resolver
+            .resolve(&trunk.core, &supported)
+            .await
+            .map_err(|error| error.to_string()),
+        Err(error) => Err(error.to_string()),
     };
-    let Some(target) = target else {
-        return Finding::problem(
-            "core",
-            format!("{} does not resolve", trunk.core.host_port()),
-            "a wrong host name in core, or DNS",
-            "check core = in the trunk",
-        );
+    let first = resolved.map(|answer| {
+        let destinations = crate::dns::Destinations::new(trunk.core.clone());
+        destinations.set(answer.resolved);
+        destinations.first()
+    });
+    let target = match first {
+        Ok(Some(candidate)) => candidate,
+        Ok(None) | Err(_) => {
+            let reason = first.err().unwrap_or_else(|| "no address".into());
+            return Finding::problem(
+                "core",
+                format!("{} does not resolve: {reason}", trunk.core),
+                "a wrong host name in core, missing DNS records (SRV, NAPTR, A/AAAA), or an unreachable name server",
+                "check core = in the trunk and [dns] servers",
+            );
+        }
     };
     let authorization = match (trunk.auth, credential) {
         (AuthMode::Bearer, Some(CredentialValue::Token(token))) => Some(
@@ -404,25 +423,47 @@ async fn core(trunk: &Trunk, credential: Option<&CredentialValue>) -> Finding {
         ),
         _ => None,
     };
-    let answer = match trunk.core.transport {
-        Transport::Udp => options_udp(target, authorization.as_ref()).await,
-        Transport::Tcp => options_tcp(target, authorization.as_ref()).await,
+    let (transport, addr) = (target.transport, target.addr);
+    let answer = match transport {
+        Transport::Udp => options_udp(addr, authorization.as_ref()).await,
+        Transport::Tcp => options_stream(addr, None, authorization.as_ref()).await,
+        Transport::Tls => {
+            match crate::transport::tls::TlsClient::new(&trunk.tls, &trunk.core.host) {
+                Ok(client) => options_stream(addr, Some(client), authorization.as_ref()).await,
+                Err(error) => {
+                    return Finding::problem(
+                        "core",
+                        format!("cannot set up TLS toward {transport}:{addr}: {error}"),
+                        "a missing or unreadable CA, certificate or key file",
+                        "check [trunk.tls]",
+                    )
+                }
+            }
+        }
     };
-    let transport = trunk.core.transport;
     match answer {
         Ok(Some(status)) => core_answer(trunk.auth, status),
         Ok(None) => Finding::problem(
             "core",
             format!(
-                "no answer to OPTIONS from {transport}:{target} within {} s",
+                "no answer to OPTIONS from {transport}:{addr} within {} s",
                 CORE_WAIT.as_secs()
             ),
             "a wrong core address or port, a firewall, or a core that ignores unknown sources",
             "check core = and that the core allows this host's address",
         ),
+        Err(error) if crate::transport::tls::Failure::is_tls(&error) => Finding::problem(
+            "core",
+            format!(
+                "TLS to {transport}:{addr} failed: {}",
+                crate::transport::tls::Failure::of(&error)
+            ),
+            "the core's certificate and the trunk's [trunk.tls] do not fit",
+            "see the reason; check tls.ca_file, tls.server_name, the client certificate",
+        ),
         Err(error) => Finding::problem(
             "core",
-            format!("cannot send OPTIONS to {transport}:{target}: {error}"),
+            format!("cannot send OPTIONS to {transport}:{addr}: {error}"),
             "nothing listens there, or the network refuses",
             "check core = in the trunk",
         ),
@@ -514,20 +555,42 @@ async fn options_udp(
     }
 }
 
-/// The status line of the first final answer over TCP.
-async fn options_tcp(
+/// The status line of the first final answer over TCP, or TLS with `tls`.
+async fn options_stream(
     target: SocketAddr,
+    tls: Option<crate::transport::tls::TlsClient>,
     authorization: Option<&crate::credentials::Secret>,
 ) -> std::io::Result<Option<String>> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let connect = tokio::net::TcpStream::connect(target);
-    let mut stream = match tokio::time::timeout(CORE_WAIT, connect).await {
+    let stream = match tokio::time::timeout(CORE_WAIT, connect).await {
         Ok(stream) => stream?,
         Err(_) => return Ok(None),
     };
     let local = stream.local_addr()?;
+    match tls {
+        None => exchange(stream, local, target, "TCP", authorization).await,
+        Some(tls) => {
+            let handshake = tls.connector().connect(tls.server_name(), stream);
+            let stream = match tokio::time::timeout(CORE_WAIT, handshake).await {
+                Ok(stream) => stream?,
+                Err(_) => return Ok(None),
+            };
+            exchange(stream, local, target, "TLS", authorization).await
+        }
+    }
+}
+
+/// Writes the OPTIONS on a connected stream and reads up to its final answer.
+async fn exchange(
+    mut stream: impl tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    local: SocketAddr,
+    target: SocketAddr,
+    transport: &str,
+    authorization: Option<&crate::credentials::Secret>,
+) -> std::io::Result<Option<String>> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     stream
-        .write_all(options_text(local, target, "TCP", authorization).as_bytes())
+        .write_all(options_text(local, target, transport, authorization).as_bytes())
         .await?;
     let deadline = tokio::time::Instant::now() + CORE_WAIT;
     let mut received = Vec::new();

@@ -101,6 +101,23 @@ counters! {
     /// Requests toward the core sent without a credential because none was valid in time
     /// (in-dialog requests after `resend_wait`, ACKs at once).
     sent_without_credential,
+    /// TLS handshakes that failed because the peer's certificate was not issued by a
+    /// trusted CA.
+    tls_unknown_ca,
+    /// TLS handshakes that failed because the peer's certificate is for another name.
+    tls_name_mismatch,
+    /// TLS handshakes that failed because the peer's certificate expired (or is not
+    /// valid yet).
+    tls_expired_certificate,
+    /// TLS connections the peer refused because the sidecar presented no client
+    /// certificate, or one it does not accept.
+    tls_client_certificate_refused,
+    /// TLS handshakes that failed for any other reason (protocol, timeout, closed).
+    tls_other_failures,
+    /// Requests tried on another core host after one failed (RFC 3263 §4.3).
+    failovers,
+    /// Core hosts marked as failed (no answer, transport error, 503 without Retry-After).
+    core_host_failures,
     /// The longest time, in microseconds, a refused request waited for its re-send or
     /// for its refusal to be passed on (a maximum, not a counter).
     longest_resend_wait_micros,

@@ -77,7 +77,7 @@ impl Observed {
     fn encode_proxy(&self, encoder: &mut DescriptorEncoder) -> fmt::Result {
         let stats = self.stats.snapshot();
         let none = Labels::new;
-        let counters: [(&str, &str, u64); 14] = [
+        let counters: [(&str, &str, u64); 16] = [
             (
                 "byoc_sip_messages_received",
                 "SIP messages parsed and handed to the engine",
@@ -144,6 +144,16 @@ impl Observed {
                 stats.digest_challenges_answered,
             ),
             (
+                "byoc_failovers",
+                "Requests tried on another core host after one failed",
+                stats.failovers,
+            ),
+            (
+                "byoc_core_host_failures",
+                "Core hosts marked as failed (no answer, transport error, 503 without Retry-After)",
+                stats.core_host_failures,
+            ),
+            (
                 "byoc_drain_rejected",
                 "New dialogs refused with 503 while draining for shutdown",
                 stats.drain_rejected,
@@ -171,6 +181,23 @@ impl Observed {
             "Messages dropped, refused or not answerable, by reason",
             MetricType::Counter,
             dropped.map(|(reason, value)| (vec![("reason", reason.to_string())], value)),
+        )?;
+        let tls = [
+            ("unknown_ca", stats.tls_unknown_ca),
+            ("name_mismatch", stats.tls_name_mismatch),
+            ("expired_certificate", stats.tls_expired_certificate),
+            (
+                "client_certificate_refused",
+                stats.tls_client_certificate_refused,
+            ),
+            ("other", stats.tls_other_failures),
+        ];
+        family(
+            encoder,
+            "byoc_tls_handshake_failures",
+            "TLS handshakes that failed, by reason",
+            MetricType::Counter,
+            tls.map(|(reason, value)| (vec![("reason", reason.to_string())], value)),
         )?;
         let relaxed = std::sync::atomic::Ordering::Relaxed;
         let gauges = [

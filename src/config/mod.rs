@@ -10,13 +10,13 @@ mod parse;
 mod registration;
 
 pub use credentials::{CredentialSettings, CredentialsConfig, SourceSettings};
-pub use parse::{parse_duration, Endpoint, Listen, Transport};
+pub use parse::{parse_duration, Endpoint, Listen, Selection, Transport};
 pub use registration::{RegistrationConfig, RegistrationSettings};
 
 use std::collections::HashSet;
 use std::fmt;
 use std::net::IpAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use ipnet::IpNet;
@@ -76,8 +76,68 @@ pub struct Config {
     /// The admin HTTP listener (metrics, health, readiness, status); off when absent.
     #[serde(default)]
     pub admin: Option<AdminConfig>,
+    /// How host names of trunks are resolved (RFC 3263).
+    #[serde(default)]
+    pub dns: DnsConfig,
     #[serde(default)]
     pub trunk: Vec<TrunkConfig>,
+}
+
+/// `[dns]`: the resolver for the trunks' host names.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DnsConfig {
+    /// Name servers as `IP` or `IP:PORT`; empty: the system's (`/etc/resolv.conf`).
+    pub servers: Vec<String>,
+    /// How long one query may take.
+    pub timeout: String,
+    /// Answers are looked up again when their TTL runs out, but no sooner than this…
+    pub min_refresh: String,
+    /// …and no later than this.
+    pub max_refresh: String,
+    /// After a failed lookup (the last good answer stays in use), the next try.
+    pub retry: String,
+}
+
+impl Default for DnsConfig {
+    fn default() -> Self {
+        Self {
+            servers: Vec::new(),
+            timeout: "2s".into(),
+            min_refresh: "5s".into(),
+            max_refresh: "1h".into(),
+            retry: "5s".into(),
+        }
+    }
+}
+
+/// `[edge.tls]`, `[core_side.tls]`: the certificate a side's `tls:` listeners present.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerTlsConfig {
+    /// PEM file with the certificate chain, leaf first.
+    pub certificate_file: String,
+    /// PEM file with the private key (PKCS#8, PKCS#1 or SEC1).
+    pub key_file: String,
+}
+
+/// `[trunk.tls]`: how TLS connections to the trunk's peers are verified and whom the
+/// sidecar presents itself as.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrunkTlsConfig {
+    /// PEM bundle of the CAs trusted for the peer's certificate; default: the system's.
+    #[serde(default)]
+    pub ca_file: Option<String>,
+    /// PEM client certificate chain for mutual TLS, with `key_file`.
+    #[serde(default)]
+    pub certificate_file: Option<String>,
+    #[serde(default)]
+    pub key_file: Option<String>,
+    /// The name sent in SNI and checked in the peer's certificate; default: the host of
+    /// `core` (and of `edge`).
+    #[serde(default)]
+    pub server_name: Option<String>,
 }
 
 /// `[admin]`: where the admin HTTP listener binds.
@@ -105,6 +165,9 @@ pub struct SideConfig {
     /// Networks allowed to send to this side, besides the trunks' own addresses.
     #[serde(default)]
     pub allow: Vec<String>,
+    /// The certificate of this side's `tls:` listeners.
+    #[serde(default)]
+    pub tls: Option<ServerTlsConfig>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -131,6 +194,11 @@ pub struct SipConfig {
     /// On SIGTERM: how long calls and transactions in progress may go on (new dialogs
     /// get 503 meanwhile) before the proxy stops.
     pub drain_timeout: String,
+    /// A request to one of several core hosts that hears nothing back (not even 100
+    /// Trying) within this is tried on the next host (RFC 3263 §4.3).
+    pub failover_timeout: String,
+    /// A core host that failed is tried last for this long.
+    pub failed_host_hold: String,
 }
 
 impl Default for SipConfig {
@@ -148,6 +216,8 @@ impl Default for SipConfig {
             tcp_connect_timeout: "5s".into(),
             tcp_write_timeout: "10s".into(),
             drain_timeout: "30s".into(),
+            failover_timeout: "3s".into(),
+            failed_host_hold: "30s".into(),
         }
     }
 }
@@ -178,8 +248,15 @@ pub struct TrunkConfig {
     pub matcher: MatchConfig,
     /// Where requests from the core for this trunk go: `udp:HOST:PORT` or `tcp:HOST:PORT`.
     pub edge: String,
-    /// Where this trunk's requests from the Edge go.
+    /// Where this trunk's requests from the Edge go: `udp:|tcp:|tls:HOST[:PORT]` or
+    /// `sip:|sips:HOST` (RFC 3263: NAPTR, SRV, A/AAAA).
     pub core: String,
+    /// Networks the core sends from besides the addresses `core` resolves to.
+    #[serde(default)]
+    pub core_sources: Vec<String>,
+    /// TLS toward this trunk's peers.
+    #[serde(default)]
+    pub tls: Option<TrunkTlsConfig>,
     /// How the trunk authenticates toward the core: `none` (the default: requests pass
     /// as the Edge sent them), `bearer` (RFC 8898, from the trunk's token) or `digest`
     /// (RFC 7616/8760, answering the core's challenges with the trunk's username and
@@ -235,7 +312,36 @@ pub struct Settings {
     pub log: LogConfig,
     /// The admin listener's address, if it is on.
     pub admin: Option<std::net::SocketAddr>,
+    pub dns: DnsSettings,
     pub trunks: Vec<Trunk>,
+}
+
+#[derive(Debug, Clone)]
+pub struct DnsSettings {
+    /// Empty: the system's name servers.
+    pub servers: Vec<std::net::SocketAddr>,
+    pub timeout: Duration,
+    pub min_refresh: Duration,
+    pub max_refresh: Duration,
+    pub retry: Duration,
+}
+
+/// Certificate and key files of a TLS listener.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerTls {
+    pub certificate: PathBuf,
+    pub key: PathBuf,
+}
+
+/// How a trunk's TLS connections are made.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ClientTls {
+    /// Trusted CAs; `None`: the system's.
+    pub ca: Option<PathBuf>,
+    /// Client certificate chain and key, for mutual TLS.
+    pub identity: Option<(PathBuf, PathBuf)>,
+    /// Overrides the name checked in the peer's certificate.
+    pub server_name: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -243,6 +349,7 @@ pub struct Side {
     pub listen: Vec<Listen>,
     pub advertise: Option<String>,
     pub allow: Vec<IpNet>,
+    pub tls: Option<ServerTls>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -255,6 +362,8 @@ pub struct Limits {
     pub tcp_connect_timeout: Duration,
     pub tcp_write_timeout: Duration,
     pub drain_timeout: Duration,
+    pub failover_timeout: Duration,
+    pub failed_host_hold: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -265,6 +374,9 @@ pub struct Trunk {
     pub port: Option<u16>,
     pub edge: Endpoint,
     pub core: Endpoint,
+    /// Networks the core sends from besides what `core` resolves to.
+    pub core_sources: Vec<IpNet>,
+    pub tls: ClientTls,
     pub auth: AuthMode,
     /// With `digest`, the only realm answered.
     pub digest_realm: Option<String>,
@@ -331,6 +443,7 @@ impl Config {
             );
         }
         let trunks = self.validate_trunks(&edge, &core_side, &mut problems);
+        let dns = self.validate_dns(&mut problems);
         let admin = self.admin.as_ref().and_then(|admin| {
             let text = admin.listen.as_deref().unwrap_or(DEFAULT_ADMIN_LISTEN);
             text.parse::<std::net::SocketAddr>()
@@ -345,6 +458,7 @@ impl Config {
                 limits,
                 log: self.log.clone(),
                 admin,
+                dns,
                 trunks,
             })
         } else {
@@ -407,6 +521,77 @@ impl Config {
         }
     }
 
+    fn validate_dns(&self, problems: &mut Problems) -> DnsSettings {
+        let dns = &self.dns;
+        let servers = dns
+            .servers
+            .iter()
+            .filter_map(|text| {
+                let text = text.trim();
+                text.parse::<std::net::SocketAddr>()
+                    .ok()
+                    .or_else(|| {
+                        text.parse::<IpAddr>()
+                            .ok()
+                            .map(|ip| std::net::SocketAddr::new(ip, 53))
+                    })
+                    .or_else(|| {
+                        problems.add("dns.servers", format!("{text:?} is not IP or IP:PORT"));
+                        None
+                    })
+            })
+            .collect();
+        let secs = Duration::from_secs;
+        let [timeout, min_refresh, max_refresh, retry] = [
+            (
+                "dns.timeout",
+                &dns.timeout,
+                secs(2),
+                Duration::from_millis(100),
+                secs(30),
+            ),
+            (
+                "dns.min_refresh",
+                &dns.min_refresh,
+                secs(5),
+                Duration::from_millis(100),
+                secs(3600),
+            ),
+            (
+                "dns.max_refresh",
+                &dns.max_refresh,
+                secs(3600),
+                secs(1),
+                secs(24 * 3600),
+            ),
+            (
+                "dns.retry",
+                &dns.retry,
+                secs(5),
+                Duration::from_millis(100),
+                secs(3600),
+            ),
+        ]
+        .map(|(key, text, default, low, high)| {
+            let value = problems.duration(key, text).unwrap_or(default);
+            problems.within(key, value, low, high);
+            value
+        });
+        if max_refresh < min_refresh {
+            problems.add(
+                "dns.max_refresh",
+                format!("{max_refresh:?} is less than dns.min_refresh ({min_refresh:?})"),
+            );
+        }
+        DnsSettings {
+            servers,
+            timeout,
+            min_refresh,
+            max_refresh,
+            retry,
+        }
+    }
+
     fn validate_limits(&self, problems: &mut Problems) -> Limits {
         let sip = &self.sip;
         // Upper bounds keep tables, queues and deadlines far from what would exhaust
@@ -428,43 +613,60 @@ impl Config {
         }
         // Every bounded duration of [sip]: key, text, default, and range.
         let secs = Duration::from_secs;
-        let [tcp_idle_timeout, tcp_connect_timeout, tcp_write_timeout, drain_timeout] = [
-            (
-                "sip.tcp_idle_timeout",
-                &sip.tcp_idle_timeout,
-                secs(300),
-                secs(1),
-                secs(24 * 3600),
-            ),
-            (
-                "sip.tcp_connect_timeout",
-                &sip.tcp_connect_timeout,
-                secs(5),
-                Duration::from_millis(100),
-                secs(60),
-            ),
-            (
-                "sip.tcp_write_timeout",
-                &sip.tcp_write_timeout,
-                secs(10),
-                Duration::from_millis(100),
-                secs(60),
-            ),
-            (
-                "sip.drain_timeout",
-                &sip.drain_timeout,
-                secs(30),
-                Duration::ZERO,
-                secs(3600),
-            ),
-        ]
-        .map(|(key, text, default, low, high)| {
-            let value = problems.duration(key, text).unwrap_or(default);
-            problems.within(key, value, low, high);
-            value
-        });
+        let [tcp_idle_timeout, tcp_connect_timeout, tcp_write_timeout, drain_timeout, failover_timeout, failed_host_hold] =
+            [
+                (
+                    "sip.tcp_idle_timeout",
+                    &sip.tcp_idle_timeout,
+                    secs(300),
+                    secs(1),
+                    secs(24 * 3600),
+                ),
+                (
+                    "sip.tcp_connect_timeout",
+                    &sip.tcp_connect_timeout,
+                    secs(5),
+                    Duration::from_millis(100),
+                    secs(60),
+                ),
+                (
+                    "sip.tcp_write_timeout",
+                    &sip.tcp_write_timeout,
+                    secs(10),
+                    Duration::from_millis(100),
+                    secs(60),
+                ),
+                (
+                    "sip.drain_timeout",
+                    &sip.drain_timeout,
+                    secs(30),
+                    Duration::ZERO,
+                    secs(3600),
+                ),
+                (
+                    "sip.failover_timeout",
+                    &sip.failover_timeout,
+                    secs(3),
+                    Duration::from_millis(100),
+                    secs(60),
+                ),
+                (
+                    "sip.failed_host_hold",
+                    &sip.failed_host_hold,
+                    secs(30),
+                    Duration::ZERO,
+                    secs(3600),
+                ),
+            ]
+            .map(|(key, text, default, low, high)| {
+                let value = problems.duration(key, text).unwrap_or(default);
+                problems.within(key, value, low, high);
+                value
+            });
         Limits {
             drain_timeout,
+            failover_timeout,
+            failed_host_hold,
             max_message_size: sip.max_message_size,
             max_transactions: sip.max_transactions,
             queue_capacity: sip.queue_capacity,
@@ -508,21 +710,44 @@ impl Config {
                 ("edge", &edge_endpoint, edge, "edge"),
                 ("core", &core_endpoint, core_side, "core_side"),
             ] {
-                if let Some(endpoint) = endpoint {
+                // NAPTR picks among the transports listened on; sips: needs TLS.
+                let needed = match endpoint.as_ref().map(|endpoint| endpoint.selection) {
+                    Some(Selection::Fixed(transport)) => Some(transport),
+                    Some(Selection::Naptr { secure: true }) => Some(Transport::Tls),
+                    _ => None,
+                };
+                if let Some(transport) = needed {
                     if !side
                         .listen
                         .iter()
-                        .any(|listen| listen.transport == endpoint.transport)
+                        .any(|listen| listen.transport == transport)
                     {
                         problems.add(
                             &format!("{label}.{key}"),
                             format!(
-                                "uses {} but {side_name}.listen has no {} listener",
-                                endpoint.transport, endpoint.transport
+                                "uses {transport} but {side_name}.listen has no {transport} listener"
                             ),
                         );
                     }
                 }
+            }
+            let core_sources: Vec<IpNet> = raw
+                .core_sources
+                .iter()
+                .filter_map(|text| problems.network(&format!("{label}.core_sources"), text))
+                .collect();
+            let tls = validate_client_tls(&label, raw.tls.as_ref(), problems);
+            let uses_tls = [&edge_endpoint, &core_endpoint].iter().any(|endpoint| {
+                endpoint.as_ref().is_some_and(|endpoint| {
+                    endpoint.transport() == Transport::Tls
+                        || endpoint.selection == (Selection::Naptr { secure: false })
+                })
+            });
+            if raw.tls.is_some() && !uses_tls {
+                problems.add(
+                    &format!("{label}.tls"),
+                    "is set but neither edge nor core is reached over TLS (tls:, sips:, or sip: with NAPTR)".into(),
+                );
             }
             let credentials = raw
                 .credentials
@@ -577,6 +802,8 @@ impl Config {
                 .and_then(|registration| registration.validate(&label, problems));
             if let (Some(edge), Some(core)) = (edge_endpoint, core_endpoint) {
                 trunks.push(Trunk {
+                    core_sources,
+                    tls,
                     auth,
                     digest_realm: raw.digest_realm.clone(),
                     registration,
@@ -650,10 +877,88 @@ fn validate_side(name: &str, raw: &SideConfig, problems: &mut Problems) -> Side 
         .iter()
         .filter_map(|text| problems.network(&format!("{name}.allow"), text))
         .collect();
+    let has_tls_listener = listen
+        .iter()
+        .any(|listen| listen.transport == Transport::Tls);
+    let tls = match (&raw.tls, has_tls_listener) {
+        (Some(tls), _) => {
+            let certificate = problems.file(
+                &format!("{name}.tls.certificate_file"),
+                &tls.certificate_file,
+            );
+            let key = problems.file(&format!("{name}.tls.key_file"), &tls.key_file);
+            if !has_tls_listener {
+                problems.add(
+                    &format!("{name}.tls"),
+                    format!("is set but {name}.listen has no tls: listener"),
+                );
+            }
+            certificate
+                .zip(key)
+                .map(|(certificate, key)| ServerTls { certificate, key })
+        }
+        (None, true) => {
+            problems.add(
+                &format!("{name}.tls"),
+                format!("a tls: listener needs [{name}.tls] with certificate_file and key_file"),
+            );
+            None
+        }
+        (None, false) => None,
+    };
     Side {
         listen,
         advertise,
         allow,
+        tls,
+    }
+}
+
+fn validate_client_tls(
+    label: &str,
+    raw: Option<&TrunkTlsConfig>,
+    problems: &mut Problems,
+) -> ClientTls {
+    let Some(raw) = raw else {
+        return ClientTls::default();
+    };
+    let ca = raw
+        .ca_file
+        .as_deref()
+        .and_then(|path| problems.file(&format!("{label}.tls.ca_file"), path));
+    let identity = match (&raw.certificate_file, &raw.key_file) {
+        (Some(certificate), Some(key)) => problems
+            .file(&format!("{label}.tls.certificate_file"), certificate)
+            .zip(problems.file(&format!("{label}.tls.key_file"), key)),
+        (None, None) => None,
+        (Some(_), None) => {
+            problems.add(
+                &format!("{label}.tls.key_file"),
+                "is needed with certificate_file".into(),
+            );
+            None
+        }
+        (None, Some(_)) => {
+            problems.add(
+                &format!("{label}.tls.certificate_file"),
+                "is needed with key_file".into(),
+            );
+            None
+        }
+    };
+    let server_name = raw.server_name.as_ref().map(|name| name.trim().to_string());
+    if let Some(name) = &server_name {
+        if rustls::pki_types::ServerName::try_from(name.as_str()).is_err() {
+            problems.add(
+                &format!("{label}.tls.server_name"),
+                format!("{name:?} is not a DNS name or IP address"),
+            );
+        }
+    }
+    ClientTls {
+        ca,
+        identity,
+        server_name,
     }
 }
 
@@ -679,6 +984,18 @@ impl Problems {
         parse_duration(text)
             .map_err(|message| self.add(key, message))
             .ok()
+    }
+
+    /// A file that must exist and be readable (its content is checked where it is used).
+    fn file(&mut self, key: &str, text: &str) -> Option<PathBuf> {
+        let path = PathBuf::from(text.trim());
+        match std::fs::File::open(&path) {
+            Ok(_) => Some(path),
+            Err(error) => {
+                self.add(key, format!("cannot read {}: {error}", path.display()));
+                None
+            }
+        }
     }
 
     fn endpoint(&mut self, key: &str, text: &str) -> Option<Endpoint> {

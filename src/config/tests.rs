@@ -77,7 +77,10 @@ fn every_problem_is_reported_at_once_naming_key_and_trunk() {
             "t1 = \"100ms\"",
             "t1 = \"100\"\nt2 = \"forever\"\nmax_message_size = 10",
         )
-        .replace("edge = \"udp:127.0.0.2:5080\"", "edge = \"udp:127.0.0.2\"")
+        .replace(
+            "edge = \"udp:127.0.0.2:5080\"",
+            "edge = \"udp:127.0.0.2:port\"",
+        )
         .replace(
             "core = \"udp:core.example:5090\"",
             "core = \"tcp:core.example:5090\"",

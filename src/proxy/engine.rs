@@ -27,6 +27,7 @@ use crate::sip::transaction::{
 };
 use crate::stats::Stats;
 use crate::transport::tcp::TcpContext;
+use crate::transport::tls::TlsClient;
 use crate::transport::{ConnectionId, Inbound, Side, TransportEvent};
 
 /// The prefix of every branch this proxy creates: the RFC 3261 cookie and a marker that
@@ -111,14 +112,16 @@ impl Default for Branches {
     }
 }
 
-/// Where to send: a side, a transport and an address, and for UDP the local socket to
-/// send from (the one the request arrived on, for responses).
+/// Where to send: a side, a transport and an address, for UDP the local socket to send
+/// from (the one the request arrived on, for responses), and for TLS the trunk whose
+/// peer it is (whose name and CAs a new connection checks).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Destination {
     pub side: Side,
     pub transport: Transport,
     pub addr: SocketAddr,
     pub local: Option<SocketAddr>,
+    pub trunk: Option<usize>,
 }
 
 /// The sockets of one side and what it advertises.
@@ -129,8 +132,11 @@ pub struct SideIo {
     pub udp: Vec<Arc<UdpSocket>>,
     pub udp_locals: Vec<SocketAddr>,
     pub tcp_port: Option<u16>,
+    pub tls_port: Option<u16>,
     pub tcp: TcpContext,
-    pub connections: HashMap<SocketAddr, (ConnectionId, mpsc::Sender<Bytes>)>,
+    /// How TLS connections to each trunk's peer on this side are made, by trunk index.
+    pub tls_clients: Vec<Option<Arc<TlsClient>>>,
+    pub connections: HashMap<(Transport, SocketAddr), (ConnectionId, mpsc::Sender<Bytes>)>,
 }
 
 impl SideIo {
@@ -139,10 +145,18 @@ impl SideIo {
         match transport {
             Transport::Udp => self.udp_locals.first().map(SocketAddr::port),
             Transport::Tcp => self.tcp_port,
+            Transport::Tls => self.tls_port,
         }
     }
 
-    /// `sip:host:port;lr` (with `transport=tcp` for TCP) for Record-Route, with the
+    /// Whether a live connection to `addr` over `transport` exists.
+    fn connected(&self, transport: Transport, addr: SocketAddr) -> bool {
+        self.connections
+            .get(&(transport, addr))
+            .is_some_and(|(_, sender)| !sender.is_closed())
+    }
+
+    /// `sip:host:port;lr` (with `transport=tcp` or `transport=tls`) for Record-Route, with the
     /// trunk's index in a [`TRUNK_PARAM`] parameter when the trunk is known, so that
     /// in-dialog requests, which come back with this URI in their Route, find it again.
     pub fn record_route_uri(&self, transport: Transport, trunk: Option<usize>) -> Option<String> {
@@ -150,6 +164,7 @@ impl SideIo {
         let mut uri = match transport {
             Transport::Udp => format!("sip:{}:{port};lr", self.advertise),
             Transport::Tcp => format!("sip:{}:{port};transport=tcp;lr", self.advertise),
+            Transport::Tls => format!("sip:{}:{port};transport=tls;lr", self.advertise),
         };
         if let Some(trunk) = trunk {
             uri.push_str(&format!(";{TRUNK_PARAM}={trunk}"));
@@ -215,8 +230,22 @@ pub(super) struct ClientEntry {
     pub carried: Option<Carried>,
     /// For a request the sidecar originated: where its final response goes.
     pub local: Option<tokio::sync::oneshot::Sender<Response>>,
+    /// While the request may still move to another core host (RFC 3263 §4.3).
+    pub failover: Option<Box<Failover>>,
     pub span: tracing::Span,
     scheduled: Option<StdInstant>,
+}
+
+/// What a request to one of its trunk's core hosts keeps to be tried on the next one.
+pub(super) struct Failover {
+    pub trunk: usize,
+    /// Hosts tried so far, the current one last.
+    pub tried: Vec<SocketAddr>,
+    /// The request as forwarded (our Via on top); the next try gets a new branch.
+    pub request: Request,
+    /// The transaction's budget (64·T1 from the first try): no try starts after it,
+    /// and none runs past it.
+    pub budget_end: StdInstant,
 }
 
 /// Which trunk credential a client transaction's request carries, and since when.
@@ -278,6 +307,8 @@ pub struct Engine {
     pub(super) calls: super::calls::Calls,
     /// Set when shutdown begins: new dialogs are refused with 503 and `Retry-After`.
     pub(super) draining: Arc<std::sync::atomic::AtomicBool>,
+    /// Core hosts that failed recently: tried last.
+    pub(super) health: crate::dns::HostHealth,
     beats: u64,
 }
 
@@ -332,6 +363,7 @@ impl Engine {
                 std::time::Duration::from_secs(12 * 3600),
             ),
             draining: Arc::default(),
+            health: crate::dns::HostHealth::default(),
             beats: 0,
         }
     }
@@ -384,6 +416,7 @@ impl Engine {
         // Calls whose BYE never came are forgotten after 12 h; looked at once a minute.
         if self.beats % 60 == 0 {
             self.calls.expire(now());
+            self.health.expire(now());
         }
         let pending = self
             .entries
@@ -424,29 +457,31 @@ impl Engine {
             } => self.originate(trunk, *request, reply),
             TransportEvent::ConnectionOpened {
                 side,
+                transport,
                 peer,
                 id,
                 sender,
             } => {
-                self.side_mut(side).connections.insert(peer, (id, sender));
+                self.side_mut(side)
+                    .connections
+                    .insert((transport, peer), (id, sender));
             }
             TransportEvent::ConnectionClosed {
                 side,
+                transport,
                 peer,
                 id,
                 connect_failed,
             } => {
                 let table = &mut self.side_mut(side).connections;
-                if table.get(&peer).is_some_and(|(current, _)| *current == id) {
-                    table.remove(&peer);
+                if table
+                    .get(&(transport, peer))
+                    .is_some_and(|(current, _)| *current == id)
+                {
+                    table.remove(&(transport, peer));
                 }
                 if connect_failed {
-                    self.fail_transactions_to(Destination {
-                        side,
-                        transport: Transport::Tcp,
-                        addr: peer,
-                        local: None,
-                    });
+                    self.fail_transactions_to(side, transport, peer);
                 }
             }
         }
@@ -522,14 +557,28 @@ impl Engine {
                     tracing::debug!(to = %destination.addr, error = %error, "udp send failed");
                 }
             }
-            Transport::Tcp => {
+            Transport::Tcp | Transport::Tls => {
                 let io = self.side_mut(destination.side);
-                let sender = match io.connections.get(&destination.addr) {
+                let key = (destination.transport, destination.addr);
+                let sender = match io.connections.get(&key) {
                     Some((_, sender)) if !sender.is_closed() => sender.clone(),
                     _ => {
-                        let (id, sender) = io.tcp.connect(destination.addr);
-                        io.connections
-                            .insert(destination.addr, (id, sender.clone()));
+                        let tls = match destination.transport {
+                            Transport::Tls => {
+                                let client = destination
+                                    .trunk
+                                    .and_then(|trunk| io.tls_clients.get(trunk).cloned().flatten());
+                                let Some(client) = client else {
+                                    Stats::bump(&self.stats.send_failed);
+                                    tracing::warn!(side = %destination.side, to = %destination.addr, "no TLS connection and no trunk to open one for; not sent");
+                                    return;
+                                };
+                                Some(client)
+                            }
+                            _ => None,
+                        };
+                        let (id, sender) = io.tcp.connect(destination.addr, tls);
+                        io.connections.insert(key, (id, sender.clone()));
                         sender
                     }
                 };
@@ -618,6 +667,7 @@ impl Engine {
                 resend,
                 carried,
                 local: None,
+                failover: None,
                 span,
                 scheduled: None,
             }),
@@ -678,12 +728,10 @@ impl Engine {
             match event {
                 ServerEvent::Transmit(bytes) => {
                     let (mut destination, reconnect) = (server.reply_to, server.reconnect);
-                    if destination.transport == Transport::Tcp {
+                    if destination.transport.is_reliable() {
                         let connected = self
                             .side(destination.side)
-                            .connections
-                            .get(&destination.addr)
-                            .is_some_and(|(_, sender)| !sender.is_closed());
+                            .connected(destination.transport, destination.addr);
                         if let (false, Some(reconnect)) = (connected, reconnect) {
                             destination.addr = reconnect;
                         }
@@ -722,6 +770,12 @@ impl Engine {
                 }
                 ClientEvent::Response(response) => self.relay_response(id, *response),
                 ClientEvent::Timeout => {
+                    if self.fail_over(id, "no answer") {
+                        continue;
+                    }
+                    let Some(Entry::Client(client)) = self.entries.get(&id) else {
+                        return;
+                    };
                     Stats::bump(&self.stats.client_timeouts);
                     tracing::info!(to = %client.destination.addr, method = %client.transaction.request().method, "no final response before the transaction timeout");
                     // After a CANCEL the request was terminated on purpose (§16.10);
@@ -756,9 +810,22 @@ impl Engine {
     /// A response from the client transaction's peer, for the server side.
     fn relay_response(&mut self, client: u64, mut response: Response) {
         let code = response.status_code.code();
+        // RFC 3263 §4.3: a 503 without Retry-After says this host cannot serve now.
+        if code == 503
+            && message::header_values(&response.headers, "Retry-After")
+                .next()
+                .is_none()
+            && self.fail_over(client, "503 without Retry-After")
+        {
+            return;
+        }
         let Some(Entry::Client(entry)) = self.entries.get_mut(&client) else {
             return;
         };
+        if code > 100 {
+            // The host answered for itself: this request stays there.
+            entry.failover = None;
+        }
         let server = entry.server;
         if code < 200 && entry.cancel_pending {
             entry.cancel_pending = false;
@@ -883,17 +950,14 @@ impl Engine {
             tracing::debug!(to = %addr, %side, "not forwarding a response outside the allow list");
             return;
         }
-        let transport = if via.transport == "TCP" {
-            Transport::Tcp
-        } else {
-            Transport::Udp
-        };
+        let transport = Transport::from_via_token(&via.transport);
         Stats::bump(&self.stats.responses_forwarded);
         let destination = Destination {
             side,
             transport,
             addr,
             local: None,
+            trunk: None,
         };
         self.send(destination, message::encode(&response.into()));
     }
@@ -909,6 +973,7 @@ impl Engine {
         };
         if let Some(&id) = self.client_index.get(&key) {
             if let Some(Entry::Client(client)) = self.entries.get_mut(&id) {
+                self.health.answered(client.destination.addr);
                 client.transaction.handle_response(now(), response);
                 self.pump_client(id);
             }
@@ -953,17 +1018,18 @@ impl Engine {
         self.start_client(cancel, &branch, destination, None, None);
     }
 
-    /// Ends every client transaction toward `destination` (its connection failed) and
-    /// answers their requests 503 (RFC 3261 §16.7 step 7... §8.1.3.1 transport error).
-    fn fail_transactions_to(&mut self, destination: Destination) {
+    /// Ends every client transaction toward `addr` over `transport` on `side` (its
+    /// connection failed): each is tried on another core host if it can be (RFC 3263
+    /// §4.3), else its request is answered 503 (RFC 3261 §8.1.3.1 transport error).
+    fn fail_transactions_to(&mut self, side: Side, transport: Transport, addr: SocketAddr) {
         let failed: Vec<(u64, Option<u64>)> = self
             .entries
             .iter()
             .filter_map(|(id, entry)| match entry {
                 Entry::Client(client)
-                    if client.destination.side == destination.side
-                        && client.destination.transport == destination.transport
-                        && client.destination.addr == destination.addr =>
+                    if client.destination.side == side
+                        && client.destination.transport == transport
+                        && client.destination.addr == addr =>
                 {
                     Some((*id, client.server))
                 }
@@ -971,8 +1037,10 @@ impl Engine {
             })
             .collect();
         for (id, server) in failed {
-            if let Some(server) = server {
-                self.respond_if_pending(server, 503);
+            if !self.fail_over(id, "transport error") {
+                if let Some(server) = server {
+                    self.respond_if_pending(server, 503);
+                }
             }
             if let Some(Entry::Client(client)) = self.entries.get_mut(&id) {
                 client.transaction.abort();
@@ -1008,7 +1076,7 @@ impl Engine {
     }
 
     /// Puts the entry's next deadline on the heap unless it is there already.
-    fn schedule(&mut self, id: u64) {
+    pub(super) fn schedule(&mut self, id: u64) {
         let (deadline, scheduled) = match self.entries.get_mut(&id) {
             Some(Entry::Server(server)) => {
                 (server.transaction.poll_timeout(), &mut server.scheduled)

@@ -1,9 +1,11 @@
-//! The proxy as a whole: [`App::start`] resolves the trunks, binds every listener, and
-//! spawns the receive tasks and the engine under one cancellation token and task tracker;
-//! [`App::shutdown`] cancels them and waits, within a deadline.
+//! The proxy as a whole: [`App::start`] resolves the trunks' peers (and keeps them
+//! resolved), binds every listener, and spawns the receive tasks and the engine under
+//! one cancellation token and task tracker; [`App::shutdown`] cancels them and waits,
+//! within a deadline.
 
 mod calls;
 mod engine;
+mod failover;
 mod request;
 mod resend;
 pub mod routing;
@@ -16,19 +18,20 @@ use std::sync::atomic::{AtomicU64, AtomicUsize};
 use std::sync::Arc;
 use std::time::Duration;
 
-use ipnet::IpNet;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::config::{Listen, Settings, Side as SideSettings, Transport};
+use crate::config::{Listen, Selection, Settings, Side as SideSettings, Transport};
+use crate::dns::resolve::{self as dns_resolve, Resolver};
+use crate::dns::Destinations;
 use crate::registration::{RegistrationStatus, TrunkRegistration};
-use crate::sip::via::strip_brackets;
 use crate::stats::Stats;
 use crate::transport::tcp::{self, TcpContext};
+use crate::transport::tls::{TlsClient, TlsError, TlsServer};
 use crate::transport::{udp, AllowList, ReceiveContext, Side};
 use engine::SideIo;
-use routing::{resolve_endpoint, RoutedTrunk, Router};
+use routing::{RoutedTrunk, Router};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -36,11 +39,19 @@ pub enum StartError {
     Udp(#[from] udp::UdpError),
     #[error(transparent)]
     Tcp(#[from] tcp::TcpError),
-    #[error("trunk {trunk:?}: cannot resolve {host:?}: {reason}")]
-    Resolve {
+    #[error(transparent)]
+    Dns(#[from] crate::dns::resolve::ResolveError),
+    #[error("{side} tls listener: {source}")]
+    ListenerTls {
+        side: Side,
+        #[source]
+        source: TlsError,
+    },
+    #[error("trunk {trunk:?}: tls: {source}")]
+    TrunkTls {
         trunk: String,
-        host: String,
-        reason: String,
+        #[source]
+        source: TlsError,
     },
     #[error(transparent)]
     Admin(#[from] crate::admin::AdminError),
@@ -68,6 +79,10 @@ pub struct App {
     pub admin: Option<SocketAddr>,
     /// Set by [`App::drain`]: the engine refuses new dialogs.
     draining: Arc<std::sync::atomic::AtomicBool>,
+    /// The certificate of each side's TLS listeners, for SIGHUP.
+    tls_servers: Vec<(Side, Arc<TlsServer>)>,
+    /// Every trunk's peers as resolved now: (trunk, side, peer).
+    pub peers: Vec<(String, Side, Arc<Destinations>)>,
     cancel: CancellationToken,
     tracker: TaskTracker,
     /// Registrations stop first (they unregister through the running engine).
@@ -80,7 +95,6 @@ impl App {
         let cancel = parent.child_token();
         let tracker = TaskTracker::new();
         let stats = Arc::new(Stats::default());
-        let names = resolve_names(&settings).await?;
         let mut credentials = HashMap::new();
         for trunk in &settings.trunks {
             if let Some(credential_settings) = &trunk.credentials {
@@ -97,34 +111,77 @@ impl App {
                 credentials.insert(trunk.name.clone(), manager);
             }
         }
-        let trunks: Vec<RoutedTrunk> = settings
-            .trunks
+        let resolver = Arc::new(Resolver::new(&settings.dns)?);
+        let transports = |side: &SideSettings| -> Vec<Transport> {
+            side.listen.iter().map(|listen| listen.transport).collect()
+        };
+        let (edge_transports, core_transports) =
+            (transports(&settings.edge), transports(&settings.core_side));
+        let mut trunks = Vec::new();
+        let mut edge_tls = Vec::new();
+        let mut core_tls = Vec::new();
+        for (index, trunk) in settings.trunks.iter().enumerate() {
+            let edge = Arc::new(Destinations::new(trunk.edge.clone()));
+            let core = Arc::new(Destinations::new(trunk.core.clone()));
+            let tls_for = |endpoint: &crate::config::Endpoint| {
+                let may_use_tls = endpoint.transport() == Transport::Tls
+                    || endpoint.selection == (Selection::Naptr { secure: false });
+                may_use_tls
+                    .then(|| TlsClient::new(&trunk.tls, &endpoint.host).map(Arc::new))
+                    .transpose()
+                    .map_err(|source| StartError::TrunkTls {
+                        trunk: trunk.name.clone(),
+                        source,
+                    })
+            };
+            edge_tls.push(tls_for(&trunk.edge)?);
+            core_tls.push(tls_for(&trunk.core)?);
+            trunks.push(RoutedTrunk {
+                index,
+                name: trunk.name.as_str().into(),
+                auth: trunk.auth,
+                digest_realm: trunk.digest_realm.clone(),
+                credentials: credentials.get(&trunk.name).cloned(),
+                sources: trunk.sources.clone(),
+                domain: trunk.domain.clone(),
+                port: trunk.port,
+                edge,
+                core,
+                core_sources: trunk.core_sources.clone(),
+            });
+        }
+        let peers: Vec<(String, Side, Arc<Destinations>)> = trunks
             .iter()
-            .enumerate()
-            .filter_map(|(index, trunk)| {
-                Some(RoutedTrunk {
-                    index,
-                    name: trunk.name.as_str().into(),
-                    auth: trunk.auth,
-                    digest_realm: trunk.digest_realm.clone(),
-                    credentials: credentials.get(&trunk.name).cloned(),
-                    sources: trunk.sources.clone(),
-                    domain: trunk.domain.clone(),
-                    port: trunk.port,
-                    edge: resolve_endpoint(&trunk.edge, &names)?,
-                    core: resolve_endpoint(&trunk.core, &names)?,
-                })
+            .flat_map(|trunk| {
+                [
+                    (trunk.name.to_string(), Side::Edge, trunk.edge.clone()),
+                    (trunk.name.to_string(), Side::Core, trunk.core.clone()),
+                ]
             })
             .collect();
+        resolve_peers(
+            &resolver,
+            &peers,
+            (&edge_transports, &core_transports),
+            &cancel,
+            &tracker,
+        )
+        .await;
         let mut edge_allow = settings.edge.allow.clone();
         let mut core_allow = settings.core_side.allow.clone();
         for trunk in &trunks {
-            edge_allow.push(IpNet::from(trunk.edge.addr.ip()));
             edge_allow.extend(trunk.sources.iter().copied());
-            core_allow.push(IpNet::from(trunk.core.addr.ip()));
+            core_allow.extend(trunk.core_sources.iter().copied());
         }
-        let edge_allow = Arc::new(AllowList::new(edge_allow));
-        let core_allow = Arc::new(AllowList::new(core_allow));
+        let peers_of = |side: Side| -> Vec<Arc<Destinations>> {
+            peers
+                .iter()
+                .filter(|(_, peer_side, _)| *peer_side == side)
+                .map(|(_, _, destinations)| destinations.clone())
+                .collect()
+        };
+        let edge_allow = Arc::new(AllowList::new(edge_allow).with_peers(peers_of(Side::Edge)));
+        let core_allow = Arc::new(AllowList::new(core_allow).with_peers(peers_of(Side::Core)));
 
         let (engine_sender, engine_receiver) = mpsc::channel(settings.limits.queue_capacity);
         let shared = Shared {
@@ -134,12 +191,24 @@ impl App {
             tracker: &tracker,
             cancel: &cancel,
         };
-        let (edge_io, edge_listeners) = shared
+        let (mut edge_io, edge_listeners, edge_server) = shared
             .bind_side(Side::Edge, &settings.edge, edge_allow.clone())
             .await?;
-        let (core_io, core_listeners) = shared
+        let (mut core_io, core_listeners, core_server) = shared
             .bind_side(Side::Core, &settings.core_side, core_allow.clone())
             .await?;
+        edge_io.tls_clients = edge_tls;
+        core_io.tls_clients = core_tls;
+        let tls_servers: Vec<(Side, Arc<TlsServer>)> =
+            [(Side::Edge, edge_server), (Side::Core, core_server)]
+                .into_iter()
+                .filter_map(|(side, server)| Some((side, server?)))
+                .collect();
+        for (_, server) in &tls_servers {
+            server
+                .clone()
+                .watch(TLS_FILES_CHECK, cancel.clone(), &tracker);
+        }
         let own = [(&edge_io, &edge_listeners), (&core_io, &core_listeners)]
             .into_iter()
             .flat_map(|(io, listeners)| {
@@ -158,13 +227,15 @@ impl App {
             let Some(routed) = trunks.iter().find(|routed| routed.index == index) else {
                 continue;
             };
-            let Some(port) = core_io.port(routed.core.transport) else {
-                tracing::warn!(trunk = %trunk.name, transport = %routed.core.transport, "no core-side listener for the trunk's transport; not registering");
+            let core_transport = routed.core.endpoint.transport();
+            let Some(port) = core_io.port(core_transport) else {
+                tracing::warn!(trunk = %trunk.name, transport = %core_transport, "no core-side listener for the trunk's transport; not registering");
                 continue;
             };
-            let transport = match routed.core.transport {
+            let transport = match core_transport {
                 Transport::Udp => "",
                 Transport::Tcp => ";transport=tcp",
+                Transport::Tls => ";transport=tls",
             };
             let contact = format!(
                 "sip:{}@{}:{port}{transport};{}={index}",
@@ -189,7 +260,7 @@ impl App {
             );
             registrations.insert(trunk.name.clone(), status);
         }
-        let router = Router::new(trunks, own, names, edge_allow, core_allow);
+        let router = Router::new(trunks, own, edge_allow, core_allow);
         let metrics = Arc::new(crate::stats::ProxyMetrics::new());
         let draining = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let engine = Engine::new(
@@ -245,6 +316,8 @@ impl App {
             observed,
             admin,
             draining,
+            tls_servers,
+            peers,
             cancel,
             tracker,
             registration_stop,
@@ -265,10 +338,23 @@ impl App {
     }
 
     /// Takes what can change while running from `settings` (a re-read configuration,
-    /// SIGHUP): today the secret material of each trunk's credentials (an OAuth2 client
-    /// secret rotated in its file). Returns the trunks whose secret changed. Everything
-    /// else (listeners, trunks, timers, limits) takes effect at the next start.
+    /// SIGHUP): the secret material of each trunk's credentials (an OAuth2 client secret
+    /// rotated in its file) and the certificate and key of the TLS listeners. Returns the
+    /// trunks whose secret changed. Everything else (listeners, trunks, timers, limits)
+    /// takes effect at the next start.
     pub fn reload(&self, settings: &Settings) -> Vec<String> {
+        for (side, server) in &self.tls_servers {
+            let files = match side {
+                Side::Edge => settings.edge.tls.as_ref(),
+                Side::Core => settings.core_side.tls.as_ref(),
+            };
+            match server.reload(files) {
+                Ok(()) => tracing::info!(%side, "TLS listener certificate re-read"),
+                Err(error) => {
+                    tracing::warn!(%side, error = %error, "cannot re-read the TLS listener certificate; keeping the old one")
+                }
+            }
+        }
         settings
             .trunks
             .iter()
@@ -366,7 +452,7 @@ impl Shared<'_> {
         side: Side,
         side_settings: &SideSettings,
         allow: Arc<AllowList>,
-    ) -> Result<(SideIo, Vec<Listen>), StartError> {
+    ) -> Result<(SideIo, Vec<Listen>, Option<Arc<TlsServer>>), StartError> {
         let limits = &self.settings.limits;
         let receive = ReceiveContext {
             side,
@@ -391,6 +477,13 @@ impl Shared<'_> {
         let mut udp_sockets = Vec::new();
         let mut udp_locals = Vec::new();
         let mut tcp_port = None;
+        let mut tls_port = None;
+        let tls_server = settings
+            .tls
+            .as_ref()
+            .map(|files| TlsServer::load(files).map(Arc::new))
+            .transpose()
+            .map_err(|source| StartError::ListenerTls { side, source })?;
         for listen in &settings.listen {
             match listen.transport {
                 Transport::Udp => {
@@ -411,7 +504,7 @@ impl Shared<'_> {
                         addr: local,
                     });
                 }
-                Transport::Tcp => {
+                Transport::Tcp | Transport::Tls => {
                     let listener = tcp::bind(listen.addr).await?;
                     let local = listener
                         .local_addr()
@@ -419,10 +512,28 @@ impl Shared<'_> {
                             addr: listen.addr,
                             source,
                         })?;
-                    tcp_port.get_or_insert(local.port());
-                    tracker.spawn(tcp::accept_loop(listener, tcp_context.clone()));
+                    let tls = match listen.transport {
+                        Transport::Tls => {
+                            let Some(server) = tls_server.clone() else {
+                                // validate() requires the certificate with the listener.
+                                return Err(StartError::ListenerTls {
+                                    side,
+                                    source: TlsError::Invalid(
+                                        "a tls: listener needs a certificate".into(),
+                                    ),
+                                });
+                            };
+                            tls_port.get_or_insert(local.port());
+                            Some(server)
+                        }
+                        _ => {
+                            tcp_port.get_or_insert(local.port());
+                            None
+                        }
+                    };
+                    tracker.spawn(tcp::accept_loop(listener, tcp_context.clone(), tls));
                     listeners.push(Listen {
-                        transport: Transport::Tcp,
+                        transport: listen.transport,
                         addr: local,
                     });
                 }
@@ -441,10 +552,12 @@ impl Shared<'_> {
             udp: udp_sockets,
             udp_locals,
             tcp_port,
+            tls_port,
             tcp: tcp_context,
+            tls_clients: Vec::new(),
             connections: HashMap::new(),
         };
-        Ok((io, listeners))
+        Ok((io, listeners, tls_server))
     }
 }
 
@@ -456,28 +569,51 @@ fn uri_host(ip: IpAddr) -> String {
     }
 }
 
-/// Resolves every trunk host name once, at start.
-async fn resolve_names(settings: &Settings) -> Result<HashMap<String, IpAddr>, StartError> {
-    let mut names = HashMap::new();
-    for trunk in &settings.trunks {
-        for endpoint in [&trunk.edge, &trunk.core] {
-            let host = strip_brackets(&endpoint.host);
-            if host.parse::<IpAddr>().is_ok() || names.contains_key(&host.to_ascii_lowercase()) {
-                continue;
-            }
-            let resolve_error = |reason: String| StartError::Resolve {
-                trunk: trunk.name.clone(),
-                host: host.to_string(),
-                reason,
-            };
-            let mut addresses = tokio::net::lookup_host(endpoint.host_port())
-                .await
-                .map_err(|error| resolve_error(error.to_string()))?;
-            let address = addresses
-                .next()
-                .ok_or_else(|| resolve_error("no addresses".into()))?;
-            names.insert(host.to_ascii_lowercase(), address.ip());
+/// How often the TLS listeners' certificate files are looked at for changes.
+const TLS_FILES_CHECK: Duration = Duration::from_secs(10);
+
+/// Resolves every peer that is a name, all at once and within a bound, then keeps each
+/// resolved in the background. A peer that does not resolve now does not stop the
+/// start: its requests get 503 until it does, and its task keeps trying.
+async fn resolve_peers(
+    resolver: &Arc<Resolver>,
+    peers: &[(String, Side, Arc<Destinations>)],
+    (edge, core): (&[Transport], &[Transport]),
+    cancel: &CancellationToken,
+    tracker: &TaskTracker,
+) {
+    let settings = resolver.settings().clone();
+    let limit = settings.timeout * 4;
+    let mut lookups = tokio::task::JoinSet::new();
+    for (trunk, side, destinations) in peers {
+        if destinations.is_static() {
+            continue;
         }
+        let supported = match side {
+            Side::Edge => edge.to_vec(),
+            Side::Core => core.to_vec(),
+        };
+        let (resolver, destinations, trunk) =
+            (resolver.clone(), destinations.clone(), trunk.clone());
+        lookups.spawn(async move {
+            let ttl = dns_resolve::resolve_once(&resolver, &destinations, &supported, limit).await;
+            if ttl.is_none() {
+                tracing::warn!(%trunk, peer = %destinations.endpoint, "starting without an address for this peer; retrying in the background");
+            }
+            (destinations, supported, ttl)
+        });
     }
-    Ok(names)
+    while let Some(done) = lookups.join_next().await {
+        let Ok((destinations, supported, ttl)) = done else {
+            continue;
+        };
+        dns_resolve::spawn_refresh(
+            resolver.clone(),
+            destinations,
+            supported,
+            ttl.unwrap_or(settings.retry),
+            cancel.clone(),
+            tracker,
+        );
+    }
 }

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use rsip::{Method, Request};
 
 use super::engine::{now, Destination, Engine, Entry, TRUNK_PARAM};
-use super::routing::{Hop, RouteError};
+use super::routing::{Hop, RouteError, RoutedTrunk};
 use crate::config::{AuthMode, Transport};
 use crate::credentials::{Credential, CredentialValue};
 use crate::sip::digest::{ChallengeKind, DigestClient};
@@ -39,6 +39,8 @@ pub(super) struct Forward {
     trunk: Option<Arc<str>>,
     trunk_index: Option<usize>,
     attach: Attach,
+    /// The request goes to one of its trunk's core hosts and may move to another.
+    failover: bool,
 }
 
 /// What a forwarded request carries of the sidecar's credentials.
@@ -96,10 +98,11 @@ impl Engine {
             side: source.side,
             transport: source.transport,
             addr: match source.transport {
-                Transport::Tcp => source.peer,
+                Transport::Tcp | Transport::Tls => source.peer,
                 Transport::Udp => via.response_address().unwrap_or(source.peer),
             },
             local: Some(source.local),
+            trunk: None,
         };
         let key = match ServerKey::for_request(&request) {
             Ok(key) => key,
@@ -163,7 +166,7 @@ impl Engine {
         let server = self.insert_server(key, transaction, reply_to, message::skeleton(&request));
         let span = match self.entries.get_mut(&server) {
             Some(Entry::Server(entry)) => {
-                if source.transport == Transport::Tcp {
+                if source.transport.is_reliable() {
                     entry.reconnect = via.reconnect_address();
                 }
                 entry.span.clone()
@@ -209,6 +212,15 @@ impl Engine {
             Attach::Nothing => None,
         };
         tracing::debug!(to = %forward.destination.addr, branch = %forward.branch, "forwarding request");
+        let failover = forward
+            .trunk_index
+            .filter(|_| forward.failover)
+            .filter(|trunk| {
+                self.router
+                    .trunk(*trunk)
+                    .is_some_and(|routed| self.router.core_hosts(routed) > 1)
+            })
+            .map(|trunk| (trunk, forward.request.clone()));
         let resend = generation
             .zip(forward.trunk_index)
             .map(|(generation, trunk)| {
@@ -220,13 +232,16 @@ impl Engine {
                     sent_at: now(),
                 })
             });
-        self.start_client(
+        let client = self.start_client(
             forward.request,
             &forward.branch,
             forward.destination,
             Some(server),
             resend,
         );
+        if let Some((trunk, request)) = failover {
+            self.arm_failover(client, trunk, request);
+        }
     }
 
     /// Parks an in-dialog request until its trunk's credential is valid again, at most
@@ -405,6 +420,7 @@ impl Engine {
             max_forwards.map_or(70, |value| value - 1),
         );
         let out_side = source.side.opposite();
+        let initial_from_edge = source.side == Side::Edge && !message::in_dialog(&request.headers);
         let (hop, trunk_index) = self.next_hop(source, &mut request, out_side)?;
         let attach = self.apply_credentials(&mut request, out_side, trunk_index, hop)?;
         let trunk = trunk_index.and_then(|index| self.router.trunk(index));
@@ -446,10 +462,12 @@ impl Engine {
                 transport: hop.transport,
                 addr: hop.addr,
                 local: None,
+                trunk: trunk_index,
             },
             trunk: trunk.map(|trunk| trunk.name.clone()),
             trunk_index,
             attach,
+            failover: initial_from_edge,
         })
     }
 
@@ -461,8 +479,23 @@ impl Engine {
         mut request: Request,
         reply: tokio::sync::oneshot::Sender<rsip::Response>,
     ) {
-        let Some(hop) = self.router.trunk(trunk).map(|trunk| trunk.core) else {
+        let Some(routed) = self.router.trunk(trunk) else {
             return;
+        };
+        let health = &self.health;
+        let at = now();
+        let hop = match self.router.core_hop(
+            routed,
+            &[],
+            |addr| health.is_avoided(addr, at),
+            rand::random(),
+        ) {
+            Ok(hop) => hop,
+            Err(error) => {
+                // The sender learns it from the dropped reply and retries later.
+                tracing::warn!(trunk = %routed.name, error = %error, "cannot send a request of our own");
+                return;
+            }
         };
         let Some(port) = self.core.port(hop.transport) else {
             tracing::warn!(transport = %hop.transport, "no core-side listener for the trunk's transport; cannot send");
@@ -484,10 +517,15 @@ impl Engine {
             transport: hop.transport,
             addr: hop.addr,
             local: None,
+            trunk: Some(trunk),
         };
+        let copy = (self.router.core_hosts(routed) > 1).then(|| request.clone());
         let client = self.start_client(request, &branch, destination, None, None);
         if let Some(Entry::Client(entry)) = self.entries.get_mut(&client) {
             entry.local = Some(reply);
+        }
+        if let Some(request) = copy {
+            self.arm_failover(client, trunk, request);
         }
     }
 
@@ -649,10 +687,8 @@ impl Engine {
                 ),
             }
             .ok_or(RouteError::NoTrunk)?;
-            return Ok((
-                self.router.checked(trunk.core, out_side)?,
-                Some(trunk.index),
-            ));
+            let hop = self.pick_peer(trunk, Side::Core)?;
+            return Ok((self.router.checked(hop, out_side)?, Some(trunk.index)));
         }
         if let Some(first) = routes.first() {
             let uri = message::route_uri(first)
@@ -682,11 +718,26 @@ impl Engine {
             },
         }
         .ok_or(RouteError::NoTrunk)?;
-        let hop = match source.side {
-            Side::Edge => trunk.core,
-            Side::Core => trunk.edge,
-        };
+        let hop = self.pick_peer(trunk, out_side)?;
         Ok((self.router.checked(hop, out_side)?, Some(trunk.index)))
+    }
+
+    /// The trunk's peer on `side` a new transaction goes to: for the core, RFC 3263
+    /// order with failed hosts last; for the Edge, its (first) address.
+    fn pick_peer(&self, trunk: &RoutedTrunk, side: Side) -> Result<Hop, RouteError> {
+        match side {
+            Side::Core => {
+                let health = &self.health;
+                let at = now();
+                self.router.core_hop(
+                    trunk,
+                    &[],
+                    |addr| health.is_avoided(addr, at),
+                    rand::random(),
+                )
+            }
+            Side::Edge => self.router.edge_hop(trunk, rand::random()),
+        }
     }
 
     /// The trunk index our Record-Route wrote into a Route value, if it names a trunk

@@ -1,6 +1,7 @@
 //! Where a request goes: trunk selection for initial requests, loose routing (RFC 3261
-//! §16.4, §16.6 step 6), and the next hop of a SIP URI. Pure: addresses are resolved
-//! before the engine starts.
+//! §16.4, §16.6 step 6), and the next hop of a SIP URI. Pure: the trunks' peers are
+//! resolved elsewhere ([`crate::dns`]) and read here as they are now; randomness and
+//! the hosts to avoid are arguments.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -8,11 +9,12 @@ use std::sync::Arc;
 
 use ipnet::IpNet;
 
-use crate::config::{Endpoint, Transport};
-use crate::sip::via::{default_port, strip_brackets};
+use crate::config::Transport;
+use crate::dns::{Candidate, Destinations};
+use crate::sip::via::strip_brackets;
 use crate::transport::{canonical, AllowList, Side};
 
-/// A trunk with its addresses resolved.
+/// A trunk with its peers.
 #[derive(Debug, Clone)]
 pub struct RoutedTrunk {
     /// Position in the configuration; written into our Record-Route so in-dialog requests
@@ -26,8 +28,10 @@ pub struct RoutedTrunk {
     pub sources: Vec<IpNet>,
     pub domain: Option<String>,
     pub port: Option<u16>,
-    pub edge: Hop,
-    pub core: Hop,
+    pub edge: Arc<Destinations>,
+    pub core: Arc<Destinations>,
+    /// Networks the core sends from besides what `core` resolves to.
+    pub core_sources: Vec<IpNet>,
 }
 
 /// A transport and address to send to.
@@ -37,12 +41,23 @@ pub struct Hop {
     pub addr: SocketAddr,
 }
 
+impl From<Candidate> for Hop {
+    fn from(candidate: Candidate) -> Self {
+        Self {
+            transport: candidate.transport,
+            addr: candidate.addr,
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum RouteError {
     #[error("no trunk matches this request")]
     NoTrunk,
     #[error("next hop {host:?} is not an IP address or a configured host name")]
     Unresolvable { host: String },
+    #[error("{peer} has not resolved to any address yet")]
+    NotResolved { peer: String },
     #[error("next hop {addr} is outside the {side} side's allow list")]
     NotAllowed { addr: SocketAddr, side: Side },
     #[error("next hop {addr} is this proxy")]
@@ -59,6 +74,7 @@ impl RouteError {
         match self {
             RouteError::NoTrunk | RouteError::NotAllowed { .. } => 403,
             RouteError::Unresolvable { .. } => 502,
+            RouteError::NotResolved { .. } => 503,
             RouteError::Loop { .. } => 482,
             RouteError::Scheme { .. } => 416,
             RouteError::Transport { .. } => 502,
@@ -78,18 +94,17 @@ pub struct Router {
     trunks: Vec<RoutedTrunk>,
     own: Vec<OwnAddress>,
     own_sockets: Vec<SocketAddr>,
-    names: HashMap<String, IpAddr>,
+    /// The configured host names of the trunks' peers, for URIs that name them.
+    names: HashMap<String, Arc<Destinations>>,
     edge_allow: Arc<AllowList>,
     core_allow: Arc<AllowList>,
 }
 
 impl Router {
-    /// `own` lists (advertised host, port) of every listener; `names` maps the configured
-    /// host names to the addresses they resolved to.
+    /// `own` lists (advertised host, port) of every listener.
     pub fn new(
         trunks: Vec<RoutedTrunk>,
         own: Vec<(String, SocketAddr)>,
-        names: HashMap<String, IpAddr>,
         edge_allow: Arc<AllowList>,
         core_allow: Arc<AllowList>,
     ) -> Self {
@@ -109,14 +124,17 @@ impl Router {
                 ]
             })
             .collect();
+        let names = trunks
+            .iter()
+            .flat_map(|trunk| [&trunk.edge, &trunk.core])
+            .filter(|destinations| !destinations.is_static())
+            .map(|destinations| (destinations.endpoint.host_name(), destinations.clone()))
+            .collect();
         Self {
             trunks,
             own,
             own_sockets,
-            names: names
-                .into_iter()
-                .map(|(name, ip)| (name.to_ascii_lowercase(), ip))
-                .collect(),
+            names,
             edge_allow,
             core_allow,
         }
@@ -124,6 +142,10 @@ impl Router {
 
     pub fn trunk(&self, index: usize) -> Option<&RoutedTrunk> {
         self.trunks.get(index)
+    }
+
+    pub fn trunks(&self) -> &[RoutedTrunk] {
+        &self.trunks
     }
 
     pub fn allow(&self, side: Side) -> &AllowList {
@@ -157,16 +179,13 @@ impl Router {
         let source = canonical(source);
         trunk.sources.is_empty()
             || trunk.sources.iter().any(|net| net.contains(&source))
-            || canonical(trunk.edge.addr.ip()) == source
+            || trunk.edge.contains_ip(source)
     }
 
     /// The trunk a request from the core belongs to: the one whose core address sent it
     /// (address and port first, then address alone), else the only trunk there is.
     pub fn core_trunk(&self, source: SocketAddr, transport: Transport) -> Option<&RoutedTrunk> {
-        let exact = self
-            .trunks
-            .iter()
-            .find(|trunk| same_address(trunk.core.addr, source));
+        let exact = self.trunks.iter().find(|trunk| trunk.core.contains(source));
         exact
             .or_else(|| {
                 self.trunks
@@ -176,32 +195,78 @@ impl Router {
             .or_else(|| (self.trunks.len() == 1).then(|| &self.trunks[0]))
     }
 
-    /// Whether `hop` is `trunk`'s configured core: only there may its credentials go
-    /// (DESIGN.md item 2). The transport does not matter, the address does.
+    /// Whether `hop` is one of `trunk`'s core hosts as resolved now: only there may its
+    /// credentials go (DESIGN.md item 2). The transport does not matter, the address does.
     pub fn is_core_of(&self, trunk: &RoutedTrunk, hop: Hop) -> bool {
-        same_address(trunk.core.addr, hop.addr)
+        trunk.core.contains(hop.addr)
     }
 
-    /// Whether a message from `source` over `transport` comes from `trunk`'s core. The
-    /// address must match. A core sends from another port than it listens on over TCP
-    /// always, and may over UDP, so the port is checked only where it tells trunks apart:
-    /// over UDP when another trunk's core shares the address on another port (over TCP
-    /// such trunks cannot be told apart by the sender).
+    /// Whether a message from `source` over `transport` comes from `trunk`'s core: an
+    /// address its core resolves to, or one of its `core_sources`. A core sends from
+    /// another port than it listens on over TCP always, and may over UDP, so the port is
+    /// checked only where it tells trunks apart: over UDP when another trunk's core
+    /// shares the address on another port (over TCP such trunks cannot be told apart by
+    /// the sender).
     pub fn is_core_sender(
         &self,
         trunk: &RoutedTrunk,
         source: SocketAddr,
         transport: Transport,
     ) -> bool {
-        let ip = canonical(trunk.core.addr.ip());
-        if canonical(source.ip()) != ip {
-            return false;
+        let ip = canonical(source.ip());
+        let resolved = trunk.core.current();
+        let ports: Vec<u16> = resolved
+            .candidates
+            .iter()
+            .filter(|candidate| canonical(candidate.addr.ip()) == ip)
+            .map(|candidate| candidate.addr.port())
+            .collect();
+        if ports.is_empty() {
+            return trunk.core_sources.iter().any(|net| net.contains(&ip));
         }
         let shared = self.trunks.iter().any(|other| {
-            canonical(other.core.addr.ip()) == ip
-                && other.core.addr.port() != trunk.core.addr.port()
+            other.index != trunk.index
+                && other.core.current().candidates.iter().any(|candidate| {
+                    canonical(candidate.addr.ip()) == ip && !ports.contains(&candidate.addr.port())
+                })
         });
-        !shared || transport == Transport::Tcp || source.port() == trunk.core.addr.port()
+        !shared || transport.is_reliable() || ports.contains(&source.port())
+    }
+
+    /// The core host a request of `trunk` goes to next, having tried `tried`: RFC 3263
+    /// order, hosts `avoided` names last, `random` for the weighted choice.
+    pub fn core_hop(
+        &self,
+        trunk: &RoutedTrunk,
+        tried: &[SocketAddr],
+        avoided: impl Fn(SocketAddr) -> bool,
+        random: u32,
+    ) -> Result<Hop, RouteError> {
+        trunk
+            .core
+            .current()
+            .pick(tried, avoided, random)
+            .map(Hop::from)
+            .ok_or_else(|| RouteError::NotResolved {
+                peer: trunk.core.endpoint.to_string(),
+            })
+    }
+
+    /// The Edge a request from the core for `trunk` goes to.
+    pub fn edge_hop(&self, trunk: &RoutedTrunk, random: u32) -> Result<Hop, RouteError> {
+        trunk
+            .edge
+            .current()
+            .pick(&[], |_| false, random)
+            .map(Hop::from)
+            .ok_or_else(|| RouteError::NotResolved {
+                peer: trunk.edge.endpoint.to_string(),
+            })
+    }
+
+    /// How many core hosts `trunk` has now.
+    pub fn core_hosts(&self, trunk: &RoutedTrunk) -> usize {
+        trunk.core.current().candidates.len()
     }
 
     /// Whether a URI names this proxy (so a Route entry with it is ours to remove).
@@ -216,25 +281,30 @@ impl Router {
     /// Whether `host` and `port` (as in a Via sent-by) name this proxy.
     pub fn is_own_host(&self, host: &str, port: Option<u16>) -> bool {
         let host = strip_brackets(host).to_ascii_lowercase();
-        let port = port.unwrap_or_else(|| default_port("UDP"));
+        let port = port.unwrap_or(5060);
         self.own
             .iter()
             .any(|own| own.port == port && own.host == host)
     }
 
-    /// The next hop for a URI (RFC 3263 without DNS: the host must be an IP address or a
-    /// name from the configuration), checked against the allow list of `side`.
+    /// The next hop for a URI (RFC 3263 without DNS of its own: the host must be an IP
+    /// address or a host name from the configuration, taken as it resolves now),
+    /// checked against the allow list of `side`. `sips:` and `transport=tls` mean TLS.
     pub fn hop_for_uri(&self, uri: &rsip::Uri, side: Side) -> Result<Hop, RouteError> {
-        if let Some(scheme) = &uri.scheme {
-            if !matches!(scheme, rsip::Scheme::Sip) {
+        let secure = match &uri.scheme {
+            None | Some(rsip::Scheme::Sip) => false,
+            Some(rsip::Scheme::Sips) => true,
+            Some(scheme) => {
                 return Err(RouteError::Scheme {
                     scheme: scheme.to_string(),
-                });
+                })
             }
-        }
+        };
         let transport = match uri.transport() {
+            _ if secure => Transport::Tls,
             None | Some(rsip::Transport::Udp) => Transport::Udp,
             Some(rsip::Transport::Tcp) => Transport::Tcp,
+            Some(rsip::Transport::Tls) => Transport::Tls,
             Some(other) => {
                 return Err(RouteError::Transport {
                     transport: other.to_string(),
@@ -244,15 +314,23 @@ impl Router {
         let host = uri_host(uri);
         let ip = match host.parse::<IpAddr>() {
             Ok(ip) => ip,
-            Err(_) => *self
+            Err(_) => self
                 .names
                 .get(&host)
-                .ok_or(RouteError::Unresolvable { host: host.clone() })?,
+                .ok_or(RouteError::Unresolvable { host: host.clone() })?
+                .first()
+                .ok_or_else(|| RouteError::NotResolved { peer: host.clone() })?
+                .addr
+                .ip(),
         };
+        let port = uri
+            .port()
+            .map(|port| *port.value())
+            .unwrap_or_else(|| transport.default_port());
         self.checked(
             Hop {
                 transport,
-                addr: SocketAddr::new(ip, uri_port(uri)),
+                addr: SocketAddr::new(ip, port),
             },
             side,
         )
@@ -273,32 +351,16 @@ impl Router {
     }
 }
 
-/// Two socket addresses are the same, IPv4-mapped IPv6 taken as IPv4.
-fn same_address(left: SocketAddr, right: SocketAddr) -> bool {
-    canonical(left.ip()) == canonical(right.ip()) && left.port() == right.port()
-}
-
 fn uri_host(uri: &rsip::Uri) -> String {
     strip_brackets(&uri.host().to_string()).to_ascii_lowercase()
 }
 
 fn uri_port(uri: &rsip::Uri) -> u16 {
-    uri.port()
-        .map(|port| *port.value())
-        .unwrap_or_else(|| default_port("UDP"))
-}
-
-/// Resolves an endpoint's host: an IP literal directly, a name through `lookup`.
-pub fn resolve_endpoint(endpoint: &Endpoint, lookup: &HashMap<String, IpAddr>) -> Option<Hop> {
-    let host = strip_brackets(&endpoint.host);
-    let ip = host
-        .parse::<IpAddr>()
-        .ok()
-        .or_else(|| lookup.get(&host.to_ascii_lowercase()).copied())?;
-    Some(Hop {
-        transport: endpoint.transport,
-        addr: SocketAddr::new(ip, endpoint.port),
-    })
+    let default = match uri.scheme {
+        Some(rsip::Scheme::Sips) => 5061,
+        _ => 5060,
+    };
+    uri.port().map(|port| *port.value()).unwrap_or(default)
 }
 
 #[cfg(test)]
@@ -312,19 +374,52 @@ mod tests {
         }
     }
 
-    fn router() -> Router {
-        let trunk = |name: &str, sources: &[&str], domain: Option<&str>, core: &str| RoutedTrunk {
-            index: 0,
+    /// Destinations of a fixed `udp:` address.
+    fn dest(addr: &str) -> Arc<Destinations> {
+        Arc::new(Destinations::new(format!("udp:{addr}").parse().unwrap()))
+    }
+
+    fn routed(index: usize, name: &str, core: Arc<Destinations>) -> RoutedTrunk {
+        RoutedTrunk {
+            index,
             name: name.into(),
             auth: crate::config::AuthMode::None,
             digest_realm: None,
             credentials: None,
-            sources: sources.iter().map(|s| s.parse().unwrap()).collect(),
-            domain: domain.map(str::to_string),
+            sources: vec![],
+            domain: None,
             port: None,
-            edge: hop("10.1.0.1:5060"),
-            core: hop(core),
-        };
+            edge: dest("10.1.0.1:5060"),
+            core,
+            core_sources: vec![],
+        }
+    }
+
+    fn router() -> Router {
+        let trunk =
+            |index: usize, name: &str, sources: &[&str], domain: Option<&str>, core: &str| {
+                RoutedTrunk {
+                    sources: sources.iter().map(|s| s.parse().unwrap()).collect(),
+                    domain: domain.map(str::to_string),
+                    ..routed(index, name, dest(core))
+                }
+            };
+        // A third trunk whose core is a name, resolved to two hosts.
+        let named = Arc::new(Destinations::new("udp:core.example".parse().unwrap()));
+        named.set(crate::dns::Resolved::new(vec![
+            Candidate {
+                transport: Transport::Udp,
+                addr: "198.51.100.9:5060".parse().unwrap(),
+                rank: 0,
+                weight: 10,
+            },
+            Candidate {
+                transport: Transport::Udp,
+                addr: "198.51.100.10:5070".parse().unwrap(),
+                rank: 0,
+                weight: 0,
+            },
+        ]));
         let allow = |nets: &[&str]| {
             Arc::new(AllowList::new(
                 nets.iter().map(|n| n.parse().unwrap()).collect(),
@@ -332,14 +427,18 @@ mod tests {
         };
         Router::new(
             vec![
-                trunk("a", &["10.1.0.0/16"], None, "198.51.100.1:5060"),
-                trunk("b", &[], Some("b.example"), "198.51.100.2:5060"),
+                trunk(0, "a", &["10.1.0.0/16"], None, "198.51.100.1:5060"),
+                trunk(1, "b", &[], Some("b.example"), "198.51.100.2:5060"),
+                RoutedTrunk {
+                    domain: Some("named.example".into()),
+                    core_sources: vec!["203.0.113.0/24".parse().unwrap()],
+                    ..routed(2, "c", named)
+                },
             ],
             vec![
                 ("proxy.example".into(), "192.0.2.1:5060".parse().unwrap()),
                 ("192.0.2.1".into(), "192.0.2.1:5070".parse().unwrap()),
             ],
-            HashMap::from([("core.example".to_string(), "198.51.100.9".parse().unwrap())]),
             allow(&["10.0.0.0/8"]),
             allow(&["198.51.100.0/24"]),
         )
@@ -419,24 +518,56 @@ mod tests {
     }
 
     #[test]
+    fn a_named_core_is_every_host_it_resolves_to_and_its_sources() {
+        let router = router();
+        let trunk = router.trunk(2).unwrap().clone();
+        let udp = Transport::Udp;
+        assert!(router.is_core_of(&trunk, hop("198.51.100.9:5060")));
+        assert!(router.is_core_of(&trunk, hop("198.51.100.10:5070")));
+        assert!(!router.is_core_of(&trunk, hop("198.51.100.10:5060")));
+        assert!(router.is_core_sender(&trunk, "198.51.100.10:41000".parse().unwrap(), udp));
+        assert!(router.is_core_sender(&trunk, "203.0.113.77:5060".parse().unwrap(), udp));
+        assert!(!router.is_core_sender(&trunk, "203.0.114.1:5060".parse().unwrap(), udp));
+        assert_eq!(
+            router
+                .core_trunk("198.51.100.10:5070".parse().unwrap(), udp)
+                .unwrap()
+                .name
+                .as_ref(),
+            "c"
+        );
+        // The weighted choice, and the next host once the first was tried.
+        let first = router.core_hop(&trunk, &[], |_| false, 5).unwrap();
+        assert_eq!(first.addr, "198.51.100.9:5060".parse().unwrap());
+        let next = router
+            .core_hop(&trunk, &[first.addr], |_| false, 5)
+            .unwrap();
+        assert_eq!(next.addr, "198.51.100.10:5070".parse().unwrap());
+        assert!(router
+            .core_hop(&trunk, &[first.addr, next.addr], |_| false, 5)
+            .is_err());
+        // A trunk whose core has not resolved yet: 503, not a wrong host.
+        let unresolved = routed(
+            3,
+            "d",
+            Arc::new(Destinations::new("tls:nowhere.example".parse().unwrap())),
+        );
+        assert_eq!(
+            router
+                .core_hop(&unresolved, &[], |_| false, 0)
+                .unwrap_err()
+                .status(),
+            503
+        );
+    }
+
+    #[test]
     fn cores_sharing_an_address_are_told_apart_by_port_over_udp() {
-        let trunk = |index: usize, core: &str| RoutedTrunk {
-            index,
-            name: format!("t{index}").into(),
-            auth: crate::config::AuthMode::None,
-            digest_realm: None,
-            credentials: None,
-            sources: vec![],
-            domain: None,
-            port: None,
-            edge: hop("10.1.0.1:5060"),
-            core: hop(core),
-        };
+        let trunk = |index: usize, core: &str| routed(index, &format!("t{index}"), dest(core));
         let allow = Arc::new(AllowList::new(vec![]));
         let router = Router::new(
             vec![trunk(0, "127.0.0.1:5190"), trunk(1, "127.0.0.1:5191")],
             vec![],
-            HashMap::new(),
             allow.clone(),
             allow,
         );
@@ -495,9 +626,19 @@ mod tests {
             .hop_for_uri(&uri("sip:192.0.2.1:5070"), Side::Core)
             .unwrap_err();
         assert_eq!(looped.status(), 482);
-        assert!(matches!(
+        assert_eq!(
             router.hop_for_uri(&uri("sips:bob@198.51.100.5"), Side::Core),
-            Err(RouteError::Scheme { .. })
-        ));
+            Ok(Hop {
+                transport: Transport::Tls,
+                addr: "198.51.100.5:5061".parse().unwrap()
+            })
+        );
+        assert_eq!(
+            router
+                .hop_for_uri(&uri("sip:bob@198.51.100.5;transport=tls"), Side::Core)
+                .unwrap()
+                .transport,
+            Transport::Tls
+        );
     }
 }

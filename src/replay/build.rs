@@ -104,6 +104,7 @@ impl Rewrite {
             .collect();
         let transport = match self.transport {
             Transport::Tcp => ";transport=tcp",
+            Transport::Tls => ";transport=tls",
             Transport::Udp => "",
         };
         let bracketed = value.contains('<');

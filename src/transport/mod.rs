@@ -9,6 +9,7 @@
 //! on (RFC 3261 §18.2.2) and connections to the core are reused.
 
 pub mod tcp;
+pub mod tls;
 pub mod udp;
 
 use std::fmt;
@@ -70,12 +71,14 @@ pub enum TransportEvent {
     Message(Inbound),
     ConnectionOpened {
         side: Side,
+        transport: Transport,
         peer: SocketAddr,
         id: ConnectionId,
         sender: mpsc::Sender<Bytes>,
     },
     ConnectionClosed {
         side: Side,
+        transport: Transport,
         peer: SocketAddr,
         id: ConnectionId,
         /// True when an outbound connection never got established.
@@ -104,20 +107,32 @@ pub enum TransportEvent {
     },
 }
 
-/// Networks allowed to talk to one side.
+/// Who may talk to one side: configured networks, and the addresses the trunks' peers
+/// on that side resolve to now (they follow DNS).
 #[derive(Debug, Clone, Default)]
 pub struct AllowList {
     networks: Vec<IpNet>,
+    peers: Vec<Arc<crate::dns::Destinations>>,
 }
 
 impl AllowList {
     pub fn new(networks: Vec<IpNet>) -> Self {
-        Self { networks }
+        Self {
+            networks,
+            peers: Vec::new(),
+        }
+    }
+
+    /// Also allows whatever `peers` resolve to, as they change.
+    pub fn with_peers(mut self, peers: Vec<Arc<crate::dns::Destinations>>) -> Self {
+        self.peers = peers;
+        self
     }
 
     pub fn allows(&self, ip: IpAddr) -> bool {
         let ip = canonical(ip);
         self.networks.iter().any(|net| net.contains(&ip))
+            || self.peers.iter().any(|peer| peer.contains_ip(ip))
     }
 }
 

@@ -1,8 +1,9 @@
-//! TCP: an accept loop per listener and one task per connection that frames the stream
-//! (see [`crate::sip::framing`]), answers CRLF keep-alive pings, writes what the engine
-//! queues for it, and closes after `tcp_idle_timeout` without traffic. Outbound
+//! TCP and TLS: an accept loop per listener and one task per connection that frames the
+//! stream (see [`crate::sip::framing`]), answers CRLF keep-alive pings, writes what the
+//! engine queues for it, and closes after `tcp_idle_timeout` without traffic. Outbound
 //! connections (to the core, or back to an Edge whose connection went away) are opened on
-//! demand by [`TcpContext::connect`] and then behave the same.
+//! demand by [`TcpContext::connect`] and then behave the same. A TLS connection is a TCP
+//! one with a handshake first ([`super::tls`]); limits and timeouts are the same.
 
 use std::io;
 use std::net::SocketAddr;
@@ -11,13 +12,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use super::tls::{Failure, TlsClient, TlsServer};
 use super::{ConnectionId, Inbound, ReceiveContext, TransportEvent};
 use crate::config::Transport;
 use crate::sip::framing::{Frame, StreamFramer, PONG};
@@ -77,11 +79,20 @@ impl TcpContext {
         self.next_id.fetch_add(1, Ordering::Relaxed)
     }
 
-    /// Opens a connection to `peer` in the background and returns its id and queue at
-    /// once; what is queued is written once connected. A failed connect is reported to
-    /// the engine as `ConnectionClosed { connect_failed: true }`.
-    pub fn connect(&self, peer: SocketAddr) -> (ConnectionId, mpsc::Sender<Bytes>) {
+    /// Opens a connection to `peer` in the background (TLS with `tls`) and returns its id
+    /// and queue at once; what is queued is written once connected. A failed connect or
+    /// handshake is reported to the engine as `ConnectionClosed { connect_failed: true }`.
+    pub fn connect(
+        &self,
+        peer: SocketAddr,
+        tls: Option<Arc<TlsClient>>,
+    ) -> (ConnectionId, mpsc::Sender<Bytes>) {
         let id = self.new_id();
+        let transport = if tls.is_some() {
+            Transport::Tls
+        } else {
+            Transport::Tcp
+        };
         let (sender, mut receiver) = mpsc::channel(CONNECTION_QUEUE);
         let context = self.clone();
         self.tracker.spawn(async move {
@@ -90,33 +101,68 @@ impl TcpContext {
                 Stats::bump(&context.receive.stats.tcp_connections_refused);
                 tracing::warn!(%side, %peer, "tcp connection limit reached; not connecting");
                 context.discard(&mut receiver);
-                context.report_closed(peer, id, true).await;
+                context.report_closed(transport, peer, id, true).await;
                 return;
             };
             let connected = tokio::select! {
                 _ = context.cancel.cancelled() => return,
                 connected = tokio::time::timeout(context.connect_timeout, TcpStream::connect(peer)) => connected,
             };
-            match connected {
+            let stream = match connected {
+                Ok(Ok(stream)) => stream,
+                Ok(Err(error)) => {
+                    tracing::warn!(%side, %peer, %transport, error = %error, "connect failed");
+                    context.discard(&mut receiver);
+                    context.report_closed(transport, peer, id, true).await;
+                    return;
+                }
+                Err(_) => {
+                    tracing::warn!(%side, %peer, %transport, timeout = ?context.connect_timeout, "connect timed out");
+                    context.discard(&mut receiver);
+                    context.report_closed(transport, peer, id, true).await;
+                    return;
+                }
+            };
+            set_nodelay(&stream, side, peer);
+            let Some(tls) = tls else {
+                Stats::bump(&context.receive.stats.tcp_connections_opened);
+                tracing::debug!(%side, %peer, id, "tcp connection opened");
+                context.serve(stream, Transport::Tcp, peer, id, receiver).await;
+                drop(slot);
+                return;
+            };
+            let handshake = tls.connector().connect(tls.server_name(), stream);
+            let handshake = tokio::select! {
+                _ = context.cancel.cancelled() => return,
+                handshake = tokio::time::timeout(context.connect_timeout, handshake) => handshake,
+            };
+            match handshake {
                 Ok(Ok(stream)) => {
                     Stats::bump(&context.receive.stats.tcp_connections_opened);
-                    tracing::debug!(%side, %peer, id, "tcp connection opened");
-                    context.serve(stream, peer, id, receiver).await;
+                    tracing::debug!(%side, %peer, id, "tls connection opened");
+                    context.serve(stream, Transport::Tls, peer, id, receiver).await;
                     drop(slot);
                 }
                 Ok(Err(error)) => {
-                    tracing::warn!(%side, %peer, error = %error, "tcp connect failed");
+                    context.handshake_failed(peer, &Failure::of(&error));
                     context.discard(&mut receiver);
-                    context.report_closed(peer, id, true).await;
+                    context.report_closed(transport, peer, id, true).await;
                 }
                 Err(_) => {
-                    tracing::warn!(%side, %peer, timeout = ?context.connect_timeout, "tcp connect timed out");
+                    context.handshake_failed(peer, &Failure::Other("no handshake within tcp_connect_timeout".into()));
                     context.discard(&mut receiver);
-                    context.report_closed(peer, id, true).await;
+                    context.report_closed(transport, peer, id, true).await;
                 }
             }
         });
         (id, sender)
+    }
+
+    /// Logs and counts a failed TLS handshake, once per failure.
+    fn handshake_failed(&self, peer: SocketAddr, failure: &Failure) {
+        Stats::bump(failure.counter(&self.receive.stats));
+        let side = self.receive.side;
+        tracing::warn!(%side, %peer, reason = %failure, "tls handshake failed");
     }
 
     /// Counts what was queued for a connection that will never carry it.
@@ -127,9 +173,16 @@ impl TcpContext {
         }
     }
 
-    async fn report_closed(&self, peer: SocketAddr, id: ConnectionId, connect_failed: bool) {
+    async fn report_closed(
+        &self,
+        transport: Transport,
+        peer: SocketAddr,
+        id: ConnectionId,
+        connect_failed: bool,
+    ) {
         let event = TransportEvent::ConnectionClosed {
             side: self.receive.side,
+            transport,
             peer,
             id,
             connect_failed,
@@ -139,27 +192,25 @@ impl TcpContext {
     }
 
     /// Reads, frames and writes one connection until it closes, idles out or shutdown.
-    async fn serve(
+    async fn serve<S: Connection>(
         &self,
-        stream: TcpStream,
+        stream: S,
+        transport: Transport,
         peer: SocketAddr,
         id: ConnectionId,
         mut outgoing: mpsc::Receiver<Bytes>,
     ) {
         let side = self.receive.side;
-        let local = match stream.local_addr() {
+        let local = match stream.local() {
             Ok(local) => local,
             Err(error) => {
-                tracing::debug!(%side, %peer, error = %error, "tcp connection lost before use");
-                self.report_closed(peer, id, false).await;
+                tracing::debug!(%side, %peer, error = %error, "connection lost before use");
+                self.report_closed(transport, peer, id, false).await;
                 return;
             }
         };
-        // Nagle would hold small SIP messages back behind unacknowledged ones.
-        if let Err(error) = stream.set_nodelay(true) {
-            tracing::debug!(%side, %peer, error = %error, "cannot set TCP_NODELAY");
-        }
-        let (mut reader, mut writer) = stream.into_split();
+        let (mut reader, mut writer) = tokio::io::split(stream);
+        let mut heard = false;
         let mut framer = StreamFramer::new(self.receive.max_message_size);
         let mut idle_deadline = Instant::now() + self.idle_timeout;
         let reason = 'connection: loop {
@@ -171,10 +222,17 @@ impl TcpContext {
                         Ok(0) => break 'connection "closed by peer",
                         Ok(_) => {}
                         Err(error) => {
-                            tracing::debug!(%side, %peer, error = %error, "tcp read failed");
+                            // A TLS 1.3 server refuses a client certificate only after
+                            // the handshake, on the first read.
+                            if !heard && Failure::is_tls(&error) {
+                                self.handshake_failed(peer, &Failure::of(&error));
+                            } else {
+                                tracing::debug!(%side, %peer, error = %error, "read failed");
+                            }
                             break 'connection "read error";
                         }
                     }
+                    heard = true;
                     idle_deadline = Instant::now() + self.idle_timeout;
                     loop {
                         match framer.next_frame() {
@@ -190,7 +248,7 @@ impl TcpContext {
                                 };
                                 let event = TransportEvent::Message(Inbound {
                                     side,
-                                    transport: Transport::Tcp,
+                                    transport,
                                     local,
                                     peer,
                                     message,
@@ -219,9 +277,9 @@ impl TcpContext {
                 }
             }
         };
-        tracing::debug!(%side, %peer, id, reason, "tcp connection closed");
+        tracing::debug!(%side, %peer, %transport, id, reason, "connection closed");
         self.discard(&mut outgoing);
-        self.report_closed(peer, id, false).await;
+        self.report_closed(transport, peer, id, false).await;
     }
 }
 
@@ -229,7 +287,7 @@ impl TcpContext {
     /// Writes `bytes` within `write_timeout`; the error names why the connection ends.
     async fn write(
         &self,
-        writer: &mut tokio::net::tcp::OwnedWriteHalf,
+        writer: &mut (impl AsyncWrite + Unpin),
         bytes: &[u8],
         peer: SocketAddr,
     ) -> Result<(), &'static str> {
@@ -249,8 +307,43 @@ impl TcpContext {
     }
 }
 
-/// Accepts connections until cancelled.
-pub async fn accept_loop(listener: TcpListener, context: TcpContext) {
+/// A byte stream a connection task serves: TCP, or TLS over TCP.
+pub trait Connection: AsyncRead + AsyncWrite + Unpin + Send + 'static {
+    fn local(&self) -> io::Result<SocketAddr>;
+}
+
+impl Connection for TcpStream {
+    fn local(&self) -> io::Result<SocketAddr> {
+        self.local_addr()
+    }
+}
+
+impl Connection for tokio_rustls::client::TlsStream<TcpStream> {
+    fn local(&self) -> io::Result<SocketAddr> {
+        self.get_ref().0.local_addr()
+    }
+}
+
+impl Connection for tokio_rustls::server::TlsStream<TcpStream> {
+    fn local(&self) -> io::Result<SocketAddr> {
+        self.get_ref().0.local_addr()
+    }
+}
+
+/// Nagle would hold small SIP messages back behind unacknowledged ones.
+fn set_nodelay(stream: &TcpStream, side: super::Side, peer: SocketAddr) {
+    if let Err(error) = stream.set_nodelay(true) {
+        tracing::debug!(%side, %peer, error = %error, "cannot set TCP_NODELAY");
+    }
+}
+
+/// Accepts connections until cancelled; with `tls`, each one after its handshake.
+pub async fn accept_loop(listener: TcpListener, context: TcpContext, tls: Option<Arc<TlsServer>>) {
+    let transport = if tls.is_some() {
+        Transport::Tls
+    } else {
+        Transport::Tcp
+    };
     loop {
         let accepted = tokio::select! {
             _ = context.cancel.cancelled() => return,
@@ -268,7 +361,7 @@ pub async fn accept_loop(listener: TcpListener, context: TcpContext) {
         let side = context.receive.side;
         if !context.receive.allow.allows(peer.ip()) {
             Stats::bump(&context.receive.stats.not_allowed_dropped);
-            tracing::debug!(%side, %peer, "refused tcp connection from a source outside the allow list");
+            tracing::debug!(%side, %peer, "refused connection from a source outside the allow list");
             continue;
         }
         let Some(slot) = context.reserve_slot() else {
@@ -276,22 +369,59 @@ pub async fn accept_loop(listener: TcpListener, context: TcpContext) {
             tracing::warn!(%side, %peer, "tcp connection limit reached; refusing connection");
             continue;
         };
-        Stats::bump(&context.receive.stats.tcp_connections_opened);
-        let id = context.new_id();
+        set_nodelay(&stream, side, peer);
+        let task_context = context.clone();
+        let acceptor = tls.as_ref().map(|tls| tls.acceptor());
+        // The handshake runs in the connection's task: a slow peer holds up no one else.
+        context.tracker.spawn(async move {
+            let context = task_context;
+            let Some(acceptor) = acceptor else {
+                if let Some((id, receiver)) = context.opened(transport, peer).await {
+                    context.serve(stream, transport, peer, id, receiver).await;
+                }
+                drop(slot);
+                return;
+            };
+            let handshake = tokio::select! {
+                _ = context.cancel.cancelled() => return,
+                handshake = tokio::time::timeout(context.connect_timeout, acceptor.accept(stream)) => handshake,
+            };
+            match handshake {
+                Ok(Ok(stream)) => {
+                    if let Some((id, receiver)) = context.opened(transport, peer).await {
+                        context.serve(stream, transport, peer, id, receiver).await;
+                    }
+                }
+                Ok(Err(error)) => context.handshake_failed(peer, &Failure::of(&error)),
+                Err(_) => context.handshake_failed(
+                    peer,
+                    &Failure::Other("no handshake within tcp_connect_timeout".into()),
+                ),
+            }
+            drop(slot);
+        });
+    }
+}
+
+impl TcpContext {
+    /// Tells the engine about an accepted connection; its id and queue, or `None` when
+    /// the engine is gone.
+    async fn opened(
+        &self,
+        transport: Transport,
+        peer: SocketAddr,
+    ) -> Option<(ConnectionId, mpsc::Receiver<Bytes>)> {
+        Stats::bump(&self.receive.stats.tcp_connections_opened);
+        let id = self.new_id();
         let (sender, receiver) = mpsc::channel(CONNECTION_QUEUE);
         let opened = TransportEvent::ConnectionOpened {
-            side,
+            side: self.receive.side,
+            transport,
             peer,
             id,
             sender,
         };
-        if context.receive.engine.send(opened).await.is_err() {
-            return;
-        }
-        let task_context = context.clone();
-        context.tracker.spawn(async move {
-            task_context.serve(stream, peer, id, receiver).await;
-            drop(slot);
-        });
+        self.receive.engine.send(opened).await.ok()?;
+        Some((id, receiver))
     }
 }

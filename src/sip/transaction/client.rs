@@ -53,6 +53,8 @@ pub struct ClientTransaction {
     timeout_at: Option<Instant>,
     linger_until: Option<Instant>,
     timer_c_at: Option<Instant>,
+    /// Give up early if nothing at all is heard by then (failover, RFC 3263 §4.3).
+    silence_until: Option<Instant>,
     saw_provisional: bool,
     events: VecDeque<ClientEvent>,
 }
@@ -80,6 +82,7 @@ impl ClientTransaction {
             timeout_at: Some(now + timers.transaction_timeout()),
             linger_until: None,
             timer_c_at: None,
+            silence_until: None,
             saw_provisional: false,
             events: VecDeque::new(),
         };
@@ -123,10 +126,28 @@ impl ClientTransaction {
             self.timeout_at,
             self.linger_until,
             self.timer_c_at,
+            self.silence_until,
         ])
     }
 
+    /// Reports [`ClientEvent::Timeout`] at `at` unless some response (even 100 Trying)
+    /// arrives first: the caller may then try another host while the budget lasts.
+    pub fn set_silence_deadline(&mut self, at: Instant) {
+        if matches!(self.state, ClientState::Calling | ClientState::Trying) {
+            self.silence_until = Some(at);
+        }
+    }
+
+    /// Ends the transaction (as Timer B or F would) no later than `at`: a request
+    /// retried on another host keeps the first try's budget.
+    pub fn limit_deadline(&mut self, at: Instant) {
+        if let Some(timeout) = self.timeout_at.as_mut() {
+            *timeout = (*timeout).min(at);
+        }
+    }
+
     pub fn handle_response(&mut self, now: Instant, response: Response) {
+        self.silence_until = None;
         let code = response.status_code.code();
         let provisional = (100..200).contains(&code);
         let success = (200..300).contains(&code);
@@ -206,8 +227,10 @@ impl ClientTransaction {
             self.events.push_back(ClientEvent::TimerC);
             return;
         }
-        if due(self.timeout_at, now) {
-            // Timer B or F, or 64·T1 after a CANCEL.
+        if due(self.timeout_at, now) || due(self.silence_until, now) {
+            // Timer B or F, or 64·T1 after a CANCEL, or silence past the failover
+            // deadline.
+            self.silence_until = None;
             self.clear_running_timers();
             self.events.push_back(ClientEvent::Timeout);
             self.terminate();
@@ -304,6 +327,7 @@ impl ClientTransaction {
         self.retransmit_at = None;
         self.timeout_at = None;
         self.timer_c_at = None;
+        self.silence_until = None;
     }
 
     fn terminate(&mut self) {
