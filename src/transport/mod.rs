@@ -81,7 +81,8 @@ pub enum TransportEvent {
         transport: Transport,
         peer: SocketAddr,
         id: ConnectionId,
-        /// True when an outbound connection never got established.
+        /// True when an outbound connection never got established, or its peer refused
+        /// it (a TLS alert) before sending anything: what was queued on it is lost.
         connect_failed: bool,
     },
     /// Engine-internal: the forced credential refresh that server transaction `server`

@@ -211,6 +211,9 @@ impl TcpContext {
         };
         let (mut reader, mut writer) = tokio::io::split(stream);
         let mut heard = false;
+        // A peer that refused this connection (a TLS alert before it sent anything):
+        // what was sent on it is lost, as after a failed connect.
+        let mut refused = false;
         let mut framer = StreamFramer::new(self.receive.max_message_size);
         let mut idle_deadline = Instant::now() + self.idle_timeout;
         let reason = 'connection: loop {
@@ -225,6 +228,7 @@ impl TcpContext {
                             // A TLS 1.3 server refuses a client certificate only after
                             // the handshake, on the first read.
                             if !heard && Failure::is_tls(&error) {
+                                refused = true;
                                 self.handshake_failed(peer, &Failure::of(&error));
                             } else {
                                 tracing::debug!(%side, %peer, error = %error, "read failed");
@@ -279,7 +283,7 @@ impl TcpContext {
         };
         tracing::debug!(%side, %peer, %transport, id, reason, "connection closed");
         self.discard(&mut outgoing);
-        self.report_closed(transport, peer, id, false).await;
+        self.report_closed(transport, peer, id, refused).await;
     }
 }
 

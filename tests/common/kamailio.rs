@@ -33,6 +33,8 @@ pub struct Kamailio {
     child: std::process::Child,
     pub dir: tempfile::TempDir,
     pub port: u16,
+    /// The TLS listener, for cores that have one.
+    tls_port: Option<u16>,
 }
 
 /// How the Digest core is set up.
@@ -45,6 +47,29 @@ pub struct DigestCore<'a> {
     pub far_end_port: u16,
     /// The password of subscriber `alice`.
     pub password: &'a str,
+}
+
+/// How the TLS core is set up.
+pub struct TlsCore<'a> {
+    /// Its server certificate and key, the CA it trusts for client certificates.
+    pub pki: &'a super::tls::Pki,
+    /// Which of the Pki's server certificates it presents.
+    pub server_cert: ServerCert,
+    /// Mutual TLS: refuse a TLS client that presents no certificate signed by the CA.
+    pub require_client_cert: bool,
+    /// Where initial INVITEs that arrive over TLS (from the sidecar) go, over UDP.
+    pub far_end: std::net::SocketAddr,
+}
+
+/// The certificate the TLS core presents, from its [`TlsCore::pki`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ServerCert {
+    /// Signed by the CA, valid now.
+    Valid,
+    /// Signed by the CA, expired in 2001.
+    Expired,
+    /// Valid now, signed by the unrelated ("wrong") CA.
+    WrongCa,
 }
 
 impl Kamailio {
@@ -70,10 +95,46 @@ impl Kamailio {
         Self::start("registrar.cfg", password, &[]).await
     }
 
+    /// Kamailio as a TLS core (`tests/kamailio/tls-core.cfg`): TLS 1.2+ on
+    /// [`Kamailio::tls_addr`] with a server certificate of `core.pki`, UDP on
+    /// [`Kamailio::addr`] for peers on the core side. A registrar without authentication
+    /// (bindings in memory, read with [`Kamailio::kamcmd`]); an initial INVITE that came
+    /// over TLS goes to `core.far_end`, one that came over UDP to the registered Contact
+    /// (over TLS when the Contact says `transport=tls`, without checking the certificate
+    /// it is shown there).
+    pub async fn tls_core(core: &TlsCore<'_>) -> Kamailio {
+        let tls_port = super::free_port();
+        let tls_cfg = tls_profiles(core.pki, core.server_cert, core.require_client_cert);
+        let mut kamailio = Self::start_with_files(
+            "tls-core.cfg",
+            "",
+            &[
+                ("@TLS_PORT@", tls_port.to_string()),
+                ("@FAR_END@", core.far_end.to_string()),
+            ],
+            &[("tls.cfg", tls_cfg)],
+        )
+        .await;
+        kamailio.tls_port = Some(tls_port);
+        kamailio.wait_tls_listening(tls_port).await;
+        kamailio
+    }
+
     /// Starts `tests/kamailio/<config>` with subscriber `alice`/`password` in a db_text
     /// table and the placeholders filled: `@PORT@`, `@MODULES@`, `@DB@`, `@DIR@`, and
     /// `values`.
     async fn start(config: &str, password: &str, values: &[(&str, String)]) -> Kamailio {
+        Self::start_with_files(config, password, values, &[]).await
+    }
+
+    /// As [`Kamailio::start`], with `files` (name, contents) written to its directory
+    /// (`@DIR@`) first, as they are.
+    async fn start_with_files(
+        config: &str,
+        password: &str,
+        values: &[(&str, String)],
+        files: &[(&str, String)],
+    ) -> Kamailio {
         let dir = tempfile::tempdir().expect("temporary directory for kamailio");
         let db = dir.path().join("db");
         std::fs::create_dir(&db).unwrap();
@@ -107,6 +168,9 @@ impl Kamailio {
         assert!(!text.contains('@'), "a placeholder was left unfilled");
         let config_path = dir.path().join("kamailio.cfg");
         std::fs::write(&config_path, text).unwrap();
+        for (name, contents) in files {
+            std::fs::write(dir.path().join(name), contents).unwrap();
+        }
         let log = std::fs::File::create(dir.path().join("kamailio.log")).unwrap();
         // Its own process group, so that stopping it reaches every worker it forks.
         let child = std::process::Command::new(kamailio_path())
@@ -123,7 +187,12 @@ impl Kamailio {
             .stderr(log)
             .spawn()
             .expect("start kamailio");
-        let mut kamailio = Kamailio { child, dir, port };
+        let mut kamailio = Kamailio {
+            child,
+            dir,
+            port,
+            tls_port: None,
+        };
         kamailio.wait_listening().await;
         kamailio
     }
@@ -163,12 +232,35 @@ impl Kamailio {
         );
     }
 
+    /// Waits until the TLS port is taken too (Kamailio binds every listener before it
+    /// forks its workers, so this is quick), or fails with its log.
+    async fn wait_tls_listening(&mut self, tls_port: u16) {
+        for _ in 0..100 {
+            if std::net::TcpListener::bind((super::LOOPBACK, tls_port)).is_err() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!(
+            "kamailio did not bind TLS port {tls_port}; log:\n{}",
+            self.log()
+        );
+    }
+
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("kamailio.log")).unwrap_or_default()
     }
 
     pub fn addr(&self) -> std::net::SocketAddr {
         std::net::SocketAddr::from(([127, 0, 0, 1], self.port))
+    }
+
+    /// The TLS listener of a [`Kamailio::tls_core`].
+    pub fn tls_addr(&self) -> std::net::SocketAddr {
+        let port = self
+            .tls_port
+            .unwrap_or_else(|| panic!("this kamailio has no TLS listener"));
+        std::net::SocketAddr::from(([127, 0, 0, 1], port))
     }
 }
 
@@ -202,4 +294,41 @@ impl Drop for Kamailio {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// The tls module's profiles (`tls.cfg`): as a server, `server_cert` of `pki` for every
+/// connection, TLS 1.2 or newer, client certificates checked against the CA and demanded
+/// when `require_client_cert`; as a client (connecting to a Contact), the same
+/// certificate, and whatever the far side presents accepted.
+fn tls_profiles(
+    pki: &super::tls::Pki,
+    server_cert: ServerCert,
+    require_client_cert: bool,
+) -> String {
+    let (cert, key) = match server_cert {
+        ServerCert::Valid => (pki.server_cert(), pki.server_key()),
+        ServerCert::Expired => (pki.expired_cert(), pki.expired_key()),
+        ServerCert::WrongCa => (pki.other_server_cert(), pki.other_server_key()),
+    };
+    let mutual = if require_client_cert { "yes" } else { "no" };
+    format!(
+        "[server:default]\n\
+         method = TLSv1.2+\n\
+         certificate = {cert}\n\
+         private_key = {key}\n\
+         ca_list = {ca}\n\
+         verify_certificate = {mutual}\n\
+         require_certificate = {mutual}\n\
+         \n\
+         [client:default]\n\
+         method = TLSv1.2+\n\
+         certificate = {cert}\n\
+         private_key = {key}\n\
+         ca_list = {ca}\n\
+         verify_certificate = no\n\
+         require_certificate = no\n",
+        cert = cert.display(),
+        key = key.display(),
+        ca = pki.ca().display(),
+    )
 }

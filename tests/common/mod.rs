@@ -6,9 +6,11 @@
 // Test support: a failed set-up step should stop the test loudly.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+pub mod dns;
 pub mod kamailio;
 pub mod raw;
 pub mod sim;
+pub mod tls;
 
 use std::collections::HashMap;
 use std::net::{SocketAddr, TcpListener, UdpSocket};

@@ -1,0 +1,313 @@
+//! TLS toward a real core: Kamailio (Debian `kamailio-tls-modules`) with certificates the
+//! test generates. Calls and registration go through the sidecar over TLS in both
+//! directions, with mutual TLS; a core whose certificate is issued by an unknown CA, one
+//! whose certificate names another host, and one that requires a client certificate the
+//! sidecar does not have are each refused, counted under their reason, and the Edge gets
+//! 503 at once instead of a timeout.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use byoc_sidecar::config::Transport;
+use byoc_sidecar::registration::State;
+use byoc_sidecar::stats::StatsSnapshot;
+use byoc_sidecar::transport::Side;
+use common::kamailio::{Kamailio, ServerCert, TlsCore};
+use common::raw::{self, RawPeer};
+use common::tls::Pki;
+use common::*;
+
+/// The sidecar's configuration toward a TLS core at `core`: a TLS listener on the core
+/// side with the Pki's server certificate, `tls_lines` in `[trunk.tls]`, `trunk_extra`
+/// lines in the trunk.
+fn config(
+    pki: &Pki,
+    edge_port: u16,
+    core: SocketAddr,
+    tls_lines: &str,
+    trunk_extra: &str,
+) -> String {
+    format!(
+        r#"
+[edge]
+listen = ["udp:127.0.0.1:0"]
+allow = ["127.0.0.0/8"]
+
+[core_side]
+listen = ["udp:127.0.0.1:0", "tls:127.0.0.1:0"]
+allow = ["127.0.0.0/8"]
+
+[core_side.tls]
+certificate_file = "{cert}"
+key_file = "{key}"
+
+[sip]
+t1 = "100ms"
+
+[[trunk]]
+name = "test"
+edge = "udp:127.0.0.1:{edge_port}"
+core = "tls:{core}"
+{trunk_extra}
+
+[trunk.tls]
+{tls_lines}
+"#,
+        cert = pki.server_cert().display(),
+        key = pki.server_key().display(),
+    )
+}
+
+/// Trusting the Pki's CA, checking the name `core.test`, presenting the client
+/// certificate.
+fn mutual(pki: &Pki) -> String {
+    format!(
+        "ca_file = \"{}\"\nserver_name = \"core.test\"\ncertificate_file = \"{}\"\nkey_file = \"{}\"\n",
+        pki.ca().display(),
+        pki.client_cert().display(),
+        pki.client_key().display()
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_and_registration_cross_tls_in_both_directions() {
+    const CALLS: u64 = 10;
+    let pki = Pki::generate(&["core.test", "127.0.0.1"]);
+    // Edge -> sidecar -> TLS -> Kamailio -> this far end.
+    let far_end_port = free_port();
+    let far_end = Sipp::start(
+        "far end uas",
+        &uas_args("uas.xml", far_end_port, Transport::Udp, CALLS),
+    );
+    let kamailio = Kamailio::tls_core(&TlsCore {
+        pki: &pki,
+        server_cert: ServerCert::Valid,
+        require_client_cert: true,
+        far_end: format!("127.0.0.1:{far_end_port}").parse().unwrap(),
+    })
+    .await;
+    let edge_port = free_port();
+    let text = config(
+        &pki,
+        edge_port,
+        kamailio.tls_addr(),
+        &mutual(&pki),
+        "\n[trunk.registration]\naor = \"sip:trunk@core.test\"\nexpires = \"60s\"\n",
+    );
+    let sidecar = Sidecar::start_with(&text).await;
+    let mut status = sidecar.app.registrations["test"].clone();
+    // The watch's guard is dropped at once: held, it would block the driver's updates.
+    let registered = tokio::time::timeout(
+        Duration::from_secs(10),
+        status.wait_for(|status| status.state == State::Registered),
+    )
+    .await
+    .is_ok_and(|seen| seen.is_ok());
+    if !registered {
+        panic!(
+            "not registered over TLS in 10 s; kamailio log:\n{}",
+            kamailio.log()
+        );
+    }
+    // The binding names the sidecar's TLS listener.
+    let tls_listener = sidecar.addr(Side::Core, Transport::Tls);
+    let dump = kamailio.kamcmd("ul.dump");
+    assert!(
+        dump.contains(&format!("sip:trunk@{tls_listener};transport=tls")),
+        "no TLS binding for {tls_listener} in:\n{dump}"
+    );
+
+    let uac = Sipp::start(
+        "edge uac",
+        &uac_args(
+            "uac.xml",
+            sidecar.addr(Side::Edge, Transport::Udp),
+            Transport::Udp,
+            CALLS,
+            10,
+            200,
+        ),
+    );
+    let uac = uac.finish(Duration::from_secs(60)).await;
+    let far_end = far_end.finish(Duration::from_secs(30)).await;
+    if uac.successful != CALLS {
+        eprintln!("kamailio log:\n{}", kamailio.log());
+    }
+    assert_all_calls_succeeded(&uac, CALLS, "the Edge calling over TLS");
+    assert_all_calls_succeeded(&far_end, CALLS, "the far end behind the TLS core");
+
+    // The core calls the trunk: sipp -> Kamailio -> (lookup, TLS to the sidecar's
+    // listener) -> sidecar -> the Edge; the ACK and BYE follow the TLS Record-Route.
+    let edge = Sipp::start(
+        "edge uas",
+        &uas_args("uas.xml", edge_port, Transport::Udp, CALLS),
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut args = uac_args("uac.xml", kamailio.addr(), Transport::Udp, CALLS, 10, 200);
+    args.extend(["-s".to_string(), "trunk".to_string()]);
+    let caller = Sipp::start("core uac", &args)
+        .finish(Duration::from_secs(60))
+        .await;
+    let edge = edge.finish(Duration::from_secs(30)).await;
+    if caller.successful != CALLS {
+        eprintln!("kamailio log:\n{}", kamailio.log());
+    }
+    assert_all_calls_succeeded(&caller, CALLS, "the core side calling over TLS");
+    assert_all_calls_succeeded(&edge, CALLS, "the Edge answering");
+    let stats = sidecar.app.stats.snapshot();
+    assert_eq!(tls_failures(&stats), 0, "{stats:?}");
+    // Shutdown unregisters over the same TLS connection.
+    sidecar.stop().await;
+    let dump = kamailio.kamcmd("ul.dump");
+    assert!(
+        !dump.contains(&format!("sip:trunk@{tls_listener}")),
+        "still bound after shutdown:\n{dump}"
+    );
+}
+
+fn tls_failures(stats: &StatsSnapshot) -> u64 {
+    stats.tls_unknown_ca
+        + stats.tls_name_mismatch
+        + stats.tls_expired_certificate
+        + stats.tls_client_certificate_refused
+        + stats.tls_other_failures
+}
+
+/// One INVITE from a raw Edge through a sidecar configured with `tls_lines` toward a
+/// Kamailio presenting `server_cert`; the status the Edge gets, and the sidecar's counters.
+async fn refused(
+    server_cert: ServerCert,
+    require_client_cert: bool,
+    tls_lines: &str,
+) -> (u16, StatsSnapshot) {
+    let pki = Pki::generate(&["core.test", "127.0.0.1"]);
+    let kamailio = Kamailio::tls_core(&TlsCore {
+        pki: &pki,
+        server_cert,
+        require_client_cert,
+        far_end: "127.0.0.1:9".parse().unwrap(),
+    })
+    .await;
+    let edge = RawPeer::bind().await;
+    let text = config(
+        &pki,
+        edge.addr.port(),
+        kamailio.tls_addr(),
+        &tls_lines
+            .replace("@CA@", &pki.ca().display().to_string())
+            .replace("@OTHER_CA@", &pki.other_ca().display().to_string())
+            .replace("@CERT@", &pki.client_cert().display().to_string())
+            .replace("@KEY@", &pki.client_key().display().to_string()),
+        "",
+    );
+    let sidecar = Sidecar::start_with(&text).await;
+    let target = sidecar.addr(Side::Edge, Transport::Udp);
+    edge.send(
+        &raw::invite(edge.addr, target, "z9hG4bKtls1", "tls-refused"),
+        target,
+    )
+    .await;
+    // 100 Trying at once, then the final answer: well before Timer B (6.4 s here).
+    let answer = tokio::time::timeout(Duration::from_secs(5), raw::final_response(&edge))
+        .await
+        .expect("a final answer before the transaction times out");
+    let stats = sidecar.app.stats.snapshot();
+    sidecar.stop().await;
+    (raw::status(&answer), stats)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_core_certificate_from_an_unknown_ca_is_refused() {
+    let (status, stats) = refused(
+        ServerCert::WrongCa,
+        false,
+        "ca_file = \"@CA@\"\nserver_name = \"core.test\"\n",
+    )
+    .await;
+    assert_eq!(status, 503);
+    assert!(stats.tls_unknown_ca >= 1, "{stats:?}");
+    assert_eq!(tls_failures(&stats), stats.tls_unknown_ca, "{stats:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_core_certificate_for_another_name_is_refused() {
+    let (status, stats) = refused(
+        ServerCert::Valid,
+        false,
+        "ca_file = \"@CA@\"\nserver_name = \"elsewhere.test\"\n",
+    )
+    .await;
+    assert_eq!(status, 503);
+    assert!(stats.tls_name_mismatch >= 1, "{stats:?}");
+    assert_eq!(tls_failures(&stats), stats.tls_name_mismatch, "{stats:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expired_core_certificate_is_refused() {
+    let (status, stats) = refused(
+        ServerCert::Expired,
+        false,
+        "ca_file = \"@CA@\"\nserver_name = \"core.test\"\n",
+    )
+    .await;
+    assert_eq!(status, 503);
+    assert!(stats.tls_expired_certificate >= 1, "{stats:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_core_that_requires_a_client_certificate_refuses_a_sidecar_without_one() {
+    let (status, stats) = refused(
+        ServerCert::Valid,
+        true,
+        "ca_file = \"@CA@\"\nserver_name = \"core.test\"\n",
+    )
+    .await;
+    assert_eq!(status, 503);
+    assert!(stats.tls_client_certificate_refused >= 1, "{stats:?}");
+    assert_eq!(
+        tls_failures(&stats),
+        stats.tls_client_certificate_refused,
+        "{stats:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_same_core_with_the_right_ca_name_and_certificate_answers() {
+    // The control for the refusals above: only the one setting differs.
+    let pki = Pki::generate(&["core.test", "127.0.0.1"]);
+    let far_end = RawPeer::bind().await;
+    let kamailio = Kamailio::tls_core(&TlsCore {
+        pki: &pki,
+        server_cert: ServerCert::Valid,
+        require_client_cert: true,
+        far_end: far_end.addr,
+    })
+    .await;
+    let edge = RawPeer::bind().await;
+    let sidecar = Sidecar::start_with(&config(
+        &pki,
+        edge.addr.port(),
+        kamailio.tls_addr(),
+        &mutual(&pki),
+        "",
+    ))
+    .await;
+    let target = sidecar.addr(Side::Edge, Transport::Udp);
+    edge.send(
+        &raw::invite(edge.addr, target, "z9hG4bKtls2", "tls-accepted"),
+        target,
+    )
+    .await;
+    let (invite, from) = raw::next_request(&far_end, rsip::Method::Invite).await;
+    far_end
+        .send(&raw::answer(&invite, 486, "Busy Here", "far"), from)
+        .await;
+    let answer = raw::final_response(&edge).await;
+    assert_eq!(raw::status(&answer), 486, "{}", kamailio.log());
+    assert_eq!(tls_failures(&sidecar.app.stats.snapshot()), 0);
+    sidecar.stop().await;
+}
