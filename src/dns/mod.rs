@@ -78,7 +78,7 @@ impl Resolved {
     /// The next candidate for a request that has tried `tried` already: among those
     /// not tried, the ones `avoided` does not name if there are any (a host that failed
     /// recently is still better than none), then the best rank, then a weighted choice
-    /// by `random` (RFC 2782: a weight-0 candidate is chosen only when `random` lands on
+    /// by `random` (RFC 2782; a weight-0 candidate is chosen only when the draw is
     /// zero, unless all weights are 0).
     pub fn pick(
         &self,
@@ -111,9 +111,19 @@ impl Resolved {
             return group.get(index).copied().copied();
         }
         // Zero weights first, then a running sum: the first whose sum reaches the draw.
+        // RFC 2782 draws from 0 to the sum inclusive so that a zero weight can be
+        // chosen; without zero weights the draw starts at 1, or the first candidate
+        // would get one share too many (4 of 5 instead of 3 of 4 for weights 3 and 1).
         let mut ordered = group;
         ordered.sort_by_key(|candidate| candidate.weight != 0);
-        let draw = u64::from(random) % (total + 1);
+        let has_zero = ordered
+            .first()
+            .is_some_and(|candidate| candidate.weight == 0);
+        let draw = if has_zero {
+            u64::from(random) % (total + 1)
+        } else {
+            1 + u64::from(random) % total
+        };
         let mut sum = 0;
         for candidate in &ordered {
             sum += u64::from(candidate.weight);
@@ -313,13 +323,13 @@ mod tests {
             candidate("192.0.2.3:5060", 20, 100),
         ]);
         let none = |_: SocketAddr| false;
-        // Draws 0..=80 over the rank-10 pair: 0..=60 the first, 61..=80 the second.
+        // 80 draws over the rank-10 pair: 60 the first, 20 the second.
         let mut counts = HashMap::new();
-        for draw in 0..=80u32 {
+        for draw in 0..80u32 {
             let picked = resolved.pick(&[], none, draw).unwrap();
             *counts.entry(picked.addr).or_insert(0) += 1;
         }
-        assert_eq!(counts[&addr("192.0.2.1:5060")], 61);
+        assert_eq!(counts[&addr("192.0.2.1:5060")], 60);
         assert_eq!(counts[&addr("192.0.2.2:5060")], 20);
         // Once both are tried, the next rank.
         let tried = [addr("192.0.2.1:5060"), addr("192.0.2.2:5060")];

@@ -118,7 +118,24 @@ impl Sipp {
                 panic!("{} did not finish within {limit:?}", self.name);
             }
         };
-        let stats = read_stats(&self.dir.path().join("stats.csv"));
+        self.outcome(status.code())
+    }
+
+    /// Kills a sipp that runs without a call limit (a UAS for an unknown share of the
+    /// calls) and reads the statistics it wrote (once a second: wait that long after the
+    /// last call before stopping it).
+    pub async fn stop(mut self) -> SippOutcome {
+        let _ = self.child.kill().await;
+        self.outcome(None)
+    }
+
+    /// The statistics sipp wrote last (it writes them once a second).
+    pub fn stats(&self) -> HashMap<String, u64> {
+        read_stats(&self.dir.path().join("stats.csv"))
+    }
+
+    fn outcome(&self, exit_code: Option<i32>) -> SippOutcome {
+        let stats = self.stats();
         let errors = std::fs::read_dir(self.dir.path())
             .unwrap()
             .filter_map(Result::ok)
@@ -131,7 +148,7 @@ impl Sipp {
             .collect::<Vec<_>>()
             .join("\n");
         SippOutcome {
-            exit_code: status.code(),
+            exit_code,
             successful: stats.get("SuccessfulCall(C)").copied().unwrap_or(0),
             failed: stats.get("FailedCall(C)").copied().unwrap_or(0),
             unexpected: stats
