@@ -331,3 +331,72 @@ async fn calls_spread_by_srv_weight_and_move_off_a_stopped_core() {
     assert!(on_b >= 120, "core b answered {on_b} calls");
     sidecar.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn registration_moves_to_the_next_srv_host_when_the_first_is_silent() {
+    let silent = RawPeer::bind_on("127.0.0.2").await;
+    let registrar = RawPeer::bind_on("127.0.0.3").await;
+    let dns = TestDns::start().await;
+    dns.set_srv(
+        "_sip._udp.reg.test",
+        &[
+            (10, 0, silent.addr.port(), "silent.reg.test"),
+            (20, 0, registrar.addr.port(), "live.reg.test"),
+        ],
+        60,
+    );
+    dns.set_addresses("silent.reg.test", &[ip("127.0.0.2")], 60);
+    dns.set_addresses("live.reg.test", &[ip("127.0.0.3")], 60);
+    let text = format!(
+        "{}\n[trunk.registration]\naor = \"sip:trunk@reg.test\"\nexpires = \"300s\"\n",
+        config(
+            "127.0.0.1:9".parse().unwrap(),
+            "udp:reg.test",
+            dns.addr(),
+            "failover_timeout = \"1s\"",
+            "",
+        )
+    );
+    let sidecar = Sidecar::start_with(&text).await;
+    // Priority 10 first: it hears the REGISTER (and its retransmissions) and says nothing.
+    let (first, _) = raw::next_request(&silent, rsip::Method::Register).await;
+    let started = tokio::time::Instant::now();
+    let (second, from) = raw::next_request(&registrar, rsip::Method::Register).await;
+    let moved = started.elapsed();
+    assert!(
+        moved >= Duration::from_millis(900),
+        "moved after {moved:?}, before failover_timeout"
+    );
+    // The same registration (Call-ID and CSeq), a new transaction.
+    assert_eq!(
+        raw::header_values(&first, "Call-ID"),
+        raw::header_values(&second, "Call-ID")
+    );
+    assert_eq!(raw::cseq(&first), raw::cseq(&second));
+    assert_ne!(raw::top_branch(&first), raw::top_branch(&second));
+    let contact = &raw::header_values(&second, "Contact")[0];
+    let granted = raw::answer(&second, 200, "OK", "registrar").replace(
+        "Content-Length: 0\r\n",
+        &format!("Contact: {contact};expires=300\r\nContent-Length: 0\r\n"),
+    );
+    registrar.send(&granted, from).await;
+    let mut status = sidecar.app.registrations["test"].clone();
+    let registered = tokio::time::timeout(
+        Duration::from_secs(5),
+        status.wait_for(|status| status.state == byoc_sidecar::registration::State::Registered),
+    )
+    .await
+    .is_ok_and(|seen| seen.is_ok());
+    assert!(registered, "not registered through the second host");
+    assert_eq!(sidecar.app.stats.snapshot().failovers, 1);
+    // The unregister at shutdown goes to the host that answered (the silent one is
+    // held back), which grants it.
+    let answering = tokio::spawn(async move {
+        let (unregister, from) = raw::next_request(&registrar, rsip::Method::Register).await;
+        let done = raw::answer(&unregister, 200, "OK", "registrar");
+        registrar.send(&done, from).await;
+        raw::header_values(&unregister, "Expires")
+    });
+    sidecar.stop().await;
+    assert_eq!(answering.await.unwrap(), vec!["0".to_string()]);
+}

@@ -311,3 +311,176 @@ async fn the_same_core_with_the_right_ca_name_and_certificate_answers() {
     assert_eq!(tls_failures(&sidecar.app.stats.snapshot()), 0);
     sidecar.stop().await;
 }
+
+/// `s_client` arguments: trust `ca`, fail on a verification error, SNI `core.test`.
+fn verifying(ca: &std::path::Path) -> Vec<String> {
+    vec![
+        "-CAfile".into(),
+        ca.display().to_string(),
+        "-verify_return_error".into(),
+        "-servername".into(),
+        "core.test".into(),
+    ]
+}
+
+/// Whether a handshake with the sidecar's listener at `addr` verifies against `ca`.
+async fn verifies(addr: SocketAddr, ca: &std::path::Path) -> bool {
+    let mut args = verifying(ca);
+    args.push("-brief".into());
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let outcome = common::tls::s_client(addr, &args, b"", None, Duration::from_secs(5)).await;
+    outcome.exit_code == Some(0) && outcome.output().contains("Verification: OK")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_edge_may_reach_the_sidecar_over_tls() {
+    let pki = Pki::generate(&["core.test", "127.0.0.1"]);
+    let core = RawPeer::bind().await;
+    let text = format!(
+        r#"
+[edge]
+listen = ["udp:127.0.0.1:0", "tls:127.0.0.1:0"]
+allow = ["127.0.0.0/8"]
+
+[edge.tls]
+certificate_file = "{cert}"
+key_file = "{key}"
+
+[core_side]
+listen = ["udp:127.0.0.1:0"]
+allow = ["127.0.0.0/8"]
+
+[[trunk]]
+name = "test"
+edge = "udp:127.0.0.1:9"
+core = "udp:{core}"
+"#,
+        cert = pki.server_cert().display(),
+        key = pki.server_key().display(),
+        core = core.addr,
+    );
+    let sidecar = Sidecar::start_with(&text).await;
+    let edge_tls = sidecar.addr(Side::Edge, Transport::Tls);
+    let invite = raw::invite(
+        "127.0.0.1:5099".parse().unwrap(),
+        edge_tls,
+        "z9hG4bKedgetls",
+        "edge-tls",
+    )
+    .replace("SIP/2.0/UDP", "SIP/2.0/TLS");
+    let mut args = verifying(&pki.ca());
+    args.push("-quiet".into());
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let client = common::tls::s_client(
+        edge_tls,
+        &args,
+        invite.as_bytes(),
+        Some("SIP/2.0 486"),
+        Duration::from_secs(10),
+    );
+    let answering = async {
+        let (invite, from) = raw::next_request(&core, rsip::Method::Invite).await;
+        // The core sees the Record-Route of the Edge's side say TLS.
+        let routes = raw::record_routes(&invite);
+        core.send(&raw::answer(&invite, 486, "Busy Here", "core"), from)
+            .await;
+        routes
+    };
+    let (outcome, routes) = tokio::join!(client, answering);
+    assert!(
+        outcome.stdout.contains("SIP/2.0 486"),
+        "the answer did not come back over TLS: {outcome:?}"
+    );
+    assert!(
+        routes
+            .iter()
+            .any(|route| route.contains(&format!("{edge_tls};transport=tls"))),
+        "{routes:?}"
+    );
+    sidecar.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_listener_certificate_is_reloaded_on_sighup_and_when_its_files_change() {
+    let pki = Pki::generate(&["core.test", "127.0.0.1"]);
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    std::fs::copy(pki.server_cert(), &cert).unwrap();
+    std::fs::copy(pki.server_key(), &key).unwrap();
+    let text = |cert: &std::path::Path, key: &std::path::Path| {
+        format!(
+            r#"
+[edge]
+listen = ["udp:127.0.0.1:0"]
+allow = ["127.0.0.0/8"]
+
+[core_side]
+listen = ["tls:127.0.0.1:0"]
+allow = ["127.0.0.0/8"]
+
+[core_side.tls]
+certificate_file = "{}"
+key_file = "{}"
+
+[[trunk]]
+name = "test"
+edge = "udp:127.0.0.1:9"
+core = "tls:127.0.0.1:9"
+"#,
+            cert.display(),
+            key.display()
+        )
+    };
+    let sidecar = Sidecar::start_with(&text(&cert, &key)).await;
+    let listener = sidecar.addr(Side::Core, Transport::Tls);
+    assert!(verifies(listener, &pki.ca()).await);
+    assert!(!verifies(listener, &pki.other_ca()).await);
+
+    // SIGHUP: a re-read configuration naming other files.
+    let settings = byoc_sidecar::config::Config::from_toml(
+        &text(&pki.other_server_cert(), &pki.other_server_key()),
+        "reloaded",
+    )
+    .unwrap()
+    .validate()
+    .unwrap();
+    sidecar.app.reload(&settings);
+    assert!(verifies(listener, &pki.other_ca()).await);
+    assert!(!verifies(listener, &pki.ca()).await);
+
+    // A broken file is refused and the certificate in use stays.
+    std::fs::write(dir.path().join("broken.pem"), "not a certificate\n").unwrap();
+    let broken = byoc_sidecar::config::Config::from_toml(
+        &text(&dir.path().join("broken.pem"), &key),
+        "broken",
+    )
+    .unwrap()
+    .validate()
+    .unwrap();
+    sidecar.app.reload(&broken);
+    assert!(verifies(listener, &pki.other_ca()).await);
+
+    // The files in use change in place: picked up within the check interval (2 s).
+    sidecar.app.reload(
+        &byoc_sidecar::config::Config::from_toml(&text(&cert, &key), "back")
+            .unwrap()
+            .validate()
+            .unwrap(),
+    );
+    assert!(verifies(listener, &pki.ca()).await);
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    std::fs::copy(pki.other_server_cert(), &cert).unwrap();
+    std::fs::copy(pki.other_server_key(), &key).unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(6);
+    loop {
+        if verifies(listener, &pki.other_ca()).await {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the changed files were not picked up"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    sidecar.stop().await;
+}

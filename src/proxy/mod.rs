@@ -570,7 +570,7 @@ fn uri_host(ip: IpAddr) -> String {
 }
 
 /// How often the TLS listeners' certificate files are looked at for changes.
-const TLS_FILES_CHECK: Duration = Duration::from_secs(10);
+const TLS_FILES_CHECK: Duration = Duration::from_secs(2);
 
 /// Resolves every peer that is a name, all at once and within a bound, then keeps each
 /// resolved in the background. A peer that does not resolve now does not stop the
