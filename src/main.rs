@@ -439,6 +439,14 @@ fn replay(args: &ReplayArgs) -> ExitCode {
 fn check(path: &std::path::Path) -> ExitCode {
     match Config::load(path) {
         Ok(settings) => {
+            let tls = byoc_sidecar::transport::tls::problems(&settings);
+            if !tls.is_empty() {
+                eprintln!("{}: {} problem(s):", path.display(), tls.len());
+                for problem in tls {
+                    eprintln!("  - {problem}");
+                }
+                return ExitCode::from(64);
+            }
             println!(
                 "{}: valid ({} trunk{}: {})",
                 path.display(),

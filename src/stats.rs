@@ -118,6 +118,9 @@ counters! {
     failovers,
     /// Core hosts marked as failed (no answer, transport error, 503 without Retry-After).
     core_host_failures,
+    /// Calls a core host answered late, after the request had moved to another host:
+    /// acknowledged and hung up at once.
+    late_calls_ended,
     /// The longest time, in microseconds, a refused request waited for its re-send or
     /// for its refusal to be passed on (a maximum, not a counter).
     longest_resend_wait_micros,

@@ -77,7 +77,7 @@ impl Observed {
     fn encode_proxy(&self, encoder: &mut DescriptorEncoder) -> fmt::Result {
         let stats = self.stats.snapshot();
         let none = Labels::new;
-        let counters: [(&str, &str, u64); 16] = [
+        let counters: [(&str, &str, u64); 17] = [
             (
                 "byoc_sip_messages_received",
                 "SIP messages parsed and handed to the engine",
@@ -152,6 +152,11 @@ impl Observed {
                 "byoc_core_host_failures",
                 "Core hosts marked as failed (no answer, transport error, 503 without Retry-After)",
                 stats.core_host_failures,
+            ),
+            (
+                "byoc_late_calls_ended",
+                "Calls a core host answered after the request had moved to another host, hung up at once",
+                stats.late_calls_ended,
             ),
             (
                 "byoc_drain_rejected",

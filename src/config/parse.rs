@@ -149,6 +149,19 @@ impl Endpoint {
         }
     }
 
+    /// Whether requests to this peer may go over TLS from a side listening on
+    /// `listeners`: a `tls:`/`sips:` peer, or a `sip:` one whose NAPTR records may pick
+    /// TLS when the side has a TLS listener.
+    pub fn may_use_tls(&self, listeners: &[Listen]) -> bool {
+        match self.selection {
+            Selection::Fixed(transport) => transport == Transport::Tls,
+            Selection::Naptr { secure: true } => true,
+            Selection::Naptr { secure: false } => listeners
+                .iter()
+                .any(|listen| listen.transport == Transport::Tls),
+        }
+    }
+
     /// The host without IPv6 brackets, lower-cased.
     pub fn host_name(&self) -> String {
         crate::sip::via::strip_brackets(&self.host).to_ascii_lowercase()

@@ -28,18 +28,24 @@ pub struct Candidate {
     /// Lower is tried first: the NAPTR record's position in the high half, the SRV
     /// priority in the low half.
     pub rank: u32,
-    /// SRV weight among candidates of the same rank.
+    /// SRV weight among candidates of the same rank: of the SRV record, which all
+    /// addresses of its target share (the weight counts once per target).
     pub weight: u16,
+    /// Which SRV record (or address, for plain A/AAAA answers) it comes from: addresses
+    /// of one target are tried in order, after the target is chosen.
+    pub target: u32,
 }
 
 impl Candidate {
-    /// A candidate that is the only one of its rank (an IP address, an A record).
-    pub fn plain(transport: Transport, addr: SocketAddr) -> Self {
+    /// A candidate from an IP address or an A/AAAA record: rank 0, weight 0, its own
+    /// target `target` (addresses of a name are chosen among evenly).
+    pub fn plain(transport: Transport, addr: SocketAddr, target: u32) -> Self {
         Self {
             transport,
             addr,
             rank: 0,
             weight: 0,
+            target,
         }
     }
 }
@@ -48,31 +54,88 @@ impl Candidate {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Resolved {
     pub candidates: Vec<Candidate>,
+    /// Addresses earlier answers had and this one has not, until when they still count
+    /// as the peer's: dialogs keep their host when DNS moves on (its in-dialog requests
+    /// still carry the trunk's credential, its requests are still let in). New requests
+    /// never go to them.
+    pub retired: Vec<(SocketAddr, Instant)>,
 }
+
+/// How long an address that left a peer's DNS answer still counts as the peer's: as long
+/// as the sidecar keeps a call (12 h).
+pub const RETIRED_KEEP: Duration = Duration::from_secs(12 * 3600);
 
 impl Resolved {
     pub fn new(candidates: Vec<Candidate>) -> Self {
-        Self { candidates }
+        Self {
+            candidates,
+            retired: Vec::new(),
+        }
+    }
+
+    /// `next` as the new answer at `now`: what this one had and `next` has not is
+    /// retired for `keep`; retired addresses whose time is up, or that are back, go.
+    pub fn succeeded_by(&self, mut next: Resolved, now: Instant, keep: Duration) -> Resolved {
+        let gone = self
+            .candidates
+            .iter()
+            .filter(|candidate| !next.contains_current(candidate.addr))
+            .map(|candidate| (candidate.addr, now + keep));
+        let still = self
+            .retired
+            .iter()
+            .copied()
+            .filter(|(addr, until)| now < *until && !next.contains_current(*addr));
+        let mut retired: Vec<(SocketAddr, Instant)> = Vec::new();
+        for (addr, until) in still.chain(gone) {
+            match retired.iter_mut().find(|(known, _)| *known == addr) {
+                Some(entry) => entry.1 = entry.1.max(until),
+                None => retired.push((addr, until)),
+            }
+        }
+        next.retired = retired;
+        next
+    }
+
+    /// The ports this peer is known on at `ip` (retired ones too), sorted.
+    pub fn ports_at(&self, ip: IpAddr) -> Vec<u16> {
+        let ip = canonical(ip);
+        let mut ports: Vec<u16> = self
+            .candidates
+            .iter()
+            .map(|candidate| candidate.addr)
+            .chain(self.retired.iter().map(|(old, _)| *old))
+            .filter(|addr| canonical(addr.ip()) == ip)
+            .map(|addr| addr.port())
+            .collect();
+        ports.sort_unstable();
+        ports.dedup();
+        ports
+    }
+
+    fn contains_current(&self, addr: SocketAddr) -> bool {
+        self.candidates
+            .iter()
+            .any(|candidate| same(candidate.addr, addr))
     }
 
     pub fn is_empty(&self) -> bool {
         self.candidates.is_empty()
     }
 
-    /// Whether `addr` (address and port) is one of the candidates.
+    /// Whether `addr` (address and port) is one of the candidates, or retired.
     pub fn contains(&self, addr: SocketAddr) -> bool {
-        self.candidates.iter().any(|candidate| {
-            canonical(candidate.addr.ip()) == canonical(addr.ip())
-                && candidate.addr.port() == addr.port()
-        })
+        self.contains_current(addr) || self.retired.iter().any(|(old, _)| same(*old, addr))
     }
 
-    /// Whether `ip` is the address of one of the candidates.
+    /// Whether `ip` is the address of one of the candidates, or of a retired one.
     pub fn contains_ip(&self, ip: IpAddr) -> bool {
         let ip = canonical(ip);
         self.candidates
             .iter()
-            .any(|candidate| canonical(candidate.addr.ip()) == ip)
+            .map(|candidate| candidate.addr)
+            .chain(self.retired.iter().map(|(old, _)| *old))
+            .any(|addr| canonical(addr.ip()) == ip)
     }
 
     /// The next candidate for a request that has tried `tried` already: among those
@@ -102,37 +165,56 @@ impl Resolved {
             .into_iter()
             .filter(|candidate| candidate.rank == best)
             .collect();
-        let total: u64 = group
-            .iter()
-            .map(|candidate| u64::from(candidate.weight))
-            .sum();
-        if total == 0 {
-            let index = usize::try_from(random).unwrap_or(0) % group.len();
-            return group.get(index).copied().copied();
-        }
-        // Zero weights first, then a running sum: the first whose sum reaches the draw.
-        // RFC 2782 draws from 0 to the sum inclusive so that a zero weight can be
-        // chosen; without zero weights the draw starts at 1, or the first candidate
-        // would get one share too many (4 of 5 instead of 3 of 4 for weights 3 and 1).
-        let mut ordered = group;
-        ordered.sort_by_key(|candidate| candidate.weight != 0);
-        let has_zero = ordered
-            .first()
-            .is_some_and(|candidate| candidate.weight == 0);
-        let draw = if has_zero {
-            u64::from(random) % (total + 1)
-        } else {
-            1 + u64::from(random) % total
-        };
-        let mut sum = 0;
-        for candidate in &ordered {
-            sum += u64::from(candidate.weight);
-            if sum >= draw {
-                return Some(**candidate);
+        // One entry per target, its weight counted once.
+        let mut targets: Vec<(u32, u16)> = Vec::new();
+        for candidate in &group {
+            if !targets
+                .iter()
+                .any(|(target, _)| *target == candidate.target)
+            {
+                targets.push((candidate.target, candidate.weight));
             }
         }
-        ordered.last().copied().copied()
+        let chosen = weighted_choice(&targets, random)?;
+        group
+            .into_iter()
+            .find(|candidate| candidate.target == chosen)
+            .copied()
     }
+}
+
+/// RFC 2782's weighted choice among (target, weight): zero weights first, then a
+/// running sum, the first whose sum reaches the draw. RFC 2782 draws from 0 to the sum
+/// inclusive so that a zero weight can be chosen; without zero weights the draw starts at
+/// 1, or the first target would get one share too many (4 of 5 instead of 3 of 4 for
+/// weights 3 and 1). All weights 0: an even choice.
+fn weighted_choice(targets: &[(u32, u16)], random: u32) -> Option<u32> {
+    let total: u64 = targets.iter().map(|(_, weight)| u64::from(*weight)).sum();
+    if total == 0 {
+        let index = usize::try_from(random).unwrap_or(0) % targets.len().max(1);
+        return targets.get(index).map(|(target, _)| *target);
+    }
+    let mut ordered = targets.to_vec();
+    ordered.sort_by_key(|(_, weight)| *weight != 0);
+    let has_zero = ordered.first().is_some_and(|(_, weight)| *weight == 0);
+    let draw = if has_zero {
+        u64::from(random) % (total + 1)
+    } else {
+        1 + u64::from(random) % total
+    };
+    let mut sum = 0;
+    for (target, weight) in &ordered {
+        sum += u64::from(*weight);
+        if sum >= draw {
+            return Some(*target);
+        }
+    }
+    ordered.last().map(|(target, _)| *target)
+}
+
+/// The same socket address, IPv4-mapped IPv6 taken as IPv4.
+fn same(left: SocketAddr, right: SocketAddr) -> bool {
+    canonical(left.ip()) == canonical(right.ip()) && left.port() == right.port()
 }
 
 /// A trunk peer as configured and as resolved now: shared by the routing, the allow
@@ -150,6 +232,7 @@ impl Destinations {
             (Some(ip), Some(port)) => Resolved::new(vec![Candidate::plain(
                 endpoint.transport(),
                 SocketAddr::new(ip, port),
+                0,
             )]),
             _ => Resolved::default(),
         };
@@ -178,9 +261,16 @@ impl Destinations {
         self.current.load().contains(addr)
     }
 
-    /// Replaces what the name resolves to.
+    /// Replaces what the name resolves to (nothing is retired: for a first answer and
+    /// for tests).
     pub fn set(&self, resolved: Resolved) {
         self.current.store(Arc::new(resolved));
+    }
+
+    /// A new answer at `now`: addresses it drops stay the peer's for `keep`.
+    pub fn update(&self, resolved: Resolved, now: Instant, keep: Duration) {
+        let next = self.current.load().succeeded_by(resolved, now, keep);
+        self.current.store(Arc::new(next));
     }
 
     /// The first candidate in preference order, without randomness (for where a single
@@ -265,9 +355,12 @@ pub struct HostHealth {
 }
 
 impl HostHealth {
-    /// `addr` failed at `now`: avoid it for `hold`.
-    pub fn failed(&mut self, addr: SocketAddr, now: Instant, hold: Duration) {
+    /// `addr` failed at `now`: avoid it for `hold`. True when it was not avoided
+    /// already (a new failure, worth counting once).
+    pub fn failed(&mut self, addr: SocketAddr, now: Instant, hold: Duration) -> bool {
+        let new = !self.is_avoided(addr, now);
         self.failed_until.insert(addr, now + hold);
+        new
     }
 
     /// `addr` answered: it is good again.
@@ -302,12 +395,22 @@ impl HostHealth {
 mod tests {
     use super::*;
 
+    /// A candidate that is its own target.
     fn candidate(addr: &str, rank: u32, weight: u16) -> Candidate {
+        let addr: SocketAddr = addr.parse().unwrap();
         Candidate {
             transport: Transport::Udp,
-            addr: addr.parse().unwrap(),
+            addr,
             rank,
             weight,
+            // Its own target: any number that differs between addresses.
+            target: {
+                use std::hash::BuildHasher;
+                let hasher = std::hash::BuildHasherDefault::<
+                    std::collections::hash_map::DefaultHasher,
+                >::default();
+                (hasher.hash_one(addr) >> 32) as u32
+            },
         }
     }
 
@@ -339,6 +442,34 @@ mod tests {
         );
         let all = [tried[0], tried[1], addr("192.0.2.3:5060")];
         assert!(resolved.pick(&all, none, 7).is_none());
+    }
+
+    #[test]
+    fn a_targets_weight_counts_once_whatever_its_addresses_and_they_go_in_order() {
+        let of = |addr: &str, target: u32, weight: u16| Candidate {
+            target,
+            ..candidate(addr, 0, weight)
+        };
+        let resolved = Resolved::new(vec![
+            of("192.0.2.1:5060", 1, 3),
+            of("192.0.2.2:5060", 2, 1),
+            of("[2001:db8::2]:5060", 2, 1),
+        ]);
+        let none = |_: SocketAddr| false;
+        let mut counts = HashMap::new();
+        for draw in 0..400u32 {
+            let picked = resolved.pick(&[], none, draw).unwrap();
+            *counts.entry(picked.addr).or_insert(0) += 1;
+        }
+        assert_eq!(counts[&addr("192.0.2.1:5060")], 300);
+        assert_eq!(counts[&addr("192.0.2.2:5060")], 100);
+        assert!(!counts.contains_key(&addr("[2001:db8::2]:5060")));
+        // The target's next address once the first was tried.
+        let tried = [addr("192.0.2.1:5060"), addr("192.0.2.2:5060")];
+        assert_eq!(
+            resolved.pick(&tried, none, 0).unwrap().addr,
+            addr("[2001:db8::2]:5060")
+        );
     }
 
     #[test]
@@ -439,6 +570,39 @@ mod tests {
             srv_name(Transport::Tls, "example.com."),
             "_sips._tcp.example.com"
         );
+    }
+
+    #[test]
+    fn addresses_that_leave_the_answer_stay_the_peers_for_a_while_but_get_no_new_requests() {
+        let start = Instant::now();
+        let keep = Duration::from_secs(60);
+        let at = |secs| start + Duration::from_secs(secs);
+        let first = Resolved::new(vec![
+            candidate("192.0.2.1:5060", 0, 1),
+            candidate("192.0.2.2:5060", 0, 1),
+        ]);
+        let second = first.succeeded_by(
+            Resolved::new(vec![candidate("192.0.2.2:5060", 0, 1)]),
+            at(10),
+            keep,
+        );
+        assert!(second.contains(addr("192.0.2.1:5060")));
+        assert!(second.contains_ip("192.0.2.1".parse().unwrap()));
+        for draw in 0..10 {
+            assert_eq!(
+                second.pick(&[], |_| false, draw).unwrap().addr,
+                addr("192.0.2.2:5060")
+            );
+        }
+        // Past the keep, at the next answer, it is gone; one that comes back is current.
+        let third = second.succeeded_by(
+            Resolved::new(vec![candidate("192.0.2.2:5060", 0, 1)]),
+            at(71),
+            keep,
+        );
+        assert!(!third.contains(addr("192.0.2.1:5060")));
+        let back = second.succeeded_by(first.clone(), at(20), keep);
+        assert!(back.retired.is_empty());
     }
 
     #[test]

@@ -109,23 +109,22 @@ impl Resolver {
                 resolved: Resolved::new(vec![Candidate::plain(
                     endpoint.transport(),
                     SocketAddr::new(ip, port),
+                    0,
                 )]),
                 ttl: self.settings.max_refresh,
             });
         }
         if let Some(port) = endpoint.port {
             let addresses = self.addresses(&host).await?;
-            let candidates = addresses
-                .records
-                .iter()
-                .map(|ip| Candidate::plain(endpoint.transport(), SocketAddr::new(*ip, port)))
-                .collect();
+            let candidates = plain(endpoint.transport(), &addresses.records, port);
             return self.answer(&host, candidates, addresses.ttl);
         }
+        let mut ttl = u32::MAX;
         let services: Vec<(Transport, String)> = match endpoint.selection {
             Selection::Fixed(transport) => vec![(transport, srv_name(transport, &host))],
             Selection::Naptr { secure } => {
                 let naptr = self.naptr(&host).await?;
+                ttl = ttl.min(naptr.ttl);
                 let services = naptr_services(&naptr.records, secure, supported);
                 if services.is_empty() {
                     srv_fallback_order(secure, supported)
@@ -138,10 +137,14 @@ impl Resolver {
             }
         };
         let mut candidates = Vec::new();
-        let mut ttl = u32::MAX;
+        let mut srv_found = false;
+        let mut next_target = 0u32;
         for (position, (transport, name)) in services.iter().enumerate() {
+            // A lookup that fails (not one that finds nothing) fails the whole answer:
+            // half an answer must not replace the last good one.
             let srv = self.srv(name).await?;
             ttl = ttl.min(srv.ttl);
+            srv_found |= !srv.records.is_empty();
             for (priority, weight, port, target) in srv.records {
                 // A target of "." says the service is not offered here (RFC 2782).
                 if target.is_empty() {
@@ -149,21 +152,29 @@ impl Resolver {
                 }
                 let addresses = match self.addresses(&target).await {
                     Ok(addresses) => addresses,
-                    Err(error) => {
-                        tracing::debug!(%name, %target, error = %error, "SRV target does not resolve; skipped");
+                    Err(ResolveError::Empty(_)) => {
+                        tracing::debug!(%name, %target, "SRV target has no address; skipped");
                         continue;
                     }
+                    Err(error) => return Err(error),
                 };
                 ttl = ttl.min(addresses.ttl);
                 let rank = (u32::try_from(position).unwrap_or(u32::from(u16::MAX)) << 16)
                     | u32::from(priority);
+                next_target += 1;
                 candidates.extend(addresses.records.iter().map(|ip| Candidate {
                     transport: *transport,
                     addr: SocketAddr::new(*ip, port),
                     rank,
                     weight,
+                    target: next_target,
                 }));
             }
+        }
+        if srv_found && candidates.is_empty() {
+            // SRV records exist but name no usable target: the domain's own address is
+            // no fallback then (RFC 3263 §4.2 allows it only without SRV records).
+            return Err(ResolveError::Empty(host));
         }
         if candidates.is_empty() {
             // No SRV records: the name itself, on the default port (RFC 3263 §4.2).
@@ -180,13 +191,7 @@ impl Resolver {
             };
             let addresses = self.addresses(&host).await?;
             ttl = ttl.min(addresses.ttl);
-            candidates = addresses
-                .records
-                .iter()
-                .map(|ip| {
-                    Candidate::plain(transport, SocketAddr::new(*ip, transport.default_port()))
-                })
-                .collect();
+            candidates = plain(transport, &addresses.records, transport.default_port());
         }
         self.answer(&host, candidates, ttl)
     }
@@ -308,6 +313,16 @@ impl Resolver {
     }
 }
 
+/// Candidates for the addresses of one name on `port`, each its own target (an even
+/// choice among them).
+fn plain(transport: Transport, addresses: &[IpAddr], port: u16) -> Vec<Candidate> {
+    addresses
+        .iter()
+        .zip(0u32..)
+        .map(|(ip, target)| Candidate::plain(transport, SocketAddr::new(*ip, port), target))
+        .collect()
+}
+
 /// A configured name taken as absolute: no search domains are tried.
 fn absolute(name: &str) -> String {
     if name.ends_with('.') {
@@ -331,15 +346,16 @@ pub async fn resolve_once(
     let endpoint = &destinations.endpoint;
     match tokio::time::timeout(limit, resolver.resolve(endpoint, supported)).await {
         Ok(Ok(answer)) => {
-            if *destinations.current() != answer.resolved {
+            if destinations.current().candidates != answer.resolved.candidates {
                 tracing::info!(
                     peer = %endpoint,
                     targets = %targets_text(&answer.resolved),
                     ttl = ?answer.ttl,
                     "resolved"
                 );
-                destinations.set(answer.resolved);
             }
+            let now = tokio::time::Instant::now().into_std();
+            destinations.update(answer.resolved, now, super::RETIRED_KEEP);
             Some(answer.ttl)
         }
         Ok(Err(error)) => {

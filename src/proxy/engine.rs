@@ -124,6 +124,10 @@ pub struct Destination {
     pub trunk: Option<usize>,
 }
 
+/// A connection's transport, peer, and for a TLS connection the sidecar opened, the
+/// trunk whose identity it carries.
+pub type ConnectionKey = (Transport, SocketAddr, Option<usize>);
+
 /// The sockets of one side and what it advertises.
 pub struct SideIo {
     pub side: Side,
@@ -136,7 +140,7 @@ pub struct SideIo {
     pub tcp: TcpContext,
     /// How TLS connections to each trunk's peer on this side are made, by trunk index.
     pub tls_clients: Vec<Option<Arc<TlsClient>>>,
-    pub connections: HashMap<(Transport, SocketAddr), (ConnectionId, mpsc::Sender<Bytes>)>,
+    pub connections: HashMap<ConnectionKey, (ConnectionId, mpsc::Sender<Bytes>)>,
 }
 
 impl SideIo {
@@ -149,10 +153,18 @@ impl SideIo {
         }
     }
 
-    /// Whether a live connection to `addr` over `transport` exists.
-    fn connected(&self, transport: Transport, addr: SocketAddr) -> bool {
+    /// Whether a UDP socket of this side can send to `addr` (one of its address family).
+    pub fn sends_to(&self, addr: SocketAddr) -> bool {
+        self.udp_locals
+            .iter()
+            .any(|local| local.is_ipv4() == addr.is_ipv4())
+    }
+
+    /// Whether a live connection from `addr` over `transport` exists (one the peer
+    /// opened, or a TCP one).
+    pub(super) fn connected(&self, transport: Transport, addr: SocketAddr) -> bool {
         self.connections
-            .get(&(transport, addr))
+            .get(&(transport, addr, None))
             .is_some_and(|(_, sender)| !sender.is_closed())
     }
 
@@ -232,6 +244,9 @@ pub(super) struct ClientEntry {
     pub local: Option<tokio::sync::oneshot::Sender<Response>>,
     /// While the request may still move to another core host (RFC 3263 §4.3).
     pub failover: Option<Box<Failover>>,
+    /// The request moved to another host: this transaction only waits for a late
+    /// answer, to cancel or hang up what that host started (see `failover`).
+    pub abandoned: bool,
     pub span: tracing::Span,
     scheduled: Option<StdInstant>,
 }
@@ -309,6 +324,9 @@ pub struct Engine {
     pub(super) draining: Arc<std::sync::atomic::AtomicBool>,
     /// Core hosts that failed recently: tried last.
     pub(super) health: crate::dns::HostHealth,
+    /// Branches of requests that moved to another host, for a 2xx that comes after
+    /// their transaction ended: never forwarded.
+    pub(super) abandoned: super::failover::Abandoned,
     beats: u64,
 }
 
@@ -364,6 +382,7 @@ impl Engine {
             ),
             draining: Arc::default(),
             health: crate::dns::HostHealth::default(),
+            abandoned: super::failover::Abandoned::default(),
             beats: 0,
         }
     }
@@ -459,29 +478,29 @@ impl Engine {
                 side,
                 transport,
                 peer,
+                owner,
                 id,
                 sender,
             } => {
                 self.side_mut(side)
                     .connections
-                    .insert((transport, peer), (id, sender));
+                    .insert((transport, peer, owner), (id, sender));
             }
             TransportEvent::ConnectionClosed {
                 side,
                 transport,
                 peer,
+                owner,
                 id,
                 connect_failed,
             } => {
                 let table = &mut self.side_mut(side).connections;
-                if table
-                    .get(&(transport, peer))
-                    .is_some_and(|(current, _)| *current == id)
-                {
-                    table.remove(&(transport, peer));
+                let key = (transport, peer, owner);
+                if table.get(&key).is_some_and(|(current, _)| *current == id) {
+                    table.remove(&key);
                 }
                 if connect_failed {
-                    self.fail_transactions_to(side, transport, peer);
+                    self.fail_transactions_to(side, key);
                 }
             }
         }
@@ -559,15 +578,24 @@ impl Engine {
             }
             Transport::Tcp | Transport::Tls => {
                 let io = self.side_mut(destination.side);
-                let key = (destination.transport, destination.addr);
-                let sender = match io.connections.get(&key) {
+                let owner = match destination.transport {
+                    Transport::Tls => destination.trunk,
+                    _ => None,
+                };
+                let key = (destination.transport, destination.addr, owner);
+                // A connection of the trunk's own, else one the peer opened to us.
+                let existing = io.connections.get(&key).or_else(|| {
+                    io.connections
+                        .get(&(destination.transport, destination.addr, None))
+                });
+                let sender = match existing {
                     Some((_, sender)) if !sender.is_closed() => sender.clone(),
                     _ => {
                         let tls = match destination.transport {
                             Transport::Tls => {
-                                let client = destination
-                                    .trunk
-                                    .and_then(|trunk| io.tls_clients.get(trunk).cloned().flatten());
+                                let client = destination.trunk.and_then(|trunk| {
+                                    Some((trunk, io.tls_clients.get(trunk).cloned().flatten()?))
+                                });
                                 let Some(client) = client else {
                                     Stats::bump(&self.stats.send_failed);
                                     tracing::warn!(side = %destination.side, to = %destination.addr, "no TLS connection and no trunk to open one for; not sent");
@@ -668,6 +696,7 @@ impl Engine {
                 carried,
                 local: None,
                 failover: None,
+                abandoned: false,
                 span,
                 scheduled: None,
             }),
@@ -769,20 +798,23 @@ impl Engine {
                     self.send(destination, bytes);
                 }
                 ClientEvent::Response(response) => self.relay_response(id, *response),
+                ClientEvent::Silent => {
+                    // Another host, if there is one; else wait on for Timer B/F.
+                    self.fail_over(id, "no answer");
+                }
                 ClientEvent::Timeout => {
-                    if self.fail_over(id, "no answer") {
-                        continue;
+                    if !client.abandoned {
+                        Stats::bump(&self.stats.client_timeouts);
+                        tracing::info!(to = %client.destination.addr, method = %client.transaction.request().method, "no final response before the transaction timeout");
                     }
-                    let Some(Entry::Client(client)) = self.entries.get(&id) else {
-                        return;
-                    };
-                    Stats::bump(&self.stats.client_timeouts);
-                    tracing::info!(to = %client.destination.addr, method = %client.transaction.request().method, "no final response before the transaction timeout");
-                    // After a CANCEL the request was terminated on purpose (§16.10);
-                    // otherwise nobody answered in time.
-                    let code = if client.cancel_sent { 487 } else { 408 };
-                    if let Some(server) = client.server {
-                        self.respond_if_pending(server, code);
+                    let (server, cancel_out) =
+                        (client.server, client.cancel_sent || client.cancel_pending);
+                    if let Some(server) = server {
+                        // After a CANCEL the request was terminated on purpose (§16.10);
+                        // otherwise nobody answered in time.
+                        let cancelled = cancel_out
+                            || matches!(self.entries.get(&server), Some(Entry::Server(entry)) if entry.cancel_requested);
+                        self.respond_if_pending(server, if cancelled { 487 } else { 408 });
                     }
                 }
                 ClientEvent::TimerC => {
@@ -822,6 +854,10 @@ impl Engine {
         let Some(Entry::Client(entry)) = self.entries.get_mut(&client) else {
             return;
         };
+        if entry.abandoned {
+            self.late_answer(client, &response);
+            return;
+        }
         if code > 100 {
             // The host answered for itself: this request stays there.
             entry.failover = None;
@@ -987,7 +1023,11 @@ impl Engine {
         let ours = self.branches.is_own(&key.branch, call_id)
             && message::top_via(&response.headers)
                 .is_ok_and(|via| self.router.is_own_host(&via.host, via.port));
-        if !ours || !success || key.method.0 != rsip::Method::Invite {
+        if !ours
+            || !success
+            || key.method.0 != rsip::Method::Invite
+            || self.abandoned.contains(&key.branch)
+        {
             Stats::bump(&self.stats.stray_responses);
             tracing::debug!(peer = %source.peer, "dropped response matching no transaction");
             return;
@@ -1021,7 +1061,7 @@ impl Engine {
     /// Ends every client transaction toward `addr` over `transport` on `side` (its
     /// connection failed): each is tried on another core host if it can be (RFC 3263
     /// §4.3), else its request is answered 503 (RFC 3261 §8.1.3.1 transport error).
-    fn fail_transactions_to(&mut self, side: Side, transport: Transport, addr: SocketAddr) {
+    fn fail_transactions_to(&mut self, side: Side, (transport, addr, owner): ConnectionKey) {
         let failed: Vec<(u64, Option<u64>)> = self
             .entries
             .iter()
@@ -1029,7 +1069,8 @@ impl Engine {
                 Entry::Client(client)
                     if client.destination.side == side
                         && client.destination.transport == transport
-                        && client.destination.addr == addr =>
+                        && client.destination.addr == addr
+                        && (transport != Transport::Tls || client.destination.trunk == owner) =>
                 {
                     Some((*id, client.server))
                 }

@@ -22,7 +22,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::config::{Listen, Selection, Settings, Side as SideSettings, Transport};
+use crate::config::{Listen, Settings, Side as SideSettings, Transport};
 use crate::dns::resolve::{self as dns_resolve, Resolver};
 use crate::dns::Destinations;
 use crate::registration::{RegistrationStatus, TrunkRegistration};
@@ -123,10 +123,9 @@ impl App {
         for (index, trunk) in settings.trunks.iter().enumerate() {
             let edge = Arc::new(Destinations::new(trunk.edge.clone()));
             let core = Arc::new(Destinations::new(trunk.core.clone()));
-            let tls_for = |endpoint: &crate::config::Endpoint| {
-                let may_use_tls = endpoint.transport() == Transport::Tls
-                    || endpoint.selection == (Selection::Naptr { secure: false });
-                may_use_tls
+            let tls_for = |endpoint: &crate::config::Endpoint, side: &SideSettings| {
+                endpoint
+                    .may_use_tls(&side.listen)
                     .then(|| TlsClient::new(&trunk.tls, &endpoint.host).map(Arc::new))
                     .transpose()
                     .map_err(|source| StartError::TrunkTls {
@@ -134,8 +133,8 @@ impl App {
                         source,
                     })
             };
-            edge_tls.push(tls_for(&trunk.edge)?);
-            core_tls.push(tls_for(&trunk.core)?);
+            edge_tls.push(tls_for(&trunk.edge, &settings.edge)?);
+            core_tls.push(tls_for(&trunk.core, &settings.core_side)?);
             trunks.push(RoutedTrunk {
                 index,
                 name: trunk.name.as_str().into(),
@@ -227,9 +226,16 @@ impl App {
             let Some(routed) = trunks.iter().find(|routed| routed.index == index) else {
                 continue;
             };
-            let core_transport = routed.core.endpoint.transport();
-            let Some(port) = core_io.port(core_transport) else {
-                tracing::warn!(trunk = %trunk.name, transport = %core_transport, "no core-side listener for the trunk's transport; not registering");
+            // The transport the core reaches us on: the trunk's (for sip:/sips: the one
+            // RFC 3263 falls back to), else any core-side listener, TLS first.
+            let Some((core_transport, port)) = [
+                routed.core.endpoint.transport(),
+                Transport::Tls,
+                Transport::Tcp,
+                Transport::Udp,
+            ]
+            .into_iter()
+            .find_map(|transport| Some((transport, core_io.port(transport)?))) else {
                 continue;
             };
             let transport = match core_transport {
@@ -471,6 +477,7 @@ impl Shared<'_> {
             next_id: Arc::new(AtomicU64::new(1)),
             tracker: self.tracker.clone(),
             cancel: self.cancel.clone(),
+            tls_failures: Arc::default(),
         };
         let (tracker, cancel, settings) = (self.tracker, self.cancel, side_settings);
         let mut listeners = Vec::new();

@@ -437,6 +437,20 @@ impl Engine {
                 message::push_record_route(&mut request.headers, &outer);
             }
         }
+        if hop.transport == Transport::Tls
+            && trunk_index
+                .and_then(|index| outbound.tls_clients.get(index).cloned().flatten())
+                .is_none()
+            && !outbound.connected(Transport::Tls, hop.addr)
+        {
+            return Err(Rejection::new(
+                502,
+                format!(
+                    "no TLS settings for {} (the hop is not a trunk's peer over TLS)",
+                    hop.addr
+                ),
+            ));
+        }
         let port = outbound.port(hop.transport).ok_or_else(|| {
             Rejection::new(
                 502,
@@ -479,21 +493,11 @@ impl Engine {
         mut request: Request,
         reply: tokio::sync::oneshot::Sender<rsip::Response>,
     ) {
-        let Some(routed) = self.router.trunk(trunk) else {
-            return;
-        };
-        let health = &self.health;
-        let at = now();
-        let hop = match self.router.core_hop(
-            routed,
-            &[],
-            |addr| health.is_avoided(addr, at),
-            rand::random(),
-        ) {
+        let hop = match self.choose_core_hop(trunk, &[], now()) {
             Ok(hop) => hop,
             Err(error) => {
                 // The sender learns it from the dropped reply and retries later.
-                tracing::warn!(trunk = %routed.name, error = %error, "cannot send a request of our own");
+                tracing::warn!(trunk, error = %error, "cannot send a request of our own");
                 return;
             }
         };
@@ -519,7 +523,11 @@ impl Engine {
             local: None,
             trunk: Some(trunk),
         };
-        let copy = (self.router.core_hosts(routed) > 1).then(|| request.clone());
+        let copy = self
+            .router
+            .trunk(trunk)
+            .is_some_and(|routed| self.router.core_hosts(routed) > 1)
+            .then(|| request.clone());
         let client = self.start_client(request, &branch, destination, None, None);
         if let Some(Entry::Client(entry)) = self.entries.get_mut(&client) {
             entry.local = Some(reply);
@@ -726,16 +734,7 @@ impl Engine {
     /// order with failed hosts last; for the Edge, its (first) address.
     fn pick_peer(&self, trunk: &RoutedTrunk, side: Side) -> Result<Hop, RouteError> {
         match side {
-            Side::Core => {
-                let health = &self.health;
-                let at = now();
-                self.router.core_hop(
-                    trunk,
-                    &[],
-                    |addr| health.is_avoided(addr, at),
-                    rand::random(),
-                )
-            }
+            Side::Core => self.choose_core_hop(trunk.index, &[], now()),
             Side::Edge => self.router.edge_hop(trunk, rand::random()),
         }
     }

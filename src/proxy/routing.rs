@@ -214,21 +214,14 @@ impl Router {
         transport: Transport,
     ) -> bool {
         let ip = canonical(source.ip());
-        let resolved = trunk.core.current();
-        let ports: Vec<u16> = resolved
-            .candidates
-            .iter()
-            .filter(|candidate| canonical(candidate.addr.ip()) == ip)
-            .map(|candidate| candidate.addr.port())
-            .collect();
+        let ports = trunk.core.current().ports_at(ip);
         if ports.is_empty() {
             return trunk.core_sources.iter().any(|net| net.contains(&ip));
         }
+        // Another trunk's core on this address with other ports: only the port tells.
         let shared = self.trunks.iter().any(|other| {
-            other.index != trunk.index
-                && other.core.current().candidates.iter().any(|candidate| {
-                    canonical(candidate.addr.ip()) == ip && !ports.contains(&candidate.addr.port())
-                })
+            let theirs = other.core.current().ports_at(ip);
+            other.index != trunk.index && !theirs.is_empty() && theirs != ports
         });
         !shared || transport.is_reliable() || ports.contains(&source.port())
     }
@@ -312,28 +305,25 @@ impl Router {
             }
         };
         let host = uri_host(uri);
-        let ip = match host.parse::<IpAddr>() {
-            Ok(ip) => ip,
-            Err(_) => self
-                .names
-                .get(&host)
-                .ok_or(RouteError::Unresolvable { host: host.clone() })?
-                .first()
-                .ok_or_else(|| RouteError::NotResolved { peer: host.clone() })?
-                .addr
-                .ip(),
+        let explicit_port = uri.port().map(|port| *port.value());
+        let addr = match host.parse::<IpAddr>() {
+            Ok(ip) => SocketAddr::new(ip, explicit_port.unwrap_or(transport.default_port())),
+            Err(_) => {
+                // A configured name: as it resolves now; without a port in the URI, the
+                // port (and, unless the URI names one, the transport) DNS gave.
+                let first = self
+                    .names
+                    .get(&host)
+                    .ok_or(RouteError::Unresolvable { host: host.clone() })?
+                    .first()
+                    .ok_or_else(|| RouteError::NotResolved { peer: host.clone() })?;
+                if explicit_port.is_none() && uri.transport().is_none() && !secure {
+                    return self.checked(Hop::from(first), side);
+                }
+                SocketAddr::new(first.addr.ip(), explicit_port.unwrap_or(first.addr.port()))
+            }
         };
-        let port = uri
-            .port()
-            .map(|port| *port.value())
-            .unwrap_or_else(|| transport.default_port());
-        self.checked(
-            Hop {
-                transport,
-                addr: SocketAddr::new(ip, port),
-            },
-            side,
-        )
+        self.checked(Hop { transport, addr }, side)
     }
 
     /// Refuses a hop that is this proxy or outside the allow list of `side`.
@@ -412,12 +402,14 @@ mod tests {
                 addr: "198.51.100.9:5060".parse().unwrap(),
                 rank: 0,
                 weight: 10,
+                target: 1,
             },
             Candidate {
                 transport: Transport::Udp,
                 addr: "198.51.100.10:5070".parse().unwrap(),
                 rank: 0,
                 weight: 0,
+                target: 2,
             },
         ]));
         let allow = |nets: &[&str]| {
@@ -585,6 +577,32 @@ mod tests {
                 .as_ref(),
             "t1"
         );
+    }
+
+    #[test]
+    fn cores_whose_port_sets_differ_on_one_address_are_both_told_apart_by_port() {
+        let two = Arc::new(Destinations::new("udp:core.example".parse().unwrap()));
+        two.set(crate::dns::Resolved::new(vec![
+            Candidate::plain(Transport::Udp, "127.0.0.9:5060".parse().unwrap(), 0),
+            Candidate::plain(Transport::Udp, "127.0.0.9:5070".parse().unwrap(), 1),
+        ]));
+        let allow = Arc::new(AllowList::new(vec![]));
+        let router = Router::new(
+            vec![
+                routed(0, "one", dest("127.0.0.9:5060")),
+                routed(1, "two", two),
+            ],
+            vec![],
+            allow.clone(),
+            allow,
+        );
+        let (one, two) = (router.trunk(0).unwrap(), router.trunk(1).unwrap());
+        let udp = Transport::Udp;
+        let elsewhere: SocketAddr = "127.0.0.9:5999".parse().unwrap();
+        assert!(!router.is_core_sender(one, elsewhere, udp));
+        assert!(!router.is_core_sender(two, elsewhere, udp));
+        assert!(router.is_core_sender(two, "127.0.0.9:5070".parse().unwrap(), udp));
+        assert!(router.is_core_sender(one, "127.0.0.9:5060".parse().unwrap(), udp));
     }
 
     #[test]

@@ -446,6 +446,36 @@ pub fn push_record_route(headers: &mut Headers, uri: &str) {
     }
 }
 
+/// Every Record-Route value, top first, one per entry.
+pub fn record_routes(headers: &Headers) -> Vec<String> {
+    headers
+        .iter()
+        .filter_map(|header| match header {
+            Header::RecordRoute(route) => Some(route.value()),
+            _ => None,
+        })
+        .flat_map(split_list)
+        .map(str::to_string)
+        .collect()
+}
+
+/// Replaces the top Record-Route entry (the one this element pushed last) with `uri`.
+pub fn replace_top_record_route(headers: &mut Headers, uri: &str) {
+    let mut values = record_routes(headers);
+    if values.is_empty() {
+        return;
+    }
+    values[0] = format!("<{uri}>");
+    let mut all: Vec<Header> = Vec::from(std::mem::take(headers));
+    let first = all
+        .iter()
+        .position(|header| matches!(header, Header::RecordRoute(_)));
+    all.retain(|header| !matches!(header, Header::RecordRoute(_)));
+    let index = first.unwrap_or(all.len()).min(all.len());
+    all.insert(index, Header::RecordRoute(values.join(", ").into()));
+    *headers = all.into();
+}
+
 /// The URI of a Route value, parsed.
 pub fn route_uri(value: &str) -> Result<rsip::Uri, MessageError> {
     rsip::Uri::try_from(name_addr_uri(value)).map_err(|error| MessageError::Invalid {

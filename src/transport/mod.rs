@@ -5,8 +5,10 @@
 //! `try_send_to`, each TCP connection has a bounded queue of its own.
 //!
 //! Connections are tracked by the engine (it receives `Opened`/`Closed` events) and keyed
-//! by side and peer address, so responses go back on the connection their request came in
-//! on (RFC 3261 §18.2.2) and connections to the core are reused.
+//! by side, transport and peer address, and for TLS connections the sidecar opens by the
+//! trunk whose certificate and checks they carry; so responses go back on the connection
+//! their request came in on (RFC 3261 §18.2.2), connections to the core are reused, and
+//! one trunk's TLS identity never carries another trunk's requests.
 
 pub mod tcp;
 pub mod tls;
@@ -73,6 +75,9 @@ pub enum TransportEvent {
         side: Side,
         transport: Transport,
         peer: SocketAddr,
+        /// For a TLS connection the sidecar opened: the trunk whose identity it carries
+        /// (connections are never shared between trunks' certificates). Else `None`.
+        owner: Option<usize>,
         id: ConnectionId,
         sender: mpsc::Sender<Bytes>,
     },
@@ -80,6 +85,7 @@ pub enum TransportEvent {
         side: Side,
         transport: Transport,
         peer: SocketAddr,
+        owner: Option<usize>,
         id: ConnectionId,
         /// True when an outbound connection never got established, or its peer refused
         /// it (a TLS alert) before sending anything: what was queued on it is lost.

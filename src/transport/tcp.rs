@@ -57,6 +57,8 @@ pub struct TcpContext {
     pub next_id: Arc<AtomicU64>,
     pub tracker: TaskTracker,
     pub cancel: CancellationToken,
+    /// Which TLS failures were logged lately.
+    pub tls_failures: Arc<super::tls::FailureLog>,
 }
 
 /// Counts a connection for `tcp_max_connections` while it lives.
@@ -85,8 +87,10 @@ impl TcpContext {
     pub fn connect(
         &self,
         peer: SocketAddr,
-        tls: Option<Arc<TlsClient>>,
+        tls: Option<(usize, Arc<TlsClient>)>,
     ) -> (ConnectionId, mpsc::Sender<Bytes>) {
+        let owner = tls.as_ref().map(|(trunk, _)| *trunk);
+        let tls = tls.map(|(_, client)| client);
         let id = self.new_id();
         let transport = if tls.is_some() {
             Transport::Tls
@@ -101,7 +105,7 @@ impl TcpContext {
                 Stats::bump(&context.receive.stats.tcp_connections_refused);
                 tracing::warn!(%side, %peer, "tcp connection limit reached; not connecting");
                 context.discard(&mut receiver);
-                context.report_closed(transport, peer, id, true).await;
+                context.report_closed(transport, peer, owner, id, true).await;
                 return;
             };
             let connected = tokio::select! {
@@ -113,13 +117,13 @@ impl TcpContext {
                 Ok(Err(error)) => {
                     tracing::warn!(%side, %peer, %transport, error = %error, "connect failed");
                     context.discard(&mut receiver);
-                    context.report_closed(transport, peer, id, true).await;
+                    context.report_closed(transport, peer, owner, id, true).await;
                     return;
                 }
                 Err(_) => {
                     tracing::warn!(%side, %peer, %transport, timeout = ?context.connect_timeout, "connect timed out");
                     context.discard(&mut receiver);
-                    context.report_closed(transport, peer, id, true).await;
+                    context.report_closed(transport, peer, owner, id, true).await;
                     return;
                 }
             };
@@ -127,7 +131,7 @@ impl TcpContext {
             let Some(tls) = tls else {
                 Stats::bump(&context.receive.stats.tcp_connections_opened);
                 tracing::debug!(%side, %peer, id, "tcp connection opened");
-                context.serve(stream, Transport::Tcp, peer, id, receiver).await;
+                context.serve(stream, Transport::Tcp, peer, None, id, receiver).await;
                 drop(slot);
                 return;
             };
@@ -140,29 +144,34 @@ impl TcpContext {
                 Ok(Ok(stream)) => {
                     Stats::bump(&context.receive.stats.tcp_connections_opened);
                     tracing::debug!(%side, %peer, id, "tls connection opened");
-                    context.serve(stream, Transport::Tls, peer, id, receiver).await;
+                    context.serve(stream, Transport::Tls, peer, owner, id, receiver).await;
                     drop(slot);
                 }
                 Ok(Err(error)) => {
                     context.handshake_failed(peer, &Failure::of(&error));
                     context.discard(&mut receiver);
-                    context.report_closed(transport, peer, id, true).await;
+                    context.report_closed(transport, peer, owner, id, true).await;
                 }
                 Err(_) => {
                     context.handshake_failed(peer, &Failure::Other("no handshake within tcp_connect_timeout".into()));
                     context.discard(&mut receiver);
-                    context.report_closed(transport, peer, id, true).await;
+                    context.report_closed(transport, peer, owner, id, true).await;
                 }
             }
         });
         (id, sender)
     }
 
-    /// Logs and counts a failed TLS handshake, once per failure.
+    /// Counts a failed TLS handshake, and logs it unless the same peer failed the
+    /// same way within the last minute.
     fn handshake_failed(&self, peer: SocketAddr, failure: &Failure) {
         Stats::bump(failure.counter(&self.receive.stats));
         let side = self.receive.side;
-        tracing::warn!(%side, %peer, reason = %failure, "tls handshake failed");
+        if self.tls_failures.should_log(peer, failure, Instant::now()) {
+            tracing::warn!(%side, %peer, reason = %failure, "tls handshake failed");
+        } else {
+            tracing::debug!(%side, %peer, reason = %failure, "tls handshake failed again");
+        }
     }
 
     /// Counts what was queued for a connection that will never carry it.
@@ -177,6 +186,7 @@ impl TcpContext {
         &self,
         transport: Transport,
         peer: SocketAddr,
+        owner: Option<usize>,
         id: ConnectionId,
         connect_failed: bool,
     ) {
@@ -184,6 +194,7 @@ impl TcpContext {
             side: self.receive.side,
             transport,
             peer,
+            owner,
             id,
             connect_failed,
         };
@@ -197,6 +208,7 @@ impl TcpContext {
         stream: S,
         transport: Transport,
         peer: SocketAddr,
+        owner: Option<usize>,
         id: ConnectionId,
         mut outgoing: mpsc::Receiver<Bytes>,
     ) {
@@ -205,7 +217,7 @@ impl TcpContext {
             Ok(local) => local,
             Err(error) => {
                 tracing::debug!(%side, %peer, error = %error, "connection lost before use");
-                self.report_closed(transport, peer, id, false).await;
+                self.report_closed(transport, peer, owner, id, false).await;
                 return;
             }
         };
@@ -283,7 +295,8 @@ impl TcpContext {
         };
         tracing::debug!(%side, %peer, %transport, id, reason, "connection closed");
         self.discard(&mut outgoing);
-        self.report_closed(transport, peer, id, refused).await;
+        self.report_closed(transport, peer, owner, id, refused)
+            .await;
     }
 }
 
@@ -381,7 +394,7 @@ pub async fn accept_loop(listener: TcpListener, context: TcpContext, tls: Option
             let context = task_context;
             let Some(acceptor) = acceptor else {
                 if let Some((id, receiver)) = context.opened(transport, peer).await {
-                    context.serve(stream, transport, peer, id, receiver).await;
+                    context.serve(stream, transport, peer, None, id, receiver).await;
                 }
                 drop(slot);
                 return;
@@ -393,7 +406,7 @@ pub async fn accept_loop(listener: TcpListener, context: TcpContext, tls: Option
             match handshake {
                 Ok(Ok(stream)) => {
                     if let Some((id, receiver)) = context.opened(transport, peer).await {
-                        context.serve(stream, transport, peer, id, receiver).await;
+                        context.serve(stream, transport, peer, None, id, receiver).await;
                     }
                 }
                 Ok(Err(error)) => context.handshake_failed(peer, &Failure::of(&error)),
@@ -422,6 +435,7 @@ impl TcpContext {
             side: self.receive.side,
             transport,
             peer,
+            owner: None,
             id,
             sender,
         };

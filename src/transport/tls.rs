@@ -92,6 +92,10 @@ impl Failure {
                 | AlertDescription::CertificateUnknown => Failure::ClientCertificateRefused,
                 AlertDescription::UnknownCA => Failure::ClientCertificateRefused,
                 AlertDescription::CertificateExpired => Failure::ClientCertificateRefused,
+                // OpenSSL servers under TLS 1.2 answer a missing client certificate so.
+                AlertDescription::HandshakeFailure => Failure::Other(
+                    "the peer refused the handshake (handshake_failure alert): most often it requires a client certificate, else it shares no cipher or version".into(),
+                ),
                 other => Failure::Other(format!("the peer sent alert {other:?}")),
             },
             rustls::Error::NoCertificatesPresented => Failure::ClientCertificateRefused,
@@ -362,6 +366,71 @@ impl TlsServer {
                 }
             }
         });
+    }
+}
+
+/// What the TLS files of a valid configuration hold, checked as `run` would load them:
+/// each listener's certificate and key, each trunk's CA bundle (or the system's roots),
+/// client certificate and key. One line per problem, naming the key.
+pub fn problems(settings: &crate::config::Settings) -> Vec<String> {
+    let mut problems = Vec::new();
+    for (name, side) in [("edge", &settings.edge), ("core_side", &settings.core_side)] {
+        if let Some(files) = &side.tls {
+            if let Err(error) = TlsServer::load(files) {
+                problems.push(format!("{name}.tls: {error}"));
+            }
+        }
+    }
+    for trunk in &settings.trunks {
+        for (endpoint, side) in [
+            (&trunk.edge, &settings.edge),
+            (&trunk.core, &settings.core_side),
+        ] {
+            if endpoint.may_use_tls(&side.listen) {
+                if let Err(error) = TlsClient::new(&trunk.tls, &endpoint.host) {
+                    problems.push(format!("trunk \"{}\".tls: {error}", trunk.name));
+                }
+            }
+        }
+    }
+    problems.dedup();
+    problems
+}
+
+/// Handshake failures already logged, so that a peer failing every connection is
+/// reported once a minute rather than once per request (each is still counted).
+#[derive(Debug, Default)]
+pub struct FailureLog {
+    last: Mutex<std::collections::HashMap<(std::net::SocketAddr, String), tokio::time::Instant>>,
+}
+
+/// How long one peer's same failure is not logged again.
+const FAILURE_LOG_QUIET: Duration = Duration::from_secs(60);
+
+impl FailureLog {
+    /// Whether `failure` with `peer` should be logged at `now` (not logged in the last
+    /// minute).
+    pub fn should_log(
+        &self,
+        peer: std::net::SocketAddr,
+        failure: &Failure,
+        now: tokio::time::Instant,
+    ) -> bool {
+        let mut last = self
+            .last
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner());
+        if last.len() > 1024 {
+            last.retain(|_, at| now.saturating_duration_since(*at) < FAILURE_LOG_QUIET);
+        }
+        let key = (peer, failure.to_string());
+        match last.get(&key) {
+            Some(at) if now.saturating_duration_since(*at) < FAILURE_LOG_QUIET => false,
+            _ => {
+                last.insert(key, now);
+                true
+            }
+        }
     }
 }
 

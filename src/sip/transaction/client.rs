@@ -35,6 +35,9 @@ pub enum ClientEvent {
     /// Timer C fired: an INVITE had a provisional response but no final one for too
     /// long; the proxy core should CANCEL it (RFC 3261 §16.8).
     TimerC,
+    /// Nothing at all was heard by the silence deadline: the proxy core may try another
+    /// host. The transaction goes on (a late answer still matches it) until Timer B/F.
+    Silent,
     /// The transaction is over and can be removed.
     Terminated,
 }
@@ -130,7 +133,7 @@ impl ClientTransaction {
         ])
     }
 
-    /// Reports [`ClientEvent::Timeout`] at `at` unless some response (even 100 Trying)
+    /// Reports [`ClientEvent::Silent`] at `at` unless some response (even 100 Trying)
     /// arrives first: the caller may then try another host while the budget lasts.
     pub fn set_silence_deadline(&mut self, at: Instant) {
         if matches!(self.state, ClientState::Calling | ClientState::Trying) {
@@ -144,6 +147,13 @@ impl ClientTransaction {
         if let Some(timeout) = self.timeout_at.as_mut() {
             *timeout = (*timeout).min(at);
         }
+    }
+
+    /// Stops retransmitting (the request moved to another host) while still matching
+    /// whatever answer comes late, until Timer B/F.
+    pub fn stop_retransmitting(&mut self) {
+        self.retransmit_at = None;
+        self.silence_until = None;
     }
 
     pub fn handle_response(&mut self, now: Instant, response: Response) {
@@ -227,10 +237,13 @@ impl ClientTransaction {
             self.events.push_back(ClientEvent::TimerC);
             return;
         }
-        if due(self.timeout_at, now) || due(self.silence_until, now) {
-            // Timer B or F, or 64·T1 after a CANCEL, or silence past the failover
-            // deadline.
+        if due(self.silence_until, now) {
             self.silence_until = None;
+            self.events.push_back(ClientEvent::Silent);
+            return;
+        }
+        if due(self.timeout_at, now) {
+            // Timer B or F, or 64·T1 after a CANCEL.
             self.clear_running_timers();
             self.events.push_back(ClientEvent::Timeout);
             self.terminate();
@@ -438,6 +451,58 @@ mod tests {
         assert_eq!(other, vec![ClientEvent::Timeout, ClientEvent::Terminated]);
         assert_eq!(invite.state(), ClientState::Terminated);
         assert_eq!(invite.poll_timeout(), None);
+    }
+
+    #[test]
+    fn silence_is_reported_without_ending_the_transaction_and_a_late_answer_still_matches() {
+        let start = Instant::now();
+        let mut invite =
+            ClientTransaction::new(start, request(INVITE), false, TimerConfig::default());
+        drain(&mut invite);
+        invite.set_silence_deadline(start + Duration::from_secs(3));
+        let (sent, other) = transmissions_until(&mut invite, start, Duration::from_secs(3));
+        assert_eq!(sent, ms(&[500, 1500]));
+        assert_eq!(other, vec![ClientEvent::Silent]);
+        assert_eq!(invite.state(), ClientState::Calling);
+        // Moved elsewhere: quiet from now on, but a late 180 and 200 still arrive here.
+        invite.stop_retransmitting();
+        let (sent, _) = transmissions_until(&mut invite, start, Duration::from_secs(10));
+        assert!(sent.is_empty(), "{sent:?}");
+        invite.handle_response(start + Duration::from_secs(10), response(180, "INVITE"));
+        invite.handle_response(start + Duration::from_secs(11), response(200, "INVITE"));
+        let codes: Vec<u16> = drain(&mut invite)
+            .into_iter()
+            .filter_map(|event| match event {
+                ClientEvent::Response(response) => Some(response.status_code.code()),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(codes, vec![180, 200]);
+    }
+
+    #[test]
+    fn any_answer_cancels_the_silence_deadline_and_the_budget_caps_timer_b() {
+        let start = Instant::now();
+        let mut heard = ClientTransaction::new(start, options(), false, TimerConfig::default());
+        drain(&mut heard);
+        heard.set_silence_deadline(start + Duration::from_secs(2));
+        heard.limit_deadline(start + Duration::from_secs(20));
+        heard.handle_response(start + Duration::from_secs(1), response(100, "OPTIONS"));
+        drain(&mut heard);
+        let (_, other) = transmissions_until(&mut heard, start, Duration::from_secs(40));
+        // No Silent after the 100; Timer F at the budget (20 s), not at 32 s.
+        assert_eq!(other, vec![ClientEvent::Timeout, ClientEvent::Terminated]);
+        let mut timed = ClientTransaction::new(start, options(), false, TimerConfig::default());
+        drain(&mut timed);
+        timed.limit_deadline(start + Duration::from_secs(20));
+        let mut fired = None;
+        while let Some(at) = timed.poll_timeout() {
+            timed.handle_timeout(at);
+            if drain(&mut timed).contains(&ClientEvent::Timeout) {
+                fired = Some(at - start);
+            }
+        }
+        assert_eq!(fired, Some(Duration::from_secs(20)));
     }
 
     #[test]
