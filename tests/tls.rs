@@ -484,3 +484,217 @@ core = "tls:127.0.0.1:9"
     }
     sidecar.stop().await;
 }
+
+/// (Call-ID, the client certificate it came under), per INVITE.
+type Seen = std::sync::Arc<std::sync::Mutex<Vec<(String, Vec<u8>)>>>;
+
+/// A TLS core in this process that asks for client certificates (from either of `cas`),
+/// answers every INVITE 486 on the connection it came on, and records which client
+/// certificate each call's INVITE arrived under.
+struct CertRecordingCore {
+    addr: SocketAddr,
+    seen: Seen,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl CertRecordingCore {
+    /// With `tls12_only`, the core speaks TLS 1.2 and nothing newer.
+    async fn start(pki: &Pki, cas: &[std::path::PathBuf], tls12_only: bool) -> CertRecordingCore {
+        use rustls::pki_types::pem::PemObject;
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+        let mut roots = rustls::RootCertStore::empty();
+        for ca in cas {
+            roots
+                .add(CertificateDer::from_pem_file(ca).unwrap())
+                .unwrap();
+        }
+        let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+        let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+            std::sync::Arc::new(roots),
+            provider.clone(),
+        )
+        .build()
+        .unwrap();
+        let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(pki.server_cert())
+            .unwrap()
+            .map(Result::unwrap)
+            .collect();
+        let key = PrivateKeyDer::from_pem_file(pki.server_key()).unwrap();
+        let versions: &[&rustls::SupportedProtocolVersion] = if tls12_only {
+            &[&rustls::version::TLS12]
+        } else {
+            rustls::DEFAULT_VERSIONS
+        };
+        let config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_protocol_versions(versions)
+            .unwrap()
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(chain, key)
+            .unwrap();
+        let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let seen: Seen = std::sync::Arc::default();
+        let record = seen.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    return;
+                };
+                let (acceptor, record) = (acceptor.clone(), record.clone());
+                tokio::spawn(async move {
+                    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                    let Ok(mut stream) = acceptor.accept(stream).await else {
+                        return;
+                    };
+                    let certificate = stream
+                        .get_ref()
+                        .1
+                        .peer_certificates()
+                        .and_then(|chain| chain.first())
+                        .map(|leaf| leaf.to_vec())
+                        .unwrap_or_default();
+                    let mut framer = byoc_sidecar::sip::framing::StreamFramer::new(65_535);
+                    loop {
+                        match stream.read_buf(framer.buffer_mut()).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(_) => {}
+                        }
+                        while let Ok(Some(frame)) = framer.next_frame() {
+                            let byoc_sidecar::sip::framing::Frame::Message(bytes) = frame else {
+                                continue;
+                            };
+                            let message = byoc_sidecar::sip::message::parse(&bytes, false).unwrap();
+                            let rsip::SipMessage::Request(request) = &message else {
+                                continue;
+                            };
+                            if request.method != rsip::Method::Invite {
+                                continue;
+                            }
+                            let call_id = raw::header_values(&message, "Call-ID")[0].clone();
+                            record.lock().unwrap().push((call_id, certificate.clone()));
+                            let answer = raw::answer(&message, 486, "Busy Here", "core");
+                            if stream.write_all(answer.as_bytes()).await.is_err() {
+                                return;
+                            }
+                        }
+                    }
+                });
+            }
+        });
+        CertRecordingCore { addr, seen, task }
+    }
+}
+
+impl Drop for CertRecordingCore {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trunks_sharing_a_tls_core_each_present_their_own_client_certificate() {
+    use rustls::pki_types::pem::PemObject;
+    let (pki_a, pki_b) = (
+        Pki::generate(&["core.test", "127.0.0.1"]),
+        Pki::generate(&["core.test", "127.0.0.1"]),
+    );
+    let core = CertRecordingCore::start(&pki_a, &[pki_a.ca(), pki_b.ca()], false).await;
+    let (edge_a, edge_b) = (
+        RawPeer::bind_on("127.0.0.4").await,
+        RawPeer::bind_on("127.0.0.5").await,
+    );
+    let trunk = |name: &str, edge: &RawPeer, client: &Pki| {
+        format!(
+            "[[trunk]]\nname = \"{name}\"\nmatch = {{ source = [\"{ip}\"] }}\nedge = \"udp:{edge}\"\n\
+             core = \"tls:{core}\"\n[trunk.tls]\nca_file = \"{ca}\"\nserver_name = \"core.test\"\n\
+             certificate_file = \"{cert}\"\nkey_file = \"{key}\"\n",
+            ip = edge.addr.ip(),
+            edge = edge.addr,
+            core = core.addr,
+            ca = pki_a.ca().display(),
+            cert = client.client_cert().display(),
+            key = client.client_key().display(),
+        )
+    };
+    let text = format!(
+        r#"
+[edge]
+listen = ["udp:127.0.0.1:0"]
+allow = ["127.0.0.0/8"]
+
+[core_side]
+listen = ["tls:127.0.0.1:0"]
+allow = ["127.0.0.0/8"]
+
+[core_side.tls]
+certificate_file = "{cert}"
+key_file = "{key}"
+
+{a}
+{b}
+"#,
+        cert = pki_a.server_cert().display(),
+        key = pki_a.server_key().display(),
+        a = trunk("org-a", &edge_a, &pki_a),
+        b = trunk("org-b", &edge_b, &pki_b),
+    );
+    let sidecar = Sidecar::start_with(&text).await;
+    let target = sidecar.addr(Side::Edge, Transport::Udp);
+    for (edge, call) in [
+        (&edge_a, "from-a-1"),
+        (&edge_b, "from-b-1"),
+        (&edge_a, "from-a-2"),
+        (&edge_b, "from-b-2"),
+    ] {
+        edge.send(
+            &raw::invite(edge.addr, target, &format!("z9hG4bK{call}"), call),
+            target,
+        )
+        .await;
+        assert_eq!(raw::status(&raw::final_for(edge, call).await), 486);
+    }
+    let certificate = |pki: &Pki| {
+        rustls::pki_types::CertificateDer::from_pem_file(pki.client_cert())
+            .unwrap()
+            .to_vec()
+    };
+    let seen = core.seen.lock().unwrap().clone();
+    assert_eq!(seen.len(), 4);
+    for (call, presented) in seen {
+        let expected = if call.starts_with("from-a") {
+            certificate(&pki_a)
+        } else {
+            certificate(&pki_b)
+        };
+        assert!(
+            presented == expected,
+            "{call} arrived under the other trunk's certificate"
+        );
+    }
+    sidecar.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_core_that_speaks_only_tls_1_2_is_reached() {
+    let pki = Pki::generate(&["core.test", "127.0.0.1"]);
+    let core = CertRecordingCore::start(&pki, &[pki.ca()], true).await;
+    let edge = RawPeer::bind().await;
+    let sidecar = Sidecar::start_with(&config(
+        &pki,
+        edge.addr.port(),
+        core.addr,
+        &mutual(&pki),
+        "",
+    ))
+    .await;
+    let target = sidecar.addr(Side::Edge, Transport::Udp);
+    edge.send(
+        &raw::invite(edge.addr, target, "z9hG4bKtls12", "tls12"),
+        target,
+    )
+    .await;
+    assert_eq!(raw::status(&raw::final_for(&edge, "tls12").await), 486);
+    assert_eq!(core.seen.lock().unwrap().len(), 1);
+    sidecar.stop().await;
+}

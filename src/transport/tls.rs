@@ -475,6 +475,39 @@ mod tests {
     }
 
     #[test]
+    fn a_broken_key_file_is_named_but_never_quoted() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = dir.path().join("key.pem");
+        std::fs::write(
+            &key,
+            "-----BEGIN PRIVATE KEY-----\nU0VDUkVULU1BUktFUg==SECRET-MARKER\n-----END PRIVATE KEY-----\n",
+        )
+        .unwrap();
+        let certificate = dir.path().join("cert.pem");
+        std::fs::write(&certificate, "").unwrap();
+        let files = ServerTls {
+            certificate: certificate.clone(),
+            key: key.clone(),
+        };
+        let settings = ClientTls {
+            identity: Some((certificate, key)),
+            ..ClientTls::default()
+        };
+        for error in [
+            TlsServer::load(&files).unwrap_err(),
+            TlsClient::new(&settings, "core.example").unwrap_err(),
+        ] {
+            let text = format!("{error} {error:?}");
+            assert!(
+                !text.contains("SECRET") && !text.contains("U0VDUkVU"),
+                "{text}"
+            );
+        }
+        let debug = format!("{:?}", private_key(&dir.path().join("key.pem")));
+        assert!(!debug.contains("SECRET"), "{debug}");
+    }
+
+    #[test]
     fn missing_and_empty_files_are_named() {
         let dir = tempfile::tempdir().unwrap();
         let missing = ServerTls {
