@@ -193,6 +193,14 @@ async fn a_sidecar_starts_while_dns_is_down_and_serves_once_it_answers() {
     .await;
     let answer = raw::final_for(&edge, "dns-down").await;
     assert_eq!(raw::status(&answer), 503);
+    // Not ready, and saying why.
+    let reasons = sidecar.app.observed.not_ready();
+    assert!(
+        reasons
+            .iter()
+            .any(|reason| reason.contains("has not resolved to any address")),
+        "{reasons:?}"
+    );
 
     dns.set_failing(false);
     until(
@@ -202,6 +210,13 @@ async fn a_sidecar_starts_while_dns_is_down_and_serves_once_it_answers() {
         |found| !found.is_empty(),
     )
     .await;
+    assert!(sidecar.app.observed.not_ready().is_empty());
+    let status: serde_json::Value =
+        serde_json::from_str(&sidecar.app.observed.status_json()).unwrap();
+    assert_eq!(
+        status["trunks"][0]["core"]["hosts"][0],
+        format!("udp:{}", core.addr)
+    );
     edge.send(
         &raw::invite(edge.addr, target, "z9hG4bKdns2", "dns-up"),
         target,

@@ -71,7 +71,27 @@ impl Observed {
     pub(super) fn encode_metrics(&self, encoder: &mut DescriptorEncoder) -> fmt::Result {
         self.encode_proxy(encoder)?;
         self.encode_credentials(encoder)?;
-        self.encode_registrations(encoder)
+        self.encode_registrations(encoder)?;
+        self.encode_cores(encoder)
+    }
+
+    /// How many hosts each trunk's core resolves to now.
+    fn encode_cores(&self, encoder: &mut DescriptorEncoder) -> fmt::Result {
+        let hosts: Vec<(Labels, f64)> = self
+            .trunks
+            .iter()
+            .filter_map(|trunk| {
+                let core = trunk.core.as_ref()?;
+                Some((trunk_labels(trunk), core.current().candidates.len() as f64))
+            })
+            .collect();
+        family(
+            encoder,
+            "byoc_core_hosts",
+            "Addresses the trunk's core resolves to now (0: not resolved; calls get 503)",
+            MetricType::Gauge,
+            hosts,
+        )
     }
 
     fn encode_proxy(&self, encoder: &mut DescriptorEncoder) -> fmt::Result {

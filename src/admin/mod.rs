@@ -63,6 +63,8 @@ pub struct ObservedTrunk {
     pub organization: String,
     pub credentials: Option<CredentialManager>,
     pub registration: Option<watch::Receiver<RegistrationStatus>>,
+    /// The trunk's core as resolved now.
+    pub core: Option<Arc<crate::dns::Destinations>>,
 }
 
 impl Observed {

@@ -16,6 +16,14 @@ impl Observed {
             reasons.push("draining for shutdown: new calls are refused".to_string());
         }
         for trunk in &self.trunks {
+            if let Some(core) = &trunk.core {
+                if core.current().candidates.is_empty() {
+                    reasons.push(format!(
+                        "trunk {}: core {} has not resolved to any address",
+                        trunk.name, core.endpoint
+                    ));
+                }
+            }
             if let Some(manager) = &trunk.credentials {
                 if manager.current().is_none() {
                     let last = manager
@@ -119,9 +127,22 @@ fn trunk_status(trunk: &ObservedTrunk) -> Value {
             "generation": status.generation,
         })
     });
+    let core = trunk.core.as_ref().map(|core| {
+        let resolved = core.current();
+        json!({
+            "peer": core.endpoint.to_string(),
+            "hosts": resolved
+                .candidates
+                .iter()
+                .map(|candidate| format!("{}:{}", candidate.transport, candidate.addr))
+                .collect::<Vec<_>>(),
+            "kept_for_dialogs": resolved.retired.len(),
+        })
+    });
     json!({
         "trunk": trunk.name,
         "organization": trunk.organization,
+        "core": core,
         "credential": credential,
         "registration": registration,
     })

@@ -298,6 +298,10 @@ impl App {
                         .unwrap_or_default(),
                     credentials: credentials.get(&trunk.name).cloned(),
                     registration: registrations.get(&trunk.name).cloned(),
+                    core: peers
+                        .iter()
+                        .find(|(name, side, _)| *name == trunk.name && *side == Side::Core)
+                        .map(|(_, _, destinations)| destinations.clone()),
                 })
                 .collect(),
         });
