@@ -13,8 +13,10 @@ COPY src ./src
 RUN cargo build --release --locked \
     && strip target/release/byoc-sidecar
 
-# Runtime stage: slim Debian, a non-root user, nothing else but CA roots (token
-# endpoints are https) and curl for the health check.
+# Runtime stage: slim Debian, a non-root user, nothing else but CA roots and curl for the
+# health check. ca-certificates is needed twice over: token endpoints are https, and a
+# core reached over TLS without [trunk.tls] ca_file is checked against these system roots
+# (without any, `check` and `run` refuse such a trunk: "no CA certificates").
 FROM debian:bookworm-slim
 RUN apt-get update \
     && apt-get install -y --no-install-recommends ca-certificates curl \
@@ -25,7 +27,8 @@ RUN apt-get update \
 COPY --from=build /src/target/release/byoc-sidecar /usr/local/bin/byoc-sidecar
 COPY deploy/sidecar.toml /etc/byoc-sidecar/sidecar.toml
 USER byoc:byoc
-# SIP toward the Edge and toward the core (UDP and TCP), and the admin listener.
+# SIP toward the Edge and toward the core (UDP and TCP), and the admin listener. A tls:
+# listener in the configuration needs its port published as well (5061/tcp, say).
 EXPOSE 5060/udp 5060/tcp 5070/udp 5070/tcp 9090/tcp
 # SIGTERM stops it cleanly (registrations unregister first).
 STOPSIGNAL SIGTERM

@@ -220,59 +220,54 @@ async fn refused(
     (raw::status(&answer), stats)
 }
 
+/// A sidecar set up with `tls_lines` toward a Kamailio presenting `server_cert` is
+/// refused: the Edge gets 503 at once, and the failure is counted under its reason
+/// (`counter`) and no other.
+async fn expect_refusal(
+    server_cert: ServerCert,
+    require_client_cert: bool,
+    tls_lines: &str,
+    counter: fn(&StatsSnapshot) -> u64,
+) {
+    let (status, stats) = refused(server_cert, require_client_cert, tls_lines).await;
+    assert_eq!(status, 503);
+    assert!(counter(&stats) >= 1, "{stats:?}");
+    assert_eq!(tls_failures(&stats), counter(&stats), "{stats:?}");
+}
+
+const TRUSTING_CORE_TEST: &str = "ca_file = \"@CA@\"\nserver_name = \"core.test\"\n";
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_core_certificate_from_an_unknown_ca_is_refused() {
-    let (status, stats) = refused(
-        ServerCert::WrongCa,
-        false,
-        "ca_file = \"@CA@\"\nserver_name = \"core.test\"\n",
-    )
+    expect_refusal(ServerCert::WrongCa, false, TRUSTING_CORE_TEST, |stats| {
+        stats.tls_unknown_ca
+    })
     .await;
-    assert_eq!(status, 503);
-    assert!(stats.tls_unknown_ca >= 1, "{stats:?}");
-    assert_eq!(tls_failures(&stats), stats.tls_unknown_ca, "{stats:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_core_certificate_for_another_name_is_refused() {
-    let (status, stats) = refused(
-        ServerCert::Valid,
-        false,
-        "ca_file = \"@CA@\"\nserver_name = \"elsewhere.test\"\n",
-    )
+    let elsewhere = TRUSTING_CORE_TEST.replace("core.test", "elsewhere.test");
+    expect_refusal(ServerCert::Valid, false, &elsewhere, |stats| {
+        stats.tls_name_mismatch
+    })
     .await;
-    assert_eq!(status, 503);
-    assert!(stats.tls_name_mismatch >= 1, "{stats:?}");
-    assert_eq!(tls_failures(&stats), stats.tls_name_mismatch, "{stats:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_expired_core_certificate_is_refused() {
-    let (status, stats) = refused(
-        ServerCert::Expired,
-        false,
-        "ca_file = \"@CA@\"\nserver_name = \"core.test\"\n",
-    )
+    expect_refusal(ServerCert::Expired, false, TRUSTING_CORE_TEST, |stats| {
+        stats.tls_expired_certificate
+    })
     .await;
-    assert_eq!(status, 503);
-    assert!(stats.tls_expired_certificate >= 1, "{stats:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_core_that_requires_a_client_certificate_refuses_a_sidecar_without_one() {
-    let (status, stats) = refused(
-        ServerCert::Valid,
-        true,
-        "ca_file = \"@CA@\"\nserver_name = \"core.test\"\n",
-    )
+    expect_refusal(ServerCert::Valid, true, TRUSTING_CORE_TEST, |stats| {
+        stats.tls_client_certificate_refused
+    })
     .await;
-    assert_eq!(status, 503);
-    assert!(stats.tls_client_certificate_refused >= 1, "{stats:?}");
-    assert_eq!(
-        tls_failures(&stats),
-        stats.tls_client_certificate_refused,
-        "{stats:?}"
-    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -156,7 +156,7 @@ pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9090";
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SideConfig {
-    /// `udp:IP:PORT` or `tcp:IP:PORT`.
+    /// `udp:IP:PORT`, `tcp:IP:PORT` or `tls:IP:PORT` (a `tls:` listener needs `tls`).
     pub listen: Vec<String>,
     /// The address written in Via and Record-Route; required when a listener binds the
     /// unspecified address.
@@ -246,7 +246,8 @@ pub struct TrunkConfig {
     pub name: String,
     #[serde(default, rename = "match")]
     pub matcher: MatchConfig,
-    /// Where requests from the core for this trunk go: `udp:HOST:PORT` or `tcp:HOST:PORT`.
+    /// Where requests from the core for this trunk go: `udp:|tcp:|tls:HOST[:PORT]` or
+    /// `sip:|sips:HOST` (RFC 3263: NAPTR, SRV, A/AAAA).
     pub edge: String,
     /// Where this trunk's requests from the Edge go: `udp:|tcp:|tls:HOST[:PORT]` or
     /// `sip:|sips:HOST` (RFC 3263: NAPTR, SRV, A/AAAA).
@@ -837,7 +838,7 @@ fn validate_side(name: &str, raw: &SideConfig, problems: &mut Problems) -> Side 
     if raw.listen.is_empty() {
         problems.add(
             &format!("{name}.listen"),
-            "needs at least one udp: or tcp: address".into(),
+            "needs at least one udp:, tcp: or tls: address".into(),
         );
     }
     let listen: Vec<Listen> = raw

@@ -177,17 +177,15 @@ impl Resolver {
             return Err(ResolveError::Empty(host));
         }
         if candidates.is_empty() {
-            // No SRV records: the name itself, on the default port (RFC 3263 §4.2).
+            // No SRV records: the name itself, on the default port (RFC 3263 §4.2), over
+            // UDP for sip: and TLS for sips: (§4.1), or what the side listens on.
+            let preferred = endpoint.transport();
             let transport = match endpoint.selection {
                 Selection::Fixed(transport) => transport,
-                Selection::Naptr { secure } => services
+                Selection::Naptr { .. } if supported.contains(&preferred) => preferred,
+                Selection::Naptr { .. } => services
                     .first()
-                    .map(|(transport, _)| *transport)
-                    .unwrap_or(if secure {
-                        Transport::Tls
-                    } else {
-                        Transport::Udp
-                    }),
+                    .map_or(preferred, |(transport, _)| *transport),
             };
             let addresses = self.addresses(&host).await?;
             ttl = ttl.min(addresses.ttl);
@@ -213,91 +211,78 @@ impl Resolver {
         })
     }
 
-    /// A and AAAA records of `name` (IPv4 first); an error when it has neither.
+    /// A and AAAA records of `name` (IPv4 first); an error when it has neither, or
+    /// when either lookup fails (half an answer must not replace the last good one).
     async fn addresses(&self, name: &str) -> Result<Records<IpAddr>, ResolveError> {
-        let fqdn = absolute(name);
         let mut records = Vec::new();
         let mut ttl = u32::MAX;
-        let mut failure = None;
-        for record_type in [RecordType::A, RecordType::AAAA] {
-            match self.inner.lookup(fqdn.as_str(), record_type).await {
-                Ok(lookup) => {
-                    for record in lookup.answers() {
-                        let ip = match &record.data {
-                            RData::A(a) => IpAddr::V4(a.0),
-                            RData::AAAA(aaaa) => IpAddr::V6(aaaa.0),
-                            _ => continue,
-                        };
-                        ttl = ttl.min(record.ttl);
-                        if !records.contains(&ip) {
-                            records.push(ip);
-                        }
-                    }
-                }
-                Err(error) if error.is_no_records_found() || error.is_nx_domain() => {}
-                Err(error) => failure = Some(error.to_string()),
-            }
-        }
-        match (records.is_empty(), failure) {
-            (true, Some(reason)) => Err(ResolveError::Lookup {
-                name: name.to_string(),
-                reason,
-            }),
-            (true, None) => Err(ResolveError::Empty(name.to_string())),
-            (false, _) => Ok(Records { records, ttl }),
-        }
-    }
-
-    /// SRV records of `name` as (priority, weight, port, target); none is not an error.
-    async fn srv(&self, name: &str) -> Result<Records<(u16, u16, u16, String)>, ResolveError> {
-        let mut records = Vec::new();
-        let mut ttl = u32::MAX;
-        match self
-            .inner
-            .lookup(absolute(name).as_str(), RecordType::SRV)
-            .await
-        {
-            Ok(lookup) => {
-                for record in lookup.answers() {
-                    if let RData::SRV(srv) = &record.data {
-                        ttl = ttl.min(record.ttl);
-                        let target = srv.target.to_ascii();
-                        let target = target.trim_end_matches('.').to_string();
-                        records.push((srv.priority, srv.weight, srv.port, target));
-                    }
-                }
-            }
-            Err(error) if error.is_no_records_found() || error.is_nx_domain() => {}
-            Err(error) => {
-                return Err(ResolveError::Lookup {
-                    name: name.to_string(),
-                    reason: error.to_string(),
+        for kind in [RecordType::A, RecordType::AAAA] {
+            let found = self
+                .records(name, kind, |data| match data {
+                    RData::A(a) => Some(IpAddr::V4(a.0)),
+                    RData::AAAA(aaaa) => Some(IpAddr::V6(aaaa.0)),
+                    _ => None,
                 })
+                .await?;
+            if !found.records.is_empty() {
+                ttl = ttl.min(found.ttl);
             }
+            for ip in found.records {
+                if !records.contains(&ip) {
+                    records.push(ip);
+                }
+            }
+        }
+        if records.is_empty() {
+            return Err(ResolveError::Empty(name.to_string()));
         }
         Ok(Records { records, ttl })
     }
 
+    /// SRV records of `name` as (priority, weight, port, target); none is not an error.
+    async fn srv(&self, name: &str) -> Result<Records<(u16, u16, u16, String)>, ResolveError> {
+        self.records(name, RecordType::SRV, |data| match data {
+            RData::SRV(srv) => {
+                let target = srv.target.to_ascii();
+                let target = target.trim_end_matches('.').to_string();
+                Some((srv.priority, srv.weight, srv.port, target))
+            }
+            _ => None,
+        })
+        .await
+    }
+
     /// NAPTR records of `name`; none is not an error.
     async fn naptr(&self, name: &str) -> Result<Records<Naptr>, ResolveError> {
+        self.records(name, RecordType::NAPTR, |data| match data {
+            RData::NAPTR(naptr) => Some(Naptr {
+                order: naptr.order,
+                preference: naptr.preference,
+                flags: String::from_utf8_lossy(&naptr.flags).into_owned(),
+                service: String::from_utf8_lossy(&naptr.services).into_owned(),
+                replacement: naptr.replacement.to_ascii(),
+            }),
+            _ => None,
+        })
+        .await
+    }
+
+    /// The records of `kind` at `name` that `read` understands, with their shortest TTL;
+    /// none (NXDOMAIN, no data) is not an error, a failed lookup is.
+    async fn records<T>(
+        &self,
+        name: &str,
+        kind: RecordType,
+        read: impl Fn(&RData) -> Option<T>,
+    ) -> Result<Records<T>, ResolveError> {
         let mut records = Vec::new();
         let mut ttl = u32::MAX;
-        match self
-            .inner
-            .lookup(absolute(name).as_str(), RecordType::NAPTR)
-            .await
-        {
+        match self.inner.lookup(absolute(name).as_str(), kind).await {
             Ok(lookup) => {
                 for record in lookup.answers() {
-                    if let RData::NAPTR(naptr) = &record.data {
+                    if let Some(value) = read(&record.data) {
                         ttl = ttl.min(record.ttl);
-                        records.push(Naptr {
-                            order: naptr.order,
-                            preference: naptr.preference,
-                            flags: String::from_utf8_lossy(&naptr.flags).into_owned(),
-                            service: String::from_utf8_lossy(&naptr.services).into_owned(),
-                            replacement: naptr.replacement.to_ascii(),
-                        });
+                        records.push(value);
                     }
                 }
             }

@@ -1,7 +1,7 @@
-//! The engine task: owns the transaction tables, the TCP connection table and the timer
-//! heap, and is the only place that mutates them. It receives parsed messages from the
-//! transports, drives the pure transactions of [`crate::sip::transaction`] with the time
-//! of tokio's clock (so tests can pause it), and sends what they emit.
+//! The engine task: owns the transaction tables, the connection table (TCP and TLS) and
+//! the timer heap, and is the only place that mutates them. It receives parsed messages
+//! from the transports, drives the pure transactions of [`crate::sip::transaction`] with
+//! the time of tokio's clock (so tests can pause it), and sends what they emit.
 //!
 //! Request handling (RFC 3261 §16) is in [`super::request`]; this file holds the loop,
 //! the bookkeeping, response relaying and sending.
@@ -616,6 +616,29 @@ impl Engine {
                 }
             }
         }
+    }
+
+    /// Puts this proxy's Via (a new branch, `rport`) on top of a request leaving `side`
+    /// over `transport`; its branch, or `None` when that side has no listener for it.
+    pub(super) fn push_own_via(
+        &mut self,
+        request: &mut Request,
+        side: Side,
+        transport: Transport,
+    ) -> Option<String> {
+        let port = self.side(side).port(transport)?;
+        let branch = self
+            .branches
+            .next(message::call_id(&request.headers).unwrap_or(""));
+        let mut via = crate::sip::via::Via::new(
+            transport.via_token(),
+            &self.side(side).advertise,
+            port,
+            &branch,
+        );
+        via.set_param("rport", None);
+        message::push_via(&mut request.headers, &via);
+        Some(branch)
     }
 
     pub(super) fn allocate_id(&mut self) -> u64 {

@@ -21,7 +21,6 @@ use rsip::{Request, Response};
 use super::engine::{now, Destination, Engine, Entry, Failover};
 use super::routing::Hop;
 use crate::sip::message;
-use crate::sip::via::Via;
 use crate::stats::Stats;
 use crate::transport::Side;
 
@@ -219,7 +218,6 @@ impl Engine {
     /// `request` (as forwarded, our Via on top) for another host: a new branch, and the
     /// Via's and our Record-Route's transport and port for the host's transport.
     fn retarget(&mut self, request: &Request, hop: Hop, trunk: usize) -> Option<(Request, String)> {
-        let port = self.core.port(hop.transport)?;
         let mut request = request.clone();
         let old = message::pop_via(&mut request.headers).ok()?;
         if crate::config::Transport::from_via_token(&old.transport) != hop.transport {
@@ -229,17 +227,7 @@ impl Engine {
                 message::replace_top_record_route(&mut request.headers, &uri);
             }
         }
-        let branch = self
-            .branches
-            .next(message::call_id(&request.headers).unwrap_or(""));
-        let mut via = Via::new(
-            hop.transport.via_token(),
-            &self.core.advertise,
-            port,
-            &branch,
-        );
-        via.set_param("rport", None);
-        message::push_via(&mut request.headers, &via);
+        let branch = self.push_own_via(&mut request, Side::Core, hop.transport)?;
         Some((request, branch))
     }
 
@@ -312,23 +300,14 @@ impl Engine {
             else {
                 return;
             };
-            let Some(port) = self.core.port(destination.transport) else {
+            let Some(branch) = self.push_own_via(&mut request, Side::Core, destination.transport)
+            else {
                 return;
             };
-            let branch = self.branches.next(&call_id);
-            let mut via = Via::new(
-                destination.transport.via_token(),
-                &self.core.advertise,
-                port,
-                &branch,
-            );
-            via.set_param("rport", None);
-            message::push_via(&mut request.headers, &via);
+            self.attach_current(&mut request, destination.trunk);
             if request.method == rsip::Method::Bye {
-                self.attach_current(&mut request, destination.trunk);
                 self.start_client(request, &branch, destination, None, None);
             } else {
-                self.attach_current(&mut request, destination.trunk);
                 self.send(destination, message::encode(&request.into()));
             }
         }

@@ -423,7 +423,9 @@ impl Engine {
         let initial_from_edge = source.side == Side::Edge && !message::in_dialog(&request.headers);
         let (hop, trunk_index) = self.next_hop(source, &mut request, out_side)?;
         let attach = self.apply_credentials(&mut request, out_side, trunk_index, hop)?;
-        let trunk = trunk_index.and_then(|index| self.router.trunk(index));
+        let trunk_name = trunk_index
+            .and_then(|index| self.router.trunk(index))
+            .map(|trunk| trunk.name.clone());
         let inbound = self.side(source.side);
         let outbound = self.side(out_side);
         if creates_dialog(&request) {
@@ -451,23 +453,14 @@ impl Engine {
                 ),
             ));
         }
-        let port = outbound.port(hop.transport).ok_or_else(|| {
-            Rejection::new(
-                502,
-                format!("no {} listener on the {out_side} side", hop.transport),
-            )
-        })?;
         let branch = self
-            .branches
-            .next(message::call_id(&request.headers).unwrap_or(""));
-        let mut via = Via::new(
-            hop.transport.via_token(),
-            &outbound.advertise,
-            port,
-            &branch,
-        );
-        via.set_param("rport", None);
-        message::push_via(&mut request.headers, &via);
+            .push_own_via(&mut request, out_side, hop.transport)
+            .ok_or_else(|| {
+                Rejection::new(
+                    502,
+                    format!("no {} listener on the {out_side} side", hop.transport),
+                )
+            })?;
         Ok(Forward {
             request,
             branch,
@@ -478,7 +471,7 @@ impl Engine {
                 local: None,
                 trunk: trunk_index,
             },
-            trunk: trunk.map(|trunk| trunk.name.clone()),
+            trunk: trunk_name,
             trunk_index,
             attach,
             failover: initial_from_edge,
@@ -501,21 +494,10 @@ impl Engine {
                 return;
             }
         };
-        let Some(port) = self.core.port(hop.transport) else {
+        let Some(branch) = self.push_own_via(&mut request, Side::Core, hop.transport) else {
             tracing::warn!(transport = %hop.transport, "no core-side listener for the trunk's transport; cannot send");
             return;
         };
-        let branch = self
-            .branches
-            .next(message::call_id(&request.headers).unwrap_or(""));
-        let mut via = Via::new(
-            hop.transport.via_token(),
-            &self.core.advertise,
-            port,
-            &branch,
-        );
-        via.set_param("rport", None);
-        message::push_via(&mut request.headers, &via);
         let destination = Destination {
             side: Side::Core,
             transport: hop.transport,

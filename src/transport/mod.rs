@@ -1,8 +1,8 @@
-//! Sockets: UDP listeners, TCP listeners and connections, and the handle the engine uses
-//! to send. Receive tasks check the sender against the side's allow list, frame and parse
-//! the bytes (so parsing runs on every core, not just the engine's), and queue the
-//! message for the engine on a bounded channel. Sending never blocks the engine: UDP uses
-//! `try_send_to`, each TCP connection has a bounded queue of its own.
+//! Sockets: UDP listeners, TCP and TLS listeners and connections, and the handle the
+//! engine uses to send. Receive tasks check the sender against the side's allow list,
+//! frame and parse the bytes (so parsing runs on every core, not just the engine's), and
+//! queue the message for the engine on a bounded channel. Sending never blocks the engine: UDP uses
+//! `try_send_to`, each TCP or TLS connection has a bounded queue of its own.
 //!
 //! Connections are tracked by the engine (it receives `Opened`/`Closed` events) and keyed
 //! by side, transport and peer address, and for TLS connections the sidecar opens by the
@@ -51,7 +51,7 @@ impl fmt::Display for Side {
     }
 }
 
-/// Identifies one TCP connection across reconnects to the same peer.
+/// Identifies one TCP or TLS connection across reconnects to the same peer.
 pub type ConnectionId = u64;
 
 /// A parsed message and where it came from.

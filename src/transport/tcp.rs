@@ -241,7 +241,12 @@ impl TcpContext {
                             // the handshake, on the first read.
                             if !heard && Failure::is_tls(&error) {
                                 refused = true;
-                                self.handshake_failed(peer, &Failure::of(&error));
+                                // TLS connections the sidecar opens always have an owner.
+                                let failure = match owner {
+                                    Some(_) => Failure::of(&error),
+                                    None => Failure::of(&error).as_listener(),
+                                };
+                                self.handshake_failed(peer, &failure);
                             } else {
                                 tracing::debug!(%side, %peer, error = %error, "read failed");
                             }
@@ -409,7 +414,7 @@ pub async fn accept_loop(listener: TcpListener, context: TcpContext, tls: Option
                         context.serve(stream, transport, peer, None, id, receiver).await;
                     }
                 }
-                Ok(Err(error)) => context.handshake_failed(peer, &Failure::of(&error)),
+                Ok(Err(error)) => context.handshake_failed(peer, &Failure::of(&error).as_listener()),
                 Err(_) => context.handshake_failed(
                     peer,
                     &Failure::Other("no handshake within tcp_connect_timeout".into()),

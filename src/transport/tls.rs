@@ -103,6 +103,17 @@ impl Failure {
         }
     }
 
+    /// The same failure seen by a listener (the peer connected to us): the peer refusing
+    /// a certificate refuses the listener's, not a client certificate of ours.
+    pub fn as_listener(self) -> Failure {
+        match self {
+            Failure::ClientCertificateRefused => Failure::Other(
+                "the connecting peer refused this listener's certificate (check [edge.tls]/[core_side.tls] and the CAs the peer trusts)".into(),
+            ),
+            other => other,
+        }
+    }
+
     /// Whether this is a TLS failure at all (not a plain connection reset).
     pub fn is_tls(error: &io::Error) -> bool {
         error
@@ -441,30 +452,24 @@ mod tests {
     #[test]
     fn failures_read_as_plain_words() {
         let wrap = |error: rustls::Error| io::Error::new(io::ErrorKind::InvalidData, error);
-        assert_eq!(
-            Failure::of(&wrap(rustls::Error::InvalidCertificate(
-                CertificateError::UnknownIssuer
-            ))),
-            Failure::UnknownCa
-        );
-        assert_eq!(
-            Failure::of(&wrap(rustls::Error::InvalidCertificate(
-                CertificateError::NotValidForName
-            ))),
-            Failure::NameMismatch
-        );
-        assert_eq!(
-            Failure::of(&wrap(rustls::Error::InvalidCertificate(
-                CertificateError::Expired
-            ))),
-            Failure::Expired
-        );
-        assert_eq!(
-            Failure::of(&wrap(rustls::Error::AlertReceived(
-                AlertDescription::CertificateRequired
-            ))),
-            Failure::ClientCertificateRefused
-        );
+        let certificate = rustls::Error::InvalidCertificate;
+        for (error, expected) in [
+            (
+                certificate(CertificateError::UnknownIssuer),
+                Failure::UnknownCa,
+            ),
+            (
+                certificate(CertificateError::NotValidForName),
+                Failure::NameMismatch,
+            ),
+            (certificate(CertificateError::Expired), Failure::Expired),
+            (
+                rustls::Error::AlertReceived(AlertDescription::CertificateRequired),
+                Failure::ClientCertificateRefused,
+            ),
+        ] {
+            assert_eq!(Failure::of(&wrap(error)), expected);
+        }
         let reset = io::Error::from(io::ErrorKind::ConnectionReset);
         assert!(!Failure::is_tls(&reset));
         assert!(matches!(Failure::of(&reset), Failure::Other(_)));
