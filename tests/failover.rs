@@ -32,7 +32,13 @@ struct Rig {
 }
 
 impl Rig {
+    /// `failover_timeout` is 1 s unless `extra_sip` sets it.
     async fn start(extra_sip: &str, ttl: u32) -> Rig {
+        let extra_sip = if extra_sip.contains("failover_timeout") {
+            extra_sip.to_string()
+        } else {
+            format!("failover_timeout = \"1s\"\n{extra_sip}")
+        };
         let a = RawPeer::bind_on("127.0.0.2").await;
         let b = RawPeer::bind_on("127.0.0.3").await;
         let edge = RawPeer::bind().await;
@@ -57,7 +63,6 @@ allow = ["127.0.0.0/8"]
 listen = ["udp:127.0.0.1:0"]
 
 [sip]
-failover_timeout = "1s"
 {extra_sip}
 
 [dns]
@@ -300,4 +305,51 @@ async fn a_dialog_keeps_its_host_after_dns_drops_it() {
     rig.call("keep2").await;
     raw::next_request(&rig.b, Method::Invite).await;
     rig.sidecar.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_port_moves_the_request_at_once() {
+    // Core a's port is closed: the INVITE comes back as ICMP port unreachable.
+    let Rig {
+        a,
+        b,
+        edge,
+        dns: _dns,
+        sidecar,
+    } = Rig::start("failover_timeout = \"5s\"", 60).await;
+    drop(a);
+    let target = sidecar.addr(Side::Edge, Transport::Udp);
+    let started = tokio::time::Instant::now();
+    edge.send(
+        &raw::invite(edge.addr, target, "z9hG4bKicmp1", "icmp1"),
+        target,
+    )
+    .await;
+    let (invite, from) = raw::next_request(&b, Method::Invite).await;
+    let moved = started.elapsed();
+    assert!(
+        moved < Duration::from_secs(2),
+        "moved after {moved:?}: by the 5 s silence, not by the ICMP error"
+    );
+    b.send(&raw::answer(&invite, 486, "Busy Here", "core-b"), from)
+        .await;
+    assert_eq!(raw::status(&raw::final_for(&edge, "icmp1").await), 486);
+    assert_eq!(sidecar.app.stats.snapshot().failovers, 1);
+    sidecar.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_only_core_unreachable_is_a_503_at_once_not_a_timeout() {
+    let closed = RawPeer::bind_on("127.0.0.2").await.addr;
+    let edge = RawPeer::bind().await;
+    let sidecar = Sidecar::start(&format!("udp:{}", edge.addr), &format!("udp:{closed}"), "").await;
+    let target = sidecar.addr(Side::Edge, Transport::Udp);
+    edge.send(
+        &raw::invite(edge.addr, target, "z9hG4bKicmp2", "icmp2"),
+        target,
+    )
+    .await;
+    // Timer B would answer 408 after 32 s; the transport error is a 503 now.
+    assert_eq!(raw::status(&raw::final_for(&edge, "icmp2").await), 503);
+    sidecar.stop().await;
 }

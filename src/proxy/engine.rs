@@ -474,6 +474,9 @@ impl Engine {
                 request,
                 reply,
             } => self.originate(trunk, *request, reply),
+            TransportEvent::Unreachable { side, addr } => {
+                self.fail_transactions_to(side, (Transport::Udp, addr, None));
+            }
             TransportEvent::ConnectionOpened {
                 side,
                 transport,

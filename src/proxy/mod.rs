@@ -508,6 +508,13 @@ impl Shared<'_> {
                         receive.clone(),
                         cancel.clone(),
                     ));
+                    if side == Side::Core {
+                        tracker.spawn(udp::watch_unreachable(
+                            socket.clone(),
+                            receive.clone(),
+                            cancel.clone(),
+                        ));
+                    }
                     udp_sockets.push(socket);
                     udp_locals.push(local);
                     listeners.push(Listen {

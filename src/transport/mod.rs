@@ -91,6 +91,12 @@ pub enum TransportEvent {
         /// it (a TLS alert) before sending anything: what was queued on it is lost.
         connect_failed: bool,
     },
+    /// A UDP datagram this side sent to `addr` came back as an ICMP error (port or host
+    /// unreachable): a transport error for the transactions toward it.
+    Unreachable {
+        side: Side,
+        addr: SocketAddr,
+    },
     /// Engine-internal: the forced credential refresh that server transaction `server`
     /// waits on finished (see `proxy::resend`).
     CredentialRefreshed {

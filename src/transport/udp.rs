@@ -1,5 +1,8 @@
 //! UDP: one receive task per listening socket. The engine sends on the same sockets with
-//! `try_send_to`, which never waits.
+//! `try_send_to`, which never waits. On Linux a second task per core-side socket reads
+//! the ICMP errors its sends caused (`IP_RECVERR`): a core host whose port or host is
+//! unreachable is reported to the engine at once, which moves the request to another
+//! host or answers 503, instead of waiting for silence to time out.
 
 use std::io;
 use std::net::SocketAddr;
@@ -92,5 +95,111 @@ pub async fn receive_loop(
             }
             Err(TrySendError::Closed(_)) => return,
         }
+    }
+}
+
+/// Reports the ICMP errors (port or host unreachable) of what `socket` sent to the engine
+/// as [`TransportEvent::Unreachable`], until cancelled. Without `IP_RECVERR` (not Linux,
+/// or refused) it does nothing: silence still ends such a transaction.
+pub async fn watch_unreachable(
+    socket: Arc<UdpSocket>,
+    context: ReceiveContext,
+    cancel: CancellationToken,
+) {
+    #[cfg(target_os = "linux")]
+    {
+        use tokio::io::Interest;
+        if let Err(error) = errors::enable(&socket) {
+            tracing::debug!(error = %error, "cannot ask for ICMP errors on a udp socket");
+            return;
+        }
+        loop {
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                ready = socket.ready(Interest::ERROR) => {
+                    if ready.is_err() {
+                        return;
+                    }
+                }
+            }
+            // Each queued error names the destination of the datagram that caused it.
+            while let Ok((addr, reason)) = socket.try_io(Interest::ERROR, || errors::next(&socket))
+            {
+                tracing::debug!(side = %context.side, to = %addr, reason, "udp destination unreachable");
+                let event = TransportEvent::Unreachable {
+                    side: context.side,
+                    addr,
+                };
+                if let Err(TrySendError::Closed(_)) = context.engine.try_send(event) {
+                    return;
+                }
+            }
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        let _ = (socket, context, cancel);
+    }
+}
+
+#[cfg(target_os = "linux")]
+mod errors {
+    use std::io;
+    use std::net::SocketAddr;
+    use std::os::fd::AsRawFd;
+
+    use nix::sys::socket::{
+        recvmsg, setsockopt, sockopt, ControlMessageOwned, MsgFlags, SockaddrStorage,
+    };
+    use tokio::net::UdpSocket;
+
+    /// Asks the kernel to queue ICMP errors on the socket (`IP_RECVERR`, `IPV6_RECVERR`).
+    pub fn enable(socket: &UdpSocket) -> io::Result<()> {
+        let v6 = socket.local_addr()?.is_ipv6();
+        let result = if v6 {
+            setsockopt(socket, sockopt::Ipv6RecvErr, &true)
+        } else {
+            setsockopt(socket, sockopt::Ipv4RecvErr, &true)
+        };
+        result.map_err(io::Error::from)
+    }
+
+    /// The next queued error: the destination it is about and what it says.
+    /// `WouldBlock` when the queue is empty.
+    pub fn next(socket: &UdpSocket) -> io::Result<(SocketAddr, &'static str)> {
+        let mut buffer = [0u8; 64];
+        let mut iov = [io::IoSliceMut::new(&mut buffer)];
+        let mut control = nix::cmsg_space!(nix::libc::sock_extended_err, nix::libc::sockaddr_in6);
+        let message = recvmsg::<SockaddrStorage>(
+            socket.as_raw_fd(),
+            &mut iov,
+            Some(&mut control),
+            MsgFlags::MSG_ERRQUEUE | MsgFlags::MSG_DONTWAIT,
+        )
+        .map_err(io::Error::from)?;
+        let errno = message
+            .cmsgs()
+            .map_err(io::Error::from)?
+            .find_map(|cmsg| match cmsg {
+                ControlMessageOwned::Ipv4RecvErr(error, _) => Some(error.ee_errno),
+                ControlMessageOwned::Ipv6RecvErr(error, _) => Some(error.ee_errno),
+                _ => None,
+            });
+        let reason = match errno.map(|errno| errno as i32) {
+            Some(nix::libc::ECONNREFUSED) => "port unreachable",
+            Some(nix::libc::EHOSTUNREACH) => "host unreachable",
+            Some(nix::libc::ENETUNREACH) => "network unreachable",
+            _ => "unreachable",
+        };
+        let addr = message
+            .address
+            .and_then(|address| {
+                address
+                    .as_sockaddr_in()
+                    .map(|v4| SocketAddr::from(*v4))
+                    .or_else(|| address.as_sockaddr_in6().map(|v6| SocketAddr::from(*v6)))
+            })
+            .ok_or_else(|| io::Error::other("an error without its destination"))?;
+        Ok((addr, reason))
     }
 }
