@@ -508,7 +508,7 @@ impl Shared<'_> {
                         receive.clone(),
                         cancel.clone(),
                     ));
-                    if side == Side::Core {
+                    if side == Side::Core && udp::report_unreachable(&socket) {
                         tracker.spawn(udp::watch_unreachable(
                             socket.clone(),
                             receive.clone(),

@@ -98,9 +98,34 @@ pub async fn receive_loop(
     }
 }
 
-/// Reports the ICMP errors (port or host unreachable) of what `socket` sent to the engine
-/// as [`TransportEvent::Unreachable`], until cancelled. Without `IP_RECVERR` (not Linux,
-/// or refused) it does nothing: silence still ends such a transaction.
+/// Asks the kernel to queue the ICMP errors of what `socket` sends (Linux:
+/// `IP_RECVERR`); done before the socket sends anything, so no error is missed. False
+/// where that is not possible: silence still ends such a transaction.
+pub fn report_unreachable(socket: &UdpSocket) -> bool {
+    #[cfg(target_os = "linux")]
+    {
+        match errors::enable(socket) {
+            Ok(()) => true,
+            Err(error) => {
+                tracing::debug!(error = %error, "cannot ask for ICMP errors on a udp socket");
+                false
+            }
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        let _ = socket;
+        false
+    }
+}
+
+/// How often the error queue is read even without a wake-up, so that no error waits
+/// long whatever the readiness bookkeeping did.
+const ERROR_QUEUE_POLL: std::time::Duration = std::time::Duration::from_millis(100);
+
+/// Reports the ICMP errors (port or host unreachable) of what `socket` sent (after
+/// [`report_unreachable`]) to the engine as [`TransportEvent::Unreachable`], until
+/// cancelled.
 pub async fn watch_unreachable(
     socket: Arc<UdpSocket>,
     context: ReceiveContext,
@@ -109,22 +134,14 @@ pub async fn watch_unreachable(
     #[cfg(target_os = "linux")]
     {
         use tokio::io::Interest;
-        if let Err(error) = errors::enable(&socket) {
-            tracing::debug!(error = %error, "cannot ask for ICMP errors on a udp socket");
-            return;
-        }
         loop {
             tokio::select! {
                 _ = cancel.cancelled() => return,
-                ready = socket.ready(Interest::ERROR) => {
-                    if ready.is_err() {
-                        return;
-                    }
-                }
+                _ = socket.ready(Interest::ERROR) => {}
+                _ = tokio::time::sleep(ERROR_QUEUE_POLL) => {}
             }
             // Each queued error names the destination of the datagram that caused it.
-            while let Ok((addr, reason)) = socket.try_io(Interest::ERROR, || errors::next(&socket))
-            {
+            while let Ok((addr, reason)) = errors::next(&socket) {
                 tracing::debug!(side = %context.side, to = %addr, reason, "udp destination unreachable");
                 let event = TransportEvent::Unreachable {
                     side: context.side,
@@ -134,6 +151,10 @@ pub async fn watch_unreachable(
                     return;
                 }
             }
+            // The queue is empty: wait for the next error (or the next poll).
+            let _ = socket.try_io(Interest::ERROR, || {
+                Err::<(), _>(io::Error::from(io::ErrorKind::WouldBlock))
+            });
         }
     }
     #[cfg(not(target_os = "linux"))]
