@@ -87,7 +87,7 @@ pub async fn check(settings: &Settings) -> Vec<TrunkReport> {
                 None
             }
         };
-        findings.push(core(settings, trunk, credential.as_ref()).await);
+        findings.extend(core(settings, trunk, credential.as_ref()).await);
         reports.push(TrunkReport {
             trunk: trunk.name.clone(),
             organization: trunk
@@ -384,9 +384,17 @@ fn refresh(
     )
 }
 
-/// One OPTIONS to the trunk's core with the credential, and what came back. The core
-/// is resolved as the proxy resolves it (RFC 3263, `[dns]`); its first host is asked.
-async fn core(settings: &Settings, trunk: &Trunk, credential: Option<&CredentialValue>) -> Finding {
+/// The hosts of a core `check --online` asks at most.
+const CORE_HOSTS_PROBED: usize = 8;
+
+/// One OPTIONS with the credential to each host the trunk's core resolves to (as the
+/// proxy resolves it: RFC 3263, `[dns]`), in preference order, and what came back: one
+/// finding per host, named by it when there are several.
+async fn core(
+    settings: &Settings,
+    trunk: &Trunk,
+    credential: Option<&CredentialValue>,
+) -> Vec<Finding> {
     let supported: Vec<Transport> = settings
         .core_side
         .listen
@@ -400,30 +408,47 @@ async fn core(settings: &Settings, trunk: &Trunk, credential: Option<&Credential
             .map_err(|error| error.to_string()),
         Err(error) => Err(error.to_string()),
     };
-    let first = resolved.map(|answer| {
-        let destinations = crate::dns::Destinations::new(trunk.core.clone());
-        destinations.set(answer.resolved);
-        destinations.first()
-    });
-    let target = match first {
-        Ok(Some(candidate)) => candidate,
-        Ok(None) | Err(_) => {
-            let reason = first.err().unwrap_or_else(|| "no address".into());
-            return Finding::problem(
+    let mut hosts = match resolved {
+        Ok(answer) if !answer.resolved.candidates.is_empty() => answer.resolved.candidates,
+        Ok(_) | Err(_) => {
+            let reason = resolved.err().unwrap_or_else(|| "no address".into());
+            return vec![Finding::problem(
                 "core",
                 format!("{} does not resolve: {reason}", trunk.core),
                 "a wrong host name in core, missing DNS records (SRV, NAPTR, A/AAAA), or an unreachable name server",
                 "check core = in the trunk and [dns] servers",
-            );
+            )];
         }
     };
+    hosts.sort_by_key(|candidate| (candidate.rank, std::cmp::Reverse(candidate.weight)));
+    let several = hosts.len() > 1;
+    let mut findings = Vec::new();
+    for candidate in hosts.into_iter().take(CORE_HOSTS_PROBED) {
+        let mut finding = core_host(trunk, credential, candidate.transport, candidate.addr).await;
+        if several {
+            finding.detail = format!(
+                "host {}:{}: {}",
+                candidate.transport, candidate.addr, finding.detail
+            );
+        }
+        findings.push(finding);
+    }
+    findings
+}
+
+/// One OPTIONS to one core host.
+async fn core_host(
+    trunk: &Trunk,
+    credential: Option<&CredentialValue>,
+    transport: Transport,
+    addr: SocketAddr,
+) -> Finding {
     let authorization = match (trunk.auth, credential) {
         (AuthMode::Bearer, Some(CredentialValue::Token(token))) => Some(
             crate::credentials::Secret::new(format!("Bearer {}", token.expose())),
         ),
         _ => None,
     };
-    let (transport, addr) = (target.transport, target.addr);
     let answer = match transport {
         Transport::Udp => options_udp(addr, authorization.as_ref()).await,
         Transport::Tcp => options_stream(addr, None, authorization.as_ref()).await,

@@ -247,3 +247,48 @@ fn the_text_report_gives_cause_and_fix_lines() {
         "{text}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_host_of_a_core_behind_srv_is_asked_and_named() {
+    let (sim, core) = simulators(Duration::from_secs(600), Validation::AnyUnexpired).await;
+    let closed = common::raw::RawPeer::bind_on("127.0.0.2").await.addr;
+    let dns = common::dns::TestDns::start().await;
+    dns.set_srv(
+        "_sip._udp.core.test",
+        &[
+            (10, 0, core.port(), "a.core.test"),
+            (20, 0, closed.port(), "b.core.test"),
+        ],
+        60,
+    );
+    dns.set_addresses("a.core.test", &[core.ip()], 60);
+    dns.set_addresses("b.core.test", &[closed.ip()], 60);
+    let dir = tempfile::tempdir().unwrap();
+    let text = config(&sim, dir.path(), "udp:core.test", |text| {
+        format!("{text}\n[dns]\nservers = [\"{}\"]\n", dns.addr())
+    });
+    let (code, report) = run_check(dir.path(), &text).await;
+    // One host answers, the other is closed: a problem, naming the closed one.
+    assert_eq!(code, Some(1), "{report:#}");
+    let cores: Vec<(bool, String)> = report[0]["findings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|finding| finding["check"] == "core")
+        .map(|finding| {
+            (
+                finding["ok"].as_bool().unwrap(),
+                finding["detail"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    assert_eq!(cores.len(), 2, "{cores:?}");
+    assert!(
+        cores[0].0 && cores[0].1.starts_with(&format!("host udp:{core}")),
+        "{cores:?}"
+    );
+    assert!(
+        !cores[1].0 && cores[1].1.starts_with(&format!("host udp:{closed}")),
+        "{cores:?}"
+    );
+}
