@@ -693,3 +693,40 @@ async fn a_core_that_speaks_only_tls_1_2_is_reached() {
     assert_eq!(core.seen.lock().unwrap().len(), 1);
     sidecar.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trunks_tls_settings_are_re_read_on_sighup_for_new_connections() {
+    let pki = Pki::generate(&["core.test", "127.0.0.1"]);
+    let core = CertRecordingCore::start(&pki, &[pki.ca()], false).await;
+    let edge = RawPeer::bind().await;
+    let with_ca = |ca: &std::path::Path| {
+        let lines = mutual(&pki).replace(
+            &format!("ca_file = \"{}\"", pki.ca().display()),
+            &format!("ca_file = \"{}\"", ca.display()),
+        );
+        config(&pki, edge.addr.port(), core.addr, &lines, "")
+    };
+    // Trusting the wrong CA: refused.
+    let sidecar = Sidecar::start_with(&with_ca(&pki.other_ca())).await;
+    let target = sidecar.addr(Side::Edge, Transport::Udp);
+    edge.send(
+        &raw::invite(edge.addr, target, "z9hG4bKrel1", "reload-1"),
+        target,
+    )
+    .await;
+    assert_eq!(raw::status(&raw::final_for(&edge, "reload-1").await), 503);
+    assert!(sidecar.app.stats.snapshot().tls_unknown_ca >= 1);
+    // SIGHUP with the right CA: the next connection verifies.
+    let settings = byoc_sidecar::config::Config::from_toml(&with_ca(&pki.ca()), "reloaded")
+        .unwrap()
+        .validate()
+        .unwrap();
+    sidecar.app.reload(&settings);
+    edge.send(
+        &raw::invite(edge.addr, target, "z9hG4bKrel2", "reload-2"),
+        target,
+    )
+    .await;
+    assert_eq!(raw::status(&raw::final_for(&edge, "reload-2").await), 486);
+    sidecar.stop().await;
+}

@@ -124,6 +124,10 @@ pub struct Destination {
     pub trunk: Option<usize>,
 }
 
+/// How one trunk's TLS connections to one peer are made, swapped on SIGHUP (new
+/// connections use the new settings, open ones keep theirs).
+pub type TlsClientSlot = Arc<arc_swap::ArcSwap<TlsClient>>;
+
 /// A connection's transport, peer, and for a TLS connection the sidecar opened, the
 /// trunk whose identity it carries.
 pub type ConnectionKey = (Transport, SocketAddr, Option<usize>);
@@ -139,7 +143,7 @@ pub struct SideIo {
     pub tls_port: Option<u16>,
     pub tcp: TcpContext,
     /// How TLS connections to each trunk's peer on this side are made, by trunk index.
-    pub tls_clients: Vec<Option<Arc<TlsClient>>>,
+    pub tls_clients: Vec<Option<TlsClientSlot>>,
     pub connections: HashMap<ConnectionKey, (ConnectionId, mpsc::Sender<Bytes>)>,
 }
 
@@ -151,6 +155,14 @@ impl SideIo {
             Transport::Tcp => self.tcp_port,
             Transport::Tls => self.tls_port,
         }
+    }
+
+    /// How trunk `trunk`'s TLS connections on this side are made now, if it has TLS.
+    pub fn tls_client(&self, trunk: usize) -> Option<Arc<TlsClient>> {
+        self.tls_clients
+            .get(trunk)
+            .and_then(Option::as_ref)
+            .map(|slot| slot.load_full())
     }
 
     /// Whether a UDP socket of this side can send to `addr` (one of its address family).
@@ -596,9 +608,9 @@ impl Engine {
                     _ => {
                         let tls = match destination.transport {
                             Transport::Tls => {
-                                let client = destination.trunk.and_then(|trunk| {
-                                    Some((trunk, io.tls_clients.get(trunk).cloned().flatten()?))
-                                });
+                                let client = destination
+                                    .trunk
+                                    .and_then(|trunk| Some((trunk, io.tls_client(trunk)?)));
                                 let Some(client) = client else {
                                     Stats::bump(&self.stats.send_failed);
                                     tracing::warn!(side = %destination.side, to = %destination.addr, "no TLS connection and no trunk to open one for; not sent");

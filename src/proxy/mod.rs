@@ -81,6 +81,8 @@ pub struct App {
     draining: Arc<std::sync::atomic::AtomicBool>,
     /// The certificate of each side's TLS listeners, for SIGHUP.
     tls_servers: Vec<(Side, Arc<TlsServer>)>,
+    /// How each trunk's TLS connections are made, for SIGHUP.
+    tls_clients: Vec<TlsClientOf>,
     /// Every trunk's peers as resolved now: (trunk, side, peer).
     pub peers: Vec<(String, Side, Arc<Destinations>)>,
     cancel: CancellationToken,
@@ -126,7 +128,10 @@ impl App {
             let tls_for = |endpoint: &crate::config::Endpoint, side: &SideSettings| {
                 endpoint
                     .may_use_tls(&side.listen)
-                    .then(|| TlsClient::new(&trunk.tls, &endpoint.host).map(Arc::new))
+                    .then(|| {
+                        TlsClient::new(&trunk.tls, &endpoint.host)
+                            .map(|client| Arc::new(arc_swap::ArcSwap::from_pointee(client)))
+                    })
                     .transpose()
                     .map_err(|source| StartError::TrunkTls {
                         trunk: trunk.name.clone(),
@@ -196,6 +201,19 @@ impl App {
         let (mut core_io, core_listeners, core_server) = shared
             .bind_side(Side::Core, &settings.core_side, core_allow.clone())
             .await?;
+        let configured = &settings.trunks;
+        let tls_clients: Vec<TlsClientOf> = [(Side::Edge, &edge_tls), (Side::Core, &core_tls)]
+            .into_iter()
+            .flat_map(|(side, slots)| {
+                slots.iter().enumerate().filter_map(move |(trunk, slot)| {
+                    Some(TlsClientOf {
+                        trunk: configured.get(trunk)?.name.clone(),
+                        side,
+                        slot: slot.clone()?,
+                    })
+                })
+            })
+            .collect();
         edge_io.tls_clients = edge_tls;
         core_io.tls_clients = core_tls;
         let tls_servers: Vec<(Side, Arc<TlsServer>)> =
@@ -327,6 +345,7 @@ impl App {
             admin,
             draining,
             tls_servers,
+            tls_clients,
             peers,
             cancel,
             tracker,
@@ -349,10 +368,34 @@ impl App {
 
     /// Takes what can change while running from `settings` (a re-read configuration,
     /// SIGHUP): the secret material of each trunk's credentials (an OAuth2 client secret
-    /// rotated in its file) and the certificate and key of the TLS listeners. Returns the
+    /// rotated in its file), each trunk's TLS settings (CA bundle, client certificate and
+    /// key, for new connections), and the certificate and key of the TLS listeners.
+    /// Trunks are matched by name. Returns the
     /// trunks whose secret changed. Everything else (listeners, trunks, timers, limits)
     /// takes effect at the next start.
     pub fn reload(&self, settings: &Settings) -> Vec<String> {
+        for client in &self.tls_clients {
+            let Some(trunk) = settings
+                .trunks
+                .iter()
+                .find(|trunk| trunk.name == client.trunk)
+            else {
+                continue;
+            };
+            let endpoint = match client.side {
+                Side::Edge => &trunk.edge,
+                Side::Core => &trunk.core,
+            };
+            match TlsClient::new(&trunk.tls, &endpoint.host) {
+                Ok(fresh) => {
+                    client.slot.store(Arc::new(fresh));
+                    tracing::info!(trunk = %trunk.name, side = %client.side, "TLS settings re-read; new connections use them");
+                }
+                Err(error) => {
+                    tracing::warn!(trunk = %trunk.name, side = %client.side, error = %error, "cannot re-read the trunk's TLS settings; keeping the old ones")
+                }
+            }
+        }
         for (side, server) in &self.tls_servers {
             let files = match side {
                 Side::Edge => settings.edge.tls.as_ref(),
@@ -585,6 +628,13 @@ fn uri_host(ip: IpAddr) -> String {
         IpAddr::V4(v4) => v4.to_string(),
         IpAddr::V6(v6) => format!("[{v6}]"),
     }
+}
+
+/// A trunk's TLS client settings toward its peer on one side.
+struct TlsClientOf {
+    trunk: String,
+    side: Side,
+    slot: engine::TlsClientSlot,
 }
 
 /// How often the TLS listeners' certificate files are looked at for changes.

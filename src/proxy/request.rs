@@ -441,7 +441,7 @@ impl Engine {
         }
         if hop.transport == Transport::Tls
             && trunk_index
-                .and_then(|index| outbound.tls_clients.get(index).cloned().flatten())
+                .and_then(|index| outbound.tls_client(index))
                 .is_none()
             && !outbound.connected(Transport::Tls, hop.addr)
         {
