@@ -8,7 +8,7 @@ each over UDP and over TCP. For each it reports:
 
 - the highest call rate: steps of `--calls` calls (INVITE/100/180/200/ACK/BYE/200, no
   hold), doubling from `--start` then bisecting; a step passes with 0 failed calls, at
-  most 0.01 % retransmitted messages, and the calls placed within 10 % of the time the
+  most 0.01 % retransmitted messages, and the calls placed within 5 % of the time the
   rate asks for;
 - the proxy's CPU time per call (user + system, every process of it) at `--cpu-rate`;
 - the time an INVITE spends in the proxy (its arrival to its departure toward the UAS,
@@ -232,7 +232,12 @@ def run(path, transport, rate, calls, hold_ms=0, measure=None, busy=False):
     result = {}
     if callable(measure):
         result["measured"] = measure(proxy, uac)
-    uac.wait()
+    try:
+        # sipp's own -timeout does not always end a run whose calls hang: enforce it.
+        uac.wait(timeout=limit + 5)
+    except subprocess.TimeoutExpired:
+        uac.kill()
+        uac.wait()
     elapsed = time.monotonic() - started
     result["ticks"] = ticks_of(proxy.pids()) - before
     for spinner in spinners:
@@ -317,7 +322,9 @@ def passes(result, rate, calls):
         and result["failed"] == 0
         and result["successful"] == calls
         and result["retransmissions"] <= calls * 3 * 0.0001
-        and result["elapsed"] <= calls / rate * 1.1 + 1
+        # Placed within 5 % of the time the rate asks for (plus sipp's start): a
+        # looser bound lets short steps at high rates pass well below their rate.
+        and result["elapsed"] <= calls / rate * 1.05 + 0.25
     )
 
 
@@ -343,7 +350,8 @@ def search(path, transport, calls, start, ceiling, trace):
         result = run(path, transport, rate, calls)
         ok = passes(result, rate, calls)
         trace.append((path, transport, rate, calls / result["elapsed"], ok))
-        print(f"  {path}/{transport} {rate}/s: {'pass' if ok else 'fail'}", flush=True)
+        print(f"  {path}/{transport} {rate}/s: {'pass' if ok else 'fail'} "
+              f"({calls / result['elapsed']:.0f}/s achieved)", flush=True)
         if ok:
             low = rate
         else:
