@@ -31,7 +31,8 @@ modules=$(dirname "$(ls /usr/lib/*/kamailio/modules/tm.so | head -1)")
 cargo build --release --quiet
 hz=$(getconf CLK_TCK)
 
-free_port() { python3 -c 'import socket; s=socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+# shellcheck source=scripts/lib.sh
+. scripts/lib.sh
 # CPU ticks (user + system) of every live process in a group, summed: Kamailio's
 # workers are separate processes.
 group_ticks() { ps -o pid= -g "$1" | while read -r pid; do awk '{ print $14 + $15 }' "/proc/$pid/stat" 2>/dev/null || true; done | awk '{ sum += $1 } END { print sum + 0 }'; }

@@ -37,7 +37,8 @@ printf 'subjectAltName=DNS:core.test,IP:127.0.0.1\nextendedKeyUsage=serverAuth,c
 openssl x509 -req -in "$work/core.csr" -CA "$work/ca.pem" -CAkey "$work/ca.key" -CAcreateserial \
   -days 2 -extfile "$work/ext" -out "$work/core.pem" 2>/dev/null
 
-free_port() { python3 -c 'import socket; s=socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+# shellcheck source=scripts/lib.sh
+. scripts/lib.sh
 ticks() { awk '{ print $14 + $15 }' "/proc/$1/stat"; }
 
 # One run over $1 (tcp or tls): prints "failed cpu_a_us cpu_b_us".

@@ -36,7 +36,8 @@ trap cleanup EXIT
 command -v sipp >/dev/null || { echo "sipp is missing: apt-get install sip-tester" >&2; exit 1; }
 [ -n "${BYOC_BINARY:-}" ] || cargo build --release --quiet
 
-free_port() { python3 -c 'import socket; s=socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+# shellcheck source=scripts/lib.sh
+. scripts/lib.sh
 core_port=$(free_port); idp_port=$(free_port); edge_port=$(free_port); side_port=$(free_port)
 uas_port=$(free_port); uac_port=$(free_port)
 

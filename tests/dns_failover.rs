@@ -35,14 +35,7 @@ fn config(
     extra_dns: &str,
 ) -> String {
     format!(
-        r#"
-[edge]
-listen = ["udp:127.0.0.1:0"]
-allow = ["127.0.0.0/8"]
-
-[core_side]
-listen = ["udp:127.0.0.1:0", "tcp:127.0.0.1:0"]
-
+        r#"{}{}
 [sip]
 {extra_sip}
 
@@ -54,7 +47,14 @@ servers = ["{dns}"]
 name = "test"
 edge = "udp:{edge}"
 core = "{core}"
-"#
+"#,
+        side("edge", &["udp:127.0.0.1:0"], true, None),
+        side(
+            "core_side",
+            &["udp:127.0.0.1:0", "tcp:127.0.0.1:0"],
+            false,
+            None
+        ),
     )
 }
 

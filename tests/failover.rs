@@ -54,14 +54,7 @@ impl Rig {
         dns.set_addresses("a.core.test", &[a.addr.ip()], 60);
         dns.set_addresses("b.core.test", &[b.addr.ip()], 60);
         let text = format!(
-            r#"
-[edge]
-listen = ["udp:127.0.0.1:0"]
-allow = ["127.0.0.0/8"]
-
-[core_side]
-listen = ["udp:127.0.0.1:0"]
-
+            r#"{sides}
 [sip]
 {extra_sip}
 
@@ -74,6 +67,11 @@ name = "test"
 edge = "udp:{edge}"
 core = "udp:core.test"
 "#,
+            sides = [
+                side("edge", &["udp:127.0.0.1:0"], true, None),
+                side("core_side", &["udp:127.0.0.1:0"], false, None),
+            ]
+            .concat(),
             dns = dns.addr(),
             edge = edge.addr,
         );

@@ -32,19 +32,7 @@ fn config(
     trunk_extra: &str,
 ) -> String {
     format!(
-        r#"
-[edge]
-listen = ["udp:127.0.0.1:0"]
-allow = ["127.0.0.0/8"]
-
-[core_side]
-listen = ["udp:127.0.0.1:0", "tls:127.0.0.1:0"]
-allow = ["127.0.0.0/8"]
-
-[core_side.tls]
-certificate_file = "{cert}"
-key_file = "{key}"
-
+        r#"{edge}{core_side}
 [sip]
 t1 = "100ms"
 
@@ -57,8 +45,22 @@ core = "tls:{core}"
 [trunk.tls]
 {tls_lines}
 "#,
-        cert = pki.server_cert().display(),
-        key = pki.server_key().display(),
+        edge = side("edge", &["udp:127.0.0.1:0"], true, None),
+        core_side = side(
+            "core_side",
+            &["udp:127.0.0.1:0", "tls:127.0.0.1:0"],
+            true,
+            Some((&pki.server_cert(), &pki.server_key())),
+        ),
+    )
+}
+
+/// An Edge side on UDP and a core side with only a `tls:` listener presenting `cert`.
+fn tls_core_side(cert: &std::path::Path, key: &std::path::Path) -> String {
+    format!(
+        "{}{}",
+        side("edge", &["udp:127.0.0.1:0"], true, None),
+        side("core_side", &["tls:127.0.0.1:0"], true, Some((cert, key)))
     )
 }
 
@@ -332,27 +334,15 @@ async fn an_edge_may_reach_the_sidecar_over_tls() {
     let pki = Pki::generate(&["core.test", "127.0.0.1"]);
     let core = RawPeer::bind().await;
     let text = format!(
-        r#"
-[edge]
-listen = ["udp:127.0.0.1:0", "tls:127.0.0.1:0"]
-allow = ["127.0.0.0/8"]
-
-[edge.tls]
-certificate_file = "{cert}"
-key_file = "{key}"
-
-[core_side]
-listen = ["udp:127.0.0.1:0"]
-allow = ["127.0.0.0/8"]
-
-[[trunk]]
-name = "test"
-edge = "udp:127.0.0.1:9"
-core = "udp:{core}"
-"#,
-        cert = pki.server_cert().display(),
-        key = pki.server_key().display(),
-        core = core.addr,
+        "{}{}\n[[trunk]]\nname = \"test\"\nedge = \"udp:127.0.0.1:9\"\ncore = \"udp:{}\"\n",
+        side(
+            "edge",
+            &["udp:127.0.0.1:0", "tls:127.0.0.1:0"],
+            true,
+            Some((&pki.server_cert(), &pki.server_key())),
+        ),
+        side("core_side", &["udp:127.0.0.1:0"], true, None),
+        core.addr,
     );
     let sidecar = Sidecar::start_with(&text).await;
     let edge_tls = sidecar.addr(Side::Edge, Transport::Tls);
@@ -404,26 +394,8 @@ async fn the_listener_certificate_is_reloaded_on_sighup_and_when_its_files_chang
     std::fs::copy(pki.server_key(), &key).unwrap();
     let text = |cert: &std::path::Path, key: &std::path::Path| {
         format!(
-            r#"
-[edge]
-listen = ["udp:127.0.0.1:0"]
-allow = ["127.0.0.0/8"]
-
-[core_side]
-listen = ["tls:127.0.0.1:0"]
-allow = ["127.0.0.0/8"]
-
-[core_side.tls]
-certificate_file = "{}"
-key_file = "{}"
-
-[[trunk]]
-name = "test"
-edge = "udp:127.0.0.1:9"
-core = "tls:127.0.0.1:9"
-"#,
-            cert.display(),
-            key.display()
+            "{}\n[[trunk]]\nname = \"test\"\nedge = \"udp:127.0.0.1:9\"\ncore = \"tls:127.0.0.1:9\"\n",
+            tls_core_side(cert, key)
         )
     };
     let sidecar = Sidecar::start_with(&text(&cert, &key)).await;
@@ -613,26 +585,10 @@ async fn trunks_sharing_a_tls_core_each_present_their_own_client_certificate() {
         )
     };
     let text = format!(
-        r#"
-[edge]
-listen = ["udp:127.0.0.1:0"]
-allow = ["127.0.0.0/8"]
-
-[core_side]
-listen = ["tls:127.0.0.1:0"]
-allow = ["127.0.0.0/8"]
-
-[core_side.tls]
-certificate_file = "{cert}"
-key_file = "{key}"
-
-{a}
-{b}
-"#,
-        cert = pki_a.server_cert().display(),
-        key = pki_a.server_key().display(),
-        a = trunk("org-a", &edge_a, &pki_a),
-        b = trunk("org-b", &edge_b, &pki_b),
+        "{}\n{}\n{}",
+        tls_core_side(&pki_a.server_cert(), &pki_a.server_key()),
+        trunk("org-a", &edge_a, &pki_a),
+        trunk("org-b", &edge_b, &pki_b),
     );
     let sidecar = Sidecar::start_with(&text).await;
     let target = sidecar.addr(Side::Edge, Transport::Udp);

@@ -243,6 +243,29 @@ pub struct Sidecar {
     root: CancellationToken,
 }
 
+/// One side's table of a test configuration (`name` is `edge` or `core_side`): its
+/// listeners; with `open`, loopback may talk to it (otherwise only what the trunks' peers
+/// resolve to); with `tls`, the certificate and key of its `tls:` listeners.
+pub fn side(name: &str, listen: &[&str], open: bool, tls: Option<(&Path, &Path)>) -> String {
+    let listen = listen
+        .iter()
+        .map(|address| format!("\"{address}\""))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let mut text = format!("\n[{name}]\nlisten = [{listen}]\n");
+    if open {
+        text.push_str("allow = [\"127.0.0.0/8\"]\n");
+    }
+    if let Some((certificate, key)) = tls {
+        text.push_str(&format!(
+            "\n[{name}.tls]\ncertificate_file = \"{}\"\nkey_file = \"{}\"\n",
+            certificate.display(),
+            key.display()
+        ));
+    }
+    text
+}
+
 impl Sidecar {
     pub async fn start(edge: &str, core: &str, extra_sip: &str) -> Sidecar {
         Self::start_with(&Self::config(edge, core, extra_sip)).await
@@ -250,16 +273,9 @@ impl Sidecar {
 
     /// The test configuration: port-0 listeners, loopback allowed, one trunk.
     pub fn config(edge: &str, core: &str, extra_sip: &str) -> String {
+        let listen = ["udp:127.0.0.1:0", "tcp:127.0.0.1:0"];
         format!(
-            r#"
-[edge]
-listen = ["udp:127.0.0.1:0", "tcp:127.0.0.1:0"]
-allow = ["127.0.0.0/8"]
-
-[core_side]
-listen = ["udp:127.0.0.1:0", "tcp:127.0.0.1:0"]
-allow = ["127.0.0.0/8"]
-
+            r#"{}{}
 [sip]
 {extra_sip}
 
@@ -267,7 +283,9 @@ allow = ["127.0.0.0/8"]
 name = "test"
 edge = "{edge}"
 core = "{core}"
-"#
+"#,
+            side("edge", &listen, true, None),
+            side("core_side", &listen, true, None),
         )
     }
 
