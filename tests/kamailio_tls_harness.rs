@@ -271,20 +271,7 @@ async fn register_over_mutual_tls_is_answered_200_and_the_binding_is_kept() {
          Expires: 600\r\n\
          Content-Length: 0\r\n\r\n"
     );
-    let mut args = with_client_cert(verifying(&pki.ca()), &pki);
-    // -quiet: only what the server sends on standard output; it also implies -ign_eof
-    // (so the answer is waited for) and -nocommands (a line starting with R would
-    // otherwise ask for a renegotiation).
-    args.push("-quiet".into());
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let outcome = s_client(
-        kamailio.tls_addr(),
-        &args,
-        register.as_bytes(),
-        Some("\r\n\r\n"),
-        LIMIT,
-    )
-    .await;
+    let outcome = send_over_mutual_tls(&kamailio, &pki, &register).await;
     assert!(
         outcome.stdout.starts_with("SIP/2.0 200"),
         "{outcome:?}\nkamailio log:\n{}",
@@ -302,6 +289,24 @@ async fn register_over_mutual_tls_is_answered_200_and_the_binding_is_kept() {
 
 /// A SIP request with the given first line, `Via` sent-by (`SIP/2.0/TLS host:port`),
 /// `Call-ID` (also the branch), `CSeq`, `extra` header lines, and no body.
+/// Sends `message` over mutual TLS and returns once the first answer is complete.
+async fn send_over_mutual_tls(kamailio: &Kamailio, pki: &Pki, message: &str) -> SClientOutcome {
+    let mut args = with_client_cert(verifying(&pki.ca()), pki);
+    // -quiet: only what the server sends on standard output; it also implies -ign_eof
+    // (so the answer is waited for) and -nocommands (a line starting with R would
+    // otherwise ask for a renegotiation).
+    args.push("-quiet".into());
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    s_client(
+        kamailio.tls_addr(),
+        &args,
+        message.as_bytes(),
+        Some("\r\n\r\n"),
+        LIMIT,
+    )
+    .await
+}
+
 fn request(first_line: &str, via: &str, call_id: &str, cseq: &str, extra: &str) -> String {
     format!(
         "{first_line}\r\n\
@@ -440,17 +445,7 @@ async fn an_invite_over_udp_goes_to_the_registered_contact_over_a_new_tls_connec
         "1 REGISTER",
         &format!("Contact: <{contact}>\r\nExpires: 600\r\n"),
     );
-    let mut args = with_client_cert(verifying(&pki.ca()), &pki);
-    args.push("-quiet".into());
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let outcome = s_client(
-        kamailio.tls_addr(),
-        &args,
-        register.as_bytes(),
-        Some("\r\n\r\n"),
-        LIMIT,
-    )
-    .await;
+    let outcome = send_over_mutual_tls(&kamailio, &pki, &register).await;
     assert!(outcome.stdout.starts_with("SIP/2.0 200"), "{outcome:?}");
 
     let uac = tokio::net::UdpSocket::bind((LOOPBACK, 0)).await.unwrap();
