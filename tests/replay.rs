@@ -381,7 +381,9 @@ async fn the_403_after_rotation_is_absorbed_and_the_replayed_edge_sees_200() {
 async fn a_captured_digest_registration_registers_with_kamailio_through_a_digest_trunk() {
     let kamailio = common::kamailio::Kamailio::registrar("replay-password").await;
     let dir = tempfile::tempdir().unwrap();
-    let sidecar = Sidecar::start_with(&Sidecar::digest_config(
+    // Ready: the trunk holds its password before the capture's REGISTER arrives (else a
+    // fast replay can meet the 503 of a trunk without a credential yet).
+    let sidecar = Sidecar::start_ready(&Sidecar::digest_config(
         kamailio.addr(),
         dir.path(),
         "replay-password",
