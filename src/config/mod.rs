@@ -186,6 +186,9 @@ pub struct SipConfig {
     /// Capacity of the queue from the transports to the engine.
     pub queue_capacity: usize,
     pub tcp_max_connections: usize,
+    /// Receive and send buffer of each UDP socket, in bytes: a burst waits in the kernel
+    /// instead of being dropped.
+    pub udp_buffer: usize,
     pub tcp_idle_timeout: String,
     pub tcp_connect_timeout: String,
     /// How long one write to a TCP connection may take before the connection is closed
@@ -212,6 +215,7 @@ impl Default for SipConfig {
             max_transactions: 100_000,
             queue_capacity: 8192,
             tcp_max_connections: 1024,
+            udp_buffer: 8 << 20,
             tcp_idle_timeout: "300s".into(),
             tcp_connect_timeout: "5s".into(),
             tcp_write_timeout: "10s".into(),
@@ -359,6 +363,7 @@ pub struct Limits {
     pub max_transactions: usize,
     pub queue_capacity: usize,
     pub tcp_max_connections: usize,
+    pub udp_buffer: usize,
     pub tcp_idle_timeout: Duration,
     pub tcp_connect_timeout: Duration,
     pub tcp_write_timeout: Duration,
@@ -607,6 +612,7 @@ impl Config {
                 1,
                 1 << 20,
             ),
+            ("sip.udp_buffer", sip.udp_buffer, 4096, 1 << 30),
         ] {
             if !(low..=high).contains(&value) {
                 problems.add(key, format!("{value} is outside {low}..={high}"));
@@ -672,6 +678,7 @@ impl Config {
             max_transactions: sip.max_transactions,
             queue_capacity: sip.queue_capacity,
             tcp_max_connections: sip.tcp_max_connections,
+            udp_buffer: sip.udp_buffer,
             tcp_idle_timeout,
             tcp_connect_timeout,
             tcp_write_timeout,

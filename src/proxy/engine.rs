@@ -1,34 +1,38 @@
-//! The engine task: owns the transaction tables, the connection table (TCP and TLS) and
-//! the timer heap, and is the only place that mutates them. It receives parsed messages
-//! from the transports, drives the pure transactions of [`crate::sip::transaction`] with
-//! the time of tokio's clock (so tests can pause it), and sends what they emit.
+//! The proxy's pure core: the transaction tables, dialogs' CSeq offsets, routing per
+//! trunk, credential attachment, the one re-send and failover, and the random numbers
+//! they need. It owns no socket, spawns nothing and never reads a clock: every input
+//! comes with the time (`handle_message(now, ..)`, `handle_timeout(now)`, ...), and what
+//! it wants done comes out of `poll_transmit()` (bytes for a destination),
+//! `poll_action()` (wait for a credential, hand a response to the sidecar's own
+//! requester) and `poll_timeout()`, in the shape of quinn-proto's `Endpoint`.
+//! [`super::driver`] moves the bytes, sleeps and runs the waits; tests drive it directly
+//! in virtual time.
 //!
-//! Request handling (RFC 3261 §16) is in [`super::request`]; this file holds the loop,
-//! the bookkeeping, response relaying and sending.
+//! Request handling (RFC 3261 §16) is in [`super::request`]; this file holds the
+//! inputs and outputs, the bookkeeping and response relaying.
 
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap};
+use std::collections::{BinaryHeap, HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant as StdInstant;
 
 use bytes::Bytes;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
 use rsip::{Request, Response, SipMessage};
-use tokio::net::UdpSocket;
-use tokio::sync::mpsc;
-use tokio_util::sync::CancellationToken;
+use std::cell::RefCell;
 
 use super::routing::Router;
 use crate::config::{Limits, Transport};
+use crate::credentials::{Credential, CredentialManager};
 use crate::sip::message;
 use crate::sip::transaction::{
     ClientEvent, ClientKey, ClientTransaction, ServerEvent, ServerKey, ServerTransaction,
     TimerConfig,
 };
 use crate::stats::Stats;
-use crate::transport::tcp::TcpContext;
-use crate::transport::tls::TlsClient;
-use crate::transport::{ConnectionId, Inbound, Side, TransportEvent};
+use crate::transport::{ConnectionId, Inbound, Side};
 
 /// The prefix of every branch this proxy creates: the RFC 3261 cookie and a marker that
 /// lets responses to our own requests be recognised.
@@ -75,9 +79,9 @@ impl Branches {
         }
     }
 
-    /// A new branch for a request of call `call_id`.
-    pub fn next(&self, call_id: &str) -> String {
-        let nonce = rand::random::<u64>();
+    /// A new branch for a request of call `call_id`, its nonce drawn from `random`.
+    pub fn next(&self, random: &Random, call_id: &str) -> String {
+        let nonce = random.u64();
         format!(
             "{OWN_BRANCH_PREFIX}{nonce:016x}{:08x}",
             self.tag(nonce, call_id)
@@ -112,6 +116,24 @@ impl Default for Branches {
     }
 }
 
+/// The core's random numbers (tags, branch nonces, cnonces, weighted picks): a
+/// ChaCha generator seeded by whoever makes the core, so a test can fix the seed.
+pub struct Random(RefCell<StdRng>);
+
+impl Random {
+    pub fn new(seed: u64) -> Self {
+        Self(RefCell::new(StdRng::seed_from_u64(seed)))
+    }
+
+    pub fn u64(&self) -> u64 {
+        self.0.borrow_mut().gen()
+    }
+
+    pub fn u32(&self) -> u32 {
+        self.0.borrow_mut().gen()
+    }
+}
+
 /// Where to send: a side, a transport and an address, for UDP the local socket to send
 /// from (the one the request arrived on, for responses), and for TLS the trunk whose
 /// peer it is (whose name and CAs a new connection checks).
@@ -124,30 +146,89 @@ pub struct Destination {
     pub trunk: Option<usize>,
 }
 
-/// How one trunk's TLS connections to one peer are made, swapped on SIGHUP (new
-/// connections use the new settings, open ones keep theirs).
-pub type TlsClientSlot = Arc<arc_swap::ArcSwap<TlsClient>>;
+/// Bytes the core wants sent: [`Engine::poll_transmit`].
+#[derive(Debug, Clone)]
+pub struct Transmit {
+    pub destination: Destination,
+    pub bytes: Bytes,
+}
+
+/// What a parked request waits for from its trunk's credential manager.
+#[derive(Debug, Clone, Copy)]
+pub enum CredentialWait {
+    /// Any valid credential, until `until`.
+    Valid { until: StdInstant },
+    /// A credential other than generation `rejected` (which was sent at `sent_at` and
+    /// refused), until `until`; whoever runs the wait gives up at `give_up` at the
+    /// latest (a refresh that hangs).
+    Replacement {
+        rejected: u64,
+        sent_at: StdInstant,
+        until: StdInstant,
+        give_up: StdInstant,
+    },
+}
+
+/// Work the core asks its driver to do: [`Engine::poll_action`].
+pub enum Action {
+    /// Wait on `manager` as `wait` says, then feed the outcome to
+    /// [`Engine::handle_credential`] for server transaction `server`.
+    AwaitCredential {
+        server: u64,
+        manager: CredentialManager,
+        wait: CredentialWait,
+    },
+    /// The final response (our Via removed) to request `request` the sidecar originated
+    /// ([`Engine::originate`]), or `None` when it got none (timeout, transport error).
+    Answered {
+        request: u64,
+        response: Option<Box<Response>>,
+    },
+}
+
+impl std::fmt::Debug for Action {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Action::AwaitCredential { server, wait, .. } => f
+                .debug_struct("AwaitCredential")
+                .field("server", server)
+                .field("wait", wait)
+                .finish_non_exhaustive(),
+            Action::Answered { request, response } => f
+                .debug_struct("Answered")
+                .field("request", request)
+                .field(
+                    "status",
+                    &response
+                        .as_ref()
+                        .map(|response| response.status_code.code()),
+                )
+                .finish(),
+        }
+    }
+}
 
 /// A connection's transport, peer, and for a TLS connection the sidecar opened, the
 /// trunk whose identity it carries.
 pub type ConnectionKey = (Transport, SocketAddr, Option<usize>);
 
-/// The sockets of one side and what it advertises.
-pub struct SideIo {
+/// What the core knows of one side's listeners: the addresses and ports it advertises
+/// in Via and Record-Route, which trunks can open TLS connections there, and which
+/// connections are open (the driver reports them).
+#[derive(Debug, Clone)]
+pub struct SideAddresses {
     pub side: Side,
     /// Host written into Via and Record-Route.
     pub advertise: String,
-    pub udp: Vec<Arc<UdpSocket>>,
     pub udp_locals: Vec<SocketAddr>,
     pub tcp_port: Option<u16>,
     pub tls_port: Option<u16>,
-    pub tcp: TcpContext,
-    /// How TLS connections to each trunk's peer on this side are made, by trunk index.
-    pub tls_clients: Vec<Option<TlsClientSlot>>,
-    pub connections: HashMap<ConnectionKey, (ConnectionId, mpsc::Sender<Bytes>)>,
+    /// Whether each trunk (by index) has TLS settings toward its peer on this side.
+    pub tls_trunks: Vec<bool>,
+    pub connections: HashMap<ConnectionKey, ConnectionId>,
 }
 
-impl SideIo {
+impl SideAddresses {
     /// The port we listen on for `transport` on this side.
     pub fn port(&self, transport: Transport) -> Option<u16> {
         match transport {
@@ -157,12 +238,9 @@ impl SideIo {
         }
     }
 
-    /// How trunk `trunk`'s TLS connections on this side are made now, if it has TLS.
-    pub fn tls_client(&self, trunk: usize) -> Option<Arc<TlsClient>> {
-        self.tls_clients
-            .get(trunk)
-            .and_then(Option::as_ref)
-            .map(|slot| slot.load_full())
+    /// Whether trunk `trunk` can open TLS connections on this side.
+    pub fn has_tls(&self, trunk: usize) -> bool {
+        self.tls_trunks.get(trunk).copied().unwrap_or(false)
     }
 
     /// Whether a UDP socket of this side can send to `addr` (one of its address family).
@@ -175,9 +253,7 @@ impl SideIo {
     /// Whether a live connection from `addr` over `transport` exists (one the peer
     /// opened, or a TCP one).
     pub(super) fn connected(&self, transport: Transport, addr: SocketAddr) -> bool {
-        self.connections
-            .get(&(transport, addr, None))
-            .is_some_and(|(_, sender)| !sender.is_closed())
+        self.connections.contains_key(&(transport, addr, None))
     }
 
     /// `sip:host:port;lr` (with `transport=tcp` or `transport=tls`) for Record-Route, with the
@@ -194,23 +270,6 @@ impl SideIo {
             uri.push_str(&format!(";{TRUNK_PARAM}={trunk}"));
         }
         Some(uri)
-    }
-
-    fn udp_socket(&self, local: Option<SocketAddr>, to: SocketAddr) -> Option<&Arc<UdpSocket>> {
-        let by_local = local.and_then(|local| {
-            self.udp_locals
-                .iter()
-                .position(|candidate| *candidate == local)
-        });
-        let by_family = || {
-            self.udp_locals
-                .iter()
-                .position(|candidate| candidate.is_ipv4() == to.is_ipv4())
-        };
-        by_local
-            .or_else(by_family)
-            .or((!self.udp.is_empty()).then_some(0))
-            .and_then(|index| self.udp.get(index))
     }
 }
 
@@ -252,8 +311,9 @@ pub(super) struct ClientEntry {
     /// The trunk credential the request carries, for telling the credential manager
     /// when the core accepted it (set for re-sends too, which keep no `resend`).
     pub carried: Option<Carried>,
-    /// For a request the sidecar originated: where its final response goes.
-    pub local: Option<tokio::sync::oneshot::Sender<Response>>,
+    /// For a request the sidecar originated: its number, under which its final
+    /// response goes out as [`Action::Answered`].
+    pub local: Option<u64>,
     /// While the request may still move to another core host (RFC 3263 §4.3).
     pub failover: Option<Box<Failover>>,
     /// The request moved to another host: this transaction only waits for a late
@@ -312,22 +372,26 @@ pub struct Engine {
     pub(super) timers: TimerConfig,
     pub(super) limits: Limits,
     pub(super) router: Router,
-    pub(super) edge: SideIo,
-    pub(super) core: SideIo,
+    pub(super) edge: SideAddresses,
+    pub(super) core: SideAddresses,
     pub(super) stats: Arc<Stats>,
     pub(super) entries: HashMap<u64, Entry>,
     pub(super) server_index: HashMap<ServerKey, u64>,
     pub(super) client_index: HashMap<ClientKey, u64>,
     timer_heap: BinaryHeap<Reverse<(StdInstant, u64)>>,
     next_id: u64,
+    /// The time of the input being handled.
+    pub(super) now: StdInstant,
+    /// Tags, branches, cnonces and weighted picks draw from here.
+    pub(super) random: Random,
+    transmits: VecDeque<Transmit>,
+    actions: VecDeque<Action>,
     /// CSeq offsets of dialogs whose requests were re-sent (DESIGN.md item 6).
     pub(super) dialogs: crate::sip::dialog::DialogTable,
     /// The Digest state (challenges the core sent) of each `digest` trunk, by index.
     pub(super) digest: HashMap<usize, crate::sip::digest::DigestClient>,
     last_dialog_sweep: StdInstant,
-    /// A way back into this engine's own queue, for work finished elsewhere (a forced
-    /// credential refresh). Weak, so the queue still closes when the transports stop.
-    pub(super) internal: mpsc::WeakSender<TransportEvent>,
+    last_expiry: StdInstant,
     pub(super) branches: Branches,
     pub(super) metrics: Arc<crate::stats::ProxyMetrics>,
     /// Calls in progress, for graceful shutdown and the metrics.
@@ -339,7 +403,6 @@ pub struct Engine {
     /// Branches of requests that moved to another host, for a 2xx that comes after
     /// their transaction ended: never forwarded.
     pub(super) abandoned: super::failover::Abandoned,
-    beats: u64,
 }
 
 /// What client transaction `client`'s request carries, if it carries a credential.
@@ -350,20 +413,19 @@ fn entry_carried(entries: &HashMap<u64, Entry>, client: u64) -> Option<Carried> 
     }
 }
 
-/// The engine's clock: tokio's, so `tokio::time::pause` drives it in tests.
-pub fn now() -> StdInstant {
-    tokio::time::Instant::now().into_std()
-}
-
 impl Engine {
+    /// A core starting at `now`, its random numbers drawn from a generator seeded with
+    /// `seed`.
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         timers: TimerConfig,
         limits: Limits,
         router: Router,
-        edge: SideIo,
-        core: SideIo,
+        edge: SideAddresses,
+        core: SideAddresses,
         stats: Arc<Stats>,
-        internal: mpsc::WeakSender<TransportEvent>,
+        now: StdInstant,
+        seed: u64,
     ) -> Self {
         let dialogs = crate::sip::dialog::DialogTable::new(
             limits.max_transactions,
@@ -382,10 +444,14 @@ impl Engine {
             client_index: HashMap::new(),
             timer_heap: BinaryHeap::new(),
             next_id: 0,
+            now,
+            random: Random::new(seed),
+            transmits: VecDeque::new(),
+            actions: VecDeque::new(),
             dialogs,
             digest: HashMap::new(),
-            last_dialog_sweep: now(),
-            internal,
+            last_dialog_sweep: now,
+            last_expiry: now,
             branches: Branches::new(),
             metrics: Arc::default(),
             calls: super::calls::Calls::new(
@@ -395,7 +461,6 @@ impl Engine {
             draining: Arc::default(),
             health: crate::dns::HostHealth::default(),
             abandoned: super::failover::Abandoned::default(),
-            beats: 0,
         }
     }
 
@@ -412,42 +477,15 @@ impl Engine {
         self
     }
 
-    /// Runs until cancelled or every transport is gone.
-    pub async fn run(
-        mut self,
-        mut events: mpsc::Receiver<TransportEvent>,
-        cancel: CancellationToken,
-    ) {
-        // The heartbeat `/healthz` reads, and the table sizes the metrics show.
-        let mut heartbeat = tokio::time::interval(std::time::Duration::from_secs(1));
-        loop {
-            let next_timer = self.timer_heap.peek().map(|Reverse((at, _))| *at);
-            let sleep = async {
-                match next_timer {
-                    Some(at) => tokio::time::sleep_until(tokio::time::Instant::from_std(at)).await,
-                    None => std::future::pending().await,
-                }
-            };
-            tokio::select! {
-                _ = cancel.cancelled() => break,
-                event = events.recv() => match event {
-                    Some(event) => self.handle_event(event),
-                    None => break,
-                },
-                _ = sleep => self.fire_timers(now()),
-                _ = heartbeat.tick() => self.beat(),
-            }
-        }
-        tracing::debug!(transactions = self.entries.len(), "engine stopped");
-    }
-
-    /// Publishes the heartbeat and the sizes of the tables.
-    fn beat(&mut self) {
-        self.beats += 1;
-        // Calls whose BYE never came are forgotten after 12 h; looked at once a minute.
-        if self.beats % 60 == 0 {
-            self.calls.expire(now());
-            self.health.expire(now());
+    /// Publishes the sizes of the tables into the metrics, and once a minute forgets
+    /// calls whose BYE never came (after 12 h) and host holds that ran out. The driver
+    /// calls it about once a second.
+    pub fn publish(&mut self, now: StdInstant) {
+        self.now = now;
+        if now.saturating_duration_since(self.last_expiry) >= std::time::Duration::from_secs(60) {
+            self.last_expiry = now;
+            self.calls.expire(now);
+            self.health.expire(now);
         }
         let pending = self
             .entries
@@ -457,7 +495,6 @@ impl Engine {
                 Entry::Client(client) => !client.transaction.is_final(),
             })
             .count();
-        self.metrics.beat(tokio::time::Instant::now());
         let size = |count: usize| u64::try_from(count).unwrap_or(u64::MAX);
         let relaxed = std::sync::atomic::Ordering::Relaxed;
         self.metrics
@@ -472,56 +509,9 @@ impl Engine {
         self.metrics.calls.store(size(self.calls.len()), relaxed);
     }
 
-    pub fn handle_event(&mut self, event: TransportEvent) {
-        match event {
-            TransportEvent::Message(inbound) => self.handle_message(inbound),
-            TransportEvent::CredentialRefreshed { server, credential } => {
-                self.finish_resend(server, credential)
-            }
-            TransportEvent::CredentialReady { server, credential } => {
-                self.finish_forward(server, credential)
-            }
-            TransportEvent::Originate {
-                trunk,
-                request,
-                reply,
-            } => self.originate(trunk, *request, reply),
-            TransportEvent::Unreachable { side, addr } => {
-                self.fail_transactions_to(side, (Transport::Udp, addr, None));
-            }
-            TransportEvent::ConnectionOpened {
-                side,
-                transport,
-                peer,
-                owner,
-                id,
-                sender,
-            } => {
-                self.side_mut(side)
-                    .connections
-                    .insert((transport, peer, owner), (id, sender));
-            }
-            TransportEvent::ConnectionClosed {
-                side,
-                transport,
-                peer,
-                owner,
-                id,
-                connect_failed,
-            } => {
-                let table = &mut self.side_mut(side).connections;
-                let key = (transport, peer, owner);
-                if table.get(&key).is_some_and(|(current, _)| *current == id) {
-                    table.remove(&key);
-                }
-                if connect_failed {
-                    self.fail_transactions_to(side, key);
-                }
-            }
-        }
-    }
-
-    fn handle_message(&mut self, inbound: Inbound) {
+    /// A message received at `now`.
+    pub fn handle_message(&mut self, now: StdInstant, inbound: Inbound) {
+        self.now = now;
         let Inbound {
             side,
             transport,
@@ -541,96 +531,120 @@ impl Engine {
         }
     }
 
-    pub(super) fn side(&self, side: Side) -> &SideIo {
+    /// The wait that server transaction `server` asked for ([`Action::AwaitCredential`])
+    /// ended with `credential` (`None`: none came in time).
+    pub fn handle_credential(
+        &mut self,
+        now: StdInstant,
+        server: u64,
+        credential: Option<Arc<Credential>>,
+    ) {
+        self.now = now;
+        let resend_pending = matches!(
+            self.entries.get(&server),
+            Some(Entry::Server(entry)) if entry.pending_resend.is_some()
+        );
+        if resend_pending {
+            self.finish_resend(server, credential);
+        } else {
+            self.finish_forward(server, credential);
+        }
+    }
+
+    /// A request the sidecar itself sends toward trunk `trunk`'s core (a REGISTER): its
+    /// Via is added here and it runs as a client transaction. Returns its number, under
+    /// which its final response comes out as [`Action::Answered`]; `None` when it cannot
+    /// be sent at all (no core host, no listener for the transport). Credentials are the
+    /// sender's business.
+    pub fn originate(&mut self, now: StdInstant, trunk: usize, request: Request) -> Option<u64> {
+        self.now = now;
+        self.originate_request(trunk, request)
+    }
+
+    /// The driver opened, or accepted, connection `id` on `side`.
+    pub fn handle_connection_opened(&mut self, side: Side, key: ConnectionKey, id: ConnectionId) {
+        self.side_mut(side).connections.insert(key, id);
+    }
+
+    /// Connection `id` on `side` closed. `connect_failed`: it never got established, or
+    /// its peer refused it before sending anything, so what was queued on it is lost.
+    pub fn handle_connection_closed(
+        &mut self,
+        now: StdInstant,
+        side: Side,
+        key: ConnectionKey,
+        id: ConnectionId,
+        connect_failed: bool,
+    ) {
+        self.now = now;
+        let table = &mut self.side_mut(side).connections;
+        if table.get(&key) == Some(&id) {
+            table.remove(&key);
+        }
+        if connect_failed {
+            self.fail_transactions_to(side, key);
+        }
+    }
+
+    /// A UDP datagram sent to `addr` from `side` came back as an ICMP error.
+    pub fn handle_unreachable(&mut self, now: StdInstant, side: Side, addr: SocketAddr) {
+        self.now = now;
+        self.fail_transactions_to(side, (Transport::Udp, addr, None));
+    }
+
+    /// The next bytes to send.
+    pub fn poll_transmit(&mut self) -> Option<Transmit> {
+        self.transmits.pop_front()
+    }
+
+    /// The next piece of work for the driver.
+    pub fn poll_action(&mut self) -> Option<Action> {
+        self.actions.pop_front()
+    }
+
+    /// When [`Engine::handle_timeout`] is due next.
+    pub fn poll_timeout(&self) -> Option<StdInstant> {
+        let sweep = (!self.dialogs.is_empty())
+            .then(|| self.last_dialog_sweep + std::time::Duration::from_secs(1));
+        let next = self.timer_heap.peek().map(|Reverse((at, _))| *at);
+        match (next, sweep) {
+            (Some(next), Some(sweep)) => Some(next.min(sweep)),
+            (next, sweep) => next.or(sweep),
+        }
+    }
+
+    /// Whether nothing waits to be sent or done.
+    pub fn is_idle(&self) -> bool {
+        self.transmits.is_empty() && self.actions.is_empty()
+    }
+
+    /// How many transactions exist now.
+    pub fn transactions(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub(super) fn side(&self, side: Side) -> &SideAddresses {
         match side {
             Side::Edge => &self.edge,
             Side::Core => &self.core,
         }
     }
 
-    fn side_mut(&mut self, side: Side) -> &mut SideIo {
+    fn side_mut(&mut self, side: Side) -> &mut SideAddresses {
         match side {
             Side::Edge => &mut self.edge,
             Side::Core => &mut self.core,
         }
     }
 
-    /// Sends bytes. Never waits: a full queue or a socket error drops and counts.
+    /// Queues bytes for `destination` ([`Engine::poll_transmit`]).
     pub(super) fn send(&mut self, destination: Destination, bytes: Bytes) {
-        if tracing::enabled!(tracing::Level::TRACE) {
-            tracing::trace!(
-                side = %destination.side,
-                peer = %destination.addr,
-                transport = %destination.transport,
-                message = %message::redacted(&bytes),
-                "sending"
-            );
-        }
-        match destination.transport {
-            Transport::Udp => {
-                let Some(socket) = self
-                    .side(destination.side)
-                    .udp_socket(destination.local, destination.addr)
-                else {
-                    Stats::bump(&self.stats.send_failed);
-                    tracing::warn!(side = %destination.side, "no udp socket on this side to send from");
-                    return;
-                };
-                // tokio refuses with WouldBlock until its reactor has seen the socket
-                // writable once, so the very first datagram of a fresh socket (a REGISTER
-                // at start) would be lost; the kernel takes it all the same.
-                let sent = match socket.try_send_to(&bytes, destination.addr) {
-                    Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => {
-                        socket2::SockRef::from(socket.as_ref())
-                            .send_to(&bytes, &destination.addr.into())
-                    }
-                    other => other,
-                };
-                if let Err(error) = sent {
-                    Stats::bump(&self.stats.send_failed);
-                    tracing::debug!(to = %destination.addr, error = %error, "udp send failed");
-                }
-            }
-            Transport::Tcp | Transport::Tls => {
-                let io = self.side_mut(destination.side);
-                let owner = match destination.transport {
-                    Transport::Tls => destination.trunk,
-                    _ => None,
-                };
-                let key = (destination.transport, destination.addr, owner);
-                // A connection of the trunk's own, else one the peer opened to us.
-                let existing = io.connections.get(&key).or_else(|| {
-                    io.connections
-                        .get(&(destination.transport, destination.addr, None))
-                });
-                let sender = match existing {
-                    Some((_, sender)) if !sender.is_closed() => sender.clone(),
-                    _ => {
-                        let tls = match destination.transport {
-                            Transport::Tls => {
-                                let client = destination
-                                    .trunk
-                                    .and_then(|trunk| Some((trunk, io.tls_client(trunk)?)));
-                                let Some(client) = client else {
-                                    Stats::bump(&self.stats.send_failed);
-                                    tracing::warn!(side = %destination.side, to = %destination.addr, "no TLS connection and no trunk to open one for; not sent");
-                                    return;
-                                };
-                                Some(client)
-                            }
-                            _ => None,
-                        };
-                        let (id, sender) = io.tcp.connect(destination.addr, tls);
-                        io.connections.insert(key, (id, sender.clone()));
-                        sender
-                    }
-                };
-                if let Err(error) = sender.try_send(bytes) {
-                    Stats::bump(&self.stats.send_failed);
-                    tracing::debug!(to = %destination.addr, error = %error, "tcp queue refused message");
-                }
-            }
-        }
+        self.transmits.push_back(Transmit { destination, bytes });
+    }
+
+    /// Queues work for the driver ([`Engine::poll_action`]).
+    pub(super) fn act(&mut self, action: Action) {
+        self.actions.push_back(action);
     }
 
     /// Puts this proxy's Via (a new branch, `rport`) on top of a request leaving `side`
@@ -642,9 +656,10 @@ impl Engine {
         transport: Transport,
     ) -> Option<String> {
         let port = self.side(side).port(transport)?;
-        let branch = self
-            .branches
-            .next(message::call_id(&request.headers).unwrap_or(""));
+        let branch = self.branches.next(
+            &self.random,
+            message::call_id(&request.headers).unwrap_or(""),
+        );
         let mut via = crate::sip::via::Via::new(
             transport.via_token(),
             &self.side(side).advertise,
@@ -672,7 +687,7 @@ impl Engine {
         Stats::bump(&self.stats.server_transactions);
         let span = transaction_span(&request, &key.branch, None);
         self.server_index.insert(key.clone(), id);
-        let to_tag = format!("{:08x}", rand::random::<u32>());
+        let to_tag = format!("{:08x}", self.random.u32());
         self.entries.insert(
             id,
             Entry::Server(ServerEntry {
@@ -686,7 +701,7 @@ impl Engine {
                 pending_resend: None,
                 pending_forward: None,
                 cancel_requested: false,
-                arrived: now(),
+                arrived: self.now,
                 span,
                 scheduled: None,
             }),
@@ -715,7 +730,7 @@ impl Engine {
         };
         let span = transaction_span(&request, branch, parent.as_ref());
         let transaction = ClientTransaction::new(
-            now(),
+            self.now,
             request,
             destination.transport.is_reliable(),
             self.timers,
@@ -755,7 +770,7 @@ impl Engine {
         };
         let code = response.status_code.code();
         let first_final = code >= 200 && !server.transaction.is_final();
-        let now = now();
+        let now = self.now;
         let accepted =
             server
                 .transaction
@@ -925,14 +940,14 @@ impl Engine {
         }
         // The final answer to a request the sidecar originated goes to its sender.
         if code >= 200 {
-            if let Some(reply) = self.entries.get_mut(&client).and_then(|entry| match entry {
+            if let Some(request) = self.entries.get_mut(&client).and_then(|entry| match entry {
                 Entry::Client(client) => client.local.take(),
                 Entry::Server(_) => None,
             }) {
-                if message::pop_via(&mut response.headers).is_ok() {
-                    // The sender may have given up meanwhile.
-                    let _ = reply.send(response);
-                }
+                let response = message::pop_via(&mut response.headers)
+                    .is_ok()
+                    .then(|| Box::new(response));
+                self.act(Action::Answered { request, response });
                 return;
             }
         }
@@ -995,7 +1010,7 @@ impl Engine {
                 self.end_dialog(&response);
             }
             match call_id {
-                Some(call_id) if answered_call => self.calls.answered(now(), &call_id),
+                Some(call_id) if answered_call => self.calls.answered(self.now, &call_id),
                 Some(call_id) => self.calls.ended(&call_id),
                 None => {}
             }
@@ -1048,7 +1063,7 @@ impl Engine {
         if let Some(&id) = self.client_index.get(&key) {
             if let Some(Entry::Client(client)) = self.entries.get_mut(&id) {
                 self.health.answered(client.destination.addr);
-                client.transaction.handle_response(now(), response);
+                client.transaction.handle_response(self.now, response);
                 self.pump_client(id);
             }
             return;
@@ -1089,7 +1104,7 @@ impl Engine {
         let branch = entry.key.branch.clone();
         if let Some(Entry::Client(entry)) = self.entries.get_mut(&client) {
             entry.cancel_sent = true;
-            entry.transaction.note_cancel_sent(now());
+            entry.transaction.note_cancel_sent(self.now);
         }
         self.schedule(client);
         Stats::bump(&self.stats.cancels_forwarded);
@@ -1141,6 +1156,13 @@ impl Engine {
             }
             Some(Entry::Client(client)) => {
                 self.client_index.remove(&client.key);
+                if let Some(request) = client.local {
+                    // Ended without a final response: its sender learns that too.
+                    self.act(Action::Answered {
+                        request,
+                        response: None,
+                    });
+                }
                 if let Some(Entry::Server(server)) = client
                     .server
                     .and_then(|server| self.entries.get_mut(&server))
@@ -1175,7 +1197,8 @@ impl Engine {
 
     /// Runs every timer due at `now`. Heap entries whose transaction has gone or moved its
     /// deadline are skipped.
-    pub fn fire_timers(&mut self, now: StdInstant) {
+    pub fn handle_timeout(&mut self, now: StdInstant) {
+        self.now = now;
         if now.saturating_duration_since(self.last_dialog_sweep)
             >= std::time::Duration::from_secs(1)
         {
@@ -1211,7 +1234,7 @@ mod tests {
     #[test]
     fn own_branches_are_recognised_and_forged_ones_are_not() {
         let branches = Branches::new();
-        let made = branches.next("call@test");
+        let made = branches.next(&Random::new(7), "call@test");
         assert!(made.starts_with(OWN_BRANCH_PREFIX));
         assert!(branches.is_own(&made, "call@test"));
         // Another call's response, or another instance (another key): not ours.

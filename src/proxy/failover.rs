@@ -18,7 +18,7 @@ use std::collections::{HashSet, VecDeque};
 
 use rsip::{Request, Response};
 
-use super::engine::{now, Destination, Engine, Entry, Failover};
+use super::engine::{Destination, Engine, Entry, Failover};
 use super::routing::Hop;
 use crate::sip::message;
 use crate::stats::Stats;
@@ -56,7 +56,7 @@ impl Engine {
     /// Lets client transaction `client`, which carries `request` to a core host of
     /// `trunk`, move to another host if this one fails. Only when another host is there.
     pub(super) fn arm_failover(&mut self, client: u64, trunk: usize, request: Request) {
-        let started = now();
+        let started = self.now;
         let Some(Entry::Client(entry)) = self.entries.get(&client) else {
             return;
         };
@@ -119,7 +119,7 @@ impl Engine {
                 routed,
                 &skipped,
                 |addr| health.is_avoided(addr, at),
-                rand::random(),
+                self.random.u32(),
             )?;
             if self.usable(hop) {
                 return Ok(hop);
@@ -132,7 +132,7 @@ impl Engine {
     /// move, marks the host, sends the request to the next one and returns true. False
     /// leaves the failure to the caller (wait for Timer B/F, 503, or the response).
     pub(super) fn fail_over(&mut self, client: u64, why: &str) -> bool {
-        let at = now();
+        let at = self.now;
         let Some(Entry::Client(entry)) = self.entries.get_mut(&client) else {
             return false;
         };

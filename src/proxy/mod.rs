@@ -4,13 +4,18 @@
 //! within a deadline.
 
 mod calls;
+mod driver;
 mod engine;
 mod failover;
 mod request;
 mod resend;
 pub mod routing;
 
-pub use engine::{Destination, Engine, OWN_BRANCH_PREFIX, TRUNK_PARAM};
+pub use driver::{Driver, SideSockets, TlsClientSlot};
+pub use engine::{
+    Action, CredentialWait, Destination, Engine, SideAddresses, Transmit, OWN_BRANCH_PREFIX,
+    TRUNK_PARAM,
+};
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -30,7 +35,6 @@ use crate::stats::Stats;
 use crate::transport::tcp::{self, TcpContext};
 use crate::transport::tls::{TlsClient, TlsError, TlsServer};
 use crate::transport::{udp, AllowList, ReceiveContext, Side};
-use engine::SideIo;
 use routing::{RoutedTrunk, Router};
 
 #[derive(Debug, thiserror::Error)]
@@ -195,10 +199,10 @@ impl App {
             tracker: &tracker,
             cancel: &cancel,
         };
-        let (mut edge_io, edge_listeners, edge_server) = shared
+        let (mut edge_io, mut edge_sockets, edge_listeners, edge_server) = shared
             .bind_side(Side::Edge, &settings.edge, edge_allow.clone())
             .await?;
-        let (mut core_io, core_listeners, core_server) = shared
+        let (mut core_io, mut core_sockets, core_listeners, core_server) = shared
             .bind_side(Side::Core, &settings.core_side, core_allow.clone())
             .await?;
         let configured = &settings.trunks;
@@ -214,8 +218,10 @@ impl App {
                 })
             })
             .collect();
-        edge_io.tls_clients = edge_tls;
-        core_io.tls_clients = core_tls;
+        edge_io.tls_trunks = edge_tls.iter().map(Option::is_some).collect();
+        core_io.tls_trunks = core_tls.iter().map(Option::is_some).collect();
+        edge_sockets.tls_clients = edge_tls;
+        core_sockets.tls_clients = core_tls;
         let tls_servers: Vec<(Side, Arc<TlsServer>)> =
             [(Side::Edge, edge_server), (Side::Core, core_server)]
                 .into_iter()
@@ -294,12 +300,14 @@ impl App {
             edge_io,
             core_io,
             stats.clone(),
-            engine_sender.downgrade(),
+            tokio::time::Instant::now().into_std(),
+            rand::random(),
         )
         .with_metrics(metrics.clone())
         .with_drain(draining.clone());
         drop(engine_sender);
-        tracker.spawn(engine.run(engine_receiver, cancel.clone()));
+        let driver = Driver::new(engine, edge_sockets, core_sockets, stats.clone());
+        tracker.spawn(driver.run(engine_receiver, cancel.clone()));
         let observed = Arc::new(crate::admin::Observed {
             stats: stats.clone(),
             metrics,
@@ -505,7 +513,15 @@ impl Shared<'_> {
         side: Side,
         side_settings: &SideSettings,
         allow: Arc<AllowList>,
-    ) -> Result<(SideIo, Vec<Listen>, Option<Arc<TlsServer>>), StartError> {
+    ) -> Result<
+        (
+            SideAddresses,
+            SideSockets,
+            Vec<Listen>,
+            Option<Arc<TlsServer>>,
+        ),
+        StartError,
+    > {
         let limits = &self.settings.limits;
         let receive = ReceiveContext {
             side,
@@ -541,16 +557,11 @@ impl Shared<'_> {
         for listen in &settings.listen {
             match listen.transport {
                 Transport::Udp => {
-                    let socket = udp::bind(listen.addr).await?;
+                    let socket = udp::bind(listen.addr, limits.udp_buffer).await?;
                     let local = socket.local_addr().map_err(|source| udp::UdpError::Bind {
                         addr: listen.addr,
                         source,
                     })?;
-                    tracker.spawn(udp::receive_loop(
-                        socket.clone(),
-                        receive.clone(),
-                        cancel.clone(),
-                    ));
                     if side == Side::Core && udp::report_unreachable(&socket) {
                         tracker.spawn(udp::watch_unreachable(
                             socket.clone(),
@@ -607,18 +618,25 @@ impl Shared<'_> {
                 .map(|listen| uri_host(listen.addr.ip()))
                 .unwrap_or_default(),
         };
-        let io = SideIo {
+        let addresses = SideAddresses {
             side,
             advertise,
-            udp: udp_sockets,
-            udp_locals,
+            udp_locals: udp_locals.clone(),
             tcp_port,
             tls_port,
+            tls_trunks: Vec::new(),
+            connections: HashMap::new(),
+        };
+        let sockets = SideSockets {
+            side,
+            udp: udp_sockets,
+            udp_locals,
+            receive,
             tcp: tcp_context,
             tls_clients: Vec::new(),
             connections: HashMap::new(),
         };
-        Ok((io, listeners, tls_server))
+        Ok((addresses, sockets, listeners, tls_server))
     }
 }
 
@@ -634,7 +652,7 @@ fn uri_host(ip: IpAddr) -> String {
 struct TlsClientOf {
     trunk: String,
     side: Side,
-    slot: engine::TlsClientSlot,
+    slot: TlsClientSlot,
 }
 
 /// How often the TLS listeners' certificate files are looked at for changes.

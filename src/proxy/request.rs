@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use rsip::{Method, Request};
 
-use super::engine::{now, Destination, Engine, Entry, TRUNK_PARAM};
+use super::engine::{Action, CredentialWait, Destination, Engine, Entry, TRUNK_PARAM};
 use super::routing::{Hop, RouteError, RoutedTrunk};
 use crate::config::{AuthMode, Transport};
 use crate::credentials::{Credential, CredentialValue};
@@ -17,7 +17,6 @@ use crate::sip::transaction::{ServerKey, ServerTransaction};
 use crate::sip::via::Via;
 use crate::stats::Stats;
 use crate::transport::Side;
-use crate::transport::TransportEvent;
 
 /// `Retry-After` (seconds) on the 503 a new dialog gets while the sidecar drains.
 const DRAIN_RETRY_AFTER: &str = "30";
@@ -142,7 +141,7 @@ impl Engine {
         if creates_dialog(&request) && self.draining.load(std::sync::atomic::Ordering::Relaxed) {
             // Shutting down: calls in progress go on, new ones go elsewhere.
             Stats::bump(&self.stats.drain_rejected);
-            let tag = format!("{:08x}", rand::random::<u32>());
+            let tag = format!("{:08x}", self.random.u32());
             let mut response = message::response_for(&request, message::status(503), &tag);
             response.headers.push(rsip::Header::Other(
                 "Retry-After".into(),
@@ -229,7 +228,7 @@ impl Engine {
                     generation,
                     trunk,
                     is_resend: false,
-                    sent_at: now(),
+                    sent_at: self.now,
                 })
             });
         let client = self.start_client(
@@ -251,8 +250,8 @@ impl Engine {
             .trunk_index
             .and_then(|index| self.router.trunk(index))
             .and_then(|trunk| trunk.credentials.clone());
-        let (Some(manager), Some(internal)) = (manager, self.internal.upgrade()) else {
-            // Nothing to wait for (or the engine is stopping): the core decides.
+        let Some(manager) = manager else {
+            // Nothing to wait for: the core decides.
             self.finish_forward_with(server, forward, None);
             return;
         };
@@ -265,13 +264,11 @@ impl Engine {
             return;
         };
         entry.pending_forward = Some(Box::new(forward));
-        let deadline = tokio::time::Instant::from_std(entry.arrived + manager.resend_wait());
-        tokio::spawn(async move {
-            let credential = manager.wait_valid(deadline).await;
-            // The engine may have stopped meanwhile; then nobody waits for this.
-            let _ = internal
-                .send(TransportEvent::CredentialReady { server, credential })
-                .await;
+        let until = entry.arrived + manager.resend_wait();
+        self.act(Action::AwaitCredential {
+            server,
+            manager,
+            wait: CredentialWait::Valid { until },
         });
     }
 
@@ -324,7 +321,7 @@ impl Engine {
     fn handle_ack(&mut self, source: Source, key: &ServerKey, request: Request) {
         if let Some(&id) = self.server_index.get(key) {
             if let Some(Entry::Server(server)) = self.entries.get_mut(&id) {
-                if server.transaction.handle_ack(now()) {
+                if server.transaction.handle_ack(self.now) {
                     self.pump_server(id);
                     return;
                 }
@@ -440,9 +437,7 @@ impl Engine {
             }
         }
         if hop.transport == Transport::Tls
-            && trunk_index
-                .and_then(|index| outbound.tls_client(index))
-                .is_none()
+            && !trunk_index.is_some_and(|index| outbound.has_tls(index))
             && !outbound.connected(Transport::Tls, hop.addr)
         {
             return Err(Rejection::new(
@@ -480,23 +475,18 @@ impl Engine {
 
     /// Sends a request the sidecar itself originates (a REGISTER) to trunk `trunk`'s
     /// core as a client transaction; its final response goes to `reply`.
-    pub(super) fn originate(
-        &mut self,
-        trunk: usize,
-        mut request: Request,
-        reply: tokio::sync::oneshot::Sender<rsip::Response>,
-    ) {
-        let hop = match self.choose_core_hop(trunk, &[], now()) {
+    pub(super) fn originate_request(&mut self, trunk: usize, mut request: Request) -> Option<u64> {
+        let hop = match self.choose_core_hop(trunk, &[], self.now) {
             Ok(hop) => hop,
             Err(error) => {
-                // The sender learns it from the dropped reply and retries later.
+                // The sender learns it from the missing answer and retries later.
                 tracing::warn!(trunk, error = %error, "cannot send a request of our own");
-                return;
+                return None;
             }
         };
         let Some(branch) = self.push_own_via(&mut request, Side::Core, hop.transport) else {
             tracing::warn!(transport = %hop.transport, "no core-side listener for the trunk's transport; cannot send");
-            return;
+            return None;
         };
         let destination = Destination {
             side: Side::Core,
@@ -512,11 +502,18 @@ impl Engine {
             .then(|| request.clone());
         let client = self.start_client(request, &branch, destination, None, None);
         if let Some(Entry::Client(entry)) = self.entries.get_mut(&client) {
-            entry.local = Some(reply);
+            entry.local = Some(client);
+        } else {
+            // Ended at once (nothing to send it on): no answer will come.
+            self.act(Action::Answered {
+                request: client,
+                response: None,
+            });
         }
         if let Some(request) = copy {
             self.arm_failover(client, trunk, request);
         }
+        Some(client)
     }
 
     /// Credentials go toward the core only, and only the trunk's own, and only to the
@@ -615,11 +612,13 @@ impl Engine {
             }
             (CredentialValue::UserPassword { username, password }, AuthMode::Digest) => {
                 if answer_digest {
+                    let random = &self.random;
                     let client = self
                         .digest
                         .entry(trunk)
                         .or_insert_with(|| DigestClient::new(realm));
-                    push_digest_answers(request, client, username, password);
+                    let cnonce = || format!("{:016x}", random.u64());
+                    push_digest_answers(request, client, username, password, cnonce);
                 }
                 true
             }
@@ -716,8 +715,8 @@ impl Engine {
     /// order with failed hosts last; for the Edge, its (first) address.
     fn pick_peer(&self, trunk: &RoutedTrunk, side: Side) -> Result<Hop, RouteError> {
         match side {
-            Side::Core => self.choose_core_hop(trunk.index, &[], now()),
-            Side::Edge => self.router.edge_hop(trunk, rand::random()),
+            Side::Core => self.choose_core_hop(trunk.index, &[], self.now),
+            Side::Edge => self.router.edge_hop(trunk, self.random.u32()),
         }
     }
 
@@ -821,7 +820,7 @@ impl Engine {
     ) {
         Stats::bump(&self.stats.locally_rejected);
         tracing::debug!(to = %reply_to.addr, code, reason, "rejecting request statelessly");
-        let tag = format!("{:08x}", rand::random::<u32>());
+        let tag = format!("{:08x}", self.random.u32());
         let response = message::response_for(request, message::status(code), &tag);
         self.send(reply_to, message::encode(&response.into()));
     }
@@ -878,10 +877,10 @@ pub(super) fn push_digest_answers(
     client: &mut DigestClient,
     username: &str,
     password: &crate::credentials::Secret,
+    cnonce: impl FnMut() -> String,
 ) {
     let method = request.method.to_string();
     let uri = request.uri.to_string();
-    let cnonce = || format!("{:016x}", rand::random::<u64>());
     for (kind, value) in client.authorize(&method, &uri, username, password, cnonce) {
         request.headers.push(match kind {
             ChallengeKind::Www => rsip::Header::Authorization(value.into()),

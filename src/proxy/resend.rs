@@ -31,7 +31,7 @@ use std::sync::Arc;
 
 use rsip::{Request, Response};
 
-use super::engine::{now, Destination, Engine, Entry};
+use super::engine::{Action, CredentialWait, Destination, Engine, Entry};
 use super::request::strip_credentials;
 use crate::config::AuthMode;
 use crate::credentials::{verdict, Credential};
@@ -39,7 +39,6 @@ use crate::sip::dialog::{DialogKey, MAX_CSEQ};
 use crate::sip::digest::{sent_answers, ChallengeKind, DigestClient, Verdict};
 use crate::sip::message::{self, header_values};
 use crate::stats::Stats;
-use crate::transport::TransportEvent;
 
 /// What a client transaction keeps to be able to re-send its request. Its `Debug` shows
 /// no part of the request, which carries the token.
@@ -217,9 +216,6 @@ impl Engine {
             (AuthMode::Bearer, _) | (AuthMode::Digest, None) if code != 407 && !is_resend => true,
             _ => return false,
         };
-        let Some(internal) = self.internal.upgrade() else {
-            return false;
-        };
         let mut rejected = response.clone();
         if message::pop_via(&mut rejected.headers).is_err() {
             return false;
@@ -236,13 +232,13 @@ impl Engine {
             return false;
         };
         // Every wait of one request together stays within resend_wait.
-        let deadline = tokio::time::Instant::from_std(server_entry.arrived + manager.resend_wait());
+        let until = server_entry.arrived + manager.resend_wait();
         server_entry.pending_resend = Some(Box::new(PendingResend {
             info: *info,
             destination,
             rejected,
             require_newer,
-            absorbed_at: now(),
+            absorbed_at: self.now,
         }));
         Stats::bump(&self.stats.rejections_absorbed);
         if !require_newer {
@@ -260,15 +256,15 @@ impl Engine {
             status = code,
             "core rejected the credential; refreshing to re-send once"
         );
-        tokio::spawn(async move {
-            let replacement = manager.replacement(rejected_generation, sent_at, deadline);
-            let credential = tokio::time::timeout_at(deadline + RESEND_MARGIN, replacement)
-                .await
-                .unwrap_or(None);
-            // The engine may have stopped meanwhile; then nobody waits for this.
-            let _ = internal
-                .send(TransportEvent::CredentialRefreshed { server, credential })
-                .await;
+        self.act(Action::AwaitCredential {
+            server,
+            manager,
+            wait: CredentialWait::Replacement {
+                rejected: rejected_generation,
+                sent_at,
+                until,
+                give_up: until + RESEND_MARGIN,
+            },
         });
         true
     }
@@ -299,7 +295,7 @@ impl Engine {
             require_newer,
             absorbed_at,
         } = *pending;
-        let waited = now().saturating_duration_since(absorbed_at);
+        let waited = self.now.saturating_duration_since(absorbed_at);
         Stats::raise(
             &self.stats.longest_resend_wait_micros,
             u64::try_from(waited.as_micros()).unwrap_or(u64::MAX),
@@ -340,7 +336,7 @@ impl Engine {
         if in_or_creating_dialog(&request) {
             let recorded = request_dialog_key(&request)
                 .zip(edge_cseq)
-                .map(|(key, edge_cseq)| self.dialogs.add_offset(now(), &key, edge_cseq));
+                .map(|(key, edge_cseq)| self.dialogs.add_offset(self.now, &key, edge_cseq));
             match recorded {
                 Some(Ok(_)) => {}
                 Some(Err(error)) => {
@@ -367,14 +363,14 @@ impl Engine {
                 generation,
                 trunk,
                 is_resend: true,
-                sent_at: now(),
+                sent_at: self.now,
             })
         });
         // A re-send keeps no re-send state of its own (bearer), but the core's acceptance
         // of it must still reach the manager.
         let carried = super::engine::Carried {
             resent: true,
-            ..super::engine::Carried::new(trunk, generation, now(), &request)
+            ..super::engine::Carried::new(trunk, generation, self.now, &request)
         };
         let client = self.start_client(request, &branch, destination, Some(server), again);
         if let Some(Entry::Client(entry)) = self.entries.get_mut(&client) {
@@ -397,9 +393,10 @@ impl Engine {
         credential: &Credential,
     ) -> Option<(Request, String)> {
         let mut via = message::pop_via(&mut request.headers).ok()?;
-        let branch = self
-            .branches
-            .next(message::call_id(&request.headers).unwrap_or(""));
+        let branch = self.branches.next(
+            &self.random,
+            message::call_id(&request.headers).unwrap_or(""),
+        );
         via.set_param("branch", Some(branch.clone()));
         message::push_via(&mut request.headers, &via);
         let (seq, method) = message::cseq(&request.headers).ok()?;
@@ -464,7 +461,7 @@ impl Engine {
 
     /// Ends the CSeq offset of the dialog a BYE's 2xx closes, whichever end sent the BYE.
     pub(super) fn end_dialog(&mut self, response: &Response) {
-        let now = now();
+        let now = self.now;
         for tag_of_to in [false, true] {
             if let Some(key) = dialog_key(&response.headers, tag_of_to) {
                 self.dialogs.end(now, &key);
@@ -484,7 +481,7 @@ impl Engine {
         let Ok((seq, method)) = message::cseq(&request.headers) else {
             return;
         };
-        match self.dialogs.shift_up(now(), &key, seq) {
+        match self.dialogs.shift_up(self.now, &key, seq) {
             Ok(shifted) if shifted != seq => {
                 message::set_cseq(&mut request.headers, shifted, method);
             }
@@ -503,7 +500,7 @@ impl Engine {
 impl Engine {
     /// A PRACK's RAck quotes the INVITE's CSeq: shift it as that INVITE was shifted.
     fn translate_rack(&mut self, request: &mut Request, key: &DialogKey) {
-        let now = now();
+        let now = self.now;
         for header in request.headers.iter_mut() {
             if let rsip::Header::Other(name, value) = header {
                 if name.eq_ignore_ascii_case("RAck") {
@@ -541,6 +538,7 @@ fn in_or_creating_dialog(request: &Request) -> bool {
 }
 
 #[cfg(test)]
+#[allow(clippy::disallowed_methods)] // a fixed instant; nothing here runs on a clock
 mod tests {
     use super::*;
 
@@ -558,7 +556,7 @@ mod tests {
             generation: 3,
             trunk: 0,
             is_resend: false,
-            sent_at: tokio::time::Instant::now().into_std(),
+            sent_at: std::time::Instant::now(),
         };
         let shown = format!("{info:?}");
         assert!(!shown.contains("debug-token-7e2a"), "{shown}");

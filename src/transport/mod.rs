@@ -97,18 +97,6 @@ pub enum TransportEvent {
         side: Side,
         addr: SocketAddr,
     },
-    /// Engine-internal: the forced credential refresh that server transaction `server`
-    /// waits on finished (see `proxy::resend`).
-    CredentialRefreshed {
-        server: u64,
-        credential: Option<std::sync::Arc<crate::credentials::Credential>>,
-    },
-    /// Engine-internal: the wait of a parked in-dialog request for its trunk's credential
-    /// ended (see `proxy::request`).
-    CredentialReady {
-        server: u64,
-        credential: Option<std::sync::Arc<crate::credentials::Credential>>,
-    },
     /// A request the sidecar itself sends toward trunk `trunk`'s core (a REGISTER): the
     /// engine adds its Via and runs the client transaction; the final response, its Via
     /// removed, goes to `reply`. No final response (timeout, transport failure) drops

@@ -26,75 +26,114 @@ pub enum UdpError {
     },
 }
 
-pub async fn bind(addr: SocketAddr) -> Result<Arc<UdpSocket>, UdpError> {
-    UdpSocket::bind(addr)
+/// Binds `addr` with receive and send buffers of `buffer` bytes (see [`size_buffers`]).
+pub async fn bind(addr: SocketAddr, buffer: usize) -> Result<Arc<UdpSocket>, UdpError> {
+    let socket = UdpSocket::bind(addr)
         .await
-        .map(Arc::new)
-        .map_err(|source| UdpError::Bind { addr, source })
+        .map_err(|source| UdpError::Bind { addr, source })?;
+    size_buffers(&socket, buffer);
+    Ok(Arc::new(socket))
 }
 
-/// Receives datagrams until cancelled.
-pub async fn receive_loop(
-    socket: Arc<UdpSocket>,
-    context: ReceiveContext,
-    cancel: CancellationToken,
-) {
-    let local = match socket.local_addr() {
-        Ok(local) => local,
+/// Asks for receive and send buffers of `size` bytes: past `net.core.rmem_max` and
+/// `wmem_max` with `SO_RCVBUFFORCE`/`SO_SNDBUFFORCE` where the process may (Linux,
+/// `CAP_NET_ADMIN`), else as much as the limits allow. A buffer smaller than asked is
+/// logged once per socket, with the sysctl that caps it: bursts beyond it are dropped
+/// by the kernel, and the sender's retransmissions are what recovers them.
+pub fn size_buffers(socket: &UdpSocket, size: usize) {
+    let reference = socket2::SockRef::from(socket);
+    #[cfg(target_os = "linux")]
+    let forced = {
+        use nix::sys::socket::{setsockopt, sockopt};
+        setsockopt(socket, sockopt::RcvBufForce, &size).is_ok()
+            && setsockopt(socket, sockopt::SndBufForce, &size).is_ok()
+    };
+    #[cfg(not(target_os = "linux"))]
+    let forced = false;
+    if !forced {
+        // Capped by the sysctls; what is granted is read back below.
+        let receive = reference.set_recv_buffer_size(size);
+        let send = reference.set_send_buffer_size(size);
+        if let Err(error) = receive.and(send) {
+            tracing::debug!(error = %error, "cannot size a udp socket's buffers");
+        }
+    }
+    // Linux reports twice what was set (the other half is its bookkeeping).
+    let granted = |size: io::Result<usize>| size.map(|size| size / 2).unwrap_or(0);
+    let (receive, send) = (
+        granted(reference.recv_buffer_size()),
+        granted(reference.send_buffer_size()),
+    );
+    if receive < size || send < size {
+        tracing::warn!(
+            asked = size,
+            receive,
+            send,
+            "udp socket buffers are smaller than sip.udp_buffer (raise net.core.rmem_max and net.core.wmem_max, or grant CAP_NET_ADMIN)"
+        );
+    } else {
+        tracing::debug!(receive, send, "udp socket buffers sized");
+    }
+}
+
+/// What one read of a UDP socket gave.
+// Nearly every read is a message; boxing it would cost an allocation each.
+#[allow(clippy::large_enum_variant)]
+pub enum Received {
+    /// A message for the engine.
+    Message(Inbound),
+    /// A datagram that was read and dropped (counted where it matters): outside the
+    /// allow list, a keep-alive, oversized or malformed, or a receive error.
+    Dropped,
+    /// Nothing is waiting on the socket.
+    Empty,
+}
+
+/// Reads one datagram from `socket` (bound to `local`) without waiting, and checks and
+/// parses it as `context` says. `buffer` must be one byte longer than the largest
+/// message allowed, so that an oversized datagram can be told from one that fits.
+pub fn receive_one(
+    socket: &UdpSocket,
+    local: SocketAddr,
+    context: &ReceiveContext,
+    buffer: &mut [u8],
+) -> Received {
+    let (length, peer) = match socket.try_recv_from(buffer) {
+        Ok(received) => received,
+        Err(error) if error.kind() == io::ErrorKind::WouldBlock => return Received::Empty,
         Err(error) => {
-            tracing::error!(error = %error, "udp socket has no local address; receive loop not started");
-            return;
+            // ICMP errors from earlier sends (ECONNREFUSED) surface here; none of them
+            // make the socket unusable.
+            tracing::debug!(%local, error = %error, "udp receive error");
+            return Received::Dropped;
         }
     };
-    // One byte more than the limit tells an oversized datagram from one that fits.
-    let mut buffer = vec![0u8; context.max_message_size + 1];
-    loop {
-        let received = tokio::select! {
-            _ = cancel.cancelled() => return,
-            received = socket.recv_from(&mut buffer) => received,
-        };
-        let (length, peer) = match received {
-            Ok(received) => received,
-            Err(error) => {
-                // ICMP errors from earlier sends (ECONNREFUSED) surface here; none of them
-                // make the socket unusable.
-                tracing::debug!(%local, error = %error, "udp receive error");
-                continue;
-            }
-        };
-        if !context.allow.allows(peer.ip()) {
-            Stats::bump(&context.stats.not_allowed_dropped);
-            tracing::debug!(side = %context.side, %peer, "dropped datagram from a source outside the allow list");
-            continue;
-        }
-        let datagram = &buffer[..length];
-        if datagram.iter().all(u8::is_ascii_whitespace) {
-            // Keep-alive (RFC 5626 §4.4.1 uses STUN; CRLF pings are common too).
-            continue;
-        }
-        if length > context.max_message_size {
-            Stats::bump(&context.stats.malformed_dropped);
-            tracing::debug!(side = %context.side, %peer, length, "dropped oversized datagram");
-            continue;
-        }
-        let Some(message) = context.parse(datagram, true, peer) else {
-            continue;
-        };
-        let event = TransportEvent::Message(Inbound {
+    if !context.allow.allows(peer.ip()) {
+        Stats::bump(&context.stats.not_allowed_dropped);
+        tracing::debug!(side = %context.side, %peer, "dropped datagram from a source outside the allow list");
+        return Received::Dropped;
+    }
+    let Some(datagram) = buffer.get(..length) else {
+        return Received::Dropped;
+    };
+    if datagram.iter().all(u8::is_ascii_whitespace) {
+        // Keep-alive (RFC 5626 §4.4.1 uses STUN; CRLF pings are common too).
+        return Received::Dropped;
+    }
+    if length > context.max_message_size {
+        Stats::bump(&context.stats.malformed_dropped);
+        tracing::debug!(side = %context.side, %peer, length, "dropped oversized datagram");
+        return Received::Dropped;
+    }
+    match context.parse(datagram, true, peer) {
+        Some(message) => Received::Message(Inbound {
             side: context.side,
             transport: Transport::Udp,
             local,
             peer,
             message,
-        });
-        match context.engine.try_send(event) {
-            Ok(()) => Stats::bump(&context.stats.messages_received),
-            Err(TrySendError::Full(_)) => {
-                // The sender retransmits; dropping keeps this loop from blocking.
-                Stats::bump(&context.stats.queue_full_dropped);
-            }
-            Err(TrySendError::Closed(_)) => return,
-        }
+        }),
+        None => Received::Dropped,
     }
 }
 
