@@ -447,6 +447,8 @@ def main():
     parser.add_argument("--paths", default=",".join(PATHS))
     parser.add_argument("--transports", default="udp,tcp")
     parser.add_argument("--skip", default="", help="comma list of: rate, cpu, latency, rss")
+    parser.add_argument("--out", default=str(ROOT / "bench" / "results"),
+                        help="where the results go (a trial run can write elsewhere)")
     args = parser.parse_args()
     paths = args.paths.split(",")
     transports = args.transports.split(",")
@@ -487,7 +489,7 @@ def main():
             print(f"  {path} RSS with {args.dialogs} dialogs: {rss[path] / 1024:.1f} MiB", flush=True)
 
     stamp = datetime.datetime.now().strftime("%Y-%m-%d-%H%M")
-    out = ROOT / "bench" / "results"
+    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     plot(trace, out / f"{stamp}.svg")
     lines = [f"# Benchmark {stamp}", "", f"Machine: {machine()}", "",
@@ -526,7 +528,7 @@ def main():
     lines += ["", f"Plot: [{stamp}.svg]({stamp}.svg) (achieved against offered rate, every step)."]
     (out / f"{stamp}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
-    print(f"\nwritten: bench/results/{stamp}.md and .svg")
+    print(f"\nwritten: {out / stamp}.md and .svg")
 
 
 if __name__ == "__main__":

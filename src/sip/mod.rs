@@ -1,5 +1,5 @@
-//! The pure SIP core: message helpers over `rsip`, stream framing and the RFC 3261 §17
-//! transaction state machines.
+//! The pure SIP core: message helpers over `rsip`, a zero-copy message view
+//! ([`view`]), stream framing and the RFC 3261 §17 transaction state machines.
 //!
 //! Nothing in here touches a socket, a runtime or a clock. Every input that depends on
 //! time takes `now` as an argument, and every output is pulled with a `poll_*` call, so the
@@ -13,6 +13,7 @@ pub mod header;
 pub mod message;
 pub mod transaction;
 pub mod via;
+pub mod view;
 
 pub use message::{Message, MessageError};
 pub use via::Via;
