@@ -189,8 +189,14 @@ impl CredentialManager {
         cancel: CancellationToken,
         tracker: &TaskTracker,
     ) -> Self {
+        let shared = Self::shared(options, source.renewable());
+        tracker.spawn(refresher(shared.clone(), source.clone(), cancel));
+        Self { shared, source }
+    }
+
+    fn shared(options: ManagerOptions, renewable: bool) -> Arc<Shared> {
         let (finished, _) = watch::channel(0);
-        let shared = Arc::new(Shared {
+        Arc::new(Shared {
             previous: ArcSwapOption::empty(),
             force: Mutex::new(ForceState {
                 limiter: ForceLimiter::new(options.policy.force_interval),
@@ -205,16 +211,39 @@ impl CredentialManager {
             finished,
             stats: CredentialStats::default(),
             refresher_alive: AtomicBool::new(true),
-            renewable: source.renewable(),
+            renewable,
             last_refresh: Mutex::new(None),
-        });
-        tracker.spawn(refresher(shared.clone(), source.clone(), cancel));
-        Self { shared, source }
+        })
+    }
+
+    /// A manager without a refresher, whose credentials a test publishes itself
+    /// ([`CredentialManager::publish`]): for driving the proxy's pure core.
+    #[cfg(test)]
+    pub(crate) fn detached(options: ManagerOptions) -> Self {
+        let source = Arc::new(crate::credentials::StaticSource::new(
+            crate::credentials::CredentialValue::Token(crate::credentials::Secret::new("")),
+        ));
+        Self {
+            shared: Self::shared(options, true),
+            source,
+        }
+    }
+
+    /// Publishes `credential` as a refresh would (the current one becomes the previous).
+    #[cfg(test)]
+    pub(crate) fn publish(&self, credential: Credential) {
+        self.shared.previous.store(self.shared.current.load_full());
+        self.shared.current.store(Some(Arc::new(credential)));
     }
 
     /// The credential to use now, or `None` when there is no valid one.
     pub fn current(&self) -> Option<Arc<Credential>> {
-        let now = Instant::now().into_std();
+        self.current_at(Instant::now().into_std())
+    }
+
+    /// The credential to use at `now` (the caller's clock), or `None` when there is no
+    /// valid one then.
+    pub fn current_at(&self, now: std::time::Instant) -> Option<Arc<Credential>> {
         let newest = self
             .shared
             .current

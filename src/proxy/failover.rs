@@ -320,7 +320,7 @@ impl Engine {
             .router
             .trunk(trunk)
             .and_then(|routed| routed.credentials.as_ref())
-            .and_then(|manager| manager.current());
+            .and_then(|manager| manager.current_at(self.now));
         if let Some(credential) = credential {
             self.put_credential(request, trunk, &credential, false);
         }

@@ -7,9 +7,13 @@ mod calls;
 mod driver;
 mod engine;
 mod failover;
+#[cfg(test)]
+mod pair;
 mod request;
 mod resend;
 pub mod routing;
+#[cfg(test)]
+mod stories;
 
 pub use driver::{Driver, SideSockets, TlsClientSlot};
 pub use engine::{

@@ -558,7 +558,7 @@ impl Engine {
         let Some(credential) = trunk
             .credentials
             .as_ref()
-            .and_then(|manager| manager.current())
+            .and_then(|manager| manager.current_at(self.now))
         else {
             // An ACK for a 2xx cannot wait or be refused: the call would break.
             if ack {

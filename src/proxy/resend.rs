@@ -247,7 +247,7 @@ impl Engine {
                 status = code,
                 "answering the core's digest challenge"
             );
-            self.finish_resend(server, manager.current());
+            self.finish_resend(server, manager.current_at(self.now));
             return true;
         }
         tracing::info!(
