@@ -12,6 +12,7 @@ pub mod file;
 pub mod jwt;
 pub mod manager;
 pub mod oauth2;
+pub mod refusal;
 pub mod schedule;
 pub mod secret;
 pub mod verdict;

@@ -22,6 +22,7 @@ use tokio_util::sync::CancellationToken;
 use super::engine::{Action, ConnectionKey, CredentialWait, Destination, Engine, Transmit};
 use crate::config::Transport;
 use crate::credentials::Credential;
+use crate::registration::Outgoing;
 use crate::stats::{ProxyMetrics, Stats};
 use crate::transport::tcp::TcpContext;
 use crate::transport::tls::TlsClient;
@@ -108,12 +109,17 @@ impl Driver {
         }
     }
 
-    /// Runs until cancelled or every transport is gone.
+    /// Runs until cancelled or every transport is gone. `outgoing` brings the requests
+    /// the sidecar itself sends (REGISTERs).
     pub async fn run(
         mut self,
         mut events: mpsc::Receiver<TransportEvent>,
+        mut outgoing: mpsc::Receiver<Outgoing>,
         cancel: CancellationToken,
     ) {
+        // Registrations stop before the engine does; their channel closing is no reason
+        // to stop.
+        let mut registering = true;
         // Every UDP socket of both sides, read here.
         let udp: Vec<(Side, usize, Arc<UdpSocket>)> = [&self.edge, &self.core]
             .into_iter()
@@ -168,6 +174,16 @@ impl Driver {
                     Some(event) => self.handle_event(event),
                     None => break,
                 },
+                request = outgoing.recv(), if registering => match request {
+                    Some(Outgoing { trunk, request, reply }) => {
+                        if let Some(id) = self.engine.originate(now(), trunk, *request) {
+                            self.replies.insert(id, reply);
+                        }
+                        // Else `reply` is dropped here: its sender learns there is no
+                        // answer.
+                    }
+                    None => registering = false,
+                },
                 Some(done) = self.waits.join_next(), if has_waits => {
                     if let Ok((server, credential)) = done {
                         self.engine.handle_credential(now(), server, credential);
@@ -212,16 +228,6 @@ impl Driver {
     fn handle_event(&mut self, event: TransportEvent) {
         match event {
             TransportEvent::Message(inbound) => self.engine.handle_message(now(), inbound),
-            TransportEvent::Originate {
-                trunk,
-                request,
-                reply,
-            } => {
-                if let Some(id) = self.engine.originate(now(), trunk, *request) {
-                    self.replies.insert(id, reply);
-                }
-                // Else `reply` is dropped here: its sender learns there is no answer.
-            }
             TransportEvent::Unreachable { side, addr } => {
                 self.engine.handle_unreachable(now(), side, addr);
             }

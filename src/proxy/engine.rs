@@ -61,8 +61,7 @@ pub fn transaction_span(
     span
 }
 
-/// The Record-Route URI parameter that carries the trunk of a dialog.
-pub const TRUNK_PARAM: &str = "bsct";
+pub use crate::sip::TRUNK_PARAM;
 
 /// Makes and recognises this proxy's branches: the prefix, a random nonce and a keyed
 /// tag over the nonce and the request's Call-ID (SipHash with a key drawn at start), so a
@@ -388,8 +387,6 @@ pub struct Engine {
     actions: VecDeque<Action>,
     /// CSeq offsets of dialogs whose requests were re-sent (DESIGN.md item 6).
     pub(super) dialogs: crate::sip::dialog::DialogTable,
-    /// The Digest state (challenges the core sent) of each `digest` trunk, by index.
-    pub(super) digest: HashMap<usize, crate::sip::digest::DigestClient>,
     last_dialog_sweep: StdInstant,
     last_expiry: StdInstant,
     pub(super) branches: Branches,
@@ -449,7 +446,6 @@ impl Engine {
             transmits: VecDeque::new(),
             actions: VecDeque::new(),
             dialogs,
-            digest: HashMap::new(),
             last_dialog_sweep: now,
             last_expiry: now,
             branches: Branches::new(),

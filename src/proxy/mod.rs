@@ -32,6 +32,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::{Listen, Settings, Side as SideSettings, Transport};
+use crate::credentials::refusal::TrunkDigest;
 use crate::dns::resolve::{self as dns_resolve, Resolver};
 use crate::dns::Destinations;
 use crate::registration::{RegistrationStatus, TrunkRegistration};
@@ -153,6 +154,7 @@ impl App {
                 name: trunk.name.as_str().into(),
                 auth: trunk.auth,
                 digest_realm: trunk.digest_realm.clone(),
+                digest: TrunkDigest::new(trunk.digest_realm.clone()),
                 credentials: credentials.get(&trunk.name).cloned(),
                 sources: trunk.sources.clone(),
                 domain: trunk.domain.clone(),
@@ -196,6 +198,7 @@ impl App {
         let core_allow = Arc::new(AllowList::new(core_allow).with_peers(peers_of(Side::Core)));
 
         let (engine_sender, engine_receiver) = mpsc::channel(settings.limits.queue_capacity);
+        let (outgoing_sender, outgoing_receiver) = mpsc::channel(settings.limits.queue_capacity);
         let shared = Shared {
             engine: engine_sender.clone(),
             stats: stats.clone(),
@@ -282,12 +285,12 @@ impl App {
                     trunk: trunk.name.clone(),
                     index,
                     auth: trunk.auth,
-                    digest_realm: trunk.digest_realm.clone(),
+                    digest: routed.digest.clone(),
                     credentials: routed.credentials.clone(),
                     settings: registration.clone(),
                     contact,
                 },
-                engine_sender.clone(),
+                outgoing_sender.clone(),
                 stats.clone(),
                 registration_stop.clone(),
                 &registration_tracker,
@@ -310,8 +313,9 @@ impl App {
         .with_metrics(metrics.clone())
         .with_drain(draining.clone());
         drop(engine_sender);
+        drop(outgoing_sender);
         let driver = Driver::new(engine, edge_sockets, core_sockets, stats.clone());
-        tracker.spawn(driver.run(engine_receiver, cancel.clone()));
+        tracker.spawn(driver.run(engine_receiver, outgoing_receiver, cancel.clone()));
         let observed = Arc::new(crate::admin::Observed {
             stats: stats.clone(),
             metrics,

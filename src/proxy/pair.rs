@@ -84,6 +84,7 @@ impl Pair {
             name: "acme".into(),
             auth,
             digest_realm: None,
+            digest: crate::credentials::refusal::TrunkDigest::new(None),
             credentials: manager.clone(),
             sources: vec!["127.0.0.1/32"
                 .parse()

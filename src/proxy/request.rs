@@ -596,10 +596,10 @@ impl Engine {
         credential: &Credential,
         answer_digest: bool,
     ) -> bool {
-        let Some((auth, realm)) = self
+        let Some((auth, digest)) = self
             .router
             .trunk(trunk)
-            .map(|trunk| (trunk.auth, trunk.digest_realm.clone()))
+            .map(|trunk| (trunk.auth, trunk.digest.clone()))
         else {
             return false;
         };
@@ -613,12 +613,8 @@ impl Engine {
             (CredentialValue::UserPassword { username, password }, AuthMode::Digest) => {
                 if answer_digest {
                     let random = &self.random;
-                    let client = self
-                        .digest
-                        .entry(trunk)
-                        .or_insert_with(|| DigestClient::new(realm));
                     let cnonce = || format!("{:016x}", random.u64());
-                    push_digest_answers(request, client, username, password, cnonce);
+                    push_digest_answers(request, &mut digest.lock(), username, password, cnonce);
                 }
                 true
             }

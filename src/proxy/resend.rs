@@ -34,9 +34,10 @@ use rsip::{Request, Response};
 use super::engine::{Action, CredentialWait, Destination, Engine, Entry};
 use super::request::strip_credentials;
 use crate::config::AuthMode;
+use crate::credentials::refusal::{read_refusal, Refusal};
 use crate::credentials::{verdict, Credential};
 use crate::sip::dialog::{DialogKey, MAX_CSEQ};
-use crate::sip::digest::{sent_answers, ChallengeKind, DigestClient, Verdict};
+use crate::sip::digest::{sent_answers, ChallengeKind};
 use crate::sip::message::{self, header_values};
 use crate::stats::Stats;
 
@@ -160,8 +161,9 @@ impl Engine {
         let Some(trunk) = self.router.trunk(trunk) else {
             return false;
         };
-        let (auth, trunk_index) = (trunk.auth, trunk.index);
+        let auth = trunk.auth;
         let realm = trunk.digest_realm.clone();
+        let digest = trunk.digest.clone();
         let Some(manager) = trunk.credentials.clone() else {
             return false;
         };
@@ -173,48 +175,45 @@ impl Engine {
             return false;
         }
         // How to re-send: at once (a challenge to answer) or after a forced refresh.
-        let require_newer = match (auth, kind) {
-            (AuthMode::Digest, Some(kind)) => {
-                let offered: Vec<&str> =
-                    header_values(&response.headers, kind.challenge_header()).collect();
-                let verdict = self
-                    .digest
-                    .entry(trunk_index)
-                    .or_insert_with(|| DigestClient::new(realm.clone()))
-                    .learn(kind, &method, offered.iter().copied(), &sent);
-                match verdict {
-                    // A first challenge, or a stale or unknown nonce: the same password
-                    // will do. A re-send gets one more try only for a stale nonce or a
-                    // realm it did not answer yet.
-                    Verdict::AnswerNow { stale, new_realm } if !is_resend || stale || new_realm => {
-                        Stats::bump(&self.stats.digest_challenges_answered);
-                        false
-                    }
-                    // The very answer was refused (or a re-send was challenged afresh,
-                    // which RFC 7616 §3.3 reads the same way): only a newer password helps.
-                    Verdict::AnswerNow { .. } | Verdict::CredentialRefused => {
-                        tracing::info!(
-                            trunk = manager.trunk(),
-                            status = code,
-                            "core refused the digest credential; asking for a newer one"
-                        );
-                        true
-                    }
-                    Verdict::Unanswerable { offered } => {
-                        Stats::bump(&self.stats.digest_unanswerable);
-                        tracing::warn!(
-                            trunk = manager.trunk(),
-                            status = code,
-                            offered = %offered,
-                            configured_realm = realm.as_deref().unwrap_or("(any)"),
-                            "core's challenge cannot be answered (supported: Digest with MD5, SHA-256, SHA-512-256, each also -sess; qop auth or none; the configured realm)"
-                        );
-                        return false;
-                    }
-                }
+        let challenges: Vec<&str> = kind
+            .map(|kind| header_values(&response.headers, kind.challenge_header()).collect())
+            .unwrap_or_default();
+        let refusal = read_refusal(
+            auth,
+            code,
+            &method,
+            &challenges,
+            &sent,
+            is_resend,
+            &mut digest.lock(),
+        );
+        let require_newer = match refusal {
+            Refusal::AnswerChallenge => {
+                Stats::bump(&self.stats.digest_challenges_answered);
+                false
             }
-            (AuthMode::Bearer, _) | (AuthMode::Digest, None) if code != 407 && !is_resend => true,
-            _ => return false,
+            Refusal::NeedNewer => {
+                if auth == AuthMode::Digest {
+                    tracing::info!(
+                        trunk = manager.trunk(),
+                        status = code,
+                        "core refused the digest credential; asking for a newer one"
+                    );
+                }
+                true
+            }
+            Refusal::Unanswerable { offered } => {
+                Stats::bump(&self.stats.digest_unanswerable);
+                tracing::warn!(
+                    trunk = manager.trunk(),
+                    status = code,
+                    offered = %offered,
+                    configured_realm = realm.as_deref().unwrap_or("(any)"),
+                    "core's challenge cannot be answered (supported: Digest with MD5, SHA-256, SHA-512-256, each also -sess; qop auth or none; the configured realm)"
+                );
+                return false;
+            }
+            Refusal::Stands => return false,
         };
         let mut rejected = response.clone();
         if message::pop_via(&mut rejected.headers).is_err() {
@@ -441,7 +440,8 @@ impl Engine {
         let Some(trunk) = entry.carried.map(|carried| carried.trunk) else {
             return;
         };
-        if let Some(digest) = self.digest.get_mut(&trunk) {
+        if let Some(routed) = self.router.trunk(trunk) {
+            let mut digest = routed.digest.lock();
             for kind in ChallengeKind::BOTH {
                 for info in header_values(&response.headers, kind.info_header()) {
                     if digest.next_nonce(kind, info) {

@@ -24,6 +24,8 @@ pub struct RoutedTrunk {
     pub auth: crate::config::AuthMode,
     /// With `digest`, the only realm answered.
     pub digest_realm: Option<String>,
+    /// The trunk's Digest state, shared with its registration.
+    pub digest: crate::credentials::refusal::TrunkDigest,
     pub credentials: Option<crate::credentials::CredentialManager>,
     pub sources: Vec<IpNet>,
     pub domain: Option<String>,
@@ -375,6 +377,7 @@ mod tests {
             name: name.into(),
             auth: crate::config::AuthMode::None,
             digest_realm: None,
+            digest: crate::credentials::refusal::TrunkDigest::new(None),
             credentials: None,
             sources: vec![],
             domain: None,

@@ -1,13 +1,15 @@
 //! The task that keeps one trunk registered: it sleeps until the [`Registration`] says a
 //! REGISTER is due, builds it with the trunk's current credentials, hands it to the
-//! engine (which runs the client transaction toward the trunk's core) and feeds the
-//! outcome back. It is the UAC of its own REGISTERs, so it answers their challenges
-//! itself with the rules of the proxy's re-send (`proxy::resend`): a Digest challenge is
-//! answered at once, a 403 or a refused credential only with a newer credential from
-//! the manager's `replacement` (the one rule of `credentials::verdict`: a rotation waits
-//! for the next refresh the rate limit allows, a permanent refusal does not wait); one
-//! re-send per REGISTER, one more for a stale nonce. Every answer that shows the
-//! registrar accepting the credential is reported to the manager.
+//! proxy ([`Outgoing`]: the proxy runs the client transaction toward the trunk's core)
+//! and feeds the outcome back. It is the UAC of its own REGISTERs, so it answers their
+//! refusals itself, by the one policy the proxy's re-send follows too
+//! ([`crate::credentials::refusal`]) and over the trunk's one Digest state, shared with
+//! the proxy: a Digest challenge is answered at once, a 403 or a refused credential
+//! only with a newer credential from the manager's `replacement` (the one rule of
+//! `credentials::verdict`: a rotation waits for the next refresh the rate limit allows,
+//! a permanent refusal does not wait); one re-send per REGISTER, one more for a stale
+//! nonce. Every answer that shows the registrar accepting the credential is reported to
+//! the manager.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -18,12 +20,22 @@ use tokio_util::sync::CancellationToken;
 
 use super::machine::{Failure, Notice, Registration, Send, State};
 use crate::config::{AuthMode, RegistrationSettings};
+use crate::credentials::refusal::{read_refusal, Refusal, TrunkDigest};
 use crate::credentials::{Credential, CredentialManager, CredentialValue};
-use crate::sip::digest::{sent_answers, ChallengeKind, DigestClient, Verdict};
+use crate::sip::digest::{sent_answers, ChallengeKind};
 use crate::sip::header::{header_params, name_addr_uri, param, split_list};
 use crate::sip::message::{self, header_values};
 use crate::stats::Stats;
-use crate::transport::TransportEvent;
+
+/// A REGISTER (or any request the sidecar itself sends) for the proxy to send toward
+/// trunk `trunk`'s core: the proxy adds its Via and runs the client transaction; the
+/// final response, its Via removed, goes to `reply`. No final response (timeout,
+/// transport failure) drops `reply`. Credentials are the sender's business.
+pub struct Outgoing {
+    pub trunk: usize,
+    pub request: Box<rsip::Request>,
+    pub reply: oneshot::Sender<Response>,
+}
 
 /// What the registration of a trunk looks like from outside (metrics, readiness, tests).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -45,7 +57,8 @@ pub struct TrunkRegistration {
     pub trunk: String,
     pub index: usize,
     pub auth: AuthMode,
-    pub digest_realm: Option<String>,
+    /// The trunk's Digest state, shared with the proxy (one `nc` count per nonce).
+    pub digest: TrunkDigest,
     pub credentials: Option<CredentialManager>,
     pub settings: RegistrationSettings,
     /// The Contact URI registered (the sidecar's core side, with the trunk's index).
@@ -63,7 +76,7 @@ const REFRESH_MARGIN: Duration = Duration::from_secs(2);
 /// after `stop` is cancelled and the unregister (if any) is done.
 pub fn spawn(
     trunk: TrunkRegistration,
-    engine: mpsc::Sender<TransportEvent>,
+    engine: mpsc::Sender<Outgoing>,
     stats: Arc<Stats>,
     stop: CancellationToken,
     tracker: &tokio_util::task::TaskTracker,
@@ -84,7 +97,6 @@ pub fn spawn(
     };
     let (publish, receiver) = watch::channel(status);
     let driver = Driver {
-        digest: DigestClient::new(trunk.digest_realm.clone()),
         call_id: format!("{:032x}@byoc-sidecar", rand::random::<u128>()),
         from_tag: format!("{:016x}", rand::random::<u64>()),
         trunk,
@@ -112,10 +124,9 @@ struct Attempt {
 struct Driver {
     trunk: TrunkRegistration,
     machine: Registration,
-    digest: DigestClient,
     call_id: String,
     from_tag: String,
-    engine: mpsc::Sender<TransportEvent>,
+    engine: mpsc::Sender<Outgoing>,
     stats: Arc<Stats>,
     publish: watch::Sender<RegistrationStatus>,
     attempt: Attempt,
@@ -269,7 +280,7 @@ impl Driver {
         self.attempt.generation = credential.map(|credential| credential.generation);
         self.attempt.sent_at = Some(now());
         let (reply, receiver) = oneshot::channel();
-        let event = TransportEvent::Originate {
+        let event = Outgoing {
             trunk: self.trunk.index,
             request: Box::new(request),
             reply,
@@ -332,10 +343,12 @@ impl Driver {
             (AuthMode::Digest, Some(CredentialValue::UserPassword { username, password })) => {
                 let uri = request.uri.to_string();
                 let cnonce = || format!("{:016x}", rand::random::<u64>());
-                for (kind, value) in self
+                let answers = self
+                    .trunk
                     .digest
-                    .authorize("REGISTER", &uri, username, password, cnonce)
-                {
+                    .lock()
+                    .authorize("REGISTER", &uri, username, password, cnonce);
+                for (kind, value) in answers {
                     request.headers.push(match kind {
                         ChallengeKind::Www => rsip::Header::Authorization(value.clone().into()),
                         ChallengeKind::Proxy => {
@@ -470,39 +483,35 @@ impl Driver {
                     .next()
                     .and_then(delta_seconds),
             ),
-            401 | 407 if self.trunk.auth == AuthMode::Digest => {
-                let Some(kind) = ChallengeKind::of_status(code) else {
-                    return Reading::Failed(rejection(Some(response)));
-                };
+            401 | 403 | 407 => {
+                let kind = ChallengeKind::of_status(code);
                 let sent = sent_answers(
                     self.attempt
                         .answers
                         .iter()
-                        .filter(|(answered, _)| *answered == kind)
+                        .filter(|(answered, _)| Some(*answered) == kind)
                         .map(|(_, value)| value.as_str()),
                 );
-                let offered: Vec<&str> =
-                    header_values(&response.headers, kind.challenge_header()).collect();
-                match self
-                    .digest
-                    .learn(kind, "REGISTER", offered.iter().copied(), &sent)
-                {
-                    Verdict::AnswerNow { stale, new_realm }
-                        if self.attempt.resends == 0 || stale || new_realm =>
-                    {
-                        Reading::ResendNow
-                    }
-                    Verdict::AnswerNow { .. } | Verdict::CredentialRefused => {
-                        Reading::ResendIfNewer
-                    }
-                    Verdict::Unanswerable { offered } => Reading::Failed(Failure::Rejected {
+                let challenges: Vec<&str> = kind
+                    .map(|kind| header_values(&response.headers, kind.challenge_header()).collect())
+                    .unwrap_or_default();
+                match read_refusal(
+                    self.trunk.auth,
+                    code,
+                    "REGISTER",
+                    &challenges,
+                    &sent,
+                    self.attempt.resends > 0,
+                    &mut self.trunk.digest.lock(),
+                ) {
+                    Refusal::AnswerChallenge => Reading::ResendNow,
+                    Refusal::NeedNewer => Reading::ResendIfNewer,
+                    Refusal::Unanswerable { offered } => Reading::Failed(Failure::Rejected {
                         status: code,
                         reason: format!("challenge cannot be answered: {offered}"),
                     }),
+                    Refusal::Stands => Reading::Failed(rejection(Some(response))),
                 }
-            }
-            401 | 403 if self.trunk.auth != AuthMode::None && self.attempt.resends == 0 => {
-                Reading::ResendIfNewer
             }
             _ => Reading::Failed(rejection(Some(response))),
         }
@@ -615,7 +624,7 @@ fn contact_key(uri: &str) -> Option<ContactKey> {
     };
     let params = &host_and_params[end..];
     let params = &params[..params.find('?').unwrap_or(params.len())];
-    let trunk = param(params, crate::proxy::TRUNK_PARAM)
+    let trunk = param(params, crate::sip::TRUNK_PARAM)
         .flatten()
         .map(str::to_string);
     Some((user.to_string(), host, port, trunk))

@@ -4,5 +4,5 @@
 pub mod driver;
 pub mod machine;
 
-pub use driver::{RegistrationStatus, TrunkRegistration};
+pub use driver::{Outgoing, RegistrationStatus, TrunkRegistration};
 pub use machine::State;

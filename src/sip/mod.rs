@@ -16,4 +16,9 @@ pub mod via;
 pub mod view;
 
 pub use message::{Message, MessageError};
+
+/// The URI parameter of this sidecar's Record-Route entries and registered Contacts that
+/// carries the trunk's index, so in-dialog requests and requests to a registered
+/// Contact find their trunk again.
+pub const TRUNK_PARAM: &str = "bsct";
 pub use via::Via;

@@ -97,15 +97,6 @@ pub enum TransportEvent {
         side: Side,
         addr: SocketAddr,
     },
-    /// A request the sidecar itself sends toward trunk `trunk`'s core (a REGISTER): the
-    /// engine adds its Via and runs the client transaction; the final response, its Via
-    /// removed, goes to `reply`. No final response (timeout, transport failure) drops
-    /// `reply`. Credentials are the sender's business.
-    Originate {
-        trunk: usize,
-        request: Box<rsip::Request>,
-        reply: tokio::sync::oneshot::Sender<rsip::Response>,
-    },
 }
 
 /// Who may talk to one side: configured networks, and the addresses the trunks' peers
