@@ -37,7 +37,8 @@ counters! {
     not_allowed_dropped,
     /// New dialogs refused with 503 while draining for shutdown.
     drain_rejected,
-    /// Datagrams dropped because the engine queue was full.
+    /// Datagrams the kernel dropped because a UDP socket's receive buffer was full (the
+    /// sidecar did not read fast enough; Linux, from `/proc/net/udp*`).
     queue_full_dropped,
     /// Messages that could not be handed to a socket or connection.
     send_failed,

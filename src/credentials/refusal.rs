@@ -12,8 +12,10 @@
 //! - A challenge the sidecar cannot answer (algorithm, qop, realm): the refusal stands.
 
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 use crate::config::AuthMode;
+use crate::credentials::Credential;
 use crate::sip::digest::{ChallengeKind, DigestClient, Verdict};
 
 /// What to do about a refusal.
@@ -83,6 +85,23 @@ pub fn read_refusal(
         }
         _ => Refusal::Stands,
     }
+}
+
+/// Whether `credential` may carry the re-send of a request that carried generation
+/// `rejected`, sent at `sent_at`: a newer generation always; the same one only to answer
+/// a Digest challenge (`require_newer` false: the nonce is what is new), or when it was
+/// refused while still within its `activation_delay` and is offered again after it (a
+/// core that accepts new tokens only after a propagation lag).
+pub fn qualifies(
+    credential: &Credential,
+    rejected: u64,
+    sent_at: Instant,
+    require_newer: bool,
+    activation_delay: Duration,
+) -> bool {
+    let was_young = !activation_delay.is_zero() && sent_at < credential.obtained + activation_delay;
+    credential.generation > rejected
+        || (credential.generation == rejected && (!require_newer || was_young))
 }
 
 #[cfg(test)]
@@ -230,5 +249,29 @@ mod tests {
             .lock()
             .session(ChallengeKind::Www, "core.example")
             .is_some());
+    }
+
+    #[test]
+    #[allow(clippy::disallowed_methods)] // a fixed instant; nothing here runs on a clock
+    fn a_newer_credential_qualifies_and_the_same_one_only_after_its_activation_delay() {
+        let obtained = Instant::now();
+        let credential = Credential {
+            value: crate::credentials::CredentialValue::Token(crate::credentials::Secret::new("t")),
+            generation: 4,
+            fingerprint: "fp".into(),
+            obtained,
+            expires: None,
+        };
+        let delay = Duration::from_secs(1);
+        let young = obtained + Duration::from_millis(200);
+        let old = obtained + Duration::from_secs(2);
+        assert!(qualifies(&credential, 3, old, true, Duration::ZERO));
+        assert!(!qualifies(&credential, 4, old, true, Duration::ZERO));
+        assert!(!qualifies(&credential, 4, old, true, delay));
+        // Refused while young (before it propagated): offered again.
+        assert!(qualifies(&credential, 4, young, true, delay));
+        // A Digest challenge: the same password with the new nonce.
+        assert!(qualifies(&credential, 4, old, false, Duration::ZERO));
+        assert!(!qualifies(&credential, 5, old, false, Duration::ZERO));
     }
 }

@@ -35,6 +35,9 @@ pub type TlsClientSlot = Arc<arc_swap::ArcSwap<TlsClient>>;
 /// How many datagrams one socket gives before the others get a turn.
 const UDP_BATCH: usize = 64;
 
+/// How many queued events (TCP and TLS messages, connection news) one turn takes.
+const EVENT_BATCH: usize = 64;
+
 /// The sockets of one side.
 pub struct SideSockets {
     pub side: Side,
@@ -86,8 +89,11 @@ pub struct Driver {
     metrics: Arc<ProxyMetrics>,
     /// Who waits for the answer to each request the sidecar originated.
     replies: HashMap<u64, oneshot::Sender<Response>>,
-    /// Credential waits in progress: each ends with its server transaction and outcome.
-    waits: JoinSet<(u64, Option<Arc<Credential>>)>,
+    /// Credential waits in progress: each ends with its server transaction, what it
+    /// waited for and the outcome.
+    waits: JoinSet<(u64, CredentialWait, Option<Arc<Credential>>)>,
+    /// Whose each wait is, so that a wait that fails still ends its request.
+    wait_owners: HashMap<tokio::task::Id, (u64, CredentialWait)>,
 }
 
 /// The engine's clock: tokio's, so `tokio::time::pause` drives it in tests.
@@ -106,11 +112,13 @@ impl Driver {
             metrics,
             replies: HashMap::new(),
             waits: JoinSet::new(),
+            wait_owners: HashMap::new(),
         }
     }
 
-    /// Runs until cancelled or every transport is gone. `outgoing` brings the requests
-    /// the sidecar itself sends (REGISTERs).
+    /// Runs until cancelled. `events` brings what the TCP and TLS connections and the
+    /// ICMP error readers report, `outgoing` the requests the sidecar itself sends
+    /// (REGISTERs).
     pub async fn run(
         mut self,
         mut events: mpsc::Receiver<TransportEvent>,
@@ -121,7 +129,7 @@ impl Driver {
         // to stop.
         let mut registering = true;
         // Every UDP socket of both sides, read here.
-        let udp: Vec<(Side, usize, Arc<UdpSocket>)> = [&self.edge, &self.core]
+        let mut udp: Vec<(Side, usize, Arc<UdpSocket>)> = [&self.edge, &self.core]
             .into_iter()
             .flat_map(|io| {
                 io.udp
@@ -137,6 +145,12 @@ impl Driver {
         let mut heartbeat = tokio::time::interval(std::time::Duration::from_secs(1));
         // Where the socket scan starts, so that a busy socket does not starve the next.
         let mut first = 0usize;
+        // What the kernel dropped at our UDP sockets before we looked: not ours to count.
+        let locals: Vec<SocketAddr> = [&self.edge, &self.core]
+            .into_iter()
+            .flat_map(|io| io.udp_locals.iter().copied())
+            .collect();
+        let drops_before = udp::kernel_drops(&locals).unwrap_or(0);
         loop {
             self.flush();
             let deadline = self.engine.poll_timeout();
@@ -166,12 +180,23 @@ impl Driver {
                             self.receive_udp(*side, *socket_index, socket, &mut buffer);
                         }
                         Err(error) => {
-                            tracing::debug!(error = %error, "udp socket readiness error");
+                            // The reactor cannot watch this socket any more: reading it
+                            // again would spin. It stays for sending.
+                            let (side, _, socket) = udp.remove(index);
+                            tracing::error!(%side, local = ?socket.local_addr().ok(), error = %error, "udp socket can no longer be read; receiving on it stops");
                         }
                     }
                 }
                 event = events.recv() => match event {
-                    Some(event) => self.handle_event(event),
+                    Some(event) => {
+                        self.handle_event(event);
+                        // What queued up meanwhile is taken in the same turn.
+                        for _ in 1..EVENT_BATCH {
+                            let Ok(event) = events.try_recv() else { break };
+                            self.flush();
+                            self.handle_event(event);
+                        }
+                    }
                     None => break,
                 },
                 request = outgoing.recv(), if registering => match request {
@@ -184,17 +209,32 @@ impl Driver {
                     }
                     None => registering = false,
                 },
-                Some(done) = self.waits.join_next(), if has_waits => {
-                    if let Ok((server, credential)) = done {
-                        self.engine.handle_credential(now(), server, credential);
+                Some(done) = self.waits.join_next_with_id(), if has_waits => {
+                    match done {
+                        Ok((id, (server, wait, credential))) => {
+                            self.wait_owners.remove(&id);
+                            self.engine.handle_credential(now(), server, wait, credential);
+                        }
+                        Err(error) => {
+                            // A wait that failed ends its request as one that found no
+                            // credential: the refusal or the request goes on as is.
+                            if let Some((server, wait)) = self.wait_owners.remove(&error.id()) {
+                                tracing::warn!(error = %error, "a credential wait failed; going on without a credential");
+                                self.engine.handle_credential(now(), server, wait, None);
+                            }
+                        }
                     }
-                    // A wait that panicked or was aborted leaves its request to its
-                    // transaction's own timeout.
                 }
                 _ = sleep => self.engine.handle_timeout(now()),
                 _ = heartbeat.tick() => {
                     self.metrics.beat(tokio::time::Instant::now());
                     self.engine.publish(now());
+                    if let Some(drops) = udp::kernel_drops(&locals) {
+                        self.stats.queue_full_dropped.store(
+                            drops.saturating_sub(drops_before),
+                            std::sync::atomic::Ordering::Relaxed,
+                        );
+                    }
                 }
             }
         }
@@ -265,8 +305,13 @@ impl Driver {
     /// Does everything the engine asked for, until it asks for nothing more.
     fn flush(&mut self) {
         loop {
-            if let Some(Transmit { destination, bytes }) = self.engine.poll_transmit() {
-                self.send(destination, bytes);
+            if let Some(Transmit {
+                destination,
+                bytes,
+                fallback,
+            }) = self.engine.poll_transmit()
+            {
+                self.send(destination, bytes, fallback);
             } else if let Some(action) = self.engine.poll_action() {
                 self.act(action);
             } else {
@@ -282,7 +327,7 @@ impl Driver {
                 manager,
                 wait,
             } => {
-                self.waits.spawn(async move {
+                let handle = self.waits.spawn(async move {
                     let credential = match wait {
                         CredentialWait::Valid { until } => {
                             manager
@@ -308,8 +353,9 @@ impl Driver {
                             .unwrap_or(None)
                         }
                     };
-                    (server, credential)
+                    (server, wait, credential)
                 });
+                self.wait_owners.insert(handle.id(), (server, wait));
             }
             Action::Answered { request, response } => {
                 if let (Some(reply), Some(response)) = (self.replies.remove(&request), response) {
@@ -335,8 +381,10 @@ impl Driver {
         }
     }
 
-    /// Sends bytes. Never waits: a full queue or a socket error drops and counts.
-    fn send(&mut self, destination: Destination, bytes: Bytes) {
+    /// Sends bytes. Never waits: a full queue or a socket error drops and counts. Over
+    /// TCP or TLS, with no open connection to `destination` but a `fallback`, a new
+    /// connection goes to the fallback (RFC 3261 §18.2.2).
+    fn send(&mut self, destination: Destination, bytes: Bytes, fallback: Option<SocketAddr>) {
         if tracing::enabled!(tracing::Level::TRACE) {
             tracing::trace!(
                 side = %destination.side,
@@ -378,15 +426,24 @@ impl Driver {
                     Transport::Tls => destination.trunk,
                     _ => None,
                 };
-                let key = (destination.transport, destination.addr, owner);
-                // A connection of the trunk's own, else one the peer opened to us.
-                let existing = io.connections.get(&key).or_else(|| {
+                // A live connection of the trunk's own, else one the peer opened to us.
+                let live = |io: &SideSockets, addr: SocketAddr| {
                     io.connections
-                        .get(&(destination.transport, destination.addr, None))
-                });
+                        .get(&(destination.transport, addr, owner))
+                        .or_else(|| io.connections.get(&(destination.transport, addr, None)))
+                        .filter(|(_, sender)| !sender.is_closed())
+                        .map(|(_, sender)| sender.clone())
+                };
+                let mut addr = destination.addr;
+                let mut existing = live(io, addr);
+                if let (None, Some(fallback)) = (&existing, fallback) {
+                    addr = fallback;
+                    existing = live(io, addr);
+                }
+                let key = (destination.transport, addr, owner);
                 let sender = match existing {
-                    Some((_, sender)) if !sender.is_closed() => sender.clone(),
-                    _ => {
+                    Some(sender) => sender,
+                    None => {
                         let tls = match destination.transport {
                             Transport::Tls => {
                                 let client = destination
@@ -395,13 +452,14 @@ impl Driver {
                                 let Some(client) = client else {
                                     Stats::bump(&self.stats.send_failed);
                                     tracing::warn!(side = %destination.side, to = %destination.addr, "no TLS connection and no trunk to open one for; not sent");
+                                    self.engine.handle_send_failed(now(), destination);
                                     return;
                                 };
                                 Some(client)
                             }
                             _ => None,
                         };
-                        let (id, sender) = io.tcp.connect(destination.addr, tls);
+                        let (id, sender) = io.tcp.connect(addr, tls);
                         io.connections.insert(key, (id, sender.clone()));
                         self.engine.handle_connection_opened(side, key, id);
                         sender
@@ -409,7 +467,7 @@ impl Driver {
                 };
                 if let Err(error) = sender.try_send(bytes) {
                     Stats::bump(&self.stats.send_failed);
-                    tracing::debug!(to = %destination.addr, error = %error, "tcp queue refused message");
+                    tracing::debug!(to = %addr, error = %error, "tcp queue refused message");
                 }
             }
         }

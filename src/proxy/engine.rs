@@ -150,6 +150,10 @@ pub struct Destination {
 pub struct Transmit {
     pub destination: Destination,
     pub bytes: Bytes,
+    /// For a response over TCP or TLS: where to connect when no connection to
+    /// `destination` is open any more (RFC 3261 §18.2.2: `received` with the sent-by
+    /// port). The driver knows which connections live; the core does not wait to hear.
+    pub fallback: Option<SocketAddr>,
 }
 
 /// What a parked request waits for from its trunk's credential manager.
@@ -527,23 +531,20 @@ impl Engine {
         }
     }
 
-    /// The wait that server transaction `server` asked for ([`Action::AwaitCredential`])
-    /// ended with `credential` (`None`: none came in time).
+    /// The wait `wait` that server transaction `server` asked for
+    /// ([`Action::AwaitCredential`]) ended with `credential` (`None`: none came in time,
+    /// or the wait failed).
     pub fn handle_credential(
         &mut self,
         now: StdInstant,
         server: u64,
+        wait: CredentialWait,
         credential: Option<Arc<Credential>>,
     ) {
         self.now = now;
-        let resend_pending = matches!(
-            self.entries.get(&server),
-            Some(Entry::Server(entry)) if entry.pending_resend.is_some()
-        );
-        if resend_pending {
-            self.finish_resend(server, credential);
-        } else {
-            self.finish_forward(server, credential);
+        match wait {
+            CredentialWait::Replacement { .. } => self.finish_resend(server, credential),
+            CredentialWait::Valid { .. } => self.finish_forward(server, credential),
         }
     }
 
@@ -580,6 +581,22 @@ impl Engine {
         if connect_failed {
             self.fail_transactions_to(side, key);
         }
+    }
+
+    /// The driver could not send to `destination` at all (a TLS hop with no connection
+    /// and no trunk to open one for): a transport error for the transactions toward it,
+    /// and any connection the core believed open there is gone.
+    pub fn handle_send_failed(&mut self, now: StdInstant, destination: Destination) {
+        self.now = now;
+        let owner = match destination.transport {
+            Transport::Tls => destination.trunk,
+            _ => None,
+        };
+        let key = (destination.transport, destination.addr, owner);
+        let connections = &mut self.side_mut(destination.side).connections;
+        connections.remove(&key);
+        connections.remove(&(destination.transport, destination.addr, None));
+        self.fail_transactions_to(destination.side, key);
     }
 
     /// A UDP datagram sent to `addr` from `side` came back as an ICMP error.
@@ -635,7 +652,11 @@ impl Engine {
 
     /// Queues bytes for `destination` ([`Engine::poll_transmit`]).
     pub(super) fn send(&mut self, destination: Destination, bytes: Bytes) {
-        self.transmits.push_back(Transmit { destination, bytes });
+        self.transmits.push_back(Transmit {
+            destination,
+            bytes,
+            fallback: None,
+        });
     }
 
     /// Queues work for the driver ([`Engine::poll_action`]).
@@ -805,16 +826,13 @@ impl Engine {
             };
             match event {
                 ServerEvent::Transmit(bytes) => {
-                    let (mut destination, reconnect) = (server.reply_to, server.reconnect);
-                    if destination.transport.is_reliable() {
-                        let connected = self
-                            .side(destination.side)
-                            .connected(destination.transport, destination.addr);
-                        if let (false, Some(reconnect)) = (connected, reconnect) {
-                            destination.addr = reconnect;
-                        }
-                    }
-                    self.send(destination, bytes);
+                    let (destination, reconnect) = (server.reply_to, server.reconnect);
+                    let fallback = reconnect.filter(|_| destination.transport.is_reliable());
+                    self.transmits.push_back(Transmit {
+                        destination,
+                        bytes,
+                        fallback,
+                    });
                 }
                 ServerEvent::Timeout => {
                     tracing::debug!(branch = %server.key.branch, "final response never acknowledged (Timer H)");

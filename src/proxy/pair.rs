@@ -246,7 +246,8 @@ impl Pair {
             .waits
             .pop_front()
             .expect("the core asked for no credential wait");
-        self.engine.handle_credential(self.now, server, credential);
+        self.engine
+            .handle_credential(self.now, server, wait, credential);
         self.collect();
         wait
     }
@@ -260,7 +261,10 @@ impl Pair {
 
     fn collect(&mut self) {
         loop {
-            if let Some(Transmit { destination, bytes }) = self.engine.poll_transmit() {
+            if let Some(Transmit {
+                destination, bytes, ..
+            }) = self.engine.poll_transmit()
+            {
                 let message = message::parse(&bytes, true).unwrap_or_else(|error| {
                     panic!(
                         "the sidecar sent what does not parse: {error}\n{}",

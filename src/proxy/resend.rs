@@ -34,7 +34,7 @@ use rsip::{Request, Response};
 use super::engine::{Action, CredentialWait, Destination, Engine, Entry};
 use super::request::strip_credentials;
 use crate::config::AuthMode;
-use crate::credentials::refusal::{read_refusal, Refusal};
+use crate::credentials::refusal::{qualifies, read_refusal, Refusal};
 use crate::credentials::{verdict, Credential};
 use crate::sip::dialog::{DialogKey, MAX_CSEQ};
 use crate::sip::digest::{sent_answers, ChallengeKind};
@@ -299,9 +299,6 @@ impl Engine {
             &self.stats.longest_resend_wait_micros,
             u64::try_from(waited.as_micros()).unwrap_or(u64::MAX),
         );
-        // The same credential qualifies for a Digest challenge (the nonce is what is new)
-        // and for one rejected while still within its activation delay, offered again
-        // after it (a core that accepts new tokens only after a propagation lag).
         let activation_delay = self
             .router
             .trunk(info.trunk)
@@ -310,10 +307,13 @@ impl Engine {
                 manager.activation_delay()
             });
         let credential = credential.filter(|credential| {
-            let was_young = !activation_delay.is_zero()
-                && info.sent_at < credential.obtained + activation_delay;
-            credential.generation > info.generation
-                || (credential.generation == info.generation && (!require_newer || was_young))
+            qualifies(
+                credential,
+                info.generation,
+                info.sent_at,
+                require_newer,
+                activation_delay,
+            )
         });
         let trunk = info.trunk;
         let resent = credential.and_then(|credential| {

@@ -61,13 +61,24 @@ fn stale_token_403_is_resent_once_with_a_fresh_token_and_the_dialog_keeps_its_cs
         pair.edge_heard_only_trying(),
         "the Edge must not see the 403"
     );
-    // The sidecar asks for a replacement of generation 1, within resend_wait.
+    // The sidecar asks for a replacement of generation 1, within resend_wait of the
+    // INVITE's arrival, and gives up 2 s after that at the latest.
+    let arrived = pair.now;
     pair.publish_token(Duration::from_secs(3600));
     let wait = pair.answer_wait();
-    assert!(matches!(
-        wait,
-        CredentialWait::Replacement { rejected: 1, .. }
-    ));
+    let resend_wait = pair.manager.as_ref().expect("a manager").resend_wait();
+    let CredentialWait::Replacement {
+        rejected,
+        until,
+        give_up,
+        ..
+    } = wait
+    else {
+        panic!("a replacement wait, got {wait:?}");
+    };
+    assert_eq!(rejected, 1);
+    assert_eq!(until, arrived + resend_wait);
+    assert_eq!(give_up, until + Duration::from_secs(2));
     let second = pair.core_receives();
     assert_eq!(authorization(&second), Some("Bearer token-2"));
     assert_eq!(cseq(&second.headers), 2, "the re-send counts one higher");
@@ -186,6 +197,7 @@ fn digest_challenge_is_answered_once_with_the_trunk_password() {
     pair.core_sends_message(answer(&second, 200, "core-6", &core_contact()).into());
     let ok = pair.edge_receives();
     assert_eq!((ok.status_code.code(), cseq(&ok.headers)), (200, 1));
+    assert_eq!(pair.stats.snapshot().digest_challenges_answered, 1);
     // The next call's INVITE answers the kept challenge at once, counting on; a method
     // the core never challenged (the BYE) goes without.
     pair.edge_sends(&in_dialog("call-6", "BYE", 2, &route_set(&ok), "core-6"));
@@ -251,10 +263,16 @@ fn an_in_dialog_request_waits_for_a_valid_token_after_the_old_one_expired() {
     assert!(pair.current().is_none());
     pair.edge_sends(&in_dialog("call-8", "BYE", 2, &routes, "core-8"));
     assert!(pair.at_core.is_empty(), "not sent with an expired token");
-    assert!(matches!(
-        pair.waits.front(),
-        Some((_, CredentialWait::Valid { .. }))
-    ));
+    let bye_arrived = pair.now;
+    let resend_wait = pair.manager.as_ref().expect("a manager").resend_wait();
+    assert!(
+        matches!(
+            pair.waits.front(),
+            Some((_, CredentialWait::Valid { until })) if *until == bye_arrived + resend_wait
+        ),
+        "{:?}",
+        pair.waits
+    );
     pair.publish_token(Duration::from_secs(3600));
     pair.answer_wait();
     let bye = pair.core_receives();
@@ -290,19 +308,7 @@ fn an_unanswered_invite_times_out_with_408_after_64_t1() {
 #[test]
 fn registration_the_sidecar_originates_gets_its_answer() {
     let mut pair = Pair::new(AuthMode::None);
-    let register: rsip::Request = match message::parse(
-        format!(
-            "REGISTER sip:{CORE} SIP/2.0\r\nMax-Forwards: 70\r\nFrom: <sip:acme@127.0.0.1>;tag=r1\r\n\
-             To: <sip:acme@127.0.0.1>\r\nCall-ID: reg-1\r\nCSeq: 1 REGISTER\r\n\
-             Contact: <sip:acme@127.0.0.1:5062>\r\nExpires: 300\r\nContent-Length: 0\r\n\r\n"
-        )
-        .as_bytes(),
-        true,
-    ) {
-        Ok(rsip::SipMessage::Request(request)) => request,
-        other => panic!("{other:?}"),
-    };
-    let id = pair.originate(register).expect("sent");
+    let id = pair.originate(register()).expect("sent");
     let at_core = pair.core_receives();
     assert_eq!(at_core.method, rsip::Method::Register);
     pair.core_sends_message(answer(&at_core, 200, "reg", &core_contact()).into());
@@ -314,4 +320,79 @@ fn registration_the_sidecar_originates_gets_its_answer() {
         message::top_via(&response.headers).is_err(),
         "our Via is removed before the answer is handed over"
     );
+}
+
+#[test]
+fn a_digest_answer_refused_with_the_same_nonce_goes_to_the_edge_without_a_third_send() {
+    let mut pair = Pair::new(AuthMode::Digest);
+    pair.edge_sends(&invite("call-11"));
+    let first = pair.core_receives();
+    let challenge_header = rsip::Header::WwwAuthenticate(
+        r#"Digest realm="core.example", nonce="n-1", qop="auth", algorithm=SHA-256"#.into(),
+    );
+    let mut challenge = answer(&first, 401, "core-x", &core_contact());
+    challenge.headers.push(challenge_header.clone());
+    pair.core_sends_message(challenge.into());
+    let second = pair.core_receives();
+    assert!(authorization(&second).is_some());
+    // The core refuses the very answer: same nonce, not stale. Only a newer password
+    // could help; none comes, so the 401 goes to the Edge.
+    let mut again = answer(&second, 401, "core-y", &core_contact());
+    again.headers.push(challenge_header);
+    pair.core_sends_message(again.into());
+    assert!(
+        matches!(
+            pair.waits.front(),
+            Some((_, CredentialWait::Replacement { .. }))
+        ),
+        "{:?}",
+        pair.waits
+    );
+    pair.end_wait(None);
+    let refused = pair.edge_receives();
+    assert_eq!(refused.status_code.code(), 401);
+    assert_eq!(cseq(&refused.headers), 1);
+    assert!(
+        pair.core_heard_only_acks(),
+        "no third INVITE: {:?}",
+        pair.at_core
+    );
+}
+
+fn register() -> rsip::Request {
+    let text = format!(
+        "REGISTER sip:{CORE} SIP/2.0\r\nMax-Forwards: 70\r\nFrom: <sip:acme@127.0.0.1>;tag=r1\r\n\
+         To: <sip:acme@127.0.0.1>\r\nCall-ID: reg-1\r\nCSeq: 1 REGISTER\r\n\
+         Contact: <sip:acme@127.0.0.1:5062>\r\nExpires: 300\r\nContent-Length: 0\r\n\r\n"
+    );
+    match message::parse(text.as_bytes(), true) {
+        Ok(rsip::SipMessage::Request(request)) => request,
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn a_refusal_of_the_sidecars_own_register_goes_back_to_the_registration() {
+    let mut pair = Pair::new(AuthMode::Bearer);
+    let id = pair.originate(register()).expect("sent");
+    let at_core = pair.core_receives();
+    pair.core_sends_message(answer(&at_core, 401, "reg", &core_contact()).into());
+    // Not absorbed by the proxy's re-send: the registration decides about its own.
+    assert!(pair.waits.is_empty());
+    let (answered, response) = pair.answers.pop_front().expect("an answer");
+    assert_eq!(answered, id);
+    assert_eq!(response.expect("a response").status_code.code(), 401);
+}
+
+#[test]
+fn an_unanswered_register_ends_with_no_answer_after_timer_f() {
+    let mut pair = Pair::new(AuthMode::None);
+    let id = pair.originate(register()).expect("sent");
+    pair.core_receives();
+    pair.advance(Duration::from_secs(31));
+    assert!(pair.answers.is_empty(), "{:?}", pair.answers);
+    pair.advance(Duration::from_secs(2));
+    let (answered, response) = pair.answers.pop_front().expect("an end");
+    assert_eq!(answered, id);
+    assert!(response.is_none());
 }

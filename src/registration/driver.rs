@@ -20,7 +20,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::machine::{Failure, Notice, Registration, Send, State};
 use crate::config::{AuthMode, RegistrationSettings};
-use crate::credentials::refusal::{read_refusal, Refusal, TrunkDigest};
+use crate::credentials::refusal::{qualifies, read_refusal, Refusal, TrunkDigest};
 use crate::credentials::{Credential, CredentialManager, CredentialValue};
 use crate::sip::digest::{sent_answers, ChallengeKind};
 use crate::sip::header::{header_params, name_addr_uri, param, split_list};
@@ -418,9 +418,16 @@ impl Driver {
                         }
                         _ = stop.cancelled() => None,
                     };
-                    if let Some(newer) =
-                        refreshed.filter(|credential| credential.generation > rejected)
-                    {
+                    let qualified = refreshed.filter(|credential| {
+                        qualifies(
+                            credential,
+                            rejected,
+                            sent_at,
+                            true,
+                            manager.activation_delay(),
+                        )
+                    });
+                    if let Some(newer) = qualified {
                         // With the replacement itself: during an activation delay
                         // `current` would still serve the refused one.
                         return self.resend_with(Some(newer)).await;

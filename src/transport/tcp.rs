@@ -20,7 +20,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::tls::{Failure, TlsClient, TlsServer};
-use super::{ConnectionId, Inbound, ReceiveContext, TransportEvent};
+use super::{ConnectionId, Inbound, ReceiveContext, Side, TransportEvent};
 use crate::config::Transport;
 use crate::sip::framing::{Frame, StreamFramer, PONG};
 use crate::stats::Stats;
@@ -228,11 +228,15 @@ impl TcpContext {
         let mut refused = false;
         let mut framer = StreamFramer::new(self.receive.max_message_size);
         let mut idle_deadline = Instant::now() + self.idle_timeout;
+        // A message the engine's full queue could not take yet. While one waits, this
+        // connection reads no more (back-pressure on this peer only), but it goes on
+        // writing what the engine sends it: the answers that will drain the queue.
+        let mut stalled: Option<TransportEvent> = None;
         let reason = 'connection: loop {
             tokio::select! {
                 _ = self.cancel.cancelled() => break 'connection "shutdown",
                 _ = tokio::time::sleep_until(idle_deadline) => break 'connection "idle",
-                read = reader.read_buf(framer.buffer_mut()) => {
+                read = reader.read_buf(framer.buffer_mut()), if stalled.is_none() => {
                     match read {
                         Ok(0) => break 'connection "closed by peer",
                         Ok(_) => {}
@@ -255,37 +259,23 @@ impl TcpContext {
                     }
                     heard = true;
                     idle_deadline = Instant::now() + self.idle_timeout;
-                    loop {
-                        match framer.next_frame() {
-                            Ok(None) => break,
-                            Ok(Some(Frame::Ping)) => {
-                                if let Err(reason) = self.write(&mut writer, PONG, peer).await {
-                                    break 'connection reason;
-                                }
-                            }
-                            Ok(Some(Frame::Message(bytes))) => {
-                                let Some(message) = self.receive.parse(&bytes, false, peer) else {
-                                    continue;
-                                };
-                                let event = TransportEvent::Message(Inbound {
-                                    side,
-                                    transport,
-                                    local,
-                                    peer,
-                                    message,
-                                });
-                                // Waiting here pushes back on this peer only.
-                                if self.receive.engine.send(event).await.is_err() {
-                                    break 'connection "shutdown";
-                                }
-                                Stats::bump(&self.receive.stats.messages_received);
-                            }
-                            Err(error) => {
-                                Stats::bump(&self.receive.stats.tcp_framing_errors);
-                                tracing::warn!(%side, %peer, error = %error, "closing tcp connection: stream cannot be framed");
-                                break 'connection "framing error";
-                            }
-                        }
+                    let arrival = Arrival { side, transport, local, peer };
+                    match self.hand_over(&mut framer, &mut writer, arrival).await {
+                        Ok(waiting) => stalled = waiting,
+                        Err(reason) => break 'connection reason,
+                    }
+                }
+                permit = self.receive.engine.reserve(), if stalled.is_some() => {
+                    let Ok(permit) = permit else { break 'connection "shutdown" };
+                    if let Some(event) = stalled.take() {
+                        permit.send(event);
+                        Stats::bump(&self.receive.stats.messages_received);
+                    }
+                    // What was framed behind it goes on now.
+                    let arrival = Arrival { side, transport, local, peer };
+                    match self.hand_over(&mut framer, &mut writer, arrival).await {
+                        Ok(waiting) => stalled = waiting,
+                        Err(reason) => break 'connection reason,
                     }
                 }
                 queued = outgoing.recv() => {
@@ -302,6 +292,62 @@ impl TcpContext {
         self.discard(&mut outgoing);
         self.report_closed(transport, peer, owner, id, refused)
             .await;
+    }
+}
+
+/// Where a connection's messages come from.
+#[derive(Clone, Copy)]
+struct Arrival {
+    side: Side,
+    transport: Transport,
+    local: SocketAddr,
+    peer: SocketAddr,
+}
+
+impl TcpContext {
+    /// Hands every complete message in `framer` to the engine, answering keep-alive
+    /// pings on `writer`. Returns the message the engine's full queue could not take
+    /// (the caller waits for room before reading on), or why the connection ends.
+    async fn hand_over(
+        &self,
+        framer: &mut StreamFramer,
+        writer: &mut (impl AsyncWrite + Unpin),
+        arrival: Arrival,
+    ) -> Result<Option<TransportEvent>, &'static str> {
+        let Arrival {
+            side,
+            transport,
+            local,
+            peer,
+        } = arrival;
+        loop {
+            match framer.next_frame() {
+                Ok(None) => return Ok(None),
+                Ok(Some(Frame::Ping)) => self.write(writer, PONG, peer).await?,
+                Ok(Some(Frame::Message(bytes))) => {
+                    let Some(message) = self.receive.parse(&bytes, false, peer) else {
+                        continue;
+                    };
+                    let event = TransportEvent::Message(Inbound {
+                        side,
+                        transport,
+                        local,
+                        peer,
+                        message,
+                    });
+                    match self.receive.engine.try_send(event) {
+                        Ok(()) => Stats::bump(&self.receive.stats.messages_received),
+                        Err(mpsc::error::TrySendError::Full(event)) => return Ok(Some(event)),
+                        Err(mpsc::error::TrySendError::Closed(_)) => return Err("shutdown"),
+                    }
+                }
+                Err(error) => {
+                    Stats::bump(&self.receive.stats.tcp_framing_errors);
+                    tracing::warn!(%side, %peer, error = %error, "closing tcp connection: stream cannot be framed");
+                    return Err("framing error");
+                }
+            }
+        }
     }
 }
 
@@ -353,7 +399,7 @@ impl Connection for tokio_rustls::server::TlsStream<TcpStream> {
 }
 
 /// Nagle would hold small SIP messages back behind unacknowledged ones.
-fn set_nodelay(stream: &TcpStream, side: super::Side, peer: SocketAddr) {
+fn set_nodelay(stream: &TcpStream, side: Side, peer: SocketAddr) {
     if let Err(error) = stream.set_nodelay(true) {
         tracing::debug!(%side, %peer, error = %error, "cannot set TCP_NODELAY");
     }

@@ -1,5 +1,6 @@
-//! UDP: one receive task per listening socket. The engine sends on the same sockets with
-//! `try_send_to`, which never waits. On Linux a second task per core-side socket reads
+//! UDP: the proxy's driver reads every listening socket itself ([`receive_one`], no
+//! hand-over between tasks) and sends on the same sockets with `try_send_to`, which
+//! never waits. On Linux a second task per core-side socket reads
 //! the ICMP errors its sends caused (`IP_RECVERR`): a core host whose port or host is
 //! unreachable is reported to the engine at once, which moves the request to another
 //! host or answers 503, instead of waiting for silence to time out.
@@ -137,6 +138,58 @@ pub fn receive_one(
     }
 }
 
+/// How many datagrams the kernel dropped, since each socket was made, at the UDP sockets
+/// bound to `locals` because their receive buffers were full: the `drops` column of
+/// `/proc/net/udp` and `/proc/net/udp6` (Linux). `None` where those cannot be read.
+pub fn kernel_drops(locals: &[SocketAddr]) -> Option<u64> {
+    let mut total = None;
+    for table in ["/proc/net/udp", "/proc/net/udp6"] {
+        if let Ok(text) = std::fs::read_to_string(table) {
+            *total.get_or_insert(0) += drops_in(&text, locals);
+        }
+    }
+    total
+}
+
+/// The sum of the `drops` column over the lines of a `/proc/net/udp*` table whose local
+/// address is one of `locals`.
+fn drops_in(table: &str, locals: &[SocketAddr]) -> u64 {
+    let wanted: Vec<String> = locals.iter().map(|local| proc_address(*local)).collect();
+    table
+        .lines()
+        .skip(1)
+        .filter_map(|line| {
+            let mut fields = line.split_whitespace();
+            let local = fields.nth(1)?;
+            let drops = fields.last()?;
+            wanted
+                .iter()
+                .any(|want| want.eq_ignore_ascii_case(local))
+                .then(|| drops.parse::<u64>().ok())
+                .flatten()
+        })
+        .sum()
+}
+
+/// An address as `/proc/net/udp*` writes it: the address's 32-bit words in host byte
+/// order as hex, a colon, the port as hex.
+fn proc_address(addr: SocketAddr) -> String {
+    let words = match addr.ip() {
+        std::net::IpAddr::V4(v4) => format!("{:08X}", u32::from_ne_bytes(v4.octets())),
+        std::net::IpAddr::V6(v6) => v6
+            .octets()
+            .chunks_exact(4)
+            .map(|word| {
+                format!(
+                    "{:08X}",
+                    u32::from_ne_bytes([word[0], word[1], word[2], word[3]])
+                )
+            })
+            .collect(),
+    };
+    format!("{words}:{:04X}", addr.port())
+}
+
 /// Asks the kernel to queue the ICMP errors of what `socket` sends (Linux:
 /// `IP_RECVERR`); done before the socket sends anything, so no error is missed. False
 /// where that is not possible: silence still ends such a transaction.
@@ -261,5 +314,30 @@ mod errors {
             })
             .ok_or_else(|| io::Error::other("an error without its destination"))?;
         Ok((addr, reason))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    #[cfg(target_endian = "little")]
+    fn kernel_drops_are_read_for_our_sockets_only() {
+        let table = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode ref pointer drops\n\
+  440: 0100007F:13C4 00000000:0000 07 00000000:00000000 00:00000000 00000000     0        0 260053 2 000000003986afa6 17\n\
+ 4556: 0100007F:13C6 00000000:0000 07 00000000:00000000 00:00000000 00000000     0        0 260054 2 0000000003c77dd2 5\n\
+ 4558: 00000000:13C4 00000000:0000 07 00000000:00000000 00:00000000 00000000     0        0 260055 2 000000003ab6eb97 1000\n";
+        let ours: SocketAddr = "127.0.0.1:5060".parse().unwrap();
+        let also: SocketAddr = "127.0.0.1:5062".parse().unwrap();
+        assert_eq!(drops_in(table, &[ours]), 17);
+        assert_eq!(drops_in(table, &[ours, also]), 22);
+        // Another socket on the same port but another address is not ours.
+        assert_eq!(drops_in(table, &["127.0.0.2:5060".parse().unwrap()]), 0);
+        assert_eq!(drops_in("garbage\nmore garbage", &[ours]), 0);
+        assert_eq!(
+            proc_address("[::1]:5060".parse().unwrap()),
+            "00000000000000000000000001000000:13C4"
+        );
     }
 }
