@@ -232,6 +232,7 @@ impl TcpContext {
         // connection reads no more (back-pressure on this peer only), but it goes on
         // writing what the engine sends it: the answers that will drain the queue.
         let mut stalled: Option<TransportEvent> = None;
+        let mut batch_buffer = bytes::BytesMut::new();
         let reason = 'connection: loop {
             tokio::select! {
                 _ = self.cancel.cancelled() => break 'connection "shutdown",
@@ -280,7 +281,11 @@ impl TcpContext {
                 }
                 queued = outgoing.recv() => {
                     let Some(bytes) = queued else { break 'connection "engine dropped the connection" };
-                    if let Err(reason) = self.write(&mut writer, &bytes, peer).await {
+                    // Whatever else is queued goes in the same write: one system call
+                    // (one TLS record) for a burst instead of one per message, so the
+                    // queue drains as fast as the engine fills it.
+                    let batch = gather(bytes, &mut outgoing, &mut batch_buffer);
+                    if let Err(reason) = self.write(&mut writer, &batch, peer).await {
                         Stats::bump(&self.receive.stats.send_failed);
                         break 'connection reason;
                     }
@@ -293,6 +298,25 @@ impl TcpContext {
         self.report_closed(transport, peer, owner, id, refused)
             .await;
     }
+}
+
+/// The most one write gathers from a connection's queue.
+const BATCH_BYTES: usize = 64 * 1024;
+
+/// `first` and whatever else waits in `queue`, up to [`BATCH_BYTES`], as one buffer
+/// (`first` itself when nothing else waits).
+fn gather(first: Bytes, queue: &mut mpsc::Receiver<Bytes>, buffer: &mut bytes::BytesMut) -> Bytes {
+    let Ok(second) = queue.try_recv() else {
+        return first;
+    };
+    buffer.clear();
+    buffer.extend_from_slice(&first);
+    buffer.extend_from_slice(&second);
+    while buffer.len() < BATCH_BYTES {
+        let Ok(next) = queue.try_recv() else { break };
+        buffer.extend_from_slice(&next);
+    }
+    buffer.split().freeze()
 }
 
 /// Where a connection's messages come from.
@@ -492,5 +516,32 @@ impl TcpContext {
         };
         self.receive.engine.send(opened).await.ok()?;
         Some((id, receiver))
+    }
+}
+
+#[cfg(test)]
+mod gather_tests {
+    use super::*;
+
+    #[test]
+    fn a_write_gathers_what_is_queued_up_to_its_bound_and_keeps_the_order() {
+        let (sender, mut queue) = mpsc::channel(16);
+        let mut buffer = bytes::BytesMut::new();
+        // Nothing else queued: the message itself, not a copy.
+        let alone = Bytes::from_static(b"one");
+        assert_eq!(gather(alone.clone(), &mut queue, &mut buffer), alone);
+        for part in [&b"two"[..], b"three", b"four"] {
+            sender.try_send(Bytes::copy_from_slice(part)).unwrap();
+        }
+        let batch = gather(Bytes::from_static(b"one"), &mut queue, &mut buffer);
+        assert_eq!(&batch[..], b"onetwothreefour");
+        assert!(queue.try_recv().is_err());
+        // Past the bound the rest waits for the next write.
+        let big = Bytes::from(vec![b'x'; BATCH_BYTES]);
+        sender.try_send(big.clone()).unwrap();
+        sender.try_send(Bytes::from_static(b"later")).unwrap();
+        let batch = gather(Bytes::from_static(b"head"), &mut queue, &mut buffer);
+        assert_eq!(batch.len(), 4 + BATCH_BYTES);
+        assert_eq!(&queue.try_recv().unwrap()[..], b"later");
     }
 }
