@@ -299,20 +299,34 @@ def transit_times(capture, proxy_port, uas_port):
             port, payload = struct.unpack(">H", transport[2:4])[0], transport[(transport[12] >> 4) * 4:]
         else:
             continue
-        if not payload.startswith(b"INVITE "):
-            continue
-        call_id = None
-        for line in payload.split(b"\r\n"):
-            lower = line.lower()
-            if lower.startswith(b"call-id:") or lower.startswith(b"i:"):
-                call_id = line.split(b":", 1)[1].strip()
-                break
-        if call_id is None:
-            continue
+        # A TCP segment can carry several messages (a writer gathers what is queued):
+        # every INVITE in it counts, not only one at its start.
         table = arrived if port == proxy_port else departed if port == uas_port else None
-        if table is not None:
+        if table is None:
+            continue
+        for call_id in invite_call_ids(payload):
             table.setdefault(call_id, stamp)
     return [departed[key] - arrived[key] for key in arrived if key in departed and departed[key] >= arrived[key]]
+
+
+def invite_call_ids(payload):
+    """The Call-ID of every INVITE that starts in `payload` (at its start or at a line
+    start after the previous message)."""
+    ids, start = [], 0
+    while True:
+        at = payload.find(b"INVITE ", start)
+        if at < 0:
+            return ids
+        start = at + 7
+        if at > 0 and payload[at - 1:at] != b"\n":
+            continue
+        for line in payload[at:].split(b"\r\n"):
+            if not line:
+                break
+            lower = line.lower()
+            if lower.startswith(b"call-id:") or lower.startswith(b"i:"):
+                ids.append(line.split(b":", 1)[1].strip())
+                break
 
 
 def passes(result, rate, calls):

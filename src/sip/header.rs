@@ -9,28 +9,8 @@
 use rsip::Header;
 
 /// The compact forms RFC 3261 §7.3.3 (and the extensions that register one) define,
-/// with their full names.
-pub const COMPACT_FORMS: &[(char, &str)] = &[
-    ('a', "Accept-Contact"),
-    ('b', "Referred-By"),
-    ('c', "Content-Type"),
-    ('d', "Request-Disposition"),
-    ('e', "Content-Encoding"),
-    ('f', "From"),
-    ('i', "Call-ID"),
-    ('j', "Reject-Contact"),
-    ('k', "Supported"),
-    ('l', "Content-Length"),
-    ('m', "Contact"),
-    ('o', "Event"),
-    ('r', "Refer-To"),
-    ('s', "Subject"),
-    ('t', "To"),
-    ('u', "Allow-Events"),
-    ('v', "Via"),
-    ('x', "Session-Expires"),
-    ('y', "Identity"),
-];
+/// with their full names: one table, the message view's.
+pub use super::view::COMPACT_FORMS;
 
 /// The full name for a compact header name, if `name` is one.
 pub fn full_name(name: &str) -> Option<&'static str> {

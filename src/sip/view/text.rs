@@ -78,12 +78,13 @@ impl Iterator for ListElements<'_> {
     }
 }
 
-/// The index of the next separating comma at or after `from`.
-fn next_comma(value: &[u8], from: usize) -> Option<usize> {
+/// The index of the next `separator` at or after `from` that is not inside a quoted
+/// string (with `\` escapes) nor, when `angles` is set, inside `<...>`.
+fn next_separator(bytes: &[u8], from: usize, separator: u8, angles: bool) -> Option<usize> {
     let mut in_quotes = false;
     let mut in_angle = false;
     let mut escaped = false;
-    for (index, byte) in value.iter().enumerate().skip(from) {
+    for (index, &byte) in bytes.iter().enumerate().skip(from) {
         if escaped {
             escaped = false;
             continue;
@@ -91,13 +92,18 @@ fn next_comma(value: &[u8], from: usize) -> Option<usize> {
         match byte {
             b'\\' if in_quotes => escaped = true,
             b'"' if !in_angle => in_quotes = !in_quotes,
-            b'<' if !in_quotes => in_angle = true,
-            b'>' if !in_quotes => in_angle = false,
-            b',' if !in_quotes && !in_angle => return Some(index),
+            b'<' if angles && !in_quotes => in_angle = true,
+            b'>' if angles && !in_quotes => in_angle = false,
+            _ if byte == separator && !in_quotes && !in_angle => return Some(index),
             _ => {}
         }
     }
     None
+}
+
+/// The index of the next separating comma at or after `from`.
+fn next_comma(value: &[u8], from: usize) -> Option<usize> {
+    next_separator(value, from, b',', true)
 }
 
 /// One `;name[=value]` parameter: names and values trimmed, `span` running from the
@@ -143,21 +149,7 @@ pub(super) fn find_param<'a>(text: &'a str, name: &str) -> Option<Param<'a>> {
 }
 
 fn next_semicolon(bytes: &[u8], from: usize) -> Option<usize> {
-    let mut in_quotes = false;
-    let mut escaped = false;
-    for (index, byte) in bytes.iter().enumerate().skip(from) {
-        if escaped {
-            escaped = false;
-            continue;
-        }
-        match byte {
-            b'\\' if in_quotes => escaped = true,
-            b'"' => in_quotes = !in_quotes,
-            b';' if !in_quotes => return Some(index),
-            _ => {}
-        }
-    }
-    None
+    next_separator(bytes, from, b';', false)
 }
 
 /// Splits a name-addr or addr-spec header value (From, To, Contact, Route, Record-Route;
