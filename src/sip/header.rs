@@ -55,29 +55,14 @@ pub fn expand_compact(header: Header) -> Header {
 /// ignoring commas inside quoted strings and inside `<...>`. Elements are trimmed and
 /// empty ones dropped.
 pub fn split_list(value: &str) -> Vec<&str> {
+    let bytes = value.as_bytes();
     let mut parts = Vec::new();
     let mut start = 0;
-    let mut in_quotes = false;
-    let mut in_angle = false;
-    let mut escaped = false;
-    for (index, byte) in value.bytes().enumerate() {
-        if escaped {
-            escaped = false;
-            continue;
-        }
-        match byte {
-            b'\\' if in_quotes => escaped = true,
-            b'"' => in_quotes = !in_quotes,
-            b'<' if !in_quotes => in_angle = true,
-            b'>' if !in_quotes => in_angle = false,
-            b',' if !in_quotes && !in_angle => {
-                parts.push(value[start..index].trim());
-                start = index + 1;
-            }
-            _ => {}
-        }
+    while let Some(comma) = super::view::next_separator(bytes, start, b',', true) {
+        parts.push(value.get(start..comma).unwrap_or_default().trim());
+        start = comma + 1;
     }
-    parts.push(value[start..].trim());
+    parts.push(value.get(start..).unwrap_or_default().trim());
     parts.retain(|part| !part.is_empty());
     parts
 }

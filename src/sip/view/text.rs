@@ -80,7 +80,7 @@ impl Iterator for ListElements<'_> {
 
 /// The index of the next `separator` at or after `from` that is not inside a quoted
 /// string (with `\` escapes) nor, when `angles` is set, inside `<...>`.
-fn next_separator(bytes: &[u8], from: usize, separator: u8, angles: bool) -> Option<usize> {
+pub fn next_separator(bytes: &[u8], from: usize, separator: u8, angles: bool) -> Option<usize> {
     let mut in_quotes = false;
     let mut in_angle = false;
     let mut escaped = false;
@@ -159,29 +159,15 @@ fn next_semicolon(bytes: &[u8], from: usize) -> Option<usize> {
 /// ends at the first `;`.
 pub fn name_addr_parts(value: &str) -> (&str, &str) {
     let value = trim_white(value);
-    let bytes = value.as_bytes();
-    let mut in_quotes = false;
-    let mut escaped = false;
-    for (index, byte) in bytes.iter().enumerate() {
-        if escaped {
-            escaped = false;
-            continue;
-        }
-        match byte {
-            b'\\' if in_quotes => escaped = true,
-            b'"' => in_quotes = !in_quotes,
-            b'<' if !in_quotes => {
-                let rest = value.get(index + 1..).unwrap_or_default();
-                return match rest.find('>') {
-                    Some(close) => (
-                        trim_white(rest.get(..close).unwrap_or_default()),
-                        rest.get(close + 1..).unwrap_or_default(),
-                    ),
-                    None => (trim_white(rest), ""),
-                };
-            }
-            _ => {}
-        }
+    if let Some(index) = next_separator(value.as_bytes(), 0, b'<', false) {
+        let rest = value.get(index + 1..).unwrap_or_default();
+        return match rest.find('>') {
+            Some(close) => (
+                trim_white(rest.get(..close).unwrap_or_default()),
+                rest.get(close + 1..).unwrap_or_default(),
+            ),
+            None => (trim_white(rest), ""),
+        };
     }
     match value.find(';') {
         Some(semicolon) => (
