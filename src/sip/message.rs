@@ -81,7 +81,12 @@ fn received_reason(bytes: &[u8]) -> String {
 /// A status code with the reason phrase of RFC 3261 §21 (or a generic one), for
 /// responses this element generates.
 pub fn status(code: u16) -> rsip::StatusCode {
-    let reason = match code {
+    rsip::StatusCode::Other(code, reason_phrase(code).to_string())
+}
+
+/// The reason phrase of RFC 3261 §21 for `code`, or a generic one for its class.
+pub fn reason_phrase(code: u16) -> &'static str {
+    match code {
         100 => "Trying",
         180 => "Ringing",
         200 => "OK",
@@ -107,8 +112,7 @@ pub fn status(code: u16) -> rsip::StatusCode {
             5 => "Server Error",
             _ => "Global Failure",
         },
-    };
-    rsip::StatusCode::Other(code, reason.to_string())
+    }
 }
 
 fn truncate_reason(mut reason: String) -> String {

@@ -14,6 +14,7 @@ pub mod message;
 pub mod transaction;
 pub mod via;
 pub mod view;
+pub mod wire;
 
 pub use message::{Message, MessageError};
 

@@ -328,6 +328,32 @@ impl MessageView {
         })
     }
 
+    /// Every header line's kind, its full name when a compact form of a header outside
+    /// [`HeaderName`] was used, and the byte ranges of its name and value in
+    /// [`bytes`](Self::bytes): for owners that keep slices of the buffer
+    /// ([`crate::sip::wire`]).
+    pub(crate) fn header_ranges(
+        &self,
+    ) -> impl Iterator<Item = (HeaderName, Option<&'static str>, Range<usize>, Range<usize>)> + '_
+    {
+        self.headers.iter().map(|entry| {
+            (
+                entry.name,
+                entry.expanded,
+                entry.name_span.range(),
+                entry.value.range(),
+            )
+        })
+    }
+
+    /// The byte range of the Request-URI or the reason phrase.
+    pub(crate) fn start_range(&self) -> Range<usize> {
+        match self.start {
+            StartLine::Request { uri, .. } => uri.range(),
+            StartLine::Response { reason, .. } => reason.range(),
+        }
+    }
+
     /// An editor for this message.
     pub fn edit(&self) -> Edit<'_> {
         Edit::new(self)
