@@ -21,17 +21,15 @@
 
 use std::time::Instant;
 
+use crate::sip::wire::Method;
+
 /// Whether the core's answer to a request like this tells whether it took the request's
 /// credential: only requests outside a dialog, other than OPTIONS, CANCEL and ACK. Cores
 /// commonly check credentials on initial requests only (Kamailio's usual set-up lets
 /// in-dialog requests through on the strength of the dialog) and answer OPTIONS
 /// keep-alives before any check, so their answers prove nothing.
-pub fn checked_by_core(method: &rsip::Method, in_dialog: bool) -> bool {
-    !in_dialog
-        && !matches!(
-            method,
-            rsip::Method::Options | rsip::Method::Cancel | rsip::Method::Ack
-        )
+pub fn checked_by_core(method: Method, in_dialog: bool) -> bool {
+    !in_dialog && !matches!(method, Method::Options | Method::Cancel | Method::Ack)
 }
 
 /// Whether a response code to a request the core checks shows it took the credential.
@@ -208,15 +206,14 @@ mod tests {
 
     #[test]
     fn only_answers_to_requests_the_core_checks_show_acceptance() {
-        use rsip::Method;
-        assert!(checked_by_core(&Method::Invite, false));
-        assert!(checked_by_core(&Method::Register, false));
-        assert!(checked_by_core(&Method::Message, false));
-        assert!(!checked_by_core(&Method::Invite, true), "a re-INVITE");
-        assert!(!checked_by_core(&Method::Bye, true));
-        assert!(!checked_by_core(&Method::Options, false));
-        assert!(!checked_by_core(&Method::Cancel, false));
-        assert!(!checked_by_core(&Method::Ack, true));
+        assert!(checked_by_core(Method::Invite, false));
+        assert!(checked_by_core(Method::Register, false));
+        assert!(checked_by_core(Method::Message, false));
+        assert!(!checked_by_core(Method::Invite, true), "a re-INVITE");
+        assert!(!checked_by_core(Method::Bye, true));
+        assert!(!checked_by_core(Method::Options, false));
+        assert!(!checked_by_core(Method::Cancel, false));
+        assert!(!checked_by_core(Method::Ack, true));
         for code in [180, 183, 200, 202, 404, 486, 503] {
             assert!(shows_acceptance(code), "{code}");
         }

@@ -201,7 +201,14 @@ impl Driver {
                 },
                 request = outgoing.recv(), if registering => match request {
                     Some(Outgoing { trunk, request, reply }) => {
-                        if let Some(id) = self.engine.originate(now(), trunk, *request) {
+                        let request = match crate::sip::wire::Request::from_rsip(&request) {
+                            Ok(request) => request,
+                            Err(error) => {
+                                tracing::warn!(trunk, error = %error, "cannot send a request of our own");
+                                continue;
+                            }
+                        };
+                        if let Some(id) = self.engine.originate(now(), trunk, request) {
                             self.replies.insert(id, reply);
                         }
                         // Else `reply` is dropped here: its sender learns there is no
@@ -358,9 +365,16 @@ impl Driver {
                 self.wait_owners.insert(handle.id(), (server, wait));
             }
             Action::Answered { request, response } => {
+                let response = response.and_then(|response| match response.to_rsip() {
+                    Ok(response) => Some(response),
+                    Err(error) => {
+                        tracing::warn!(error = %error, "answer to a request of our own unreadable");
+                        None
+                    }
+                });
                 if let (Some(reply), Some(response)) = (self.replies.remove(&request), response) {
                     // The sender may have given up meanwhile.
-                    let _ = reply.send(*response);
+                    let _ = reply.send(response);
                 }
                 // Without a response the sender is dropped: its receiver learns it.
             }

@@ -17,20 +17,20 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant as StdInstant;
 
+use crate::sip::wire::{Message, Method, Request, Response};
 use bytes::Bytes;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use rsip::{Request, Response, SipMessage};
 use std::cell::RefCell;
 
 use super::routing::Router;
 use crate::config::{Limits, Transport};
 use crate::credentials::{Credential, CredentialManager};
-use crate::sip::message;
 use crate::sip::transaction::{
     ClientEvent, ClientKey, ClientTransaction, ServerEvent, ServerKey, ServerTransaction,
     TimerConfig,
 };
+use crate::sip::wire;
 use crate::stats::Stats;
 use crate::transport::{ConnectionId, Inbound, Side};
 
@@ -45,7 +45,7 @@ pub fn transaction_span(
     branch: &str,
     parent: Option<&tracing::Span>,
 ) -> tracing::Span {
-    let call_id = message::call_id(&request.headers).unwrap_or("");
+    let call_id = wire::call_id(&request.headers).unwrap_or("");
     let span = match parent {
         Some(parent) => {
             tracing::debug_span!(parent: parent, "client", branch = %branch, method = %request.method)
@@ -200,12 +200,7 @@ impl std::fmt::Debug for Action {
             Action::Answered { request, response } => f
                 .debug_struct("Answered")
                 .field("request", request)
-                .field(
-                    "status",
-                    &response
-                        .as_ref()
-                        .map(|response| response.status_code.code()),
-                )
+                .field("status", &response.as_ref().map(|response| response.code))
                 .finish(),
         }
     }
@@ -358,8 +353,8 @@ impl Carried {
             generation,
             sent_at,
             checked: crate::credentials::verdict::checked_by_core(
-                &request.method,
-                message::in_dialog(&request.headers),
+                request.method,
+                wire::in_dialog(&request.headers),
             ),
             resent: false,
         }
@@ -526,8 +521,8 @@ impl Engine {
             peer,
         };
         match message {
-            SipMessage::Request(request) => self.handle_request(source, request),
-            SipMessage::Response(response) => self.handle_response(source, response),
+            Message::Request(request) => self.handle_request(source, request),
+            Message::Response(response) => self.handle_response(source, response),
         }
     }
 
@@ -673,10 +668,9 @@ impl Engine {
         transport: Transport,
     ) -> Option<String> {
         let port = self.side(side).port(transport)?;
-        let branch = self.branches.next(
-            &self.random,
-            message::call_id(&request.headers).unwrap_or(""),
-        );
+        let branch = self
+            .branches
+            .next(&self.random, wire::call_id(&request.headers).unwrap_or(""));
         let mut via = crate::sip::via::Via::new(
             transport.via_token(),
             &self.side(side).advertise,
@@ -684,7 +678,7 @@ impl Engine {
             &branch,
         );
         via.set_param("rport", None);
-        message::push_via(&mut request.headers, &via);
+        wire::push_via(&mut request.headers, &via);
         Some(branch)
     }
 
@@ -785,14 +779,13 @@ impl Engine {
         let Some(Entry::Server(server)) = self.entries.get_mut(&id) else {
             return false;
         };
-        let code = response.status_code.code();
+        let code = response.code;
         let first_final = code >= 200 && !server.transaction.is_final();
         let now = self.now;
-        let accepted =
-            server
-                .transaction
-                .send_response(now, code, message::encode(&response.clone().into()));
-        if accepted && first_final && server.request.method == rsip::Method::Invite {
+        let accepted = server
+            .transaction
+            .send_response(now, code, response.encode());
+        if accepted && first_final && server.request.method == Method::Invite {
             let setup = now.saturating_duration_since(server.arrived);
             self.metrics.call_setup_seconds.observe(setup.as_secs_f64());
         }
@@ -803,11 +796,11 @@ impl Engine {
     }
 
     /// Sends a response of the proxy's own making through server transaction `id`.
-    pub(super) fn respond_locally(&mut self, id: u64, status: rsip::StatusCode) {
+    pub(super) fn respond_locally(&mut self, id: u64, code: u16) {
         let Some(Entry::Server(server)) = self.entries.get(&id) else {
             return;
         };
-        let response = message::response_for(&server.request, status, &server.to_tag);
+        let response = wire::local_response(&server.request, code, &server.to_tag);
         self.respond(id, &response);
     }
 
@@ -901,17 +894,17 @@ impl Engine {
     fn respond_if_pending(&mut self, server: u64, code: u16) {
         if let Some(Entry::Server(entry)) = self.entries.get(&server) {
             if !entry.transaction.is_final() {
-                self.respond_locally(server, message::status(code));
+                self.respond_locally(server, code);
             }
         }
     }
 
     /// A response from the client transaction's peer, for the server side.
     fn relay_response(&mut self, client: u64, mut response: Response) {
-        let code = response.status_code.code();
+        let code = response.code;
         // RFC 3263 §4.3: a 503 without Retry-After says this host cannot serve now.
         if code == 503
-            && message::header_values(&response.headers, "Retry-After")
+            && wire::header_values(&response.headers, "Retry-After")
                 .next()
                 .is_none()
             && self.fail_over(client, "503 without Retry-After")
@@ -958,7 +951,7 @@ impl Engine {
                 Entry::Client(client) => client.local.take(),
                 Entry::Server(_) => None,
             }) {
-                let response = message::pop_via(&mut response.headers)
+                let response = wire::pop_via(&mut response.headers)
                     .is_ok()
                     .then(|| Box::new(response));
                 self.act(Action::Answered { request, response });
@@ -973,7 +966,7 @@ impl Engine {
         if self.absorb_rejection(client, server, &response) {
             return;
         }
-        if message::pop_via(&mut response.headers).is_err() {
+        if wire::pop_via(&mut response.headers).is_err() {
             Stats::bump(&self.stats.malformed_dropped);
             return;
         }
@@ -997,28 +990,28 @@ impl Engine {
     /// CSeq offset.
     pub(super) fn deliver(&mut self, server: u64, mut response: Response) {
         let original = match self.entries.get(&server) {
-            Some(Entry::Server(entry)) => message::cseq(&entry.request.headers)
+            Some(Entry::Server(entry)) => wire::cseq(&entry.request.headers)
                 .ok()
                 .map(|cseq| (cseq, &entry.request.headers)),
             _ => None,
         };
         if let Some(((seq, method), request_headers)) = original {
-            let code = response.status_code.code();
+            let code = response.code;
             // A dialog ends with its BYE's 2xx, or never starts when its INVITE fails;
             // only worth looking at while some dialog carries an offset.
-            let answered_call = method == rsip::Method::Invite
+            let answered_call = method == Method::Invite
                 && (200..300).contains(&code)
-                && !message::in_dialog(request_headers);
-            let ended_call = method == rsip::Method::Bye && code >= 200;
+                && !wire::in_dialog(request_headers);
+            let ended_call = method == Method::Bye && code >= 200;
             let call_id = (answered_call || ended_call)
-                .then(|| message::call_id(request_headers).unwrap_or("").to_string());
+                .then(|| wire::call_id(request_headers).unwrap_or("").to_string());
             let ends_dialog = !self.dialogs.is_empty()
-                && ((method == rsip::Method::Bye && (200..300).contains(&code))
-                    || (method == rsip::Method::Invite
+                && ((method == Method::Bye && (200..300).contains(&code))
+                    || (method == Method::Invite
                         && code >= 300
-                        && !message::in_dialog(request_headers)));
-            if message::cseq(&response.headers).is_ok_and(|(current, _)| current != seq) {
-                message::set_cseq(&mut response.headers, seq, method);
+                        && !wire::in_dialog(request_headers)));
+            if wire::cseq(&response.headers).is_ok_and(|(current, _)| current != seq) {
+                wire::set_cseq(&mut response.headers, seq, method);
             }
             if ends_dialog {
                 self.end_dialog(&response);
@@ -1039,7 +1032,7 @@ impl Engine {
     /// Forwards a response whose top Via (ours) is already removed, by the next Via alone
     /// (§16.7 when no transaction remains; §18.2.2 for the address), out of `side`.
     fn forward_response_stateless(&mut self, response: Response, side: Side) {
-        let Ok(via) = message::top_via(&response.headers) else {
+        let Ok(via) = wire::top_via(&response.headers) else {
             Stats::bump(&self.stats.stray_responses);
             return;
         };
@@ -1062,7 +1055,7 @@ impl Engine {
             local: None,
             trunk: None,
         };
-        self.send(destination, message::encode(&response.into()));
+        self.send(destination, response.encode());
     }
 
     fn handle_response(&mut self, source: super::request::Source, response: Response) {
@@ -1085,14 +1078,14 @@ impl Engine {
         // A late 2xx retransmission for an INVITE after the transaction ended (§16.7
         // step 1): forward it by Via, but only when the Via it pops is ours (our address
         // and a branch we made). Nothing else is forwarded without a transaction.
-        let success = (200..300).contains(&response.status_code.code());
-        let call_id = message::call_id(&response.headers).unwrap_or("");
+        let success = (200..300).contains(&response.code);
+        let call_id = wire::call_id(&response.headers).unwrap_or("");
         let ours = self.branches.is_own(&key.branch, call_id)
-            && message::top_via(&response.headers)
+            && wire::top_via(&response.headers)
                 .is_ok_and(|via| self.router.is_own_host(&via.host, via.port));
         if !ours
             || !success
-            || key.method.0 != rsip::Method::Invite
+            || key.method.0 != Method::Invite
             || self.abandoned.contains(&key.branch)
         {
             Stats::bump(&self.stats.stray_responses);
@@ -1100,7 +1093,7 @@ impl Engine {
             return;
         }
         let mut response = response;
-        if message::pop_via(&mut response.headers).is_ok() {
+        if wire::pop_via(&mut response.headers).is_ok() {
             self.forward_response_stateless(response, source.side.opposite());
         }
     }

@@ -14,13 +14,14 @@
 //! answers. A request that heard from its host (anything above 100 other than that 503)
 //! stays with it, and so does its dialog: in-dialog requests follow the route set.
 
+use bytes::Bytes;
 use std::collections::{HashSet, VecDeque};
 
-use rsip::{Request, Response};
+use crate::sip::wire::{Method, Request, Response};
 
 use super::engine::{Destination, Engine, Entry, Failover};
 use super::routing::Hop;
-use crate::sip::message;
+use crate::sip::wire;
 use crate::stats::Stats;
 use crate::transport::Side;
 
@@ -219,12 +220,12 @@ impl Engine {
     /// Via's and our Record-Route's transport and port for the host's transport.
     fn retarget(&mut self, request: &Request, hop: Hop, trunk: usize) -> Option<(Request, String)> {
         let mut request = request.clone();
-        let old = message::pop_via(&mut request.headers).ok()?;
+        let old = wire::pop_via(&mut request.headers).ok()?;
         if crate::config::Transport::from_via_token(&old.transport) != hop.transport {
             // Our Record-Route toward the core is the top one; it names the transport
             // the core reaches us on.
             if let Some(uri) = self.core.record_route_uri(hop.transport, Some(trunk)) {
-                message::replace_top_record_route(&mut request.headers, &uri);
+                wire::replace_top_record_route(&mut request.headers, &uri);
             }
         }
         let branch = self.push_own_via(&mut request, Side::Core, hop.transport)?;
@@ -234,7 +235,7 @@ impl Engine {
     /// An answer on a transaction whose request moved to another host: a provisional
     /// one gets the CANCEL (once), a 2xx to an INVITE an ACK and a BYE; none goes on.
     pub(super) fn late_answer(&mut self, client: u64, response: &Response) {
-        let code = response.status_code.code();
+        let code = response.code;
         let Some(Entry::Client(entry)) = self.entries.get_mut(&client) else {
             return;
         };
@@ -259,25 +260,25 @@ impl Engine {
         };
         let destination = entry.destination;
         let original = entry.transaction.request().clone();
-        let Some(contact) = message::header_values(&response.headers, "Contact")
+        let Some(contact) = wire::header_values(&response.headers, "Contact")
             .next()
             .map(|value| crate::sip::header::name_addr_uri(value).to_string())
         else {
             return;
         };
         let (Ok(from), Ok(to), Ok(call_id), Ok((seq, _))) = (
-            message::from_value(&original.headers),
-            message::to_value(&response.headers),
-            message::call_id(&original.headers),
-            message::cseq(&original.headers),
+            wire::from_value(&original.headers),
+            wire::to_value(&response.headers),
+            wire::call_id(&original.headers),
+            wire::cseq(&original.headers),
         ) else {
             return;
         };
         // The route toward that host: the Record-Route entries above our own, nearest
         // to us first.
         let mut route = Vec::new();
-        for value in message::record_routes(&response.headers) {
-            match message::route_uri(&value) {
+        for value in wire::record_routes(&response.headers) {
+            match wire::route_uri(&value) {
                 Ok(uri) if self.router.is_own(&uri) => break,
                 Ok(_) => route.push(value),
                 Err(_) => return,
@@ -296,7 +297,7 @@ impl Engine {
                 "{method} {contact} SIP/2.0\r\nMax-Forwards: 70\r\nFrom: {from}\r\nTo: {to}\r\n\
                  Call-ID: {call_id}\r\nCSeq: {number} {method}\r\n{route}Content-Length: 0\r\n\r\n"
             );
-            let Ok(rsip::SipMessage::Request(mut request)) = message::parse(text.as_bytes(), true)
+            let Ok(wire::Message::Request(mut request)) = wire::parse(Bytes::from(text), true)
             else {
                 return;
             };
@@ -305,10 +306,10 @@ impl Engine {
                 return;
             };
             self.attach_current(&mut request, destination.trunk);
-            if request.method == rsip::Method::Bye {
+            if request.method == Method::Bye {
                 self.start_client(request, &branch, destination, None, None);
             } else {
-                self.send(destination, message::encode(&request.into()));
+                self.send(destination, request.encode());
             }
         }
     }

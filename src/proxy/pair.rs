@@ -10,15 +10,15 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use rsip::{Request, Response, SipMessage};
+use crate::sip::wire::{Message, Method, Request, Response};
 
 use super::engine::{Action, CredentialWait, Engine, SideAddresses, Transmit};
 use super::routing::{RoutedTrunk, Router};
 use crate::config::{AuthMode, Limits, Transport};
 use crate::credentials::{Credential, CredentialManager, CredentialValue, ManagerOptions, Secret};
 use crate::dns::Destinations;
-use crate::sip::message;
 use crate::sip::transaction::TimerConfig;
+use crate::sip::wire;
 use crate::stats::Stats;
 use crate::transport::{AllowList, Inbound, Side};
 
@@ -45,9 +45,9 @@ pub struct Pair {
     /// The trunk's credential manager (none with `auth = "none"`).
     pub manager: Option<CredentialManager>,
     /// What reached the core, oldest first.
-    pub at_core: VecDeque<SipMessage>,
+    pub at_core: VecDeque<Message>,
     /// What reached the Edge, oldest first.
-    pub at_edge: VecDeque<SipMessage>,
+    pub at_edge: VecDeque<Message>,
     /// Credential waits the core asked for and nobody answered yet.
     pub waits: VecDeque<(u64, CredentialWait)>,
     /// Answers to requests the sidecar originated.
@@ -200,15 +200,15 @@ impl Pair {
     }
 
     /// The core sends `message` (one it built from what it received).
-    pub fn core_sends_message(&mut self, message: SipMessage) {
-        let bytes = message::encode(&message);
+    pub fn core_sends_message(&mut self, message: Message) {
+        let bytes = message.encode();
         let text = String::from_utf8_lossy(&bytes).into_owned();
         self.core_sends(&text);
     }
 
     fn receive(&mut self, side: Side, peer: &str, local: &str, text: &str) {
         let wire = text.replace("\r\n", "\n").replace('\n', "\r\n");
-        let message = message::parse(wire.as_bytes(), true)
+        let message = wire::parse(bytes::Bytes::from(wire.clone()), true)
             .unwrap_or_else(|error| panic!("a story's message does not parse: {error}\n{wire}"));
         self.engine.handle_message(
             self.now,
@@ -265,7 +265,7 @@ impl Pair {
                 destination, bytes, ..
             }) = self.engine.poll_transmit()
             {
-                let message = message::parse(&bytes, true).unwrap_or_else(|error| {
+                let message = wire::parse(bytes.clone(), true).unwrap_or_else(|error| {
                     panic!(
                         "the sidecar sent what does not parse: {error}\n{}",
                         String::from_utf8_lossy(&bytes)
@@ -298,8 +298,8 @@ impl Pair {
     pub fn core_receives(&mut self) -> Request {
         loop {
             match self.at_core.pop_front() {
-                Some(SipMessage::Request(request)) if request.method == rsip::Method::Ack => {}
-                Some(SipMessage::Request(request)) => return request,
+                Some(Message::Request(request)) if request.method == Method::Ack => {}
+                Some(Message::Request(request)) => return request,
                 other => panic!("the core expected a request, got {other:?}"),
             }
         }
@@ -308,7 +308,7 @@ impl Pair {
     /// The next ACK that reached the core.
     pub fn core_receives_ack(&mut self) -> Request {
         match self.at_core.pop_front() {
-            Some(SipMessage::Request(request)) if request.method == rsip::Method::Ack => request,
+            Some(Message::Request(request)) if request.method == Method::Ack => request,
             other => panic!("the core expected an ACK, got {other:?}"),
         }
     }
@@ -317,8 +317,8 @@ impl Pair {
     pub fn edge_receives(&mut self) -> Response {
         loop {
             match self.at_edge.pop_front() {
-                Some(SipMessage::Response(response)) if response.status_code.code() == 100 => {}
-                Some(SipMessage::Response(response)) => return response,
+                Some(Message::Response(response)) if response.code == 100 => {}
+                Some(Message::Response(response)) => return response,
                 other => panic!("the Edge expected a response, got {other:?}"),
             }
         }
@@ -326,16 +326,16 @@ impl Pair {
 
     /// Whether the Edge got nothing but 100 Trying since it last looked.
     pub fn edge_heard_only_trying(&self) -> bool {
-        self.at_edge.iter().all(|message| {
-            matches!(message, SipMessage::Response(response) if response.status_code.code() == 100)
-        })
+        self.at_edge
+            .iter()
+            .all(|message| matches!(message, Message::Response(response) if response.code == 100))
     }
 
     /// Whether the core got nothing but ACKs since it last looked.
     pub fn core_heard_only_acks(&self) -> bool {
-        self.at_core.iter().all(|message| {
-            matches!(message, SipMessage::Request(request) if request.method == rsip::Method::Ack)
-        })
+        self.at_core.iter().all(
+            |message| matches!(message, Message::Request(request) if request.method == Method::Ack),
+        )
     }
 }
 
@@ -343,23 +343,19 @@ impl Pair {
 /// (with tag `to_tag`), Call-ID and CSeq copied; for a 2xx or 1xx that makes a dialog,
 /// the Record-Route copied and a Contact added.
 pub fn answer(request: &Request, code: u16, to_tag: &str, contact: &str) -> Response {
-    let mut response = message::response_for(request, message::status(code), to_tag);
+    let mut response = wire::local_response(request, code, to_tag);
     if (101..300).contains(&code) {
-        for value in message::record_routes(&request.headers) {
-            response
-                .headers
-                .push(rsip::Header::RecordRoute(value.into()));
+        for value in wire::record_routes(&request.headers) {
+            response.headers.push("Record-Route", &value);
         }
-        response
-            .headers
-            .push(rsip::Header::Contact(format!("<{contact}>").into()));
+        response.headers.push("Contact", &format!("<{contact}>"));
     }
     response
 }
 
 /// The value of the first `name` header of a message's headers.
-pub fn header<'a>(headers: &'a rsip::Headers, name: &'a str) -> Option<&'a str> {
-    message::header_values(headers, name).next()
+pub fn header<'a>(headers: &'a wire::Headers, name: &'a str) -> Option<&'a str> {
+    wire::header_values(headers, name).next()
 }
 
 /// An INVITE from the Edge, call `call`, CSeq 1.
@@ -381,7 +377,7 @@ Content-Length: 0
 
 /// The route set a UAC takes from a 2xx (its Record-Route, reversed: RFC 3261 §12.1.2).
 pub fn route_set(response: &Response) -> Vec<String> {
-    let mut routes = message::record_routes(&response.headers);
+    let mut routes = wire::record_routes(&response.headers);
     routes.reverse();
     routes
 }

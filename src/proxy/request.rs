@@ -5,16 +5,17 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use rsip::{Method, Request};
+use crate::sip::wire::{Method, Request};
 
 use super::engine::{Action, CredentialWait, Destination, Engine, Entry, TRUNK_PARAM};
 use super::routing::{Hop, RouteError, RoutedTrunk};
 use crate::config::{AuthMode, Transport};
 use crate::credentials::{Credential, CredentialValue};
-use crate::sip::digest::{ChallengeKind, DigestClient};
-use crate::sip::message;
+use crate::sip::digest::DigestClient;
 use crate::sip::transaction::{ServerKey, ServerTransaction};
 use crate::sip::via::Via;
+use crate::sip::view::HeaderName;
+use crate::sip::wire;
 use crate::stats::Stats;
 use crate::transport::Side;
 
@@ -79,7 +80,7 @@ impl From<RouteError> for Rejection {
 
 impl Engine {
     pub(super) fn handle_request(&mut self, source: Source, mut request: Request) {
-        let mut via = match message::top_via(&request.headers) {
+        let mut via = match wire::top_via(&request.headers) {
             Ok(via) => via,
             Err(error) => {
                 // Without a Via there is nowhere to send an error response.
@@ -89,7 +90,7 @@ impl Engine {
             }
         };
         via.note_source(source.peer);
-        if message::replace_top_via(&mut request.headers, &via).is_err() {
+        if wire::replace_top_via(&mut request.headers, &via).is_err() {
             Stats::bump(&self.stats.malformed_dropped);
             return;
         }
@@ -142,12 +143,9 @@ impl Engine {
             // Shutting down: calls in progress go on, new ones go elsewhere.
             Stats::bump(&self.stats.drain_rejected);
             let tag = format!("{:08x}", self.random.u32());
-            let mut response = message::response_for(&request, message::status(503), &tag);
-            response.headers.push(rsip::Header::Other(
-                "Retry-After".into(),
-                DRAIN_RETRY_AFTER.into(),
-            ));
-            self.send(reply_to, message::encode(&response.into()));
+            let mut response = wire::local_response(&request, 503, &tag);
+            response.headers.push("Retry-After", DRAIN_RETRY_AFTER);
+            self.send(reply_to, response.encode());
             return;
         }
         if self.entries.len() >= self.limits.max_transactions {
@@ -162,7 +160,7 @@ impl Engine {
         let invite = request.method == Method::Invite;
         let transaction =
             ServerTransaction::new(invite, source.transport.is_reliable(), self.timers);
-        let server = self.insert_server(key, transaction, reply_to, message::skeleton(&request));
+        let server = self.insert_server(key, transaction, reply_to, wire::skeleton(&request));
         let span = match self.entries.get_mut(&server) {
             Some(Entry::Server(entry)) => {
                 if source.transport.is_reliable() {
@@ -175,7 +173,7 @@ impl Engine {
         let _entered = span.enter();
         if invite {
             // §16.7 step 5 / §17.2.1: stop the Edge's INVITE retransmissions at once.
-            self.respond_locally(server, message::status(100));
+            self.respond_locally(server, 100);
         }
         let mut request = request;
         if source.side == Side::Edge {
@@ -191,10 +189,7 @@ impl Engine {
             Err(rejection) => {
                 Stats::bump(&self.stats.locally_rejected);
                 tracing::info!(peer = %source.peer, code = rejection.code, reason = %rejection.reason, "rejected request");
-                self.respond_locally(
-                    server,
-                    rsip::StatusCode::Other(rejection.code, reason_phrase(&rejection)),
-                );
+                self.respond_locally(server, rejection.code);
             }
         }
     }
@@ -329,9 +324,9 @@ impl Engine {
         }
         // An ACK for a 2xx travels the route set this proxy record-routed; one without our
         // Route is a hop-by-hop ACK whose transaction is gone (after Timer H or I).
-        let ours = message::routes(&request.headers)
+        let ours = wire::routes(&request.headers)
             .first()
-            .and_then(|route| message::route_uri(route).ok())
+            .and_then(|route| wire::route_uri(route).ok())
             .is_some_and(|uri| self.router.is_own(&uri));
         if !ours {
             Stats::bump(&self.stats.stray_acks);
@@ -345,10 +340,7 @@ impl Engine {
         match self.prepare_forward(source, request) {
             Ok(forward) => {
                 Stats::bump(&self.stats.stateless_forwards);
-                self.send(
-                    forward.destination,
-                    message::encode(&forward.request.into()),
-                );
+                self.send(forward.destination, forward.request.encode());
             }
             Err(rejection) => {
                 // An ACK is never answered; count and drop it.
@@ -374,7 +366,7 @@ impl Engine {
         let transaction =
             ServerTransaction::new(false, source.transport.is_reliable(), self.timers);
         let cancel = self.insert_server(key, transaction, reply_to, request);
-        self.respond_locally(cancel, message::status(200));
+        self.respond_locally(cancel, 200);
         let (client, waiting) = match self.entries.get_mut(&invite) {
             Some(Entry::Server(server)) if !server.transaction.is_final() => {
                 server.cancel_requested = true;
@@ -388,7 +380,7 @@ impl Engine {
             _ => (None, false),
         };
         if waiting {
-            self.respond_locally(invite, message::status(487));
+            self.respond_locally(invite, 487);
             return;
         }
         let Some(client) = client else { return };
@@ -407,17 +399,17 @@ impl Engine {
         source: Source,
         mut request: Request,
     ) -> Result<Forward, Rejection> {
-        let max_forwards = message::max_forwards(&request.headers)
+        let max_forwards = wire::max_forwards(&request.headers)
             .map_err(|error| Rejection::new(400, error.to_string()))?;
         if max_forwards == Some(0) {
             return Err(Rejection::new(483, "Too Many Hops"));
         }
-        message::set_max_forwards(
+        wire::set_max_forwards(
             &mut request.headers,
             max_forwards.map_or(70, |value| value - 1),
         );
         let out_side = source.side.opposite();
-        let initial_from_edge = source.side == Side::Edge && !message::in_dialog(&request.headers);
+        let initial_from_edge = source.side == Side::Edge && !wire::in_dialog(&request.headers);
         let (hop, trunk_index) = self.next_hop(source, &mut request, out_side)?;
         let attach = self.apply_credentials(&mut request, out_side, trunk_index, hop)?;
         let trunk_name = trunk_index
@@ -432,8 +424,8 @@ impl Engine {
                 inbound.record_route_uri(source.transport, trunk_index),
                 outbound.record_route_uri(hop.transport, trunk_index),
             ) {
-                message::push_record_route(&mut request.headers, &inner);
-                message::push_record_route(&mut request.headers, &outer);
+                wire::push_record_route(&mut request.headers, &inner);
+                wire::push_record_route(&mut request.headers, &outer);
             }
         }
         if hop.transport == Transport::Tls
@@ -553,7 +545,7 @@ impl Engine {
         if trunk.auth == AuthMode::Digest && (ack || request.method == Method::Cancel) {
             return Ok(Attach::Nothing);
         }
-        let in_dialog = message::in_dialog(&request.headers);
+        let in_dialog = wire::in_dialog(&request.headers);
         let (index, name) = (trunk.index, trunk.name.clone());
         let Some(credential) = trunk
             .credentials
@@ -605,9 +597,9 @@ impl Engine {
         };
         match (&credential.value, auth) {
             (CredentialValue::Token(token), AuthMode::Bearer) => {
-                request.headers.push(rsip::Header::Authorization(
-                    format!("Bearer {}", token.expose()).into(),
-                ));
+                request
+                    .headers
+                    .push("Authorization", &format!("Bearer {}", token.expose()));
                 true
             }
             (CredentialValue::UserPassword { username, password }, AuthMode::Digest) => {
@@ -632,19 +624,19 @@ impl Engine {
         request: &mut Request,
         out_side: Side,
     ) -> Result<(Hop, Option<usize>), Rejection> {
-        let mut routes = message::routes(&request.headers);
+        let mut routes = wire::routes(&request.headers);
         let original_count = routes.len();
         // A strict-routing previous hop put our URI in the Request-URI: restore it.
-        if !routes.is_empty() && self.router.is_own(&request.uri) {
+        if !routes.is_empty() && self.is_own_uri(&request.uri) {
             if let Some(last) = routes.pop() {
-                request.uri = message::route_uri(&last)
-                    .map_err(|error| Rejection::new(400, error.to_string()))?;
+                wire::route_uri(&last).map_err(|error| Rejection::new(400, error.to_string()))?;
+                request.uri = wire::Uri::new(crate::sip::header::name_addr_uri(&last));
             }
         }
         let mut removed_own = false;
         let mut dialog_trunk = None;
         while let Some(first) = routes.first() {
-            match message::route_uri(first) {
+            match wire::route_uri(first) {
                 Ok(uri) if self.router.is_own(&uri) => {
                     dialog_trunk = dialog_trunk.or_else(|| self.trunk_of_route(first, source));
                     routes.remove(0);
@@ -655,9 +647,9 @@ impl Engine {
             }
         }
         if routes.len() != original_count {
-            message::set_routes(&mut request.headers, &routes);
+            wire::set_routes(&mut request.headers, &routes);
         }
-        let initial = !message::in_dialog(&request.headers);
+        let initial = !wire::in_dialog(&request.headers);
         if initial && source.side == Side::Edge {
             // Outbound-proxy semantics: an initial request from the Edge goes to its
             // trunk's core whatever its Request-URI and the Route entries after ours say;
@@ -668,7 +660,7 @@ impl Engine {
                 None => self.router.edge_trunk(
                     source.peer.ip(),
                     source.local.port(),
-                    &request.uri.host().to_string(),
+                    request.uri.host().unwrap_or_default(),
                 ),
             }
             .ok_or(RouteError::NoTrunk)?;
@@ -676,8 +668,8 @@ impl Engine {
             return Ok((self.router.checked(hop, out_side)?, Some(trunk.index)));
         }
         if let Some(first) = routes.first() {
-            let uri = message::route_uri(first)
-                .map_err(|error| Rejection::new(400, error.to_string()))?;
+            let uri =
+                wire::route_uri(first).map_err(|error| Rejection::new(400, error.to_string()))?;
             return Ok((self.router.hop_for_uri(&uri, out_side)?, dialog_trunk));
         }
         if removed_own {
@@ -689,13 +681,17 @@ impl Engine {
                     .contact_trunk(request, source)?
                     .or_else(|| self.source_trunk(source, request)),
             };
-            return Ok((self.router.hop_for_uri(&request.uri, out_side)?, trunk));
+            let uri = request
+                .uri
+                .typed()
+                .map_err(|error| Rejection::new(400, error.to_string()))?;
+            return Ok((self.router.hop_for_uri(&uri, out_side)?, trunk));
         }
         let trunk = match source.side {
             Side::Edge => self.router.edge_trunk(
                 source.peer.ip(),
                 source.local.port(),
-                &request.uri.host().to_string(),
+                request.uri.host().unwrap_or_default(),
             ),
             Side::Core => match self.contact_trunk(request, source)? {
                 Some(index) => self.router.trunk(index),
@@ -746,17 +742,15 @@ impl Engine {
     /// sender (several trunks may share one core, but a core cannot reach another
     /// trunk's Edge by naming it).
     fn contact_trunk(&self, request: &Request, source: Source) -> Result<Option<usize>, Rejection> {
-        if source.side != Side::Core || !self.router.is_own(&request.uri) {
+        if source.side != Side::Core || !self.is_own_uri(&request.uri) {
             return Ok(None);
         }
-        let Some(index) = request.uri.params.iter().find_map(|param| match param {
-            rsip::Param::Other(name, Some(value))
-                if name.value().eq_ignore_ascii_case(TRUNK_PARAM) =>
-            {
-                value.value().parse::<usize>().ok()
-            }
-            _ => None,
-        }) else {
+        let Some(index) = request
+            .uri
+            .param(TRUNK_PARAM)
+            .flatten()
+            .and_then(|value| value.parse::<usize>().ok())
+        else {
             return Ok(None);
         };
         match self.router.trunk(index) {
@@ -774,13 +768,18 @@ impl Engine {
         }
     }
 
+    /// Whether a Request-URI names this proxy.
+    fn is_own_uri(&self, uri: &wire::Uri) -> bool {
+        uri.typed().is_ok_and(|uri| self.router.is_own(&uri))
+    }
+
     /// The trunk a request belongs to by where it came from.
     fn source_trunk(&self, source: Source, request: &Request) -> Option<usize> {
         match source.side {
             Side::Edge => self.router.edge_trunk(
                 source.peer.ip(),
                 source.local.port(),
-                &request.uri.host().to_string(),
+                request.uri.host().unwrap_or_default(),
             ),
             Side::Core => self.router.core_trunk(source.peer, source.transport),
         }
@@ -793,11 +792,8 @@ impl Engine {
         request
             .headers
             .iter()
-            .filter_map(|header| match header {
-                rsip::Header::Via(via) => Some(rsip::headers::UntypedHeader::value(via)),
-                _ => None,
-            })
-            .flat_map(crate::sip::header::split_list)
+            .filter(|header| header.kind() == HeaderName::Via)
+            .flat_map(|header| crate::sip::header::split_list(header.value()))
             .filter_map(|value| Via::parse(value).ok())
             .any(|via| {
                 via.branch()
@@ -817,23 +813,14 @@ impl Engine {
         Stats::bump(&self.stats.locally_rejected);
         tracing::debug!(to = %reply_to.addr, code, reason, "rejecting request statelessly");
         let tag = format!("{:08x}", self.random.u32());
-        let response = message::response_for(request, message::status(code), &tag);
-        self.send(reply_to, message::encode(&response.into()));
-    }
-}
-
-/// The reason phrase for a local rejection: the standard one, which is what peers and
-/// operators expect to see; the detail goes to the log.
-fn reason_phrase(rejection: &Rejection) -> String {
-    match message::status(rejection.code) {
-        rsip::StatusCode::Other(_, reason) => reason,
-        other => other.to_string(),
+        let response = wire::local_response(request, code, &tag);
+        self.send(reply_to, response.encode());
     }
 }
 
 /// Whether the proxy must stay in the path of the dialog this request may create.
 fn creates_dialog(request: &Request) -> bool {
-    let initial = !message::in_dialog(&request.headers);
+    let initial = !wire::in_dialog(&request.headers);
     initial
         && matches!(
             request.method,
@@ -844,10 +831,10 @@ fn creates_dialog(request: &Request) -> bool {
 /// RFC 3261 §8.2 and §16.3: the headers every request needs, and a CSeq method equal to
 /// the request method.
 fn check_mandatory_headers(request: &Request) -> Result<(), String> {
-    message::call_id(&request.headers).map_err(|error| error.to_string())?;
-    message::from_value(&request.headers).map_err(|error| error.to_string())?;
-    message::to_value(&request.headers).map_err(|error| error.to_string())?;
-    let (_, method) = message::cseq(&request.headers).map_err(|error| error.to_string())?;
+    wire::call_id(&request.headers).map_err(|error| error.to_string())?;
+    wire::from_value(&request.headers).map_err(|error| error.to_string())?;
+    wire::to_value(&request.headers).map_err(|error| error.to_string())?;
+    let (_, method) = wire::cseq(&request.headers).map_err(|error| error.to_string())?;
     if method != request.method {
         return Err(format!(
             "CSeq method {method} differs from request method {}",
@@ -861,8 +848,8 @@ fn check_mandatory_headers(request: &Request) -> Result<(), String> {
 pub(super) fn strip_credentials(request: &mut Request) {
     request.headers.retain(|header| {
         !matches!(
-            header,
-            rsip::Header::Authorization(_) | rsip::Header::ProxyAuthorization(_)
+            header.kind(),
+            HeaderName::Authorization | HeaderName::ProxyAuthorization
         )
     });
 }
@@ -878,9 +865,6 @@ pub(super) fn push_digest_answers(
     let method = request.method.to_string();
     let uri = request.uri.to_string();
     for (kind, value) in client.authorize(&method, &uri, username, password, cnonce) {
-        request.headers.push(match kind {
-            ChallengeKind::Www => rsip::Header::Authorization(value.into()),
-            ChallengeKind::Proxy => rsip::Header::ProxyAuthorization(value.into()),
-        });
+        request.headers.push(kind.credentials_header(), &value);
     }
 }

@@ -29,7 +29,7 @@
 
 use std::sync::Arc;
 
-use rsip::{Request, Response};
+use crate::sip::wire::{Method, Request, Response};
 
 use super::engine::{Action, CredentialWait, Destination, Engine, Entry};
 use super::request::strip_credentials;
@@ -38,7 +38,8 @@ use crate::credentials::refusal::{qualifies, read_refusal, Refusal};
 use crate::credentials::{verdict, Credential};
 use crate::sip::dialog::{DialogKey, MAX_CSEQ};
 use crate::sip::digest::{sent_answers, ChallengeKind};
-use crate::sip::message::{self, header_values};
+use crate::sip::view::HeaderName;
+use crate::sip::wire::{self, header_values};
 use crate::stats::Stats;
 
 /// What a client transaction keeps to be able to re-send its request. Its `Debug` shows
@@ -84,7 +85,7 @@ impl std::fmt::Debug for PendingResend {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("PendingResend")
             .field("info", &self.info)
-            .field("rejected", &self.rejected.status_code.code())
+            .field("rejected", &self.rejected.code)
             .finish_non_exhaustive()
     }
 }
@@ -95,16 +96,16 @@ impl std::fmt::Debug for PendingResend {
 const RESEND_MARGIN: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// The dialog key of a request or response from the Edge's side: Call-ID and From tag.
-fn dialog_key(headers: &rsip::Headers, tag_of_to: bool) -> Option<DialogKey> {
-    let call_id = message::call_id(headers).ok()?;
+fn dialog_key(headers: &wire::Headers, tag_of_to: bool) -> Option<DialogKey> {
+    let call_id = wire::call_id(headers).ok()?;
     let value = if tag_of_to {
-        message::to_value(headers).ok()?
+        wire::to_value(headers).ok()?
     } else {
-        message::from_value(headers).ok()?
+        wire::from_value(headers).ok()?
     };
     Some(DialogKey {
         call_id: call_id.to_string(),
-        edge_tag: message::tag_of(value)?.to_string(),
+        edge_tag: wire::tag_of(value)?.to_string(),
     })
 }
 
@@ -112,9 +113,9 @@ fn dialog_key(headers: &rsip::Headers, tag_of_to: bool) -> Option<DialogKey> {
 /// Call-ID alone, in which a registrar expects CSeq to rise (RFC 3261 §10.3 step 7)
 /// whatever From tag each refresh carries.
 fn request_dialog_key(request: &Request) -> Option<DialogKey> {
-    if request.method == rsip::Method::Register {
+    if request.method == Method::Register {
         return Some(DialogKey {
-            call_id: message::call_id(&request.headers).ok()?.to_string(),
+            call_id: wire::call_id(&request.headers).ok()?.to_string(),
             edge_tag: String::new(),
         });
     }
@@ -131,7 +132,7 @@ impl Engine {
         server: u64,
         response: &Response,
     ) -> bool {
-        let code = response.status_code.code();
+        let code = response.code;
         if !matches!(code, 401 | 403 | 407) {
             return false;
         }
@@ -216,7 +217,7 @@ impl Engine {
             Refusal::Stands => return false,
         };
         let mut rejected = response.clone();
-        if message::pop_via(&mut rejected.headers).is_err() {
+        if wire::pop_via(&mut rejected.headers).is_err() {
             return false;
         }
         let Some(Entry::Client(entry)) = self.entries.get_mut(&client) else {
@@ -284,9 +285,7 @@ impl Engine {
         let _entered = span.enter();
         let cancel_requested = entry.cancel_requested;
         // The number the Edge gave the request: offset steps are kept in the Edge's count.
-        let edge_cseq = message::cseq(&entry.request.headers)
-            .ok()
-            .map(|(seq, _)| seq);
+        let edge_cseq = wire::cseq(&entry.request.headers).ok().map(|(seq, _)| seq);
         let PendingResend {
             info,
             destination,
@@ -324,7 +323,7 @@ impl Engine {
             Stats::bump(&self.stats.resends_impossible);
             tracing::info!(
                 generation = info.generation,
-                status = rejected.status_code.code(),
+                status = rejected.code,
                 "no newer credential; passing the rejection to the Edge"
             );
             self.deliver(server, rejected);
@@ -391,16 +390,15 @@ impl Engine {
         trunk: usize,
         credential: &Credential,
     ) -> Option<(Request, String)> {
-        let mut via = message::pop_via(&mut request.headers).ok()?;
-        let branch = self.branches.next(
-            &self.random,
-            message::call_id(&request.headers).unwrap_or(""),
-        );
+        let mut via = wire::pop_via(&mut request.headers).ok()?;
+        let branch = self
+            .branches
+            .next(&self.random, wire::call_id(&request.headers).unwrap_or(""));
         via.set_param("branch", Some(branch.clone()));
-        message::push_via(&mut request.headers, &via);
-        let (seq, method) = message::cseq(&request.headers).ok()?;
+        wire::push_via(&mut request.headers, &via);
+        let (seq, method) = wire::cseq(&request.headers).ok()?;
         let next = seq.checked_add(1).filter(|next| *next <= MAX_CSEQ)?;
-        message::set_cseq(&mut request.headers, next, method);
+        wire::set_cseq(&mut request.headers, next, method);
         strip_credentials(&mut request);
         if !self.put_credential(&mut request, trunk, credential, true) {
             return None;
@@ -450,12 +448,11 @@ impl Engine {
                 }
             }
         }
-        response.headers.retain(|header| match header {
-            rsip::Header::AuthenticationInfo(_) => false,
-            rsip::Header::Other(name, _) => {
-                !name.eq_ignore_ascii_case(ChallengeKind::Proxy.info_header())
-            }
-            _ => true,
+        response.headers.retain(|header| {
+            !matches!(
+                header.kind(),
+                HeaderName::AuthenticationInfo | HeaderName::ProxyAuthenticationInfo
+            )
         });
     }
 
@@ -478,12 +475,12 @@ impl Engine {
         let Some(key) = request_dialog_key(request) else {
             return;
         };
-        let Ok((seq, method)) = message::cseq(&request.headers) else {
+        let Ok((seq, method)) = wire::cseq(&request.headers) else {
             return;
         };
         match self.dialogs.shift_up(self.now, &key, seq) {
             Ok(shifted) if shifted != seq => {
-                message::set_cseq(&mut request.headers, shifted, method);
+                wire::set_cseq(&mut request.headers, shifted, method);
             }
             Ok(_) => {}
             Err(error) => {
@@ -491,7 +488,7 @@ impl Engine {
                 tracing::warn!(error = %error, "cannot translate the CSeq of an in-dialog request");
             }
         }
-        if method == rsip::Method::PRack {
+        if method == Method::Prack {
             self.translate_rack(request, &key);
         }
     }
@@ -501,39 +498,34 @@ impl Engine {
     /// A PRACK's RAck quotes the INVITE's CSeq: shift it as that INVITE was shifted.
     fn translate_rack(&mut self, request: &mut Request, key: &DialogKey) {
         let now = self.now;
-        for header in request.headers.iter_mut() {
-            if let rsip::Header::Other(name, value) = header {
-                if name.eq_ignore_ascii_case("RAck") {
-                    let quoted = value
-                        .split_whitespace()
-                        .nth(1)
-                        .and_then(|number| number.parse::<u32>().ok())
-                        .unwrap_or(0);
-                    let offset = self.dialogs.offset(now, key, quoted);
-                    if offset == 0 {
-                        continue;
-                    }
-                    match crate::sip::dialog::shift_rack(value, offset) {
-                        Some(shifted) => *value = shifted,
-                        None => Stats::bump(&self.stats.dialog_translation_failures),
-                    }
-                }
+        let (dialogs, stats) = (&mut self.dialogs, &self.stats);
+        request.headers.rewrite("RAck", |value| {
+            let quoted = value
+                .split_whitespace()
+                .nth(1)
+                .and_then(|number| number.parse::<u32>().ok())
+                .unwrap_or(0);
+            let offset = dialogs.offset(now, key, quoted);
+            if offset == 0 {
+                return None;
             }
-        }
+            let shifted = crate::sip::dialog::shift_rack(value, offset);
+            if shifted.is_none() {
+                Stats::bump(&stats.dialog_translation_failures);
+            }
+            shifted
+        });
     }
 }
 
 /// Requests whose CSeq numbering the core keeps per dialog: those inside one (a To tag)
 /// and those that create one. Others (OPTIONS, MESSAGE outside a dialog) need no offset.
 fn in_or_creating_dialog(request: &Request) -> bool {
-    let in_dialog = message::in_dialog(&request.headers);
+    let in_dialog = wire::in_dialog(&request.headers);
     in_dialog
         || matches!(
             request.method,
-            rsip::Method::Invite
-                | rsip::Method::Subscribe
-                | rsip::Method::Refer
-                | rsip::Method::Register
+            Method::Invite | Method::Subscribe | Method::Refer | Method::Register
         )
 }
 
@@ -547,7 +539,7 @@ mod tests {
         let text = "INVITE sip:a@b SIP/2.0\r\nVia: SIP/2.0/UDP h;branch=z9hG4bK1\r\n\
                     Authorization: Bearer debug-token-7e2a\r\nFrom: <sip:x@y>;tag=1\r\nTo: <sip:a@b>\r\n\
                     Call-ID: c\r\nCSeq: 1 INVITE\r\nContent-Length: 0\r\n\r\n";
-        let rsip::SipMessage::Request(request) = message::parse(text.as_bytes(), true).unwrap()
+        let wire::Message::Request(request) = wire::parse(bytes::Bytes::from(text), true).unwrap()
         else {
             unreachable!()
         };

@@ -384,8 +384,10 @@ impl Driver {
         ) {
             // A REGISTER is checked by the registrar: any answer but a refusal shows it
             // took the credential (the same rule as the proxy's, `verdict`).
-            let checked =
-                crate::credentials::verdict::checked_by_core(&rsip::Method::Register, false);
+            let checked = crate::credentials::verdict::checked_by_core(
+                crate::sip::wire::Method::Register,
+                false,
+            );
             if checked && crate::credentials::verdict::shows_acceptance(response.status_code.code())
             {
                 manager.note_accepted(generation, sent_at);

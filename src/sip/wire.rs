@@ -62,7 +62,9 @@ pub struct Token {
 impl Token {
     fn new(text: &str) -> Option<Self> {
         let mut bytes = [0; MAX_METHOD_LENGTH];
-        bytes.get_mut(..text.len())?.copy_from_slice(text.as_bytes());
+        bytes
+            .get_mut(..text.len())?
+            .copy_from_slice(text.as_bytes());
         Some(Self {
             length: u8::try_from(text.len()).ok()?,
             bytes,
@@ -320,6 +322,22 @@ impl Headers {
         self.0.retain(keep);
     }
 
+    /// Offers the value of every line called `name` to `change`; a line whose new value
+    /// it returns is rewritten (keeping the name as written).
+    pub fn rewrite<'n>(
+        &mut self,
+        name: impl Into<Lookup<'n>>,
+        mut change: impl FnMut(&str) -> Option<String>,
+    ) {
+        let name = name.into();
+        for slot in self.0.iter_mut().filter(|header| header.is(name)) {
+            if let Some(value) = change(slot.value()) {
+                let spelling = slot.spelling().to_string();
+                *slot = Header::new(&spelling, &value);
+            }
+        }
+    }
+
     /// The first line called `name`.
     pub fn first<'n>(&self, name: impl Into<Lookup<'n>>) -> Option<&Header> {
         let name = name.into();
@@ -383,6 +401,23 @@ pub struct Response {
     pub body: Bytes,
 }
 
+/// Two messages are equal when they go out as the same bytes.
+impl PartialEq for Request {
+    fn eq(&self, other: &Self) -> bool {
+        self.encode() == other.encode()
+    }
+}
+
+impl Eq for Request {}
+
+impl PartialEq for Response {
+    fn eq(&self, other: &Self) -> bool {
+        self.encode() == other.encode()
+    }
+}
+
+impl Eq for Response {}
+
 /// The method, the Request-URI and the header names: values may carry credentials.
 impl fmt::Debug for Request {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -410,6 +445,18 @@ impl fmt::Debug for Response {
 pub enum Message {
     Request(Request),
     Response(Response),
+}
+
+impl From<Request> for Message {
+    fn from(request: Request) -> Self {
+        Self::Request(request)
+    }
+}
+
+impl From<Response> for Message {
+    fn from(response: Response) -> Self {
+        Self::Response(response)
+    }
 }
 
 impl Message {
@@ -505,7 +552,11 @@ impl Response {
 }
 
 fn headers_length(headers: &Headers) -> usize {
-    headers.iter().map(|header| header.line.len() + 2).sum::<usize>() + 24
+    headers
+        .iter()
+        .map(|header| header.line.len() + 2)
+        .sum::<usize>()
+        + 24
 }
 
 /// The header lines, a Content-Length equal to the body length (the first Content-Length
@@ -537,6 +588,30 @@ fn write_length(out: &mut BytesMut, length: usize) {
     out.put_slice(b"Content-Length: ");
     out.put_slice(length.to_string().as_bytes());
     out.put_slice(b"\r\n");
+}
+
+impl Request {
+    /// The same request, from one `rsip` built (the sidecar's own REGISTERs).
+    pub fn from_rsip(request: &rsip::Request) -> Result<Self, MessageError> {
+        match parse(super::message::encode(&request.clone().into()), true)? {
+            Message::Request(request) => Ok(request),
+            Message::Response(_) => Err(MessageError::Parse {
+                reason: "a request encoded as a response".to_string(),
+            }),
+        }
+    }
+}
+
+impl Response {
+    /// The same response as `rsip` reads it, for the registration.
+    pub fn to_rsip(&self) -> Result<rsip::Response, MessageError> {
+        match super::message::parse(&self.encode(), true)? {
+            rsip::SipMessage::Response(response) => Ok(response),
+            rsip::SipMessage::Request(_) => Err(MessageError::Parse {
+                reason: "a response encoded as a request".to_string(),
+            }),
+        }
+    }
 }
 
 /// The first Via value: the top of the Via stack.
@@ -580,7 +655,13 @@ pub fn pop_via(headers: &mut Headers) -> Result<Via, MessageError> {
     let remaining = headers
         .0
         .get(index)
-        .map(|line| split_list(line.value()).into_iter().skip(1).collect::<Vec<_>>().join(", "))
+        .map(|line| {
+            split_list(line.value())
+                .into_iter()
+                .skip(1)
+                .collect::<Vec<_>>()
+                .join(", ")
+        })
         .unwrap_or_default();
     if remaining.is_empty() {
         headers.0.remove(index);
@@ -594,7 +675,9 @@ pub fn pop_via(headers: &mut Headers) -> Result<Via, MessageError> {
 /// Puts `via` on top of the Via stack (a line before the first Via line).
 pub fn push_via(headers: &mut Headers, via: &Via) {
     match headers.position(HeaderName::Via) {
-        Some(index) => headers.0.insert(index, Header::new("Via", &via.to_string())),
+        Some(index) => headers
+            .0
+            .insert(index, Header::new("Via", &via.to_string())),
         None => headers.0.insert(0, Header::new("Via", &via.to_string())),
     }
 }
@@ -836,13 +919,13 @@ mod tests {
     fn compact_names_are_read_by_their_full_names_and_kept_as_written() {
         let parsed = request(INVITE);
         assert_eq!(call_id(&parsed.headers).unwrap(), "a84b4c76e66710");
-        assert_eq!(
-            tag_of(from_value(&parsed.headers).unwrap()),
-            Some("1928")
-        );
+        assert_eq!(tag_of(from_value(&parsed.headers).unwrap()), Some("1928"));
         assert!(!in_dialog(&parsed.headers));
         assert_eq!(cseq(&parsed.headers).unwrap(), (314159, Method::Invite));
-        assert_eq!(top_via(&parsed.headers).unwrap().branch(), Some("z9hG4bKabc"));
+        assert_eq!(
+            top_via(&parsed.headers).unwrap().branch(),
+            Some("z9hG4bKabc")
+        );
     }
 
     #[test]
@@ -850,13 +933,31 @@ mod tests {
         let mut parsed = request(INVITE);
         let own = Via::parse("SIP/2.0/UDP 192.0.2.1:5060;branch=z9hG4bKown").unwrap();
         push_via(&mut parsed.headers, &own);
-        assert_eq!(top_via(&parsed.headers).unwrap().branch(), Some("z9hG4bKown"));
-        assert_eq!(pop_via(&mut parsed.headers).unwrap().branch(), Some("z9hG4bKown"));
-        assert_eq!(pop_via(&mut parsed.headers).unwrap().branch(), Some("z9hG4bKabc"));
-        assert_eq!(pop_via(&mut parsed.headers).unwrap().branch(), Some("z9hG4bKdef"));
+        assert_eq!(
+            top_via(&parsed.headers).unwrap().branch(),
+            Some("z9hG4bKown")
+        );
+        assert_eq!(
+            pop_via(&mut parsed.headers).unwrap().branch(),
+            Some("z9hG4bKown")
+        );
+        assert_eq!(
+            pop_via(&mut parsed.headers).unwrap().branch(),
+            Some("z9hG4bKabc")
+        );
+        assert_eq!(
+            pop_via(&mut parsed.headers).unwrap().branch(),
+            Some("z9hG4bKdef")
+        );
         let text = String::from_utf8(parsed.encode().to_vec()).unwrap();
-        assert!(text.contains("Via: SIP/2.0/UDP 10.0.0.3;branch=z9hG4bKghi\r\n"), "{text}");
-        assert_eq!(pop_via(&mut parsed.headers).unwrap().branch(), Some("z9hG4bKghi"));
+        assert!(
+            text.contains("Via: SIP/2.0/UDP 10.0.0.3;branch=z9hG4bKghi\r\n"),
+            "{text}"
+        );
+        assert_eq!(
+            pop_via(&mut parsed.headers).unwrap().branch(),
+            Some("z9hG4bKghi")
+        );
         assert!(pop_via(&mut parsed.headers).is_err());
     }
 
@@ -901,9 +1002,15 @@ mod tests {
              Route: <sip:a;lr>, <sip:b;lr>\r\nFrom: <sip:a@x>;tag=1\r\nRoute: <sip:c;lr>\r\n\
              To: <sip:b@y>;tag=2\r\nCall-ID: c\r\nCSeq: 2 BYE\r\nContent-Length: 0\r\n\r\n",
         );
-        assert_eq!(routes(&parsed.headers), ["<sip:a;lr>", "<sip:b;lr>", "<sip:c;lr>"]);
+        assert_eq!(
+            routes(&parsed.headers),
+            ["<sip:a;lr>", "<sip:b;lr>", "<sip:c;lr>"]
+        );
         assert!(in_dialog(&parsed.headers));
-        set_routes(&mut parsed.headers, &["<sip:b;lr>".into(), "<sip:c;lr>".into()]);
+        set_routes(
+            &mut parsed.headers,
+            &["<sip:b;lr>".into(), "<sip:c;lr>".into()],
+        );
         let text = String::from_utf8(parsed.encode().to_vec()).unwrap();
         assert!(
             text.contains("z9hG4bK1\r\nRoute: <sip:b;lr>, <sip:c;lr>\r\nFrom:"),
@@ -924,8 +1031,14 @@ mod tests {
         assert_eq!(cseq(&parsed.headers).unwrap().1, parsed.method);
         assert_eq!(parsed.uri.host(), Some("fec0:0:0:0:216:d3ff:fe0d:22c"));
         let text = String::from_utf8(parsed.encode().to_vec()).unwrap();
-        assert!(text.ends_with("CSeq: 7 FROBNICATE\r\nContent-Length: 0\r\n\r\n"), "{text}");
-        let long = format!("{} sip:a@b SIP/2.0\r\n\r\n", "X".repeat(MAX_METHOD_LENGTH + 1));
+        assert!(
+            text.ends_with("CSeq: 7 FROBNICATE\r\nContent-Length: 0\r\n\r\n"),
+            "{text}"
+        );
+        let long = format!(
+            "{} sip:a@b SIP/2.0\r\n\r\n",
+            "X".repeat(MAX_METHOD_LENGTH + 1)
+        );
         assert!(parse(Bytes::from(long), true).is_err());
     }
 
@@ -933,12 +1046,18 @@ mod tests {
     fn a_wrong_content_length_is_rewritten_and_responses_keep_their_reason() {
         let text = "SIP/2.0 486 Busy Here Now\r\nVia: SIP/2.0/UDP h;branch=z9hG4bK1\r\n\
                     Content-Length: 9\r\n\r\nabc";
-        assert!(parse(Bytes::from(text), true).is_err(), "declared more than sent");
+        assert!(
+            parse(Bytes::from(text), true).is_err(),
+            "declared more than sent"
+        );
         let text = "SIP/2.0 486 Busy Here Now\r\nVia: SIP/2.0/UDP h;branch=z9hG4bK1\r\n\r\nabc";
         let Message::Response(response) = parse(Bytes::from(text), true).unwrap() else {
             panic!("a response");
         };
-        assert_eq!((response.code, response.reason.as_str()), (486, "Busy Here Now"));
+        assert_eq!(
+            (response.code, response.reason.as_str()),
+            (486, "Busy Here Now")
+        );
         assert_eq!(
             response.encode(),
             "SIP/2.0 486 Busy Here Now\r\nVia: SIP/2.0/UDP h;branch=z9hG4bK1\r\n\
@@ -952,10 +1071,18 @@ mod tests {
         let parsed = request(INVITE);
         let response = local_response(&parsed, 486, "abcd");
         let text = String::from_utf8(response.encode().to_vec()).unwrap();
-        assert!(text.starts_with("SIP/2.0 486 Busy Here\r\nv: SIP/2.0/UDP 10.0.0.1"), "{text}");
-        assert!(text.contains("To: <sip:bob@example.com>;tag=abcd\r\n"), "{text}");
+        assert!(
+            text.starts_with("SIP/2.0 486 Busy Here\r\nv: SIP/2.0/UDP 10.0.0.1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("To: <sip:bob@example.com>;tag=abcd\r\n"),
+            "{text}"
+        );
         let trying = local_response(&parsed, 100, "abcd");
-        assert!(!String::from_utf8(trying.encode().to_vec()).unwrap().contains("tag=abcd"));
+        assert!(!String::from_utf8(trying.encode().to_vec())
+            .unwrap()
+            .contains("tag=abcd"));
     }
 
     #[test]

@@ -62,7 +62,7 @@ pub struct Inbound {
     /// The local socket address it arrived on.
     pub local: SocketAddr,
     pub peer: SocketAddr,
-    pub message: rsip::SipMessage,
+    pub message: crate::sip::wire::Message,
 }
 
 /// What the transports tell the engine.
@@ -149,11 +149,16 @@ pub struct ReceiveContext {
 
 impl ReceiveContext {
     /// Parses one message; counts and drops what does not parse.
-    fn parse(&self, bytes: &[u8], datagram: bool, peer: SocketAddr) -> Option<rsip::SipMessage> {
+    fn parse(
+        &self,
+        bytes: Bytes,
+        datagram: bool,
+        peer: SocketAddr,
+    ) -> Option<crate::sip::wire::Message> {
         if tracing::enabled!(tracing::Level::TRACE) {
-            tracing::trace!(side = %self.side, %peer, message = %crate::sip::message::redacted(bytes), "received");
+            tracing::trace!(side = %self.side, %peer, message = %crate::sip::message::redacted(&bytes), "received");
         }
-        match crate::sip::message::parse(bytes, datagram) {
+        match crate::sip::wire::parse(bytes, datagram) {
             Ok(message) => Some(message),
             Err(error) => {
                 crate::stats::Stats::bump(&self.stats.malformed_dropped);

@@ -349,7 +349,7 @@ impl TcpContext {
                 Ok(None) => return Ok(None),
                 Ok(Some(Frame::Ping)) => self.write(writer, PONG, peer).await?,
                 Ok(Some(Frame::Message(bytes))) => {
-                    let Some(message) = self.receive.parse(&bytes, false, peer) else {
+                    let Some(message) = self.receive.parse(bytes, false, peer) else {
                         continue;
                     };
                     let event = TransportEvent::Message(Inbound {

@@ -5,6 +5,7 @@
 //! unreachable is reported to the engine at once, which moves the request to another
 //! host or answers 503, instead of waiting for silence to time out.
 
+use bytes::Bytes;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -126,7 +127,7 @@ pub fn receive_one(
         tracing::debug!(side = %context.side, %peer, length, "dropped oversized datagram");
         return Received::Dropped;
     }
-    match context.parse(datagram, true, peer) {
+    match context.parse(Bytes::copy_from_slice(datagram), true, peer) {
         Some(message) => Received::Message(Inbound {
             side: context.side,
             transport: Transport::Udp,

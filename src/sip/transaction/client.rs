@@ -4,11 +4,10 @@
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
-use rsip::{Header, Method, Request, Response};
-
 use super::{due, earliest, TimerConfig};
-use crate::sip::message;
+use crate::sip::view::HeaderName;
+use crate::sip::wire::{self as message, Headers, Method, Request, Response};
+use bytes::Bytes;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ClientState {
@@ -66,7 +65,7 @@ impl ClientTransaction {
     /// Starts the transaction: the request is queued for transmission at once.
     pub fn new(now: Instant, request: Request, reliable: bool, timers: TimerConfig) -> Self {
         let invite = request.method == Method::Invite;
-        let wire = message::encode(&request.clone().into());
+        let wire = request.encode();
         let request = message::skeleton(&request);
         let mut transaction = Self {
             invite,
@@ -158,7 +157,7 @@ impl ClientTransaction {
 
     pub fn handle_response(&mut self, now: Instant, response: Response) {
         self.silence_until = None;
-        let code = response.status_code.code();
+        let code = response.code;
         let provisional = (100..200).contains(&code);
         let success = (200..300).contains(&code);
         match self.state {
@@ -277,36 +276,33 @@ impl ClientTransaction {
     }
 
     fn build_ack(&self, response: &Response) -> Bytes {
-        let to = message::to_value(&response.headers)
-            .ok()
-            .map(str::to_string);
-        message::encode(&self.derived_request(Method::Ack, to).into())
+        let to = message::to_value(&response.headers).ok();
+        self.derived_request(Method::Ack, to).encode()
     }
 
     /// A request that shares this transaction's branch (§17.1.1.3 ACK, §9.1 CANCEL).
-    fn derived_request(&self, method: Method, to_override: Option<String>) -> Request {
-        let mut headers = rsip::Headers::default();
+    fn derived_request(&self, method: Method, to_override: Option<&str>) -> Request {
+        let mut headers = Headers::default();
         let mut via_done = false;
         for header in self.request.headers.iter() {
-            match header {
-                Header::Via(via) if !via_done => {
+            match header.kind() {
+                HeaderName::Via if !via_done => {
                     via_done = true;
-                    let top = crate::sip::header::split_list(via.value_str())
+                    let top = crate::sip::header::split_list(header.value())
                         .into_iter()
                         .next()
-                        .unwrap_or_default()
-                        .to_string();
-                    headers.push(Header::Via(top.into()));
+                        .unwrap_or_default();
+                    headers.push("Via", top);
                 }
                 // Authorization too: a core that wants credentials on every request
                 // (RFC 8898 bearer) gets them on the CANCEL and the hop-by-hop ACK.
-                Header::From(_)
-                | Header::CallId(_)
-                | Header::Route(_)
-                | Header::Authorization(_) => headers.push(header.clone()),
-                Header::To(_) => match &to_override {
-                    Some(to) => headers.push(Header::To(to.clone().into())),
-                    None => headers.push(header.clone()),
+                HeaderName::From
+                | HeaderName::CallId
+                | HeaderName::Route
+                | HeaderName::Authorization => headers.push_header(header.clone()),
+                HeaderName::To => match to_override {
+                    Some(to) => headers.push("To", to),
+                    None => headers.push_header(header.clone()),
                 },
                 _ => {}
             }
@@ -316,13 +312,12 @@ impl ClientTransaction {
             .unwrap_or(1);
         message::set_cseq(&mut headers, seq, method);
         message::set_max_forwards(&mut headers, 70);
-        headers.push(Header::ContentLength("0".into()));
+        headers.push("Content-Length", "0");
         Request {
             method,
             uri: self.request.uri.clone(),
-            version: rsip::Version::V2,
             headers,
-            body: Vec::new(),
+            body: Bytes::new(),
         }
     }
 
@@ -351,23 +346,11 @@ impl ClientTransaction {
     }
 }
 
-/// `rsip`'s untyped headers expose their text through `UntypedHeader::value`; this
-/// small extension keeps call sites free of the trait import.
-trait ValueStr {
-    fn value_str(&self) -> &str;
-}
-
-impl ValueStr for rsip::headers::Via {
-    fn value_str(&self) -> &str {
-        rsip::headers::UntypedHeader::value(self)
-    }
-}
-
 #[cfg(test)]
 #[allow(clippy::disallowed_methods)] // tests start their virtual clock at a real Instant
 mod tests {
     use super::*;
-    use crate::sip::message::{encode, parse};
+    use crate::sip::wire::{parse, Message};
 
     const INVITE: &str = "INVITE sip:bob@192.0.2.2 SIP/2.0\r\n\
         Via: SIP/2.0/UDP 192.0.2.1:5070;branch=z9hG4bKclient1;rport\r\n\
@@ -381,8 +364,8 @@ mod tests {
         Content-Length: 0\r\n\r\n";
 
     fn request(text: &str) -> Request {
-        match parse(text.as_bytes(), true).unwrap() {
-            rsip::SipMessage::Request(request) => request,
+        match parse(bytes::Bytes::copy_from_slice(text.as_bytes()), true).unwrap() {
+            Message::Request(request) => request,
             _ => unreachable!(),
         }
     }
@@ -401,8 +384,8 @@ mod tests {
              From: <sip:alice@a.example>;tag=f1\r\nTo: <sip:bob@b.example>;tag=t9\r\n\
              Call-ID: call-1\r\nCSeq: 7 {method}\r\nContent-Length: 0\r\n\r\n"
         );
-        match parse(text.as_bytes(), true).unwrap() {
-            rsip::SipMessage::Response(response) => response,
+        match parse(bytes::Bytes::copy_from_slice(text.as_bytes()), true).unwrap() {
+            Message::Response(response) => response,
             _ => unreachable!(),
         }
     }
@@ -473,7 +456,7 @@ mod tests {
         let codes: Vec<u16> = drain(&mut invite)
             .into_iter()
             .filter_map(|event| match event {
-                ClientEvent::Response(response) => Some(response.status_code.code()),
+                ClientEvent::Response(response) => Some(response.code),
                 _ => None,
             })
             .collect();
@@ -610,7 +593,7 @@ mod tests {
         else {
             panic!("unexpected events {events:?}");
         };
-        assert_eq!(busy.status_code.code(), 486);
+        assert_eq!(busy.code, 486);
         let ack = String::from_utf8(ack.to_vec()).unwrap();
         assert!(
             ack.starts_with("ACK sip:bob@192.0.2.2 SIP/2.0\r\n"),
@@ -728,7 +711,7 @@ mod tests {
             false,
             TimerConfig::default(),
         );
-        let cancel = encode(&invite.build_cancel().into());
+        let cancel = invite.build_cancel().encode();
         let text = String::from_utf8(cancel.to_vec()).unwrap();
         assert!(text.starts_with("CANCEL sip:bob@192.0.2.2 SIP/2.0\r\n"));
         assert!(text.contains("branch=z9hG4bKclient1"));

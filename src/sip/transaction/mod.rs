@@ -28,13 +28,11 @@ mod server;
 pub use client::{ClientEvent, ClientState, ClientTransaction};
 pub use server::{ServerEvent, ServerState, ServerTransaction};
 
-use std::hash::{Hash, Hasher};
 use std::time::{Duration, Instant};
 
-use rsip::Method;
-
-use super::message::{self, MessageError};
+use super::message::MessageError;
 use super::via::BRANCH_COOKIE;
+use super::wire::{self as message, Method};
 
 /// T1, T2 and T4 of RFC 3261 §17.1.1.1 and Table 4.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -82,15 +80,9 @@ impl TimerConfig {
     }
 }
 
-/// A method as a hashable key component (`rsip::Method` does not implement `Hash`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// A method as a key component.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct MethodKey(pub Method);
-
-impl Hash for MethodKey {
-    fn hash<H: Hasher>(&self, state: &mut H) {
-        state.write_u8(self.0 as u8);
-    }
-}
 
 /// Server transaction key (RFC 3261 §17.2.3): top Via branch and sent-by, and the method,
 /// where an ACK matches the INVITE it acknowledges.
@@ -112,7 +104,7 @@ pub enum KeyError {
 }
 
 impl ServerKey {
-    pub fn for_request(request: &rsip::Request) -> Result<Self, KeyError> {
+    pub fn for_request(request: &message::Request) -> Result<Self, KeyError> {
         let via = message::top_via(&request.headers)?;
         let branch = via.branch().unwrap_or_default();
         if !branch.starts_with(BRANCH_COOKIE) {
@@ -158,7 +150,7 @@ impl ClientKey {
         }
     }
 
-    pub fn for_response(response: &rsip::Response) -> Result<Self, KeyError> {
+    pub fn for_response(response: &message::Response) -> Result<Self, KeyError> {
         let via = message::top_via(&response.headers)?;
         let (_, method) = message::cseq(&response.headers)?;
         Ok(Self::new(via.branch().unwrap_or_default(), method))
