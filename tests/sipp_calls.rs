@@ -92,3 +92,50 @@ async fn cancel_after_ringing_gets_487_end_to_end() {
     assert_eq!(sidecar.app.stats.snapshot().cancels_forwarded, CANCELLED);
     sidecar.stop().await;
 }
+
+/// RFC 3261 §16: methods the proxy does not know pass like the ones it does, outside a
+/// dialog (with an unknown header and a body, checked at the far end) and inside one
+/// (along the route set), over UDP and TCP.
+async fn extension_methods_pass(transport: Transport) {
+    const CALLS: u64 = 20;
+    let uas_port = free_port();
+    let sidecar = Sidecar::start(
+        "udp:127.0.0.1:9",
+        &format!("{transport}:127.0.0.1:{uas_port}"),
+        "",
+    )
+    .await;
+    let uas = Sipp::start(
+        "uas",
+        &uas_args("uas_extension.xml", uas_port, transport, CALLS),
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let target = sidecar.addr(Side::Edge, transport);
+    let uac = Sipp::start(
+        "uac",
+        &uac_args("uac_extension.xml", target, transport, CALLS, 20, 0),
+    );
+    let uac = uac.finish(LIMIT).await;
+    let uas = uas.finish(Duration::from_secs(30)).await;
+    assert_all_calls_succeeded(&uac, CALLS, "uac");
+    assert_all_calls_succeeded(&uas, CALLS, "uas");
+    let stats = sidecar.app.stats.snapshot();
+    // FROBNICATE, INVITE, NUDGE and BYE statefully; the ACK statelessly.
+    assert_eq!(stats.server_transactions, 4 * CALLS, "{stats:?}");
+    assert_eq!(
+        stats.malformed_dropped + stats.send_failed + stats.locally_rejected,
+        0,
+        "{stats:?}"
+    );
+    sidecar.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn udp_extension_methods_pass_end_to_end() {
+    extension_methods_pass(Transport::Udp).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tcp_extension_methods_pass_end_to_end() {
+    extension_methods_pass(Transport::Tcp).await;
+}
