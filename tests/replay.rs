@@ -521,3 +521,35 @@ async fn the_command_exits_0_when_every_dialogue_matched_and_1_when_one_did_not(
     assert_eq!(json["dialogues"][0]["edge_side"]["verdict"], "diverged");
     sidecar.stop().await;
 }
+
+/// The two IPv6 captures of the shared corpus (unbracketed IPv6 hosts in Via, Contact,
+/// Request-URI, To and From; one with PRACK, UPDATE and fragmented INVITEs) replay
+/// through the sidecar against their own captured core, every message matched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_ipv6_shared_captures_replay_through_the_sidecar() {
+    let Some(directory) = shared_captures() else {
+        return;
+    };
+    let core_port = free_port();
+    let core: SocketAddr = ([127, 0, 0, 1], core_port).into();
+    let sidecar = Sidecar::start("udp:127.0.0.1:9", &format!("udp:{core}"), "").await;
+    for name in ["invite-call-ipv6-udp.pcap", "prack-update-ipv6-frag-sll.pcap"] {
+        let capture = directory.join(name);
+        let report = through(&sidecar, &capture, Some(core)).await;
+        assert!(!report.dialogues.is_empty(), "{name}: no dialogue");
+        for dialogue in &report.dialogues {
+            let core_side = dialogue.core_side.as_ref().unwrap();
+            assert_eq!(
+                (dialogue.edge_side.verdict, core_side.verdict),
+                (Verdict::Matched, Verdict::Matched),
+                "{name}: edge differences {:?}, core differences {:?}",
+                dialogue.edge_side.differences,
+                core_side.differences
+            );
+        }
+        assert!(report.all_matched(), "{name}");
+    }
+    let stats = sidecar.app.stats.snapshot();
+    assert_eq!(stats.malformed_dropped, 0, "{stats:?}");
+    sidecar.stop().await;
+}
