@@ -533,7 +533,10 @@ async fn the_ipv6_shared_captures_replay_through_the_sidecar() {
     let core_port = free_port();
     let core: SocketAddr = ([127, 0, 0, 1], core_port).into();
     let sidecar = Sidecar::start("udp:127.0.0.1:9", &format!("udp:{core}"), "").await;
-    for name in ["invite-call-ipv6-udp.pcap", "prack-update-ipv6-frag-sll.pcap"] {
+    for name in [
+        "invite-call-ipv6-udp.pcap",
+        "prack-update-ipv6-frag-sll.pcap",
+    ] {
         let capture = directory.join(name);
         let report = through(&sidecar, &capture, Some(core)).await;
         assert!(!report.dialogues.is_empty(), "{name}: no dialogue");

@@ -811,9 +811,10 @@ pub fn replace_top_record_route(headers: &mut Headers, uri: &str) {
 /// A copy of `request` with only what later responses, ACKs and CANCELs are built from:
 /// Request-URI, Via, From, To, Call-ID, CSeq, Route and Authorization, and no body.
 /// Transactions linger for up to 64·T1 after they end, so keeping less matters under
-/// load. The lines still share the received buffer.
+/// load: the kept lines are copied into one small buffer of their own rather than keep
+/// the whole received message alive.
 pub fn skeleton(request: &Request) -> Request {
-    let kept = request
+    let kept: Vec<&Header> = request
         .headers
         .iter()
         .filter(|header| {
@@ -828,12 +829,31 @@ pub fn skeleton(request: &Request) -> Request {
                     | HeaderName::Authorization
             )
         })
-        .cloned()
+        .collect();
+    let uri = request.uri.as_str().as_bytes();
+    let length = uri.len() + kept.iter().map(|header| header.line.len()).sum::<usize>();
+    let mut buffer = BytesMut::with_capacity(length);
+    buffer.put_slice(uri);
+    for header in &kept {
+        buffer.put_slice(&header.line);
+    }
+    let buffer = buffer.freeze();
+    let mut offset = uri.len();
+    let headers = kept
+        .into_iter()
+        .map(|header| {
+            let line = buffer.slice(offset..offset + header.line.len());
+            offset += header.line.len();
+            Header {
+                line,
+                ..header.clone()
+            }
+        })
         .collect();
     Request {
         method: request.method,
-        uri: request.uri.clone(),
-        headers: Headers(kept),
+        uri: Uri(Text(buffer.slice(..uri.len()))),
+        headers: Headers(headers),
         body: Bytes::new(),
     }
 }
@@ -1083,6 +1103,20 @@ mod tests {
         assert!(!String::from_utf8(trying.encode().to_vec())
             .unwrap()
             .contains("tag=abcd"));
+    }
+
+    #[test]
+    fn a_skeleton_keeps_the_dialog_lines_in_a_buffer_of_its_own() {
+        let parsed = request(INVITE);
+        let kept = skeleton(&parsed);
+        assert_eq!(kept.uri.as_str(), "sip:bob@example.com");
+        assert_eq!(call_id(&kept.headers).unwrap(), "a84b4c76e66710");
+        assert_eq!(cseq(&kept.headers).unwrap(), (314159, Method::Invite));
+        assert_eq!(top_via(&kept.headers).unwrap().branch(), Some("z9hG4bKabc"));
+        assert!(max_forwards(&kept.headers).unwrap().is_none());
+        assert!(kept.body.is_empty());
+        let text = String::from_utf8(kept.encode().to_vec()).unwrap();
+        assert!(!text.contains("X-Custom"), "{text}");
     }
 
     #[test]
