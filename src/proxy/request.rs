@@ -171,10 +171,6 @@ impl Engine {
             _ => tracing::Span::none(),
         };
         let _entered = span.enter();
-        if invite {
-            // §16.7 step 5 / §17.2.1: stop the Edge's INVITE retransmissions at once.
-            self.respond_locally(server, 100);
-        }
         let mut request = request;
         if source.side == Side::Edge {
             self.translate_cseq(&mut request);
@@ -185,6 +181,12 @@ impl Engine {
                     span.record("trunk", trunk);
                 }
                 self.dispatch(server, forward);
+                if invite {
+                    // §16.7 step 5 / §17.2.1: stop the Edge's INVITE retransmissions at
+                    // once. Queued after the INVITE, which so leaves first; a final
+                    // answer already given (no credential, nowhere to send) refuses it.
+                    self.respond_locally(server, 100);
+                }
             }
             Err(rejection) => {
                 Stats::bump(&self.stats.locally_rejected);
