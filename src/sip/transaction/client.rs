@@ -158,6 +158,7 @@ impl ClientTransaction {
     pub fn handle_response(&mut self, now: Instant, response: Response) {
         self.silence_until = None;
         let code = response.code;
+        self.forget_wire_once_answered(code);
         let provisional = (100..200).contains(&code);
         let success = (200..300).contains(&code);
         match self.state {
@@ -318,6 +319,15 @@ impl ClientTransaction {
             uri: self.request.uri.clone(),
             headers,
             body: Bytes::new(),
+        }
+    }
+
+    /// An INVITE is never retransmitted once anything answers it (§17.1.1.2), a
+    /// non-INVITE once a final response does (§17.1.2.2): from then on its bytes are
+    /// dead weight for the transaction's remaining linger (up to 64·T1).
+    fn forget_wire_once_answered(&mut self, code: u16) {
+        if (self.invite || code >= 200) && !self.wire.is_empty() {
+            self.wire = Bytes::new();
         }
     }
 

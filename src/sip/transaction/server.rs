@@ -126,6 +126,9 @@ impl ServerTransaction {
             }
             ServerState::Proceeding if self.invite && success => {
                 self.state = ServerState::Accepted;
+                // Retransmitted INVITEs are absorbed from here on (RFC 6026 §7.1): the
+                // last provisional response is never sent again.
+                self.last_response = None;
                 self.events.push_back(ServerEvent::Transmit(wire));
                 self.linger_until = Some(now + self.timers.transaction_timeout());
             }
