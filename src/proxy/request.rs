@@ -184,13 +184,16 @@ impl Engine {
                 if invite {
                     // §16.7 step 5 / §17.2.1: stop the Edge's INVITE retransmissions at
                     // once. Queued after the INVITE, which so leaves first; a final
-                    // answer already given (no credential, nowhere to send) refuses it.
+                    // answer already given (nowhere to send) refuses it.
                     self.respond_locally(server, 100);
                 }
             }
             Err(rejection) => {
                 Stats::bump(&self.stats.locally_rejected);
                 tracing::info!(peer = %source.peer, code = rejection.code, reason = %rejection.reason, "rejected request");
+                if invite {
+                    self.respond_locally(server, 100);
+                }
                 self.respond_locally(server, rejection.code);
             }
         }
