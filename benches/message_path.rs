@@ -7,10 +7,13 @@
 //!   step 3) and written out again.
 //! - `invite_parse`, `response_200_parse`: the parse alone.
 //!
-//! Each of these runs twice: `rsip` is today's path ([`message::parse`], the
-//! `message::*` editors, [`message::encode`]); `view` is the zero-copy [`MessageView`]
-//! and its splicing [`Edit`](byoc_sidecar::sip::view::Edit). Before measuring, the two
-//! outputs are checked to carry the same headers and body, so both do the same work.
+//! Each of these runs three times: `rsip` is the path the proxy took before issue 15
+//! ([`message::parse`], the `message::*` editors, [`message::encode`]); `wire` is the
+//! path it takes now ([`wire::parse`] over the view, lines kept as slices of the
+//! received buffer, the `wire::*` editors, [`wire::Request::encode`]); `view` is the bare
+//! [`MessageView`] with its splicing [`Edit`](byoc_sidecar::sip::view::Edit), the floor.
+//! Before measuring, the outputs are checked to carry the same headers and body, so all
+//! do the same work.
 //!
 //! - `credential/current_static_token`: [`CredentialManager::current`], read per request.
 //! - `digest_authorize/{md5,sha256}`: one answer to a kept `qop="auth"` challenge.
@@ -30,6 +33,7 @@ use byoc_sidecar::sip::digest::{ChallengeKind, DigestClient};
 use byoc_sidecar::sip::message::{self, MessageError};
 use byoc_sidecar::sip::via::Via;
 use byoc_sidecar::sip::view::{HeaderName, MessageView, ViewError};
+use byoc_sidecar::sip::wire;
 use bytes::Bytes;
 use criterion::{Criterion, Throughput};
 use rsip::message::HasHeaders;
@@ -155,7 +159,7 @@ fn next_max_forwards(received: Option<u32>) -> u32 {
     received.map_or(70, |value| value.saturating_sub(1))
 }
 
-/// Today's path for an INVITE: rsip parse, the proxy's edits, encode.
+/// The old path for an INVITE: rsip parse, the proxy's edits, encode.
 fn forward_invite_rsip(bytes: &[u8], edits: &ForwardEdits) -> Result<Bytes, MessageError> {
     let mut request = message::parse(bytes, true)?;
     let headers = request.headers_mut();
@@ -190,7 +194,35 @@ fn forward_invite_view(bytes: &Bytes, edits: &ForwardEdits) -> Result<Bytes, Vie
     Ok(edit.serialize())
 }
 
-/// Today's path for a response: rsip parse, pop our Via, encode.
+/// The proxy's path for an INVITE: the wire model, its edits, encode.
+fn forward_invite_wire(bytes: &Bytes, edits: &ForwardEdits) -> Result<Bytes, MessageError> {
+    let wire::Message::Request(mut request) = wire::parse(bytes.clone(), true)? else {
+        return Err(MessageError::Missing {
+            header: "request line",
+        });
+    };
+    let headers = &mut request.headers;
+    let max_forwards = next_max_forwards(wire::max_forwards(headers)?);
+    wire::set_max_forwards(headers, max_forwards);
+    wire::push_record_route(headers, &edits.inner_record_route);
+    wire::push_record_route(headers, &edits.outer_record_route);
+    wire::push_via(headers, &edits.via);
+    headers.push("Authorization", &edits.bearer());
+    Ok(request.encode())
+}
+
+/// The proxy's path for a response: the wire model, pop our Via, encode.
+fn forward_response_wire(bytes: &Bytes) -> Result<Bytes, MessageError> {
+    let wire::Message::Response(mut response) = wire::parse(bytes.clone(), true)? else {
+        return Err(MessageError::Missing {
+            header: "status line",
+        });
+    };
+    wire::remove_top_via(&mut response.headers)?;
+    Ok(response.encode())
+}
+
+/// The old path for a response: rsip parse, pop our Via, encode.
 fn forward_response_rsip(bytes: &[u8]) -> Result<Bytes, MessageError> {
     let mut response = message::parse(bytes, true)?;
     message::pop_via(response.headers_mut())?;
@@ -231,7 +263,7 @@ fn contents(bytes: &Bytes) -> BenchResult<Contents> {
     Ok((headers, view.body()))
 }
 
-/// Checks that the two paths produced the same message, up to the order of lines of
+/// Checks that two paths produced the same message, up to the order of lines of
 /// different names.
 fn check_same(what: &str, rsip_out: &Bytes, view_out: &Bytes) -> BenchResult {
     if contents(rsip_out)? != contents(view_out)? {
@@ -259,11 +291,24 @@ fn bench_messages(criterion: &mut Criterion) -> BenchResult {
         &forward_response_rsip(&ok)?,
         &forward_response_view(&ok)?,
     )?;
+    check_same(
+        "INVITE (wire)",
+        &forward_invite_rsip(&invite, &edits)?,
+        &forward_invite_wire(&invite, &edits)?,
+    )?;
+    check_same(
+        "200 OK (wire)",
+        &forward_response_rsip(&ok)?,
+        &forward_response_wire(&ok)?,
+    )?;
 
     let mut group = criterion.benchmark_group("invite_forward");
     group.throughput(Throughput::Bytes(invite.len() as u64));
     group.bench_function("rsip", |bencher| {
         bencher.iter(|| forward_invite_rsip(black_box(&invite), &edits))
+    });
+    group.bench_function("wire", |bencher| {
+        bencher.iter(|| forward_invite_wire(black_box(&invite), &edits))
     });
     group.bench_function("view", |bencher| {
         bencher.iter(|| forward_invite_view(black_box(&invite), &edits))
@@ -274,6 +319,9 @@ fn bench_messages(criterion: &mut Criterion) -> BenchResult {
     group.throughput(Throughput::Bytes(ok.len() as u64));
     group.bench_function("rsip", |bencher| {
         bencher.iter(|| forward_response_rsip(black_box(&ok)))
+    });
+    group.bench_function("wire", |bencher| {
+        bencher.iter(|| forward_response_wire(black_box(&ok)))
     });
     group.bench_function("view", |bencher| {
         bencher.iter(|| forward_response_view(black_box(&ok)))
@@ -287,6 +335,9 @@ fn bench_messages(criterion: &mut Criterion) -> BenchResult {
         group.throughput(Throughput::Bytes(bytes.len() as u64));
         group.bench_function("rsip", |bencher| {
             bencher.iter(|| message::parse(black_box(bytes), true))
+        });
+        group.bench_function("wire", |bencher| {
+            bencher.iter(|| wire::parse(black_box(bytes).clone(), true))
         });
         group.bench_function("view", |bencher| {
             bencher.iter(|| MessageView::parse(black_box(bytes).clone(), true))

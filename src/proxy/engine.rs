@@ -966,7 +966,7 @@ impl Engine {
         if self.absorb_rejection(client, server, &response) {
             return;
         }
-        if wire::pop_via(&mut response.headers).is_err() {
+        if wire::remove_top_via(&mut response.headers).is_err() {
             Stats::bump(&self.stats.malformed_dropped);
             return;
         }
@@ -1093,7 +1093,7 @@ impl Engine {
             return;
         }
         let mut response = response;
-        if wire::pop_via(&mut response.headers).is_ok() {
+        if wire::remove_top_via(&mut response.headers).is_ok() {
             self.forward_response_stateless(response, source.side.opposite());
         }
     }

@@ -217,7 +217,7 @@ impl Engine {
             Refusal::Stands => return false,
         };
         let mut rejected = response.clone();
-        if wire::pop_via(&mut rejected.headers).is_err() {
+        if wire::remove_top_via(&mut rejected.headers).is_err() {
             return false;
         }
         let Some(Entry::Client(entry)) = self.entries.get_mut(&client) else {

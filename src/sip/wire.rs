@@ -672,6 +672,36 @@ pub fn pop_via(headers: &mut Headers) -> Result<Via, MessageError> {
     Ok(top)
 }
 
+/// Removes the top Via value without reading it: the line goes when it holds one
+/// value, else the line keeps the values after the first. The relay of a response's
+/// path, where the Via removed is ours and was matched already.
+pub fn remove_top_via(headers: &mut Headers) -> Result<(), MessageError> {
+    let index = headers
+        .position(HeaderName::Via)
+        .ok_or(MessageError::Missing { header: "Via" })?;
+    let Some(line) = headers.0.get(index) else {
+        return Err(MessageError::Missing { header: "Via" });
+    };
+    let value = line.value();
+    match view::next_separator(value.as_bytes(), 0, b',', true) {
+        None => {
+            headers.0.remove(index);
+        }
+        Some(comma) => {
+            let rest = value.get(comma + 1..).unwrap_or_default().trim_start();
+            if rest.is_empty() {
+                headers.0.remove(index);
+            } else {
+                let rewritten = Header::new(&line.spelling().to_string(), rest);
+                if let Some(slot) = headers.0.get_mut(index) {
+                    *slot = rewritten;
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Puts `via` on top of the Via stack (a line before the first Via line).
 pub fn push_via(headers: &mut Headers, via: &Via) {
     match headers.position(HeaderName::Via) {
