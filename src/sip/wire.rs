@@ -692,7 +692,7 @@ pub fn remove_top_via(headers: &mut Headers) -> Result<(), MessageError> {
             if rest.is_empty() {
                 headers.0.remove(index);
             } else {
-                let rewritten = Header::new(&line.spelling().to_string(), rest);
+                let rewritten = Header::new(line.spelling(), rest);
                 if let Some(slot) = headers.0.get_mut(index) {
                     *slot = rewritten;
                 }
