@@ -1,7 +1,7 @@
 //! SIP messages as captured text: a start line, the headers in their order and spelling,
-//! and the body. Lossless and lenient, unlike the proxy's `rsip` parsing: a replay must
-//! reproduce what a field device sent, including headers and methods no parser of ours
-//! knows. Only what replay rewrites is interpreted (Call-ID, CSeq, Via, From/To tags,
+//! and the body. Lossless, and more lenient than the proxy's view (a body shorter than its
+//! Content-Length is kept, as a capture may have cut it): a replay must reproduce what a
+//! field device sent. Only what replay rewrites is interpreted (Call-ID, CSeq, Via, From/To tags,
 //! Contact, routes, Content-Length); compact forms (RFC 3261 §7.3.3) count as their full
 //! names and folded lines (§7.3.1) are joined.
 

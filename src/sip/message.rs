@@ -1,4 +1,6 @@
-//! Parsing, encoding and header access for SIP messages over `rsip` 0.4.
+//! Parsing, encoding and header access for SIP messages over `rsip` 0.4: the messages
+//! the sidecar builds itself (its REGISTERs) and the simulators' peers. The proxy's own
+//! path is [`super::wire`].
 //!
 //! [`parse`] runs `rsip`'s parser, then expands compact headers (see
 //! [`super::header`]) and applies RFC 3261 §18.3 body-length rules. [`encode`] writes the

@@ -1,5 +1,6 @@
-//! The pure SIP core: message helpers over `rsip`, a zero-copy message view
-//! ([`view`]), stream framing and the RFC 3261 §17 transaction state machines.
+//! The pure SIP core: a zero-copy message view ([`view`]) and the proxy's message
+//! model over it ([`wire`]), message helpers over `rsip` for the messages the sidecar
+//! builds itself, stream framing and the RFC 3261 §17 transaction state machines.
 //!
 //! Nothing in here touches a socket, a runtime or a clock. Every input that depends on
 //! time takes `now` as an argument, and every output is pulled with a `poll_*` call, so the

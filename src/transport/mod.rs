@@ -1,8 +1,11 @@
 //! Sockets: UDP listeners, TCP and TLS listeners and connections, and the handle the
-//! engine uses to send. Receive tasks check the sender against the side's allow list,
-//! frame and parse the bytes (so parsing runs on every core, not just the engine's), and
-//! queue the message for the engine on a bounded channel. Sending never blocks the engine: UDP uses
-//! `try_send_to`, each TCP or TLS connection has a bounded queue of its own.
+//! engine uses to send. Every receiver checks the sender against the side's allow list
+//! and parses the bytes into the proxy's message ([`crate::sip::wire`]): the proxy's
+//! driver reads the UDP sockets itself ([`udp::receive_one`]), each TCP or TLS
+//! connection task frames and parses its stream (so that parsing runs on every core)
+//! and queues the message for the engine on a bounded channel. Sending never blocks the
+//! engine: UDP uses `try_send_to`, each TCP or TLS connection has a bounded queue of its
+//! own.
 //!
 //! Connections are tracked by the engine (it receives `Opened`/`Closed` events) and keyed
 //! by side, transport and peer address, and for TLS connections the sidecar opens by the
