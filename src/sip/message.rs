@@ -212,18 +212,10 @@ fn content_length(headers: &Headers) -> Result<Option<usize>, MessageError> {
 
 /// The first Via value: the top of the Via stack.
 pub fn top_via(headers: &Headers) -> Result<Via, MessageError> {
-    let value = headers
-        .iter()
-        .find_map(|header| match header {
-            Header::Via(via) => Some(via.value()),
-            _ => None,
-        })
-        .ok_or(MessageError::Missing { header: "Via" })?;
-    let first = split_list(value)
-        .into_iter()
-        .next()
-        .ok_or(MessageError::Missing { header: "Via" })?;
-    Ok(Via::parse(first)?)
+    super::wire::first_via(headers.iter().find_map(|header| match header {
+        Header::Via(via) => Some(via.value()),
+        _ => None,
+    }))
 }
 
 /// Replaces the top Via value with `via`, keeping any further values of the same header.

@@ -25,32 +25,16 @@ use bytes::{BufMut, Bytes, BytesMut};
 use super::header::{header_params, param, split_list};
 use super::message::MessageError;
 use super::via::Via;
-use super::view::{self, HeaderName, Lookup, MessageView, UriView};
+use super::view::{self, HeaderName, Lookup, MessageView, MethodOf, UriView};
 
 pub use super::message::{route_uri, tag_of};
 
 /// The longest extension method this element carries (`Method::Extension` is `Copy`).
 pub const MAX_METHOD_LENGTH: usize = 30;
 
-/// A request method (§7.1): the ones this element knows, or any other token.
-#[derive(Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Method {
-    Invite,
-    Ack,
-    Bye,
-    Cancel,
-    Register,
-    Options,
-    Prack,
-    Update,
-    Info,
-    Message,
-    Refer,
-    Subscribe,
-    Notify,
-    Publish,
-    Extension(Token),
-}
+/// A request method (§7.1): the ones this element knows, or any other token, whose name
+/// is kept inline so that a method is `Copy`.
+pub type Method = MethodOf<Token>;
 
 /// An extension method's name, kept inline.
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
@@ -70,8 +54,10 @@ impl Token {
             bytes,
         })
     }
+}
 
-    fn as_str(&self) -> &str {
+impl AsRef<str> for Token {
+    fn as_ref(&self) -> &str {
         self.bytes
             .get(..usize::from(self.length))
             .and_then(|bytes| std::str::from_utf8(bytes).ok())
@@ -79,64 +65,22 @@ impl Token {
     }
 }
 
-impl Method {
+impl fmt::Debug for Token {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_ref())
+    }
+}
+
+impl MethodOf<Token> {
     /// The method a view read, or `None` for an extension longer than
     /// [`MAX_METHOD_LENGTH`].
     pub fn from_view(method: view::Method<'_>) -> Option<Self> {
-        Some(match method {
-            view::Method::Invite => Self::Invite,
-            view::Method::Ack => Self::Ack,
-            view::Method::Bye => Self::Bye,
-            view::Method::Cancel => Self::Cancel,
-            view::Method::Register => Self::Register,
-            view::Method::Options => Self::Options,
-            view::Method::Prack => Self::Prack,
-            view::Method::Update => Self::Update,
-            view::Method::Info => Self::Info,
-            view::Method::Message => Self::Message,
-            view::Method::Refer => Self::Refer,
-            view::Method::Subscribe => Self::Subscribe,
-            view::Method::Notify => Self::Notify,
-            view::Method::Publish => Self::Publish,
-            view::Method::Extension(token) => Self::Extension(Token::new(token)?),
-        })
+        method.map_extension(Token::new)
     }
 
     /// The method named by `token`, if it is one (an RFC 3261 token, short enough).
     pub fn parse(token: &str) -> Option<Self> {
         view::Method::parse(token).and_then(Self::from_view)
-    }
-
-    pub fn as_str(&self) -> &str {
-        match self {
-            Self::Invite => "INVITE",
-            Self::Ack => "ACK",
-            Self::Bye => "BYE",
-            Self::Cancel => "CANCEL",
-            Self::Register => "REGISTER",
-            Self::Options => "OPTIONS",
-            Self::Prack => "PRACK",
-            Self::Update => "UPDATE",
-            Self::Info => "INFO",
-            Self::Message => "MESSAGE",
-            Self::Refer => "REFER",
-            Self::Subscribe => "SUBSCRIBE",
-            Self::Notify => "NOTIFY",
-            Self::Publish => "PUBLISH",
-            Self::Extension(token) => token.as_str(),
-        }
-    }
-}
-
-impl fmt::Display for Method {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-impl fmt::Debug for Method {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
     }
 }
 
@@ -616,13 +560,13 @@ impl Response {
 
 /// The first Via value: the top of the Via stack.
 pub fn top_via(headers: &Headers) -> Result<Via, MessageError> {
-    let value = headers
-        .first(HeaderName::Via)
-        .map(Header::value)
-        .ok_or(MessageError::Missing { header: "Via" })?;
-    let first = split_list(value)
-        .into_iter()
-        .next()
+    first_via(headers.first(HeaderName::Via).map(Header::value))
+}
+
+/// The first Via value of the first Via line's value `line`, parsed.
+pub(super) fn first_via(line: Option<&str>) -> Result<Via, MessageError> {
+    let first = line
+        .and_then(|value| split_list(value).into_iter().next())
         .ok_or(MessageError::Missing { header: "Via" })?;
     Ok(Via::parse(first)?)
 }

@@ -43,7 +43,7 @@ mod text;
 
 pub use address::{split_host_port, AddressProblem, HostPort, UriView, ViaProblem, ViaView};
 pub use edit::Edit;
-pub use names::{HeaderName, Lookup, Method, COMPACT_FORMS};
+pub use names::{HeaderName, Lookup, Method, MethodOf, COMPACT_FORMS};
 pub use text::{name_addr_parts, next_separator};
 
 use text::{find_param, is_token, ListElements};

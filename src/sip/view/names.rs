@@ -174,10 +174,12 @@ impl<'a> From<&'a str> for Lookup<'a> {
 }
 
 /// A request method (§7.1). Methods are case-sensitive: `invite` is an extension method,
-/// not INVITE. Any token is a method; one this element does not know is an `Extension`
-/// borrowing its text from the message, and is forwarded like any other (§16).
+/// not INVITE. Any token is a method; one this element does not know is an `Extension`,
+/// forwarded like any other (§16). `E` holds an extension's name: borrowed from the
+/// message in the view ([`Method`]), inline in the proxy's model
+/// ([`crate::sip::wire::Method`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Method<'a> {
+pub enum MethodOf<E> {
     Invite,
     Ack,
     Bye,
@@ -200,25 +202,73 @@ pub enum Method<'a> {
     Notify,
     /// RFC 3903.
     Publish,
-    Extension(&'a str),
+    Extension(E),
 }
 
-const KNOWN_METHODS: &[(Method<'static>, &str)] = &[
-    (Method::Invite, "INVITE"),
-    (Method::Ack, "ACK"),
-    (Method::Bye, "BYE"),
-    (Method::Cancel, "CANCEL"),
-    (Method::Register, "REGISTER"),
-    (Method::Options, "OPTIONS"),
-    (Method::Prack, "PRACK"),
-    (Method::Update, "UPDATE"),
-    (Method::Info, "INFO"),
-    (Method::Message, "MESSAGE"),
-    (Method::Refer, "REFER"),
-    (Method::Subscribe, "SUBSCRIBE"),
-    (Method::Notify, "NOTIFY"),
-    (Method::Publish, "PUBLISH"),
-];
+/// A method as the view reads it, an extension's name borrowed from the message.
+pub type Method<'a> = MethodOf<&'a str>;
+
+impl<E> MethodOf<E> {
+    /// The method this element knows by `spelling`, if any.
+    fn known(spelling: &str) -> Option<Self> {
+        Some(match spelling {
+            "INVITE" => Self::Invite,
+            "ACK" => Self::Ack,
+            "BYE" => Self::Bye,
+            "CANCEL" => Self::Cancel,
+            "REGISTER" => Self::Register,
+            "OPTIONS" => Self::Options,
+            "PRACK" => Self::Prack,
+            "UPDATE" => Self::Update,
+            "INFO" => Self::Info,
+            "MESSAGE" => Self::Message,
+            "REFER" => Self::Refer,
+            "SUBSCRIBE" => Self::Subscribe,
+            "NOTIFY" => Self::Notify,
+            "PUBLISH" => Self::Publish,
+            _ => return None,
+        })
+    }
+
+    /// The spelling of a known method; `None` for an extension.
+    fn known_spelling(&self) -> Option<&'static str> {
+        Some(match self {
+            Self::Invite => "INVITE",
+            Self::Ack => "ACK",
+            Self::Bye => "BYE",
+            Self::Cancel => "CANCEL",
+            Self::Register => "REGISTER",
+            Self::Options => "OPTIONS",
+            Self::Prack => "PRACK",
+            Self::Update => "UPDATE",
+            Self::Info => "INFO",
+            Self::Message => "MESSAGE",
+            Self::Refer => "REFER",
+            Self::Subscribe => "SUBSCRIBE",
+            Self::Notify => "NOTIFY",
+            Self::Publish => "PUBLISH",
+            Self::Extension(_) => return None,
+        })
+    }
+
+    /// The same method with its extension's name held by `hold`; `None` when `hold`
+    /// refuses the name.
+    pub fn map_extension<F>(self, hold: impl FnOnce(E) -> Option<F>) -> Option<MethodOf<F>> {
+        match self {
+            Self::Extension(name) => hold(name).map(MethodOf::Extension),
+            known => known.known_spelling().and_then(MethodOf::known),
+        }
+    }
+}
+
+impl<E: AsRef<str>> MethodOf<E> {
+    pub fn as_str(&self) -> &str {
+        match self {
+            Self::Extension(name) => name.as_ref(),
+            known => known.known_spelling().unwrap_or_default(),
+        }
+    }
+}
 
 impl<'a> Method<'a> {
     /// The method named by `token`, or `None` when `token` is not an RFC 3261 token.
@@ -228,24 +278,11 @@ impl<'a> Method<'a> {
 
     /// The method named by a token the parser has already checked.
     pub(super) fn from_token(token: &'a str) -> Self {
-        KNOWN_METHODS
-            .iter()
-            .find(|(_, spelling)| *spelling == token)
-            .map_or(Self::Extension(token), |(method, _)| *method)
-    }
-
-    pub fn as_str(&self) -> &'a str {
-        match self {
-            Self::Extension(token) => token,
-            known => KNOWN_METHODS
-                .iter()
-                .find(|(method, _)| method == known)
-                .map_or("", |(_, spelling)| *spelling),
-        }
+        Self::known(token).unwrap_or(Self::Extension(token))
     }
 }
 
-impl fmt::Display for Method<'_> {
+impl<E: AsRef<str>> fmt::Display for MethodOf<E> {
     fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
         formatter.write_str(self.as_str())
     }
