@@ -5,21 +5,25 @@
 //! creates a player for each dialogue whose first request reaches it and answers back
 //! the way requests came.
 //!
-//! One task owns the players. Socket tasks feed it through a bounded queue; it sleeps
-//! until the earliest player timer, kept in an ordered set so a wake-up costs
-//! O(log players). Accepted connections are limited; a full queue drops UDP datagrams,
-//! as a full socket buffer would.
+//! The sockets are the proxy's own transport ([`crate::transport`]): the UDP socket is
+//! read with [`udp::receive_one`] by the endpoint's task itself, as the proxy's driver
+//! reads its sockets; TCP connections, accepted or opened toward the target, are served
+//! by [`TcpContext`] (framing, keep-alive pongs, write batching, limits), which parses
+//! every message with the proxy's view and hands it over as a [`TransportEvent`]. What
+//! the proxy's parser refuses is counted and dropped here as it is there.
+//!
+//! One task owns the players. It sleeps until the earliest player timer, kept in an
+//! ordered set so a wake-up costs O(log players). A full queue stalls the connection
+//! that fills it, as it does in the proxy.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize};
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::tcp::OwnedReadHalf;
-use tokio::net::{TcpListener, TcpStream, UdpSocket};
+use tokio::net::{TcpListener, UdpSocket};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -31,21 +35,28 @@ use super::player::{Origin, Output, Player};
 use super::script::{Dialogue, Side};
 use super::text::SipText;
 use crate::config::Transport;
-use crate::sip::framing::{Frame, StreamFramer, PONG};
+use crate::stats::Stats;
+use crate::transport::tcp::{self, TcpContext};
+use crate::transport::udp::{self, Received};
+use crate::transport::{AllowList, ReceiveContext, TransportEvent};
 
 /// Largest message accepted live.
 const MAX_LIVE_MESSAGE: usize = 1 << 20;
 /// Messages waiting for an endpoint.
 const QUEUE: usize = 4096;
-/// Connections accepted at once; more are closed at once.
+/// Connections open at once; more are refused.
 const MAX_CONNECTIONS: usize = 256;
-/// Messages waiting to be written to one connection; beyond it they are dropped.
-const WRITE_QUEUE: usize = 256;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// A write to a connection that takes longer closes it: its peer stopped reading.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
+/// A replayed call may be silent for as long as it was in the capture.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
 /// After a failed connect to the target, no new attempt for this long.
 const CONNECT_HOLDOFF: Duration = Duration::from_secs(1);
-/// A pause after a failed accept (out of descriptors, say), so it cannot spin.
-const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+/// UDP socket buffers asked for: a replay at full speed sends in bursts.
+const UDP_BUFFER: usize = 1 << 20;
+/// Datagrams read in one turn before timers and the queue get their turn.
+const UDP_BATCH: usize = 64;
 
 /// A UDP socket and a TCP listener on the same address.
 pub struct Sockets {
@@ -58,19 +69,24 @@ pub struct Sockets {
 impl Sockets {
     pub async fn bind(address: SocketAddr) -> Result<Sockets, ReplayError> {
         let bind_error = |source| ReplayError::Bind { address, source };
+        let udp_error = |error: udp::UdpError| match error {
+            udp::UdpError::Bind { source, .. } => bind_error(source),
+        };
         // With port 0, find a port free for both.
         for _ in 0..32 {
-            let udp = UdpSocket::bind(address).await.map_err(bind_error)?;
+            let udp = udp::bind(address, UDP_BUFFER).await.map_err(udp_error)?;
             let local = udp.local_addr().map_err(bind_error)?;
-            match TcpListener::bind(local).await {
+            match tcp::bind(local).await {
                 Ok(tcp) => {
                     return Ok(Sockets {
-                        udp: Arc::new(udp),
+                        udp,
                         tcp: Some(tcp),
                         local,
                     })
                 }
-                Err(error) if address.port() != 0 => return Err(bind_error(error)),
+                Err(tcp::TcpError::Bind { source, .. }) if address.port() != 0 => {
+                    return Err(bind_error(source))
+                }
                 Err(_) => continue,
             }
         }
@@ -81,25 +97,6 @@ impl Sockets {
     }
 }
 
-/// What reaches the endpoint task.
-enum Inbound {
-    Message {
-        bytes: Bytes,
-        origin: Origin,
-    },
-    Connected {
-        id: u64,
-        writer: mpsc::Sender<Bytes>,
-    },
-    Closed {
-        id: u64,
-    },
-    /// Our background connect to the target ended.
-    TargetConnected {
-        outcome: Result<TcpStream, String>,
-    },
-}
-
 /// What an endpoint drops, for the log at its end.
 #[derive(Debug, Default)]
 struct Dropped {
@@ -107,6 +104,28 @@ struct Dropped {
     unmatched: u64,
     /// Messages that could not be sent (no connection, a full write queue, a UDP error).
     unsent: u64,
+}
+
+/// The TCP connections an endpoint knows: by id, and by peer for the messages that
+/// arrive on them (the transport names a message's peer, not its connection).
+#[derive(Default)]
+struct Connections {
+    by_id: HashMap<u64, mpsc::Sender<Bytes>>,
+    by_peer: HashMap<SocketAddr, u64>,
+}
+
+impl Connections {
+    fn insert(&mut self, id: u64, peer: SocketAddr, sender: mpsc::Sender<Bytes>) {
+        self.by_id.insert(id, sender);
+        self.by_peer.insert(peer, id);
+    }
+
+    fn remove(&mut self, id: u64, peer: SocketAddr) {
+        self.by_id.remove(&id);
+        if self.by_peer.get(&peer) == Some(&id) {
+            self.by_peer.remove(&peer);
+        }
+    }
 }
 
 pub struct Endpoint {
@@ -125,14 +144,14 @@ pub struct Endpoint {
     /// and how many of them have started.
     starts: Vec<(usize, Duration)>,
     started: usize,
-    connections: HashMap<u64, mpsc::Sender<Bytes>>,
+    connections: Connections,
+    /// Our connection to the target, once opened (it queues what is sent before the
+    /// connect completes).
     target_connection: Option<u64>,
-    /// A connect to the target runs; these wait for it.
-    connecting: bool,
-    waiting: Vec<Bytes>,
     connect_after: Option<Instant>,
-    next_connection: u64,
     tracker: TaskTracker,
+    /// What the shared transport counts (refused messages, connections, send failures).
+    stats: Arc<Stats>,
     dropped: Dropped,
 }
 
@@ -185,13 +204,11 @@ impl Endpoint {
             done: HashSet::new(),
             starts,
             started: 0,
-            connections: HashMap::new(),
+            connections: Connections::default(),
             target_connection: None,
-            connecting: false,
-            waiting: Vec::new(),
             connect_after: None,
-            next_connection: 0,
             tracker: TaskTracker::new(),
+            stats: Arc::new(Stats::default()),
             dropped: Dropped::default(),
         }
     }
@@ -204,13 +221,15 @@ impl Endpoint {
 
     /// Plays until every player is done (Edge) or `cancel` fires; returns the players.
     pub async fn run(mut self, cancel: CancellationToken) -> HashMap<usize, Player> {
-        let (sender, mut inbound) = mpsc::channel::<Inbound>(QUEUE);
+        let (events_sender, mut events) = mpsc::channel::<TransportEvent>(QUEUE);
         let stop = cancel.child_token();
-        self.spawn_receivers(&sender, &stop);
+        let tcp = self.start_transport(events_sender, &stop);
+        let udp = self.sockets.udp.clone();
+        let mut buffer = vec![0u8; MAX_LIVE_MESSAGE + 1];
         let began = Instant::now();
         loop {
             if self.role == Side::Edge {
-                self.start_due(began, &sender).await;
+                self.start_due(began, &tcp).await;
                 if self.started == self.starts.len() && self.done.len() == self.players.len() {
                     break;
                 }
@@ -218,16 +237,21 @@ impl Endpoint {
             let wake = self.next_wake(began);
             tokio::select! {
                 _ = cancel.cancelled() => break,
-                event = inbound.recv() => match event {
-                    Some(event) => self.on_inbound(event, &sender, &stop).await,
+                event = events.recv() => match event {
+                    Some(event) => self.on_event(event, &tcp).await,
                     None => break,
                 },
-                _ = sleep_until(wake) => self.on_timers(&sender).await,
+                readable = udp.readable() => {
+                    if readable.is_ok() {
+                        self.read_datagrams(&udp, &tcp, &mut buffer).await;
+                    }
+                }
+                _ = sleep_until(wake) => self.on_timers(&tcp).await,
             }
         }
         stop.cancel();
-        // Nobody reads the queue any more: senders blocked on it must see it closed.
-        inbound.close();
+        // Nobody reads the queue any more: connection tasks waiting on it must see it closed.
+        events.close();
         self.tracker.close();
         if tokio::time::timeout(Duration::from_secs(1), self.tracker.wait())
             .await
@@ -235,15 +259,54 @@ impl Endpoint {
         {
             tracing::warn!(role = ?self.role, "replay: socket tasks still running at the end");
         }
-        if self.dropped.unmatched > 0 || self.dropped.unsent > 0 {
+        let stats = self.stats.snapshot();
+        if self.dropped.unmatched > 0 || self.dropped.unsent > 0 || stats.malformed_dropped > 0 {
             tracing::info!(
                 role = ?self.role,
                 unmatched = self.dropped.unmatched,
-                unsent = self.dropped.unsent,
+                unsent = self.dropped.unsent + stats.send_failed,
+                refused = stats.malformed_dropped,
                 "replay: messages dropped"
             );
         }
         self.players
+    }
+
+    /// The shared transport for this endpoint: the TCP listener's accept loop, and the
+    /// context that serves and opens connections. Everything it receives comes to
+    /// `events`.
+    fn start_transport(
+        &mut self,
+        events: mpsc::Sender<TransportEvent>,
+        stop: &CancellationToken,
+    ) -> TcpContext {
+        let anyone = ["0.0.0.0/0", "::/0"]
+            .iter()
+            .filter_map(|net| net.parse().ok())
+            .collect();
+        let context = TcpContext {
+            receive: ReceiveContext {
+                side: self.role.transport_side(),
+                allow: Arc::new(AllowList::new(anyone)),
+                engine: events,
+                stats: self.stats.clone(),
+                max_message_size: MAX_LIVE_MESSAGE,
+            },
+            idle_timeout: IDLE_TIMEOUT,
+            connect_timeout: CONNECT_TIMEOUT,
+            write_timeout: WRITE_TIMEOUT,
+            max_connections: MAX_CONNECTIONS,
+            open_connections: Arc::new(AtomicUsize::new(0)),
+            next_id: Arc::new(AtomicU64::new(1)),
+            tracker: self.tracker.clone(),
+            cancel: stop.clone(),
+            tls_failures: Arc::default(),
+        };
+        if let Some(listener) = self.sockets.tcp.take() {
+            self.tracker
+                .spawn(tcp::accept_loop(listener, context.clone(), None));
+        }
+        context
     }
 
     fn next_wake(&self, began: Instant) -> Option<Instant> {
@@ -255,7 +318,7 @@ impl Endpoint {
         player.into_iter().chain(start).min()
     }
 
-    async fn start_due(&mut self, began: Instant, sender: &mpsc::Sender<Inbound>) {
+    async fn start_due(&mut self, began: Instant, tcp: &TcpContext) {
         let now = Instant::now();
         while let Some(&(index, offset)) = self.starts.get(self.started) {
             if began + offset > now {
@@ -265,7 +328,7 @@ impl Endpoint {
             let mut player = self.player(index, now.into_std());
             player.handle_timeout(now.into_std());
             self.players.insert(index, player);
-            self.settle(index, sender).await;
+            self.settle(index, tcp).await;
         }
     }
 
@@ -283,7 +346,7 @@ impl Endpoint {
     }
 
     /// Runs every player whose timer is due.
-    async fn on_timers(&mut self, sender: &mpsc::Sender<Inbound>) {
+    async fn on_timers(&mut self, tcp: &TcpContext) {
         let now = Instant::now().into_std();
         while let Some(&(at, index)) = self.timers.first() {
             if at > now {
@@ -294,13 +357,13 @@ impl Endpoint {
             if let Some(player) = self.players.get_mut(&index) {
                 player.handle_timeout(now);
             }
-            self.settle(index, sender).await;
+            self.settle(index, tcp).await;
         }
     }
 
     /// After player `index` handled something: send what it queued, file its next timer,
     /// note whether it is done.
-    async fn settle(&mut self, index: usize, sender: &mpsc::Sender<Inbound>) {
+    async fn settle(&mut self, index: usize, tcp: &TcpContext) {
         let transport = self.transport_of(index);
         loop {
             let Some(player) = self.players.get_mut(&index) else {
@@ -313,7 +376,7 @@ impl Endpoint {
                 Side::Edge => None,
                 Side::Core => player.peer(),
             });
-            self.send(to, transport, bytes, sender).await;
+            self.send(to, transport, bytes, tcp).await;
         }
         let Some(player) = self.players.get(&index) else {
             return;
@@ -333,105 +396,60 @@ impl Endpoint {
         }
     }
 
-    fn spawn_receivers(&mut self, sender: &mpsc::Sender<Inbound>, stop: &CancellationToken) {
-        let udp = self.sockets.udp.clone();
-        let (udp_sender, udp_stop) = (sender.clone(), stop.clone());
-        self.tracker.spawn(async move {
-            let mut buffer = vec![0u8; 65_536];
-            loop {
-                let (length, from) = tokio::select! {
-                    _ = udp_stop.cancelled() => return,
-                    received = udp.recv_from(&mut buffer) => match received {
-                        Ok(received) => received,
-                        // ICMP errors from earlier sends surface here; keep listening.
-                        Err(_) => continue,
-                    },
-                };
-                let message = Inbound::Message {
-                    bytes: Bytes::copy_from_slice(&buffer[..length]),
-                    origin: Origin {
-                        address: from,
+    /// Reads what waits on the UDP socket, up to [`UDP_BATCH`] datagrams.
+    async fn read_datagrams(&mut self, udp: &UdpSocket, tcp: &TcpContext, buffer: &mut [u8]) {
+        let local = self.sockets.local;
+        for _ in 0..UDP_BATCH {
+            match udp::receive_one(udp, local, &tcp.receive, buffer) {
+                Received::Message(inbound) => {
+                    let origin = Origin {
+                        address: inbound.peer,
                         connection: None,
-                    },
-                };
-                // A full queue drops the datagram, as a full socket buffer would.
-                let _ = udp_sender.try_send(message);
-            }
-        });
-        let Some(listener) = self.sockets.tcp.take() else {
-            return;
-        };
-        let (accept_sender, accept_stop) = (sender.clone(), stop.clone());
-        let tracker = self.tracker.clone();
-        let open = Arc::new(AtomicUsize::new(0));
-        // Accepted connections are numbered apart from the ones we open.
-        let first_id = 1 << 32;
-        self.tracker.spawn(async move {
-            let mut id = first_id;
-            let mut warned = false;
-            loop {
-                let (stream, peer) = tokio::select! {
-                    _ = accept_stop.cancelled() => return,
-                    accepted = listener.accept() => match accepted {
-                        Ok(accepted) => accepted,
-                        Err(error) => {
-                            if !warned {
-                                tracing::warn!(error = %error, "replay: accepting a connection failed");
-                                warned = true;
-                            }
-                            tokio::time::sleep(ACCEPT_BACKOFF).await;
-                            continue;
-                        }
-                    },
-                };
-                if open.load(Ordering::Relaxed) >= MAX_CONNECTIONS {
-                    // Over the limit: the stream is dropped, which closes it.
-                    continue;
+                    };
+                    self.on_message(SipText::from_wire(&inbound.message), origin, tcp)
+                        .await;
                 }
-                id += 1;
-                let (reader, writer) = start_writer(&tracker, stream, &accept_stop);
-                // The endpoint learns of the connection before any message on it.
-                let connected = Inbound::Connected {
-                    id,
-                    writer: writer.clone(),
-                };
-                if accept_sender.send(connected).await.is_err() {
-                    return;
-                }
-                let open = Some(open.clone());
-                start_reader(&tracker, id, reader, peer, writer, &accept_sender, &accept_stop, open);
+                Received::Dropped => continue,
+                Received::Empty => break,
             }
-        });
+        }
     }
 
-    async fn on_inbound(
-        &mut self,
-        event: Inbound,
-        sender: &mpsc::Sender<Inbound>,
-        stop: &CancellationToken,
-    ) {
-        let (bytes, origin) = match event {
-            Inbound::Connected { id, writer } => {
-                self.connections.insert(id, writer);
-                return;
+    async fn on_event(&mut self, event: TransportEvent, tcp: &TcpContext) {
+        match event {
+            TransportEvent::Message(inbound) => {
+                let origin = Origin {
+                    address: inbound.peer,
+                    connection: self.connections.by_peer.get(&inbound.peer).copied(),
+                };
+                self.on_message(SipText::from_wire(&inbound.message), origin, tcp)
+                    .await;
             }
-            Inbound::Closed { id } => {
-                self.connections.remove(&id);
+            TransportEvent::ConnectionOpened {
+                id, peer, sender, ..
+            } => self.connections.insert(id, peer, sender),
+            TransportEvent::ConnectionClosed {
+                id,
+                peer,
+                connect_failed,
+                ..
+            } => {
+                self.connections.remove(id, peer);
                 if self.target_connection == Some(id) {
                     self.target_connection = None;
+                    if connect_failed {
+                        let target = self.options.target;
+                        tracing::warn!(%target, "replay: cannot connect to the target");
+                        self.connect_after = Some(Instant::now() + CONNECT_HOLDOFF);
+                    }
                 }
-                return;
             }
-            Inbound::TargetConnected { outcome } => {
-                self.on_target_connected(outcome, sender, stop);
-                return;
-            }
-            Inbound::Message { bytes, origin } => (bytes, origin),
-        };
-        let Ok(message) = SipText::parse(&bytes) else {
-            self.dropped.unmatched += 1;
-            return;
-        };
+            // Only the proxy's core-side sockets watch for ICMP errors.
+            TransportEvent::Unreachable { .. } => {}
+        }
+    }
+
+    async fn on_message(&mut self, message: SipText, origin: Origin, tcp: &TcpContext) {
         let index = message
             .call_id()
             .and_then(|live| self.rewrite.captured_call_id(live))
@@ -443,7 +461,7 @@ impl Endpoint {
             if message.is_request() && message.method() != Some("ACK") {
                 let answer =
                     plain_response(&message, 481, "Call/Transaction Does Not Exist", "replay");
-                self.send(Some(origin), Transport::Udp, answer.encode(), sender)
+                self.send(Some(origin), Transport::Udp, answer.encode(), tcp)
                     .await;
             }
             return;
@@ -460,24 +478,25 @@ impl Endpoint {
         if let Some(player) = self.players.get_mut(&index) {
             player.handle_message(now, message, origin);
         }
-        self.settle(index, sender).await;
+        self.settle(index, tcp).await;
     }
 
-    /// Sends to `to` (back the way it came), or to the target over `transport`.
+    /// Sends to `to` (back the way it came), or to the target over `transport`; over TCP
+    /// on our connection to the target, opened on first use.
     async fn send(
         &mut self,
         to: Option<Origin>,
         transport: Transport,
         bytes: Vec<u8>,
-        sender: &mpsc::Sender<Inbound>,
+        tcp: &TcpContext,
     ) {
         let bytes = Bytes::from(bytes);
         let (address, connection) = match to {
             Some(origin) => (origin.address, origin.connection),
-            None if transport == Transport::Tcp => match self.target_connection {
+            None if transport == Transport::Tcp => match self.target_connection(tcp) {
                 Some(id) => (self.options.target, Some(id)),
                 None => {
-                    self.wait_for_target(bytes, sender);
+                    self.dropped.unsent += 1;
                     return;
                 }
             },
@@ -487,6 +506,7 @@ impl Endpoint {
             Some(id) => {
                 let queued = self
                     .connections
+                    .by_id
                     .get(&id)
                     .is_some_and(|writer| writer.try_send(bytes).is_ok());
                 if !queued {
@@ -502,160 +522,25 @@ impl Endpoint {
         }
     }
 
-    /// Holds `bytes` for the target until our TCP connection to it is up, connecting in
-    /// the background (the endpoint never waits on a connect). After a failure no new
-    /// attempt for [`CONNECT_HOLDOFF`]; what comes meanwhile is dropped and counted.
-    fn wait_for_target(&mut self, bytes: Bytes, sender: &mpsc::Sender<Inbound>) {
-        if self.waiting.len() >= WRITE_QUEUE
-            || self
-                .connect_after
-                .is_some_and(|after| Instant::now() < after)
+    /// Our connection to the target, opened in the background when there is none (what
+    /// is queued on it is written once connected). After a failed connect, none for
+    /// [`CONNECT_HOLDOFF`].
+    fn target_connection(&mut self, tcp: &TcpContext) -> Option<u64> {
+        if let Some(id) = self.target_connection {
+            return Some(id);
+        }
+        if self
+            .connect_after
+            .is_some_and(|after| Instant::now() < after)
         {
-            self.dropped.unsent += 1;
-            return;
+            return None;
         }
-        self.waiting.push(bytes);
-        if self.connecting {
-            return;
-        }
-        self.connecting = true;
-        let (target, sender) = (self.options.target, sender.clone());
-        self.tracker.spawn(async move {
-            let outcome =
-                match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(target)).await {
-                    Ok(Ok(stream)) => Ok(stream),
-                    Ok(Err(error)) => Err(error.to_string()),
-                    Err(_) => Err("timed out".to_string()),
-                };
-            // The endpoint may have stopped meanwhile; then the stream just closes.
-            let _ = sender.send(Inbound::TargetConnected { outcome }).await;
-        });
-    }
-
-    /// The background connect to the target ended: send what waited, or drop it.
-    fn on_target_connected(
-        &mut self,
-        outcome: Result<TcpStream, String>,
-        sender: &mpsc::Sender<Inbound>,
-        stop: &CancellationToken,
-    ) {
-        self.connecting = false;
-        let waiting = std::mem::take(&mut self.waiting);
-        let stream = match outcome {
-            Ok(stream) => stream,
-            Err(error) => {
-                let target = self.options.target;
-                tracing::warn!(error, %target, "replay: cannot connect to the target");
-                self.connect_after = Some(Instant::now() + CONNECT_HOLDOFF);
-                self.dropped.unsent += waiting.len() as u64;
-                return;
-            }
-        };
-        self.next_connection += 1;
-        let id = self.next_connection;
-        let (reader, writer) = start_writer(&self.tracker, stream, stop);
-        for bytes in waiting {
-            if writer.try_send(bytes).is_err() {
-                self.dropped.unsent += 1;
-            }
-        }
-        self.connections.insert(id, writer.clone());
         let target = self.options.target;
-        start_reader(
-            &self.tracker,
-            id,
-            reader,
-            target,
-            writer,
-            sender,
-            stop,
-            None,
-        );
+        let (id, sender) = tcp.connect(target, None);
+        self.connections.insert(id, target, sender);
         self.target_connection = Some(id);
+        Some(id)
     }
-}
-
-/// Starts the writer task of a connection; returns its queue and the read half.
-fn start_writer(
-    tracker: &TaskTracker,
-    stream: TcpStream,
-    stop: &CancellationToken,
-) -> (OwnedReadHalf, mpsc::Sender<Bytes>) {
-    let (reader, mut writer) = stream.into_split();
-    let (write_sender, mut write_queue) = mpsc::channel::<Bytes>(WRITE_QUEUE);
-    let writer_stop = stop.clone();
-    tracker.spawn(async move {
-        loop {
-            let bytes = tokio::select! {
-                _ = writer_stop.cancelled() => return,
-                bytes = write_queue.recv() => match bytes {
-                    Some(bytes) => bytes,
-                    None => return,
-                },
-            };
-            if writer.write_all(&bytes).await.is_err() {
-                return;
-            }
-        }
-    });
-    (reader, write_sender)
-}
-
-/// Starts the reader task of connection `id`: frames messages into the endpoint's queue
-/// and answers keep-alive pings through `writer`. `open` counts accepted connections.
-#[allow(clippy::too_many_arguments)]
-fn start_reader(
-    tracker: &TaskTracker,
-    id: u64,
-    mut reader: OwnedReadHalf,
-    peer: SocketAddr,
-    writer: mpsc::Sender<Bytes>,
-    sender: &mpsc::Sender<Inbound>,
-    stop: &CancellationToken,
-    open: Option<Arc<AtomicUsize>>,
-) {
-    if let Some(open) = &open {
-        open.fetch_add(1, Ordering::Relaxed);
-    }
-    let (sender, stop) = (sender.clone(), stop.clone());
-    tracker.spawn(async move {
-        let mut framer = StreamFramer::new(MAX_LIVE_MESSAGE);
-        let origin = Origin {
-            address: peer,
-            connection: Some(id),
-        };
-        'connection: loop {
-            let read = tokio::select! {
-                _ = stop.cancelled() => break,
-                read = reader.read_buf(framer.buffer_mut()) => read,
-            };
-            if !matches!(read, Ok(length) if length > 0) {
-                break;
-            }
-            loop {
-                match framer.next_frame() {
-                    Ok(Some(Frame::Message(bytes))) => {
-                        let message = Inbound::Message { bytes, origin };
-                        if sender.send(message).await.is_err() {
-                            break 'connection;
-                        }
-                    }
-                    Ok(Some(Frame::Ping)) => {
-                        // A full queue skips the pong; the peer pings again.
-                        let _ = writer.try_send(Bytes::from_static(PONG));
-                    }
-                    Ok(None) => break,
-                    // A stream that cannot be framed is over.
-                    Err(_) => break 'connection,
-                }
-            }
-        }
-        if let Some(open) = open {
-            open.fetch_sub(1, Ordering::Relaxed);
-        }
-        // The endpoint may have stopped already; then nobody needs to know.
-        let _ = sender.send(Inbound::Closed { id }).await;
-    });
 }
 
 async fn sleep_until(wake: Option<Instant>) {

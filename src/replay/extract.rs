@@ -78,8 +78,17 @@ impl Seen {
                     text,
                 })
             }
-            Err(_) => {
-                stats.non_sip_payloads += 1;
+            Err(error) => {
+                let first_line = bytes
+                    .split(|&byte| byte == b'\n')
+                    .next()
+                    .unwrap_or_default();
+                if is_start_line(first_line.strip_suffix(b"\r").unwrap_or(first_line)) {
+                    stats.sip_refused += 1;
+                    tracing::debug!(frame = self.frame, error = %error, "replay: a SIP message the parser refuses");
+                } else {
+                    stats.non_sip_payloads += 1;
+                }
                 None
             }
         }

@@ -63,6 +63,10 @@ pub struct ReaderStats {
     pub sip_messages: u64,
     /// UDP payloads and framed TCP messages that are not SIP.
     pub non_sip_payloads: u64,
+    /// Messages that start like SIP but that the proxy's parser refuses (a header line
+    /// without a colon, white space in the Request-URI, ...): the sidecar would drop
+    /// them too, so they are not replayed.
+    pub sip_refused: u64,
     /// SIP messages without a Call-ID (in no dialogue).
     pub sip_without_call_id: u64,
     /// Packets and messages left out by the filters.

@@ -474,7 +474,8 @@ impl Listing {
             "{} dialogues, {} SIP messages in {} frames ({} UDP datagrams, {} TCP segments, \
              {} IP fragments reassembled into {}); skipped: {} non-SIP payloads, {} keep-alives, \
              {} TCP bytes, {} retransmitted TCP bytes, {} unsupported link, {} not IP, \
-             {} not UDP/TCP, {} cut by snap length, {} malformed, {} without Call-ID, {} filtered out",
+             {} not UDP/TCP, {} cut by snap length, {} malformed, {} SIP refused by the parser, \
+             {} without Call-ID, {} filtered out",
             self.dialogues.len(),
             reader.sip_messages,
             reader.frames,
@@ -491,6 +492,7 @@ impl Listing {
             reader.not_udp_tcp,
             reader.snap_truncated,
             reader.malformed_frames,
+            reader.sip_refused,
             reader.sip_without_call_id,
             reader.filtered_out,
         );

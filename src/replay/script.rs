@@ -37,6 +37,14 @@ impl Side {
             Side::Core => Side::Edge,
         }
     }
+
+    /// The same role in the transport's terms (it names the side in its logs).
+    pub fn transport_side(self) -> crate::transport::Side {
+        match self {
+            Side::Edge => crate::transport::Side::Edge,
+            Side::Core => crate::transport::Side::Core,
+        }
+    }
 }
 
 #[derive(Debug, Clone)]

@@ -12,6 +12,23 @@ impl MessageView {
     /// Parses one whole message by the rules in the module documentation.
     /// `datagram` selects the §18.3 body rule of an unreliable transport.
     pub fn parse(bytes: Bytes, datagram: bool) -> Result<Self, ViewError> {
+        let rule = if datagram {
+            BodyRule::Datagram
+        } else {
+            BodyRule::Stream
+        };
+        Self::parse_by(bytes, rule)
+    }
+
+    /// Parses a message as a capture holds it: by the datagram rule, except that a body
+    /// shorter than its Content-Length is kept as it is (the capture cut it; a snap
+    /// length, a lost fragment). [`content_length`](Self::content_length) still gives
+    /// what was declared.
+    pub fn parse_captured(bytes: Bytes) -> Result<Self, ViewError> {
+        Self::parse_by(bytes, BodyRule::Captured)
+    }
+
+    fn parse_by(bytes: Bytes, rule: BodyRule) -> Result<Self, ViewError> {
         check_size(bytes.len())?;
         let leading = bytes
             .iter()
@@ -29,7 +46,7 @@ impl MessageView {
             content_length: None,
         };
         view.parse_headers()?;
-        view.frame_body(datagram)?;
+        view.frame_body(rule)?;
         Ok(view)
     }
 
@@ -85,7 +102,8 @@ impl MessageView {
         }
     }
 
-    fn frame_body(&mut self, datagram: bool) -> Result<(), ViewError> {
+    fn frame_body(&mut self, rule: BodyRule) -> Result<(), ViewError> {
+        let datagram = rule != BodyRule::Stream;
         let mut declared = None;
         for entry in self.entries(HeaderName::ContentLength.into()) {
             let line = self.line_number(entry);
@@ -104,6 +122,7 @@ impl MessageView {
         let body_start = self.body_start as usize;
         let available = self.bytes.len() - body_start;
         let body_length = match declared {
+            Some(declared) if declared > available && rule == BodyRule::Captured => available,
             Some(declared) if declared > available => {
                 return Err(ViewError::BodyTooShort {
                     declared,
@@ -124,6 +143,15 @@ impl MessageView {
         self.bytes.truncate(body_start + body_length);
         Ok(())
     }
+}
+
+/// Which §18.3 body rule a parse follows.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum BodyRule {
+    Stream,
+    Datagram,
+    /// A datagram's rule, keeping a body the capture cut short.
+    Captured,
 }
 
 pub(super) fn check_size(length: usize) -> Result<(), ViewError> {
