@@ -366,6 +366,47 @@ pub(super) enum Entry {
     Client(ClientEntry),
 }
 
+/// The transactions by id. Each entry is boxed: an entry is several hundred bytes and
+/// lives up to 64·T1, so the table holds pointers (growing it moves 16 bytes per
+/// transaction, not the transactions) and the entries sit packed wherever the allocator
+/// put them, not spread over a half-empty table.
+#[derive(Default)]
+pub(super) struct Entries(HashMap<u64, Box<Entry>>);
+
+impl Entries {
+    pub(super) fn get(&self, id: &u64) -> Option<&Entry> {
+        self.0.get(id).map(|entry| &**entry)
+    }
+
+    pub(super) fn get_mut(&mut self, id: &u64) -> Option<&mut Entry> {
+        self.0.get_mut(id).map(|entry| &mut **entry)
+    }
+
+    pub(super) fn insert(&mut self, id: u64, entry: Entry) {
+        self.0.insert(id, Box::new(entry));
+    }
+
+    pub(super) fn remove(&mut self, id: &u64) -> Option<Entry> {
+        self.0.remove(id).map(|entry| *entry)
+    }
+
+    pub(super) fn contains_key(&self, id: &u64) -> bool {
+        self.0.contains_key(id)
+    }
+
+    pub(super) fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub(super) fn values(&self) -> impl Iterator<Item = &Entry> {
+        self.0.values().map(|entry| &**entry)
+    }
+
+    pub(super) fn iter(&self) -> impl Iterator<Item = (&u64, &Entry)> {
+        self.0.iter().map(|(id, entry)| (id, &**entry))
+    }
+}
+
 pub struct Engine {
     pub(super) timers: TimerConfig,
     pub(super) limits: Limits,
@@ -373,7 +414,7 @@ pub struct Engine {
     pub(super) edge: SideAddresses,
     pub(super) core: SideAddresses,
     pub(super) stats: Arc<Stats>,
-    pub(super) entries: HashMap<u64, Entry>,
+    pub(super) entries: Entries,
     pub(super) server_index: HashMap<ServerKey, u64>,
     pub(super) client_index: HashMap<ClientKey, u64>,
     timer_heap: BinaryHeap<Reverse<(StdInstant, u64)>>,
@@ -402,7 +443,7 @@ pub struct Engine {
 }
 
 /// What client transaction `client`'s request carries, if it carries a credential.
-fn entry_carried(entries: &HashMap<u64, Entry>, client: u64) -> Option<Carried> {
+fn entry_carried(entries: &Entries, client: u64) -> Option<Carried> {
     match entries.get(&client) {
         Some(Entry::Client(entry)) => entry.carried,
         _ => None,
@@ -435,7 +476,7 @@ impl Engine {
             edge,
             core,
             stats,
-            entries: HashMap::new(),
+            entries: Entries::default(),
             server_index: HashMap::new(),
             client_index: HashMap::new(),
             timer_heap: BinaryHeap::new(),

@@ -13,8 +13,7 @@ use crate::config::{AuthMode, Transport};
 use crate::credentials::{Credential, CredentialValue};
 use crate::sip::digest::DigestClient;
 use crate::sip::transaction::{ServerKey, ServerTransaction};
-use crate::sip::via::Via;
-use crate::sip::view::HeaderName;
+use crate::sip::view::{HeaderName, UriView, ViewError};
 use crate::sip::wire;
 use crate::stats::Stats;
 use crate::transport::Side;
@@ -72,6 +71,28 @@ impl Rejection {
     }
 }
 
+/// A URI to route by (a Route entry's, or the Request-URI): a `sip:` or `sips:` URI
+/// (416 for another scheme, RFC 3261 §16.3), else 400 naming `what`.
+fn routable<'a>(uri: &'a str, what: &str) -> Result<UriView<'a>, Rejection> {
+    UriView::parse(uri).map_err(|error| {
+        // scheme = ALPHA *( ALPHA / DIGIT / "+" / "-" / "." ) (RFC 3986 §3.1)
+        let scheme = uri.trim().split_once(':').map(|(scheme, _)| scheme);
+        let is_scheme = scheme.is_some_and(|scheme| {
+            scheme.starts_with(|c: char| c.is_ascii_alphabetic())
+                && scheme
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.'))
+        });
+        match (error, scheme) {
+            (ViewError::NotSipUri, Some(scheme)) if is_scheme => RouteError::Scheme {
+                scheme: scheme.to_string(),
+            }
+            .into(),
+            (other, _) => Rejection::new(400, format!("{what}: {other}")),
+        }
+    })
+}
+
 impl From<RouteError> for Rejection {
     fn from(error: RouteError) -> Self {
         Self::new(error.status(), error.to_string())
@@ -89,8 +110,9 @@ impl Engine {
                 return;
             }
         };
-        via.note_source(source.peer);
-        if wire::replace_top_via(&mut request.headers, &via).is_err() {
+        if via.note_source(source.peer)
+            && wire::replace_top_via(&mut request.headers, &via).is_err()
+        {
             Stats::bump(&self.stats.malformed_dropped);
             return;
         }
@@ -634,22 +656,20 @@ impl Engine {
         // A strict-routing previous hop put our URI in the Request-URI: restore it.
         if !routes.is_empty() && self.is_own_uri(&request.uri) {
             if let Some(last) = routes.pop() {
-                wire::route_uri(&last).map_err(|error| Rejection::new(400, error.to_string()))?;
+                routable(crate::sip::header::name_addr_uri(&last), "Route")?;
                 request.uri = wire::Uri::new(crate::sip::header::name_addr_uri(&last));
             }
         }
         let mut removed_own = false;
         let mut dialog_trunk = None;
         while let Some(first) = routes.first() {
-            match wire::route_uri(first) {
-                Ok(uri) if self.router.is_own(&uri) => {
-                    dialog_trunk = dialog_trunk.or_else(|| self.trunk_of_route(first, source));
-                    routes.remove(0);
-                    removed_own = true;
-                }
-                Ok(_) => break,
-                Err(error) => return Err(Rejection::new(400, error.to_string())),
+            let uri = routable(crate::sip::header::name_addr_uri(first), "Route")?;
+            if !self.router.is_own(&uri) {
+                break;
             }
+            dialog_trunk = dialog_trunk.or_else(|| self.trunk_of_route(first, source));
+            routes.remove(0);
+            removed_own = true;
         }
         if routes.len() != original_count {
             wire::set_routes(&mut request.headers, &routes);
@@ -673,8 +693,7 @@ impl Engine {
             return Ok((self.router.checked(hop, out_side)?, Some(trunk.index)));
         }
         if let Some(first) = routes.first() {
-            let uri =
-                wire::route_uri(first).map_err(|error| Rejection::new(400, error.to_string()))?;
+            let uri = routable(crate::sip::header::name_addr_uri(first), "Route")?;
             return Ok((self.router.hop_for_uri(&uri, out_side)?, dialog_trunk));
         }
         if removed_own {
@@ -686,10 +705,7 @@ impl Engine {
                     .contact_trunk(request, source)?
                     .or_else(|| self.source_trunk(source, request)),
             };
-            let uri = request
-                .uri
-                .typed()
-                .map_err(|error| Rejection::new(400, error.to_string()))?;
+            let uri = routable(request.uri.as_str(), "Request-URI")?;
             return Ok((self.router.hop_for_uri(&uri, out_side)?, trunk));
         }
         let trunk = match source.side {
@@ -775,7 +791,7 @@ impl Engine {
 
     /// Whether a Request-URI names this proxy.
     fn is_own_uri(&self, uri: &wire::Uri) -> bool {
-        uri.typed().is_ok_and(|uri| self.router.is_own(&uri))
+        uri.view().is_ok_and(|uri| self.router.is_own(&uri))
     }
 
     /// The trunk a request belongs to by where it came from.
@@ -799,11 +815,11 @@ impl Engine {
             .iter()
             .filter(|header| header.kind() == HeaderName::Via)
             .flat_map(|header| crate::sip::header::split_list(header.value()))
-            .filter_map(|value| Via::parse(value).ok())
+            .filter_map(|value| crate::sip::view::ViaView::parse(value).ok())
             .any(|via| {
-                via.branch()
+                via.branch
                     .is_some_and(|branch| branch.starts_with(super::OWN_BRANCH_PREFIX))
-                    && self.router.is_own_host(&via.host, via.port)
+                    && self.router.is_own_host(via.sent_by.host, via.sent_by.port)
             })
     }
 
@@ -871,5 +887,27 @@ pub(super) fn push_digest_answers(
     let uri = request.uri.to_string();
     for (kind, value) in client.authorize(&method, &uri, username, password, cnonce) {
         request.headers.push(kind.credentials_header(), &value);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::routable;
+
+    #[test]
+    fn a_uri_to_route_by_is_sip_or_sips_else_416_and_malformed_is_400() {
+        let garbage = routable(" <no scheme> ", "Route").map(|_| ()).unwrap_err();
+        assert_eq!(garbage.code, 400);
+        let tel = routable("tel:+15551234567", "Request-URI").unwrap_err();
+        assert_eq!(
+            (tel.code, tel.reason.as_str()),
+            (416, "unsupported URI scheme \"tel\"")
+        );
+        let bad = routable("sip:bob@host:99999", "Route").unwrap_err();
+        assert_eq!(bad.code, 400);
+        assert!(bad.reason.starts_with("Route: "), "{}", bad.reason);
+        let good = routable("sips:[2001:db8::1]:5071;transport=tls;lr", "Route").unwrap();
+        assert_eq!(good.host_port.host_unbracketed(), "2001:db8::1");
+        assert_eq!(good.host_port.port, Some(5071));
     }
 }

@@ -12,6 +12,7 @@ use ipnet::IpNet;
 use crate::config::Transport;
 use crate::dns::{Candidate, Destinations};
 use crate::sip::via::strip_brackets;
+use crate::sip::view::UriView;
 use crate::transport::{canonical, AllowList, Side};
 
 /// A trunk with its peers.
@@ -265,12 +266,15 @@ impl Router {
     }
 
     /// Whether a URI names this proxy (so a Route entry with it is ours to remove).
-    pub fn is_own(&self, uri: &rsip::Uri) -> bool {
-        let host = uri_host(uri);
-        let port = uri_port(uri);
+    pub fn is_own(&self, uri: &UriView) -> bool {
+        let host = uri.host_port.host_unbracketed();
+        let port = uri
+            .host_port
+            .port
+            .unwrap_or(if is_secure(uri) { 5061 } else { 5060 });
         self.own
             .iter()
-            .any(|own| own.port == port && own.host == host)
+            .any(|own| own.port == port && own.host.eq_ignore_ascii_case(host))
     }
 
     /// Whether `host` and `port` (as in a Via sent-by) name this proxy.
@@ -285,41 +289,36 @@ impl Router {
     /// The next hop for a URI (RFC 3263 without DNS of its own: the host must be an IP
     /// address or a host name from the configuration, taken as it resolves now),
     /// checked against the allow list of `side`. `sips:` and `transport=tls` mean TLS.
-    pub fn hop_for_uri(&self, uri: &rsip::Uri, side: Side) -> Result<Hop, RouteError> {
-        let secure = match &uri.scheme {
-            None | Some(rsip::Scheme::Sip) => false,
-            Some(rsip::Scheme::Sips) => true,
-            Some(scheme) => {
-                return Err(RouteError::Scheme {
-                    scheme: scheme.to_string(),
-                })
-            }
-        };
-        let transport = match uri.transport() {
+    pub fn hop_for_uri(&self, uri: &UriView, side: Side) -> Result<Hop, RouteError> {
+        let secure = is_secure(uri);
+        let named_transport = uri.param("transport").flatten();
+        let transport = match named_transport {
             _ if secure => Transport::Tls,
-            None | Some(rsip::Transport::Udp) => Transport::Udp,
-            Some(rsip::Transport::Tcp) => Transport::Tcp,
-            Some(rsip::Transport::Tls) => Transport::Tls,
+            None => Transport::Udp,
+            Some(name) if name.eq_ignore_ascii_case("udp") => Transport::Udp,
+            Some(name) if name.eq_ignore_ascii_case("tcp") => Transport::Tcp,
+            Some(name) if name.eq_ignore_ascii_case("tls") => Transport::Tls,
             Some(other) => {
                 return Err(RouteError::Transport {
                     transport: other.to_string(),
                 })
             }
         };
-        let host = uri_host(uri);
-        let explicit_port = uri.port().map(|port| *port.value());
+        let host = uri.host_port.host_unbracketed();
+        let explicit_port = uri.host_port.port;
         let addr = match host.parse::<IpAddr>() {
             Ok(ip) => SocketAddr::new(ip, explicit_port.unwrap_or(transport.default_port())),
             Err(_) => {
                 // A configured name: as it resolves now; without a port in the URI, the
                 // port (and, unless the URI names one, the transport) DNS gave.
+                let host = host.to_ascii_lowercase();
                 let first = self
                     .names
                     .get(&host)
-                    .ok_or(RouteError::Unresolvable { host: host.clone() })?
+                    .ok_or_else(|| RouteError::Unresolvable { host: host.clone() })?
                     .first()
                     .ok_or_else(|| RouteError::NotResolved { peer: host.clone() })?;
-                if explicit_port.is_none() && uri.transport().is_none() && !secure {
+                if explicit_port.is_none() && named_transport.is_none() && !secure {
                     return self.checked(Hop::from(first), side);
                 }
                 SocketAddr::new(first.addr.ip(), explicit_port.unwrap_or(first.addr.port()))
@@ -343,16 +342,8 @@ impl Router {
     }
 }
 
-fn uri_host(uri: &rsip::Uri) -> String {
-    strip_brackets(&uri.host().to_string()).to_ascii_lowercase()
-}
-
-fn uri_port(uri: &rsip::Uri) -> u16 {
-    let default = match uri.scheme {
-        Some(rsip::Scheme::Sips) => 5061,
-        _ => 5060,
-    };
-    uri.port().map(|port| *port.value()).unwrap_or(default)
+fn is_secure(uri: &UriView) -> bool {
+    uri.scheme.eq_ignore_ascii_case("sips")
 }
 
 #[cfg(test)]
@@ -439,8 +430,8 @@ mod tests {
         )
     }
 
-    fn uri(text: &str) -> rsip::Uri {
-        rsip::Uri::try_from(text).unwrap()
+    fn uri(text: &str) -> UriView<'_> {
+        UriView::parse(text).unwrap()
     }
 
     #[test]
@@ -661,5 +652,23 @@ mod tests {
                 .transport,
             Transport::Tls
         );
+        // Parameter names and the transport token compare case-insensitively.
+        assert_eq!(
+            router
+                .hop_for_uri(&uri("sip:bob@198.51.100.5;TRANSPORT=Tcp"), Side::Core)
+                .unwrap()
+                .transport,
+            Transport::Tcp
+        );
+        assert_eq!(
+            router.hop_for_uri(&uri("sip:bob@198.51.100.5;transport=sctp"), Side::Core),
+            Err(RouteError::Transport {
+                transport: "sctp".into()
+            })
+        );
+        // A configured name matches in any case.
+        assert!(router
+            .hop_for_uri(&uri("sip:CORE.example"), Side::Core)
+            .is_ok());
     }
 }

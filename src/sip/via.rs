@@ -122,10 +122,13 @@ impl Via {
     /// RFC 3261 §18.2.1 and RFC 3581 §4: a server receiving a request notes where it came
     /// from. `received` is set when the sent-by host differs from the source address, and
     /// always when the client asked for `rport`; an empty `rport` gets the source port.
-    pub fn note_source(&mut self, source: SocketAddr) {
+    /// Returns whether the value changed (so an unchanged Via need not be rewritten).
+    pub fn note_source(&mut self, source: SocketAddr) -> bool {
+        let before = self.params.len();
         // Whatever the sender wrote into `received` is not to be trusted.
         self.params
             .retain(|(name, _)| !name.eq_ignore_ascii_case("received"));
+        let mut changed = self.params.len() != before;
         let wants_rport = self.param("rport").is_some();
         let host_is_source = strip_brackets(&self.host)
             .parse::<IpAddr>()
@@ -133,10 +136,13 @@ impl Via {
             .unwrap_or(false);
         if wants_rport || !host_is_source {
             self.set_param("received", Some(source.ip().to_string()));
+            changed = true;
         }
         if wants_rport {
             self.set_param("rport", Some(source.port().to_string()));
+            changed = true;
         }
+        changed
     }
 
     /// Where to open a new connection for a response over a reliable transport when the
@@ -175,14 +181,20 @@ impl Via {
 
 impl fmt::Display for Via {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "SIP/2.0/{} {}", self.transport, self.host)?;
+        // Pieces written as they are: no format string to interpret per parameter.
+        f.write_str("SIP/2.0/")?;
+        f.write_str(&self.transport)?;
+        f.write_str(" ")?;
+        f.write_str(&self.host)?;
         if let Some(port) = self.port {
             write!(f, ":{port}")?;
         }
         for (name, value) in &self.params {
-            match value {
-                Some(value) => write!(f, ";{name}={value}")?,
-                None => write!(f, ";{name}")?,
+            f.write_str(";")?;
+            f.write_str(name)?;
+            if let Some(value) = value {
+                f.write_str("=")?;
+                f.write_str(value)?;
             }
         }
         Ok(())

@@ -25,9 +25,9 @@ use bytes::{BufMut, Bytes, BytesMut};
 use super::header::{header_params, param, split_list};
 use super::message::MessageError;
 use super::via::Via;
-use super::view::{self, HeaderName, Lookup, MessageView, MethodOf, UriView};
+use super::view::{self, HeaderName, Lookup, MessageView, MethodOf, UriView, ViewError};
 
-pub use super::message::{route_uri, tag_of};
+pub use super::message::tag_of;
 
 /// The longest extension method this element carries (`Method::Extension` is `Copy`).
 pub const MAX_METHOD_LENGTH: usize = 30;
@@ -134,7 +134,12 @@ impl Uri {
         UriView::parse(self.as_str()).ok()?.param(name)
     }
 
-    /// The URI parsed by `rsip`, for the router.
+    /// The URI read by the view, for the router: borrowed, nothing copied.
+    pub fn view(&self) -> Result<UriView<'_>, ViewError> {
+        UriView::parse(self.as_str())
+    }
+
+    /// The URI parsed by `rsip`.
     pub fn typed(&self) -> Result<rsip::Uri, MessageError> {
         rsip::Uri::try_from(self.as_str()).map_err(|error| MessageError::Invalid {
             header: "Request-URI",
@@ -412,6 +417,11 @@ impl Message {
     }
 }
 
+/// The URI of a Route or Record-Route value (`<sip:p1.example;lr>`), read by the view.
+pub fn route_uri(value: &str) -> Result<UriView<'_>, ViewError> {
+    UriView::parse(super::header::name_addr_uri(value))
+}
+
 /// Parses one whole message (see [`MessageView::parse`] for the rules; `datagram` picks
 /// the §18.3 body rule of an unreliable transport).
 pub fn parse(bytes: Bytes, datagram: bool) -> Result<Message, MessageError> {
@@ -563,12 +573,39 @@ pub fn top_via(headers: &Headers) -> Result<Via, MessageError> {
     first_via(headers.first(HeaderName::Via).map(Header::value))
 }
 
+/// The top Via value read in place, nothing copied: for the transaction keys and the
+/// checks that only read it.
+pub fn top_via_view(headers: &Headers) -> Result<view::ViaView<'_>, MessageError> {
+    let (first, _) = headers
+        .first(HeaderName::Via)
+        .map(|line| split_first(line.value()))
+        .filter(|(first, _)| !first.is_empty())
+        .ok_or(MessageError::Missing { header: "Via" })?;
+    view::ViaView::parse(first).map_err(|problem| MessageError::Invalid {
+        header: "Via",
+        reason: problem.to_string(),
+    })
+}
+
 /// The first Via value of the first Via line's value `line`, parsed.
 pub(super) fn first_via(line: Option<&str>) -> Result<Via, MessageError> {
-    let first = line
-        .and_then(|value| split_list(value).into_iter().next())
+    let (first, _) = line
+        .map(split_first)
+        .filter(|(first, _)| !first.is_empty())
         .ok_or(MessageError::Missing { header: "Via" })?;
     Ok(Via::parse(first)?)
+}
+
+/// The first element of a comma-separated list value and what follows its comma (both
+/// trimmed; the rest is empty when there is no comma), without splitting the rest.
+fn split_first(value: &str) -> (&str, &str) {
+    match view::next_separator(value.as_bytes(), 0, b',', true) {
+        Some(comma) => (
+            value.get(..comma).unwrap_or_default().trim(),
+            value.get(comma + 1..).unwrap_or_default().trim(),
+        ),
+        None => (value.trim(), ""),
+    }
 }
 
 /// Replaces the top Via value with `via`, keeping any further values of the same line.
@@ -580,12 +617,12 @@ pub fn replace_top_via(headers: &mut Headers, via: &Via) -> Result<(), MessageEr
         return Err(MessageError::Missing { header: "Via" });
     };
     let mut value = via.to_string();
-    for other in split_list(slot.value()).into_iter().skip(1) {
+    let (_, rest) = split_first(slot.value());
+    if !rest.is_empty() {
         value.push_str(", ");
-        value.push_str(other);
+        value.push_str(rest);
     }
-    let spelling = slot.spelling().to_string();
-    *slot = Header::new(&spelling, &value);
+    *slot = Header::new(slot.spelling(), &value);
     Ok(())
 }
 
@@ -788,42 +825,43 @@ pub fn replace_top_record_route(headers: &mut Headers, uri: &str) {
 /// load: the kept lines are copied into one small buffer of their own rather than keep
 /// the whole received message alive.
 pub fn skeleton(request: &Request) -> Request {
-    let kept: Vec<&Header> = request
-        .headers
-        .iter()
-        .filter(|header| {
-            matches!(
-                header.kind(),
-                HeaderName::Via
-                    | HeaderName::From
-                    | HeaderName::To
-                    | HeaderName::CallId
-                    | HeaderName::CSeq
-                    | HeaderName::Route
-                    | HeaderName::Authorization
-            )
-        })
-        .collect();
+    let kept = |header: &&Header| {
+        matches!(
+            header.kind(),
+            HeaderName::Via
+                | HeaderName::From
+                | HeaderName::To
+                | HeaderName::CallId
+                | HeaderName::CSeq
+                | HeaderName::Route
+                | HeaderName::Authorization
+        )
+    };
     let uri = request.uri.as_str().as_bytes();
-    let length = uri.len() + kept.iter().map(|header| header.line.len()).sum::<usize>();
+    let (mut length, mut count) = (uri.len(), 0);
+    for header in request.headers.iter().filter(kept) {
+        length += header.line.len();
+        count += 1;
+    }
     let mut buffer = BytesMut::with_capacity(length);
     buffer.put_slice(uri);
-    for header in &kept {
+    for header in request.headers.iter().filter(kept) {
         buffer.put_slice(&header.line);
     }
     let buffer = buffer.freeze();
+    let mut headers = Vec::with_capacity(count);
     let mut offset = uri.len();
-    let headers = kept
-        .into_iter()
-        .map(|header| {
-            let line = buffer.slice(offset..offset + header.line.len());
-            offset += header.line.len();
-            Header {
-                line,
-                ..header.clone()
-            }
-        })
-        .collect();
+    for header in request.headers.iter().filter(kept) {
+        let end = offset + header.line.len();
+        headers.push(Header {
+            name: header.name,
+            expanded: header.expanded,
+            line: buffer.slice(offset..end),
+            name_end: header.name_end,
+            value_start: header.value_start,
+        });
+        offset = end;
+    }
     Request {
         method: request.method,
         uri: Uri(Text(buffer.slice(..uri.len()))),

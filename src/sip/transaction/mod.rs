@@ -105,8 +105,8 @@ pub enum KeyError {
 
 impl ServerKey {
     pub fn for_request(request: &message::Request) -> Result<Self, KeyError> {
-        let via = message::top_via(&request.headers)?;
-        let branch = via.branch().unwrap_or_default();
+        let via = message::top_via_view(&request.headers)?;
+        let branch = via.branch.unwrap_or_default();
         if !branch.starts_with(BRANCH_COOKIE) {
             return Err(KeyError::NotRfc3261 {
                 branch: branch.to_string(),
@@ -118,7 +118,7 @@ impl ServerKey {
         };
         Ok(Self {
             branch: branch.to_string(),
-            sent_by: via.sent_by(),
+            sent_by: sent_by_key(&via),
             method: MethodKey(method),
         })
     }
@@ -151,10 +151,24 @@ impl ClientKey {
     }
 
     pub fn for_response(response: &message::Response) -> Result<Self, KeyError> {
-        let via = message::top_via(&response.headers)?;
+        let via = message::top_via_view(&response.headers)?;
         let (_, method) = message::cseq(&response.headers)?;
-        Ok(Self::new(via.branch().unwrap_or_default(), method))
+        Ok(Self::new(via.branch.unwrap_or_default(), method))
     }
+}
+
+/// Sent-by as `host:port` with the transport's default port filled in, the form used in
+/// server transaction keys (§17.2.3).
+fn sent_by_key(via: &crate::sip::view::ViaView) -> String {
+    let port = via
+        .sent_by
+        .port
+        .unwrap_or_else(|| super::via::default_port(via.transport));
+    let mut key = String::with_capacity(via.sent_by.host.len() + 6);
+    key.push_str(via.sent_by.host);
+    key.push(':');
+    key.push_str(&port.to_string());
+    key
 }
 
 /// The earliest of a set of optional deadlines.
