@@ -366,44 +366,97 @@ pub(super) enum Entry {
     Client(ClientEntry),
 }
 
-/// The transactions by id. Each entry is boxed: an entry is several hundred bytes and
-/// lives up to 64·T1, so the table holds pointers (growing it moves 16 bytes per
-/// transaction, not the transactions) and the entries sit packed wherever the allocator
-/// put them, not spread over a half-empty table.
+impl Entry {
+    fn is_final(&self) -> bool {
+        match self {
+            Entry::Server(server) => server.transaction.is_final(),
+            Entry::Client(client) => client.transaction.is_final(),
+        }
+    }
+}
+
+/// The transactions by id, and how many of them await a final response.
+///
+/// Each entry is boxed: an entry is several hundred bytes and lives up to 64·T1, so the
+/// table holds pointers (growing it moves a few bytes per transaction, not the
+/// transactions) and the entries sit packed wherever the allocator put them.
+///
+/// The pending count is kept as transactions change ([`Entries::recount`] after every
+/// pump, and on insert and removal), not by walking the table: a walk over tens of
+/// thousands of lingering transactions every second stalled the messages behind it.
 #[derive(Default)]
-pub(super) struct Entries(HashMap<u64, Box<Entry>>);
+pub(super) struct Entries {
+    slots: HashMap<u64, Slot>,
+    pending: usize,
+}
+
+struct Slot {
+    entry: Box<Entry>,
+    /// Counted in `Entries::pending`.
+    pending: bool,
+}
 
 impl Entries {
     pub(super) fn get(&self, id: &u64) -> Option<&Entry> {
-        self.0.get(id).map(|entry| &**entry)
+        self.slots.get(id).map(|slot| &*slot.entry)
     }
 
     pub(super) fn get_mut(&mut self, id: &u64) -> Option<&mut Entry> {
-        self.0.get_mut(id).map(|entry| &mut **entry)
+        self.slots.get_mut(id).map(|slot| &mut *slot.entry)
     }
 
     pub(super) fn insert(&mut self, id: u64, entry: Entry) {
-        self.0.insert(id, Box::new(entry));
+        let pending = !entry.is_final();
+        self.pending += usize::from(pending);
+        let slot = Slot {
+            entry: Box::new(entry),
+            pending,
+        };
+        if let Some(old) = self.slots.insert(id, slot) {
+            self.pending -= usize::from(old.pending);
+        }
     }
 
     pub(super) fn remove(&mut self, id: &u64) -> Option<Entry> {
-        self.0.remove(id).map(|entry| *entry)
+        let slot = self.slots.remove(id)?;
+        self.pending -= usize::from(slot.pending);
+        Some(*slot.entry)
+    }
+
+    /// Notes whether transaction `id` still awaits a final response.
+    pub(super) fn recount(&mut self, id: u64) {
+        if let Some(slot) = self.slots.get_mut(&id) {
+            let pending = !slot.entry.is_final();
+            if pending != slot.pending {
+                slot.pending = pending;
+                if pending {
+                    self.pending += 1;
+                } else {
+                    self.pending -= 1;
+                }
+            }
+        }
+    }
+
+    /// Transactions without a final response.
+    pub(super) fn pending(&self) -> usize {
+        self.pending
     }
 
     pub(super) fn contains_key(&self, id: &u64) -> bool {
-        self.0.contains_key(id)
+        self.slots.contains_key(id)
     }
 
     pub(super) fn len(&self) -> usize {
-        self.0.len()
+        self.slots.len()
     }
 
     pub(super) fn values(&self) -> impl Iterator<Item = &Entry> {
-        self.0.values().map(|entry| &**entry)
+        self.slots.values().map(|slot| &*slot.entry)
     }
 
     pub(super) fn iter(&self) -> impl Iterator<Item = (&u64, &Entry)> {
-        self.0.iter().map(|(id, entry)| (id, &**entry))
+        self.slots.iter().map(|(id, slot)| (id, &*slot.entry))
     }
 }
 
@@ -523,14 +576,15 @@ impl Engine {
             self.calls.expire(now);
             self.health.expire(now);
         }
-        let pending = self
-            .entries
-            .values()
-            .filter(|entry| match entry {
-                Entry::Server(server) => !server.transaction.is_final(),
-                Entry::Client(client) => !client.transaction.is_final(),
-            })
-            .count();
+        let pending = self.entries.pending();
+        debug_assert_eq!(
+            pending,
+            self.entries
+                .values()
+                .filter(|entry| !entry.is_final())
+                .count(),
+            "the pending transaction count drifted"
+        );
         let size = |count: usize| u64::try_from(count).unwrap_or(u64::MAX);
         let relaxed = std::sync::atomic::Ordering::Relaxed;
         self.metrics
@@ -877,6 +931,7 @@ impl Engine {
                 }
             }
         }
+        self.entries.recount(id);
         self.schedule(id);
     }
 
@@ -928,6 +983,7 @@ impl Engine {
                 }
             }
         }
+        self.entries.recount(id);
         self.schedule(id);
     }
 

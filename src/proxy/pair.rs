@@ -288,6 +288,9 @@ impl Pair {
                     }
                 }
             } else {
+                // The metrics' pending count, kept as transactions change, is checked
+                // against a walk of the table after every input.
+                self.engine.publish(self.now);
                 return;
             }
         }
