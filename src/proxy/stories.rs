@@ -394,3 +394,19 @@ fn an_unanswered_register_ends_with_no_answer_after_timer_f() {
     assert_eq!(answered, id);
     assert!(response.is_none());
 }
+
+#[test]
+fn a_provisional_response_arriving_after_the_2xx_is_not_forwarded() {
+    // UDP may reorder what the core sent: its 180 overtaken by its 200. Once a final
+    // response went back, only 2xx retransmissions follow it (RFC 3261 §16.7 step 5).
+    let mut pair = Pair::new(AuthMode::Bearer);
+    pair.edge_sends(&invite("call-late-180"));
+    let at_core = pair.core_receives();
+    pair.core_sends_message(answer(&at_core, 200, "core-l", &core_contact()).into());
+    assert_eq!(pair.edge_receives().code, 200);
+    pair.core_sends_message(answer(&at_core, 180, "core-l", &core_contact()).into());
+    assert!(
+        pair.edge_heard_only_trying(),
+        "a 180 after the 200 reached the Edge"
+    );
+}
