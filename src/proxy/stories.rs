@@ -22,6 +22,20 @@ fn core_contact() -> String {
     format!("sip:core@{CORE}")
 }
 
+/// A bearer trunk whose Edge sent the INVITE of `call`, and that INVITE as it reached
+/// the core.
+fn invite_at_core(call: &str) -> (Pair, wire::Request) {
+    let mut pair = Pair::new(AuthMode::Bearer);
+    pair.edge_sends(&invite(call));
+    let at_core = pair.core_receives();
+    (pair, at_core)
+}
+
+/// The core answers `request` with `code`, its side of the dialog tagged `to_tag`.
+fn core_answers(pair: &mut Pair, request: &wire::Request, code: u16, to_tag: &str) {
+    pair.core_sends_message(answer(request, code, to_tag, &core_contact()).into());
+}
+
 #[test]
 fn bearer_invite_carries_the_trunk_token_to_the_core_and_none_to_the_edge() {
     let mut pair = Pair::new(AuthMode::Bearer);
@@ -38,7 +52,7 @@ fn bearer_invite_carries_the_trunk_token_to_the_core_and_none_to_the_edge() {
         1
     );
     assert_eq!(wire::max_forwards(&at_core.headers).ok(), Some(Some(69)));
-    pair.core_sends_message(answer(&at_core, 200, "core-1", &core_contact()).into());
+    core_answers(&mut pair, &at_core, 200, "core-1");
     let at_edge = pair.edge_receives();
     assert_eq!(at_edge.code, 200);
     assert_eq!(cseq(&at_edge.headers), 1);
@@ -51,12 +65,10 @@ fn bearer_invite_carries_the_trunk_token_to_the_core_and_none_to_the_edge() {
 
 #[test]
 fn stale_token_403_is_resent_once_with_a_fresh_token_and_the_dialog_keeps_its_cseq_offset() {
-    let mut pair = Pair::new(AuthMode::Bearer);
-    pair.edge_sends(&invite("call-2"));
-    let first = pair.core_receives();
+    let (mut pair, first) = invite_at_core("call-2");
     assert_eq!(authorization(&first), Some("Bearer token-1"));
     // The core rotated its keys: token-1 is refused.
-    pair.core_sends_message(answer(&first, 403, "core-x", &core_contact()).into());
+    core_answers(&mut pair, &first, 403, "core-x");
     assert!(
         pair.edge_heard_only_trying(),
         "the Edge must not see the 403"
@@ -83,7 +95,7 @@ fn stale_token_403_is_resent_once_with_a_fresh_token_and_the_dialog_keeps_its_cs
     assert_eq!(authorization(&second), Some("Bearer token-2"));
     assert_eq!(cseq(&second.headers), 2, "the re-send counts one higher");
     assert_eq!(wire::call_id(&second.headers).ok(), Some("call-2"));
-    pair.core_sends_message(answer(&second, 200, "core-2", &core_contact()).into());
+    core_answers(&mut pair, &second, 200, "core-2");
     let ok = pair.edge_receives();
     assert_eq!(ok.code, 200);
     assert_eq!(cseq(&ok.headers), 1, "the Edge sees its own number");
@@ -98,7 +110,7 @@ fn stale_token_403_is_resent_once_with_a_fresh_token_and_the_dialog_keeps_its_cs
     let bye = pair.core_receives();
     assert_eq!(cseq(&bye.headers), 3);
     assert_eq!(authorization(&bye), Some("Bearer token-2"));
-    pair.core_sends_message(answer(&bye, 200, "core-2", &core_contact()).into());
+    core_answers(&mut pair, &bye, 200, "core-2");
     let bye_ok = pair.edge_receives();
     assert_eq!(cseq(&bye_ok.headers), 2);
     assert_eq!(pair.stats.snapshot().rejections_absorbed, 1);
@@ -106,14 +118,12 @@ fn stale_token_403_is_resent_once_with_a_fresh_token_and_the_dialog_keeps_its_cs
 
 #[test]
 fn a_second_refusal_after_the_resend_goes_to_the_edge() {
-    let mut pair = Pair::new(AuthMode::Bearer);
-    pair.edge_sends(&invite("call-3"));
-    let first = pair.core_receives();
-    pair.core_sends_message(answer(&first, 403, "core-x", &core_contact()).into());
+    let (mut pair, first) = invite_at_core("call-3");
+    core_answers(&mut pair, &first, 403, "core-x");
     pair.publish_token(Duration::from_secs(3600));
     pair.answer_wait();
     let second = pair.core_receives();
-    pair.core_sends_message(answer(&second, 403, "core-y", &core_contact()).into());
+    core_answers(&mut pair, &second, 403, "core-y");
     let refused = pair.edge_receives();
     assert_eq!(refused.code, 403);
     assert_eq!(cseq(&refused.headers), 1);
@@ -123,10 +133,8 @@ fn a_second_refusal_after_the_resend_goes_to_the_edge() {
 
 #[test]
 fn a_refusal_with_no_replacement_in_time_goes_to_the_edge() {
-    let mut pair = Pair::new(AuthMode::Bearer);
-    pair.edge_sends(&invite("call-4"));
-    let first = pair.core_receives();
-    pair.core_sends_message(answer(&first, 403, "core-x", &core_contact()).into());
+    let (mut pair, first) = invite_at_core("call-4");
+    core_answers(&mut pair, &first, 403, "core-x");
     // The refresh brings nothing: the wait ends without a credential.
     pair.end_wait(None);
     let refused = pair.edge_receives();
@@ -136,10 +144,8 @@ fn a_refusal_with_no_replacement_in_time_goes_to_the_edge() {
 
 #[test]
 fn cancel_while_a_resend_waits_for_its_token_ends_the_call_with_487() {
-    let mut pair = Pair::new(AuthMode::Bearer);
-    pair.edge_sends(&invite("call-5"));
-    let first = pair.core_receives();
-    pair.core_sends_message(answer(&first, 403, "core-x", &core_contact()).into());
+    let (mut pair, first) = invite_at_core("call-5");
+    core_answers(&mut pair, &first, 403, "core-x");
     assert_eq!(pair.waits.len(), 1);
     // The caller hangs up while the token is being refreshed.
     pair.edge_sends(
@@ -192,7 +198,7 @@ fn digest_challenge_is_answered_once_with_the_trunk_password() {
     assert!(answered.contains("nc=00000001"), "{answered}");
     assert!(!answered.contains("secret-1"), "the password never travels");
     assert_eq!(cseq(&second.headers), 2);
-    pair.core_sends_message(answer(&second, 200, "core-6", &core_contact()).into());
+    core_answers(&mut pair, &second, 200, "core-6");
     let ok = pair.edge_receives();
     assert_eq!((ok.code, cseq(&ok.headers)), (200, 1));
     assert_eq!(pair.stats.snapshot().digest_challenges_answered, 1);
@@ -216,7 +222,7 @@ fn reliable_provisional_and_prack_follow_the_resend_offset() {
         &invite("call-7").replace("Content-Length: 0", "Supported: 100rel\nContent-Length: 0"),
     );
     let first = pair.core_receives();
-    pair.core_sends_message(answer(&first, 403, "core-x", &core_contact()).into());
+    core_answers(&mut pair, &first, 403, "core-x");
     pair.publish_token(Duration::from_secs(3600));
     pair.answer_wait();
     let second = pair.core_receives();
@@ -236,7 +242,7 @@ fn reliable_provisional_and_prack_follow_the_resend_offset() {
     assert_eq!(at_core.method, Method::Prack);
     assert_eq!(cseq(&at_core.headers), 3);
     assert_eq!(header(&at_core.headers, "RAck"), Some("1 2 INVITE"));
-    pair.core_sends_message(answer(&at_core, 200, "core-7", &core_contact()).into());
+    core_answers(&mut pair, &at_core, 200, "core-7");
     let prack_ok = pair.edge_receives();
     assert_eq!(cseq(&prack_ok.headers), 2);
 }
@@ -249,7 +255,7 @@ fn an_in_dialog_request_waits_for_a_valid_token_after_the_old_one_expired() {
     pair.edge_sends(&invite("call-8"));
     let invite = pair.core_receives();
     assert_eq!(authorization(&invite), Some("Bearer token-2"));
-    pair.core_sends_message(answer(&invite, 200, "core-8", &core_contact()).into());
+    core_answers(&mut pair, &invite, 200, "core-8");
     let ok = pair.edge_receives();
     let routes = route_set(&ok);
     pair.edge_sends(&in_dialog("call-8", "ACK", 1, &routes, "core-8"));
@@ -310,7 +316,7 @@ fn registration_the_sidecar_originates_gets_its_answer() {
     let id = pair.originate(register()).expect("sent");
     let at_core = pair.core_receives();
     assert_eq!(at_core.method, Method::Register);
-    pair.core_sends_message(answer(&at_core, 200, "reg", &core_contact()).into());
+    core_answers(&mut pair, &at_core, 200, "reg");
     let (answered, response) = pair.answers.pop_front().expect("an answer");
     assert_eq!(answered, id);
     let response = response.expect("a response");
@@ -374,7 +380,7 @@ fn a_refusal_of_the_sidecars_own_register_goes_back_to_the_registration() {
     let mut pair = Pair::new(AuthMode::Bearer);
     let id = pair.originate(register()).expect("sent");
     let at_core = pair.core_receives();
-    pair.core_sends_message(answer(&at_core, 401, "reg", &core_contact()).into());
+    core_answers(&mut pair, &at_core, 401, "reg");
     // Not absorbed by the proxy's re-send: the registration decides about its own.
     assert!(pair.waits.is_empty());
     let (answered, response) = pair.answers.pop_front().expect("an answer");
@@ -399,12 +405,10 @@ fn an_unanswered_register_ends_with_no_answer_after_timer_f() {
 fn a_provisional_response_arriving_after_the_2xx_is_not_forwarded() {
     // UDP may reorder what the core sent: its 180 overtaken by its 200. Once a final
     // response went back, only 2xx retransmissions follow it (RFC 3261 §16.7 step 5).
-    let mut pair = Pair::new(AuthMode::Bearer);
-    pair.edge_sends(&invite("call-late-180"));
-    let at_core = pair.core_receives();
-    pair.core_sends_message(answer(&at_core, 200, "core-l", &core_contact()).into());
+    let (mut pair, at_core) = invite_at_core("call-late-180");
+    core_answers(&mut pair, &at_core, 200, "core-l");
     assert_eq!(pair.edge_receives().code, 200);
-    pair.core_sends_message(answer(&at_core, 180, "core-l", &core_contact()).into());
+    core_answers(&mut pair, &at_core, 180, "core-l");
     assert!(
         pair.edge_heard_only_trying(),
         "a 180 after the 200 reached the Edge"
