@@ -277,12 +277,31 @@ async fn tcp_message_over_the_size_limit_closes_the_connection() {
     sidecar.stop().await;
 }
 
+#[tokio::test]
+async fn udp_reading_threads_let_their_sockets_go_at_shutdown() {
+    let sidecar = Sidecar::start("udp:127.0.0.1:9", "udp:127.0.0.1:9", "udp_threads = 3").await;
+    let edge = sidecar.addr(Side::Edge, Transport::Udp);
+    sidecar.stop().await;
+    // Each reading thread sees the stop within its read wait and drops its socket.
+    let mut bound = None;
+    for _ in 0..100 {
+        match std::net::UdpSocket::bind(edge) {
+            Ok(socket) => {
+                bound = Some(socket);
+                break;
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
+    assert!(bound.is_some(), "{edge} still held after shutdown");
+}
+
 #[tokio::test(start_paused = true)]
 async fn idle_tcp_connection_is_closed_after_the_idle_timeout() {
     let sidecar = Sidecar::start(
         "udp:127.0.0.1:9",
         "udp:127.0.0.1:9",
-        "tcp_idle_timeout = \"30s\"",
+        &format!("{VIRTUAL_TIME}\ntcp_idle_timeout = \"30s\""),
     )
     .await;
     let mut stream = TcpStream::connect(sidecar.addr(Side::Edge, Transport::Tcp))
@@ -642,4 +661,147 @@ async fn a_peer_that_stops_reading_loses_its_connection_after_the_write_timeout(
     );
     sidecar.stop().await;
     holder.abort();
+}
+
+/// How many calls the order tests below put through at once: enough that back-to-back
+/// datagrams of one call meet two reading threads many times over.
+const BURST_CALLS: usize = 200;
+
+/// How many calls of a burst may be unfinished at once: the test's peers share one
+/// task with their readers, while the proxy's reading threads answer at once, so a
+/// burst sent without a window would overflow a peer's socket buffer (212 KiB by
+/// default). Within the window a call's datagrams go back to back.
+const WINDOW: usize = 16;
+
+/// Waits until `call` is within [`WINDOW`] of the calls `done`.
+async fn pace(call: usize, done: &std::cell::Cell<usize>) {
+    while call >= done.get() + WINDOW {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
+/// What each call of a burst received at `peer`, by Call-ID, until every call has one
+/// message for which `last` holds, counting them in `finished`.
+async fn per_call(
+    peer: &RawPeer,
+    mut keep: impl FnMut(&rsip::SipMessage) -> Option<String>,
+    last: impl Fn(&str) -> bool,
+    finished: &std::cell::Cell<usize>,
+) -> std::collections::HashMap<String, Vec<String>> {
+    let mut seen: std::collections::HashMap<String, Vec<String>> = Default::default();
+    let mut done = 0;
+    let mut buffer = vec![0u8; 65_536];
+    while done < BURST_CALLS {
+        let received = tokio::time::timeout(WAIT, peer.socket.recv_from(&mut buffer)).await;
+        let Ok(Ok((length, _))) = received else {
+            panic!("{done} of {BURST_CALLS} calls complete after {WAIT:?}; seen: {seen:?}");
+        };
+        let message = message::parse(&buffer[..length], true).unwrap();
+        if let Some(what) = keep(&message) {
+            let call = header_values(&message, "Call-ID")[0].clone();
+            if last(&what) {
+                done += 1;
+                finished.set(done);
+            }
+            seen.entry(call).or_default().push(what);
+        }
+    }
+    seen
+}
+
+#[tokio::test]
+async fn a_calls_back_to_back_answers_reach_the_edge_in_the_order_the_core_sent_them() {
+    // The UDP sockets are read by several threads (the default): two of a call's
+    // answers queued together must still be handled and sent in the order they came.
+    let Rig {
+        core,
+        sidecar,
+        edge,
+        proxy,
+    } = Rig::start("").await;
+    // The Edge reads while the calls go on, at most [`WINDOW`] calls behind.
+    let finished = std::cell::Cell::new(0);
+    let at_edge = per_call(
+        &edge,
+        |message| (status(message) != 100).then(|| status(message).to_string()),
+        |code| code == "200",
+        &finished,
+    );
+    let calls = async {
+        for call in 0..BURST_CALLS {
+            let request = invite(
+                edge.addr,
+                proxy,
+                &format!("z9hG4bKo{call}"),
+                &format!("o{call}"),
+            );
+            edge.send(&request, proxy).await;
+            pace(call, &finished).await;
+        }
+    };
+    let answers = async {
+        // Each call's INVITE answered once, whatever the proxy retransmitted meanwhile.
+        let mut answered = std::collections::HashSet::new();
+        while answered.len() < BURST_CALLS {
+            let (request, from) = common::raw::next_request(&core, rsip::Method::Invite).await;
+            if !answered.insert(header_values(&request, "Call-ID")[0].clone()) {
+                continue;
+            }
+            for (code, reason) in [(180, "Ringing"), (183, "Session Progress"), (200, "OK")] {
+                let answer = common::raw::answer(&request, code, reason, "core-tag");
+                core.send(&answer, from).await;
+            }
+        }
+    };
+    let (seen, (), ()) = tokio::join!(at_edge, calls, answers);
+    assert_eq!(seen.len(), BURST_CALLS);
+    for (call, codes) in seen {
+        assert_eq!(codes, ["180", "183", "200"], "{call}");
+    }
+    sidecar.stop().await;
+}
+
+#[tokio::test]
+async fn a_cancel_right_behind_its_invite_finds_the_invite() {
+    // Were the CANCEL handled before its INVITE, it would find no transaction (481)
+    // and the INVITE would ring on.
+    let Rig {
+        core: _core,
+        sidecar,
+        edge,
+        proxy,
+    } = Rig::start("").await;
+    let finished = std::cell::Cell::new(0);
+    let at_edge = per_call(
+        &edge,
+        |message| {
+            let cseq = header_values(message, "CSeq")[0].clone();
+            cseq.ends_with("CANCEL")
+                .then(|| status(message).to_string())
+        },
+        |_| true,
+        &finished,
+    );
+    let calls = async {
+        for call in 0..BURST_CALLS {
+            let request = invite(
+                edge.addr,
+                proxy,
+                &format!("z9hG4bKc{call}"),
+                &format!("c{call}"),
+            );
+            let cancel = request
+                .replacen("INVITE sip", "CANCEL sip", 1)
+                .replace("1 INVITE", "1 CANCEL");
+            edge.send(&request, proxy).await;
+            edge.send(&cancel, proxy).await;
+            pace(call, &finished).await;
+        }
+    };
+    let (seen, ()) = tokio::join!(at_edge, calls);
+    assert_eq!(seen.len(), BURST_CALLS);
+    for (call, codes) in seen {
+        assert_eq!(codes, ["200"], "{call}");
+    }
+    sidecar.stop().await;
 }

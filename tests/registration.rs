@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use byoc_sidecar::registration::State;
 use common::raw::{answer, cseq, header_values, RawPeer};
-use common::Sidecar;
+use common::{in_virtual_time, Sidecar};
 use rsip::{Method, SipMessage};
 use tokio::time::Instant;
 
@@ -59,7 +59,7 @@ async fn refreshes_follow_the_granted_expiry_and_shutdown_unregisters() {
         "{}{REGISTRATION}",
         Sidecar::config("udp:127.0.0.1:9", &format!("udp:{}", registrar.addr), "")
     );
-    let sidecar = Sidecar::start_with(&config).await;
+    let sidecar = Sidecar::start_with(&in_virtual_time(&config)).await;
     let core_side = sidecar.addr(
         byoc_sidecar::transport::Side::Core,
         byoc_sidecar::config::Transport::Udp,
@@ -127,7 +127,7 @@ async fn an_unreachable_registrar_is_retried_with_backoff_and_never_given_up() {
         "{}{REGISTRATION}backoff_initial = \"1s\"\nbackoff_max = \"16s\"\n",
         Sidecar::config("udp:127.0.0.1:9", &format!("udp:{}", registrar.addr), "")
     );
-    let sidecar = Sidecar::start_with(&config).await;
+    let sidecar = Sidecar::start_with(&in_virtual_time(&config)).await;
     let mut attempts = Vec::new();
     // Eight attempts answered 503 (the registrar is down behind a proxy).
     for _ in 0..8 {
@@ -184,7 +184,7 @@ async fn a_registrar_demanding_a_longer_expiry_gets_min_expires() {
         "{}{REGISTRATION}",
         Sidecar::config("udp:127.0.0.1:9", &format!("udp:{}", registrar.addr), "")
     );
-    let sidecar = Sidecar::start_with(&config).await;
+    let sidecar = Sidecar::start_with(&in_virtual_time(&config)).await;
     let (first, from) = next_register(&registrar).await;
     let brief = answer(&first, 423, "Interval Too Brief", "r").replace(
         "Content-Length: 0\r\n",
@@ -223,7 +223,7 @@ async fn every_new_token_is_registered_at_once_and_no_register_carries_an_expire
         Sidecar::config("udp:127.0.0.1:9", &format!("udp:{}", registrar.addr), ""),
         sim.credentials_toml(dir.path(), "")
     );
-    let sidecar = Sidecar::start_ready(&config).await;
+    let sidecar = Sidecar::start_ready(&in_virtual_time(&config)).await;
     let end = Instant::now() + Duration::from_secs(30);
     let mut registers: Vec<(Instant, String)> = Vec::new();
     while let Ok((register, from)) = tokio::time::timeout_at(end, next_register(&registrar)).await {
@@ -275,7 +275,7 @@ async fn a_silent_registrar_costs_a_transaction_timeout_then_a_backoff_step_each
         "{}{REGISTRATION}backoff_initial = \"2s\"\n",
         Sidecar::config("udp:127.0.0.1:9", &format!("udp:{}", registrar.addr), "")
     );
-    let sidecar = Sidecar::start_with(&config).await;
+    let sidecar = Sidecar::start_with(&in_virtual_time(&config)).await;
     let mut starts: Vec<(Instant, u32)> = Vec::new();
     // Three attempts ignored: note when each new CSeq first appears.
     while starts.len() < 4 {
@@ -343,7 +343,7 @@ async fn a_rejected_token_is_replaced_and_the_register_re_sent_once() {
         Sidecar::config("udp:127.0.0.1:9", &format!("udp:{}", registrar.addr), ""),
         sim.credentials_toml(dir.path(), "")
     );
-    let sidecar = Sidecar::start_ready(&config).await;
+    let sidecar = Sidecar::start_ready(&in_virtual_time(&config)).await;
     let (first, from) = next_register(&registrar).await;
     let old = header_values(&first, "Authorization")[0].clone();
     registrar
@@ -401,7 +401,7 @@ async fn requests_to_each_registered_contact_reach_their_own_trunks_edge() {
         trunk("test", edge_a.addr, "trunk-a"),
         trunk("other", edge_b.addr, "trunk-b")
     );
-    let sidecar = Sidecar::start_with(&config).await;
+    let sidecar = Sidecar::start_with(&in_virtual_time(&config)).await;
     let mut contacts = std::collections::HashMap::new();
     for _ in 0..2 {
         let (register, from) = next_register(&registrar).await;
@@ -470,7 +470,7 @@ async fn a_challenged_unregister_is_answered() {
         "{}{REGISTRATION}",
         Sidecar::digest_config(registrar.addr, dir.path(), "wonderland", "")
     );
-    let sidecar = Sidecar::start_ready(&config).await;
+    let sidecar = Sidecar::start_ready(&in_virtual_time(&config)).await;
     let www = |nonce: &str, extra: &str| {
         format!("WWW-Authenticate: Digest realm=\"core.test\", nonce=\"{nonce}\", qop=\"auth\"{extra}\r\nContent-Length: 0\r\n")
     };

@@ -82,7 +82,7 @@ async fn silent_core_sees_timer_a_retransmissions_and_edge_gets_408_at_timer_b()
         sidecar,
         edge,
         proxy,
-    } = Rig::start("").await;
+    } = Rig::start(VIRTUAL_TIME).await;
     edge.send(
         &invite(edge.addr, proxy, "z9hG4bKsilent", "silent@test"),
         proxy,
@@ -137,7 +137,7 @@ async fn unacknowledged_final_response_is_retransmitted_on_timer_g_until_timer_h
         sidecar,
         edge,
         proxy,
-    } = Rig::start("").await;
+    } = Rig::start(VIRTUAL_TIME).await;
     edge.send(&invite(edge.addr, proxy, "z9hG4bKbusy", "busy@test"), proxy)
         .await;
     let (request, from) = core
@@ -196,7 +196,7 @@ async fn ringing_without_answer_is_cancelled_by_timer_c() {
         sidecar,
         edge,
         proxy,
-    } = Rig::start("timer_c = \"10s\"").await;
+    } = Rig::start(&format!("{VIRTUAL_TIME}\ntimer_c = \"10s\"")).await;
     edge.send(&invite(edge.addr, proxy, "z9hG4bKring", "ring@test"), proxy)
         .await;
     let (request, from) = core

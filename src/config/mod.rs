@@ -189,6 +189,10 @@ pub struct SipConfig {
     /// Receive and send buffer of each UDP socket, in bytes: a burst waits in the kernel
     /// instead of being dropped.
     pub udp_buffer: usize,
+    /// Threads waiting on each UDP socket; the kernel wakes one idle reader per
+    /// datagram, and each call's messages keep their order. 0 reads the UDP sockets on
+    /// the proxy's driver task instead.
+    pub udp_threads: usize,
     pub tcp_idle_timeout: String,
     pub tcp_connect_timeout: String,
     /// How long one write to a TCP connection may take before the connection is closed
@@ -216,6 +220,7 @@ impl Default for SipConfig {
             queue_capacity: 8192,
             tcp_max_connections: 1024,
             udp_buffer: 8 << 20,
+            udp_threads: 2,
             tcp_idle_timeout: "300s".into(),
             tcp_connect_timeout: "5s".into(),
             tcp_write_timeout: "10s".into(),
@@ -364,6 +369,8 @@ pub struct Limits {
     pub queue_capacity: usize,
     pub tcp_max_connections: usize,
     pub udp_buffer: usize,
+    /// Threads that read each UDP socket; 0: the driver task reads them.
+    pub udp_threads: usize,
     pub tcp_idle_timeout: Duration,
     pub tcp_connect_timeout: Duration,
     pub tcp_write_timeout: Duration,
@@ -613,6 +620,7 @@ impl Config {
                 1 << 20,
             ),
             ("sip.udp_buffer", sip.udp_buffer, 4096, 1 << 30),
+            ("sip.udp_threads", sip.udp_threads, 0, 16),
         ] {
             if !(low..=high).contains(&value) {
                 problems.add(key, format!("{value} is outside {low}..={high}"));
@@ -679,6 +687,7 @@ impl Config {
             queue_capacity: sip.queue_capacity,
             tcp_max_connections: sip.tcp_max_connections,
             udp_buffer: sip.udp_buffer,
+            udp_threads: sip.udp_threads,
             tcp_idle_timeout,
             tcp_connect_timeout,
             tcp_write_timeout,

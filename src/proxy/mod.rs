@@ -565,18 +565,34 @@ impl Shared<'_> {
         for listen in &settings.listen {
             match listen.transport {
                 Transport::Udp => {
-                    let socket = udp::bind(listen.addr, limits.udp_buffer).await?;
-                    let local = socket.local_addr().map_err(|source| udp::UdpError::Bind {
+                    let bind_error = |source| udp::UdpError::Bind {
                         addr: listen.addr,
                         source,
-                    })?;
-                    if side == Side::Core && udp::report_unreachable(&socket) {
-                        tracker.spawn(udp::watch_unreachable(
-                            socket.clone(),
-                            receive.clone(),
-                            cancel.clone(),
-                        ));
-                    }
+                    };
+                    let socket = if limits.udp_threads > 0 {
+                        // Read by the driver's threads, which also read the socket's
+                        // ICMP errors.
+                        let socket = udp::bind_threaded(listen.addr, limits.udp_buffer)?;
+                        if side == Side::Core {
+                            udp::report_unreachable(&socket);
+                        }
+                        udp::Listener::Threaded(socket)
+                    } else {
+                        let socket = udp::bind(listen.addr, limits.udp_buffer).await?;
+                        if side == Side::Core && udp::report_unreachable(&socket) {
+                            tracker.spawn(udp::watch_unreachable(
+                                socket.clone(),
+                                receive.clone(),
+                                cancel.clone(),
+                            ));
+                        }
+                        udp::Listener::Polled(socket)
+                    };
+                    let local = socket2::SockRef::from(&socket)
+                        .local_addr()
+                        .map_err(bind_error)?
+                        .as_socket()
+                        .ok_or_else(|| bind_error(std::io::Error::other("not an IP socket")))?;
                     udp_sockets.push(socket);
                     udp_locals.push(local);
                     listeners.push(Listen {
@@ -639,6 +655,7 @@ impl Shared<'_> {
             side,
             udp: udp_sockets,
             udp_locals,
+            udp_threads: limits.udp_threads,
             receive,
             tcp: tcp_context,
             tls_clients: Vec::new(),

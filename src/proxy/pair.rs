@@ -118,6 +118,7 @@ impl Pair {
             queue_capacity: 1024,
             tcp_max_connections: 16,
             udp_buffer: 1 << 20,
+            udp_threads: 0,
             tcp_idle_timeout: Duration::from_secs(300),
             tcp_connect_timeout: Duration::from_secs(5),
             tcp_write_timeout: Duration::from_secs(10),

@@ -4,7 +4,7 @@
 //! driver reads the UDP sockets itself ([`udp::receive_one`]), each TCP or TLS
 //! connection task frames and parses its stream (so that parsing runs on every core)
 //! and queues the message for the engine on a bounded channel. Sending never blocks the
-//! engine: UDP uses `try_send_to`, each TCP or TLS connection has a bounded queue of its
+//! engine: UDP sends with `MSG_DONTWAIT`, each TCP or TLS connection has a bounded queue of its
 //! own.
 //!
 //! Connections are tracked by the engine (it receives `Opened`/`Closed` events) and keyed

@@ -1,14 +1,20 @@
-//! UDP: the proxy's driver reads every listening socket itself ([`receive_one`], no
-//! hand-over between tasks) and sends on the same sockets with `try_send_to`, which
-//! never waits. On Linux a second task per core-side socket reads
-//! the ICMP errors its sends caused (`IP_RECVERR`): a core host whose port or host is
-//! unreachable is reported to the engine at once, which moves the request to another
-//! host or answers 503, instead of waiting for silence to time out.
+//! UDP: each listening socket is read either by threads of its own that wait on it
+//! ([`Listener::Threaded`], the default: the kernel wakes one idle reader per datagram,
+//! so a reader that the scheduler holds back does not hold up the next datagram; the
+//! proxy's driver keeps each socket's datagrams in order, [`receive_now`]), or
+//! by the proxy's driver task when tokio says it is readable ([`Listener::Polled`],
+//! [`receive_one`]; replay reads its sockets this way too). Sending never waits
+//! ([`send_to`]). On Linux the ICMP errors of what a core-side socket sent
+//! (`IP_RECVERR`) are read too: a core host whose port or host is unreachable is
+//! reported to the engine at once, which moves the request to another host or answers
+//! 503, instead of waiting for silence to time out.
 
 use bytes::Bytes;
 use std::io;
 use std::net::SocketAddr;
+use std::os::fd::{AsFd, BorrowedFd};
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::net::UdpSocket;
 use tokio::sync::mpsc::error::TrySendError;
@@ -28,6 +34,29 @@ pub enum UdpError {
     },
 }
 
+/// A UDP socket the proxy listens and sends on, and how it is read.
+#[derive(Debug, Clone)]
+pub enum Listener {
+    /// Registered with tokio's reactor: a task reads it when it is readable
+    /// ([`receive_one`]).
+    Polled(Arc<UdpSocket>),
+    /// Not registered: threads of its own wait on it ([`bind_threaded`]).
+    Threaded(Arc<std::net::UdpSocket>),
+}
+
+impl AsFd for Listener {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        match self {
+            Listener::Polled(socket) => socket.as_fd(),
+            Listener::Threaded(socket) => socket.as_fd(),
+        }
+    }
+}
+
+/// How long a blocking read of a [`Listener::Threaded`] socket waits before its thread
+/// looks whether it should stop.
+pub const READ_WAIT: Duration = Duration::from_millis(200);
+
 /// Binds `addr` with receive and send buffers of `buffer` bytes (see [`size_buffers`]).
 pub async fn bind(addr: SocketAddr, buffer: usize) -> Result<Arc<UdpSocket>, UdpError> {
     let socket = UdpSocket::bind(addr)
@@ -37,12 +66,39 @@ pub async fn bind(addr: SocketAddr, buffer: usize) -> Result<Arc<UdpSocket>, Udp
     Ok(Arc::new(socket))
 }
 
+/// Binds `addr` for threads that block reading it (each read waits at most
+/// [`READ_WAIT`]), with buffers of `buffer` bytes. The socket is not registered with
+/// tokio, so a datagram wakes one of its reading threads and nothing else.
+pub fn bind_threaded(
+    addr: SocketAddr,
+    buffer: usize,
+) -> Result<Arc<std::net::UdpSocket>, UdpError> {
+    let bind_error = |source| UdpError::Bind { addr, source };
+    let socket = std::net::UdpSocket::bind(addr).map_err(bind_error)?;
+    socket
+        .set_read_timeout(Some(READ_WAIT))
+        .map_err(bind_error)?;
+    size_buffers(&socket, buffer);
+    Ok(Arc::new(socket))
+}
+
+/// Sends one datagram without waiting: a full send buffer is an error (the caller
+/// counts it and the sender's retransmission recovers), never a wait.
+pub fn send_to(socket: &impl AsFd, bytes: &[u8], to: SocketAddr) -> io::Result<usize> {
+    let socket = socket2::SockRef::from(socket);
+    #[cfg(target_os = "linux")]
+    let flags = nix::sys::socket::MsgFlags::MSG_DONTWAIT.bits();
+    #[cfg(not(target_os = "linux"))]
+    let flags = 0;
+    socket.send_to_with_flags(bytes, &to.into(), flags)
+}
+
 /// Asks for receive and send buffers of `size` bytes: past `net.core.rmem_max` and
 /// `wmem_max` with `SO_RCVBUFFORCE`/`SO_SNDBUFFORCE` where the process may (Linux,
 /// `CAP_NET_ADMIN`), else as much as the limits allow. A buffer smaller than asked is
 /// logged once per socket, with the sysctl that caps it: bursts beyond it are dropped
 /// by the kernel, and the sender's retransmissions are what recovers them.
-pub fn size_buffers(socket: &UdpSocket, size: usize) {
+pub fn size_buffers(socket: &impl AsFd, size: usize) {
     let reference = socket2::SockRef::from(socket);
     #[cfg(target_os = "linux")]
     let forced = {
@@ -100,9 +156,22 @@ pub fn receive_one(
     context: &ReceiveContext,
     buffer: &mut [u8],
 ) -> Received {
-    let (length, peer) = match socket.try_recv_from(buffer) {
+    match socket.try_recv_from(buffer) {
+        Err(error) if error.kind() == io::ErrorKind::WouldBlock => Received::Empty,
+        read => admit(read, local, context, buffer),
+    }
+}
+
+/// Checks and parses what one read of the socket bound to `local` gave (`read`, with
+/// the datagram at the start of `buffer`) as `context` says.
+pub fn admit(
+    read: io::Result<(usize, SocketAddr)>,
+    local: SocketAddr,
+    context: &ReceiveContext,
+    buffer: &[u8],
+) -> Received {
+    let (length, peer) = match read {
         Ok(received) => received,
-        Err(error) if error.kind() == io::ErrorKind::WouldBlock => return Received::Empty,
         Err(error) => {
             // ICMP errors from earlier sends (ECONNREFUSED) surface here; none of them
             // make the socket unusable.
@@ -194,7 +263,7 @@ fn proc_address(addr: SocketAddr) -> String {
 /// Asks the kernel to queue the ICMP errors of what `socket` sends (Linux:
 /// `IP_RECVERR`); done before the socket sends anything, so no error is missed. False
 /// where that is not possible: silence still ends such a transaction.
-pub fn report_unreachable(socket: &UdpSocket) -> bool {
+pub fn report_unreachable(socket: &impl AsFd) -> bool {
     #[cfg(target_os = "linux")]
     {
         match errors::enable(socket) {
@@ -209,6 +278,54 @@ pub fn report_unreachable(socket: &UdpSocket) -> bool {
     {
         let _ = socket;
         false
+    }
+}
+
+/// The next ICMP error queued on `socket` (after [`report_unreachable`]): the
+/// destination it is about and what it says. `WouldBlock` when none is queued.
+pub fn next_unreachable(socket: &impl AsFd) -> io::Result<(SocketAddr, &'static str)> {
+    #[cfg(target_os = "linux")]
+    {
+        errors::next(socket)
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        let _ = socket;
+        Err(io::ErrorKind::WouldBlock.into())
+    }
+}
+
+/// Reads one datagram from a blocking socket without waiting (`MSG_DONTWAIT`):
+/// `WouldBlock` when none is queued.
+pub fn receive_now(socket: &impl AsFd, buffer: &mut [u8]) -> io::Result<(usize, SocketAddr)> {
+    #[cfg(target_os = "linux")]
+    {
+        use nix::sys::socket::{recvmsg, MsgFlags, SockaddrStorage};
+        use std::os::fd::AsRawFd;
+        let mut iov = [io::IoSliceMut::new(buffer)];
+        let message = recvmsg::<SockaddrStorage>(
+            socket.as_fd().as_raw_fd(),
+            &mut iov,
+            None,
+            MsgFlags::MSG_DONTWAIT,
+        )
+        .map_err(io::Error::from)?;
+        let length = message.bytes;
+        let peer = message
+            .address
+            .and_then(|address| {
+                address
+                    .as_sockaddr_in()
+                    .map(|v4| SocketAddr::from(*v4))
+                    .or_else(|| address.as_sockaddr_in6().map(|v6| SocketAddr::from(*v6)))
+            })
+            .ok_or_else(|| io::Error::other("a datagram without its source"))?;
+        Ok((length, peer))
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        let _ = (socket, buffer);
+        Err(io::ErrorKind::Unsupported.into())
     }
 }
 
@@ -260,16 +377,18 @@ pub async fn watch_unreachable(
 mod errors {
     use std::io;
     use std::net::SocketAddr;
-    use std::os::fd::AsRawFd;
+    use std::os::fd::{AsFd, AsRawFd};
 
     use nix::sys::socket::{
         recvmsg, setsockopt, sockopt, ControlMessageOwned, MsgFlags, SockaddrStorage,
     };
-    use tokio::net::UdpSocket;
 
     /// Asks the kernel to queue ICMP errors on the socket (`IP_RECVERR`, `IPV6_RECVERR`).
-    pub fn enable(socket: &UdpSocket) -> io::Result<()> {
-        let v6 = socket.local_addr()?.is_ipv6();
+    pub fn enable(socket: &impl AsFd) -> io::Result<()> {
+        let v6 = socket2::SockRef::from(socket)
+            .local_addr()?
+            .as_socket()
+            .is_some_and(|local| local.is_ipv6());
         let result = if v6 {
             setsockopt(socket, sockopt::Ipv6RecvErr, &true)
         } else {
@@ -280,12 +399,12 @@ mod errors {
 
     /// The next queued error: the destination it is about and what it says.
     /// `WouldBlock` when the queue is empty.
-    pub fn next(socket: &UdpSocket) -> io::Result<(SocketAddr, &'static str)> {
+    pub fn next(socket: &impl AsFd) -> io::Result<(SocketAddr, &'static str)> {
         let mut buffer = [0u8; 64];
         let mut iov = [io::IoSliceMut::new(&mut buffer)];
         let mut control = nix::cmsg_space!(nix::libc::sock_extended_err, nix::libc::sockaddr_in6);
         let message = recvmsg::<SockaddrStorage>(
-            socket.as_raw_fd(),
+            socket.as_fd().as_raw_fd(),
             &mut iov,
             Some(&mut control),
             MsgFlags::MSG_ERRQUEUE | MsgFlags::MSG_DONTWAIT,
@@ -321,6 +440,53 @@ mod errors {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_threaded_socket_blocks_for_a_datagram_and_gives_up_after_its_read_wait() {
+        let socket = bind_threaded("127.0.0.1:0".parse().unwrap(), 1 << 16).unwrap();
+        let local = socket.local_addr().unwrap();
+        let peer = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let sender = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(20));
+            send_to(&peer, b"OPTIONS", local).unwrap();
+            peer.local_addr().unwrap()
+        });
+        let mut buffer = [0u8; 64];
+        let (length, from) = socket.recv_from(&mut buffer).unwrap();
+        assert_eq!(&buffer[..length], b"OPTIONS");
+        assert_eq!(from, sender.join().unwrap());
+        // Nothing more comes: the read ends by itself, so its thread can look whether
+        // to stop.
+        let error = socket.recv_from(&mut buffer).unwrap_err();
+        assert!(
+            matches!(
+                error.kind(),
+                io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+            ),
+            "{error:?}"
+        );
+    }
+
+    #[test]
+    #[cfg(target_os = "linux")]
+    fn a_threaded_core_socket_reads_the_icmp_error_its_send_caused() {
+        let socket = bind_threaded("127.0.0.1:0".parse().unwrap(), 1 << 16).unwrap();
+        assert!(report_unreachable(&socket));
+        // A port nobody listens on: the kernel answers port unreachable.
+        let closed = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let nobody = closed.local_addr().unwrap();
+        drop(closed);
+        send_to(&socket, b"INVITE", nobody).unwrap();
+        let mut buffer = [0u8; 64];
+        // The blocked read returns the error; the queue then names the destination.
+        assert!(socket.recv_from(&mut buffer).is_err());
+        let (addr, reason) = next_unreachable(&socket).unwrap();
+        assert_eq!((addr, reason), (nobody, "port unreachable"));
+        assert_eq!(
+            next_unreachable(&socket).unwrap_err().kind(),
+            io::ErrorKind::WouldBlock
+        );
+    }
 
     #[test]
     #[cfg(target_endian = "little")]

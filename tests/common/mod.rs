@@ -266,6 +266,20 @@ pub fn side(name: &str, listen: &[&str], open: bool, tls: Option<(&Path, &Path)>
     text
 }
 
+/// `[sip]` lines for a test in virtual time (`start_paused`): the driver task reads the
+/// UDP sockets, so that tokio sees that work and does not move its clock past it (the
+/// default reading threads work outside tokio's view).
+pub const VIRTUAL_TIME: &str = "udp_threads = 0";
+
+/// `config` for a test in virtual time: [`VIRTUAL_TIME`] added to its `[sip]` table.
+pub fn in_virtual_time(config: &str) -> String {
+    assert!(
+        config.contains("[sip]\n"),
+        "a test configuration without [sip]"
+    );
+    config.replacen("[sip]\n", &format!("[sip]\n{VIRTUAL_TIME}\n"), 1)
+}
+
 impl Sidecar {
     pub async fn start(edge: &str, core: &str, extra_sip: &str) -> Sidecar {
         Self::start_with(&Self::config(edge, core, extra_sip)).await
