@@ -313,12 +313,8 @@ pub fn receive_now(socket: &impl AsFd, buffer: &mut [u8]) -> io::Result<(usize, 
         let length = message.bytes;
         let peer = message
             .address
-            .and_then(|address| {
-                address
-                    .as_sockaddr_in()
-                    .map(|v4| SocketAddr::from(*v4))
-                    .or_else(|| address.as_sockaddr_in6().map(|v6| SocketAddr::from(*v6)))
-            })
+            .as_ref()
+            .and_then(ip_address)
             .ok_or_else(|| io::Error::other("a datagram without its source"))?;
         Ok((length, peer))
     }
@@ -327,6 +323,15 @@ pub fn receive_now(socket: &impl AsFd, buffer: &mut [u8]) -> io::Result<(usize, 
         let _ = (socket, buffer);
         Err(io::ErrorKind::Unsupported.into())
     }
+}
+
+/// The IP address and port in a socket address the kernel gave, if it is one.
+#[cfg(target_os = "linux")]
+fn ip_address(address: &nix::sys::socket::SockaddrStorage) -> Option<SocketAddr> {
+    address
+        .as_sockaddr_in()
+        .map(|v4| SocketAddr::from(*v4))
+        .or_else(|| address.as_sockaddr_in6().map(|v6| SocketAddr::from(*v6)))
 }
 
 /// How often the error queue is read even without a wake-up, so that no error waits
@@ -426,12 +431,8 @@ mod errors {
         };
         let addr = message
             .address
-            .and_then(|address| {
-                address
-                    .as_sockaddr_in()
-                    .map(|v4| SocketAddr::from(*v4))
-                    .or_else(|| address.as_sockaddr_in6().map(|v6| SocketAddr::from(*v6)))
-            })
+            .as_ref()
+            .and_then(super::ip_address)
             .ok_or_else(|| io::Error::other("an error without its destination"))?;
         Ok((addr, reason))
     }
