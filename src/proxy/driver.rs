@@ -10,7 +10,7 @@
 //!   idle reader per datagram; the reader takes the engine only if it is free, gives it
 //!   every datagram queued on every such socket in the order they came, and sends what
 //!   it answers over UDP after letting the lock go (a call's datagrams in the engine's
-//!   order, whichever reader sends them), handing anything else (TCP, TLS, credential
+//!   order, whichever reader or this task sends them), handing anything else (TCP, TLS, credential
 //!   waits) to this task. A reader that the scheduler holds back after waking a peer
 //!   with a send holds nothing the next datagram needs: another reader takes it;
 //! - with `udp_threads = 0` this task reads them itself when tokio says they are
@@ -161,20 +161,54 @@ impl Shared {
     fn sending(&self) -> MutexGuard<'_, HashMap<u64, Vec<Transmit>>> {
         self.sending.lock().unwrap_or_else(PoisonError::into_inner)
     }
+
+    /// Sends `datagrams` of the call `key`, which the caller claimed, then what others
+    /// queued for the call meanwhile, until none is left; then the call is free again.
+    fn send_claimed(
+        &self,
+        key: u64,
+        mut datagrams: Vec<Transmit>,
+        mut send: impl FnMut(&Transmit),
+    ) {
+        loop {
+            for transmit in datagrams.drain(..) {
+                send(&transmit);
+            }
+            let mut sending = self.sending();
+            match sending.get_mut(&key) {
+                Some(queued) if !queued.is_empty() => std::mem::swap(queued, &mut datagrams),
+                _ => {
+                    sending.remove(&key);
+                    return;
+                }
+            }
+        }
+    }
 }
 
 /// Which call an input belongs to, for the order of its datagrams: a hash of its
 /// Call-ID (two calls that collide are merely kept in order with each other).
 fn call_key(inbound: &crate::transport::Inbound) -> u64 {
-    use std::hash::{Hash, Hasher};
     let headers = match &inbound.message {
         crate::sip::wire::Message::Request(request) => &request.headers,
         crate::sip::wire::Message::Response(response) => &response.headers,
     };
+    key_of(crate::sip::wire::call_id(headers).unwrap_or(""))
+}
+
+/// The call a datagram the engine made belongs to, as [`call_key`] tells it.
+fn transmit_key(transmit: &Transmit) -> u64 {
+    let view = crate::sip::view::MessageView::parse(transmit.bytes.clone(), true);
+    match view {
+        Ok(view) => key_of(view.call_id().unwrap_or("")),
+        Err(_) => key_of(""),
+    }
+}
+
+fn key_of(call_id: &str) -> u64 {
+    use std::hash::{Hash, Hasher};
     let mut hasher = std::collections::hash_map::DefaultHasher::new();
-    crate::sip::wire::call_id(headers)
-        .unwrap_or("")
-        .hash(&mut hasher);
+    call_id.hash(&mut hasher);
     hasher.finish()
 }
 
@@ -194,6 +228,9 @@ pub struct Driver {
     waits: JoinSet<(u64, CredentialWait, Option<Arc<Credential>>)>,
     /// Whose each wait is, so that a wait that fails still ends its request.
     wait_owners: HashMap<tokio::task::Id, (u64, CredentialWait)>,
+    /// Whether reading threads send UDP too: then this task's UDP datagrams take their
+    /// turn in each call's order ([`Shared::sending`]).
+    readers: bool,
 }
 
 /// A UDP socket that threads of its own read ([`udp::Listener::Threaded`]).
@@ -301,22 +338,9 @@ impl Reader {
                 }
             }
             drop(engine);
-            for (key, mut datagrams) in mine.drain(..) {
-                loop {
-                    for transmit in datagrams.drain(..) {
-                        self.send(&transmit);
-                    }
-                    let mut sending = self.shared.sending();
-                    match sending.get_mut(&key) {
-                        Some(queued) if !queued.is_empty() => {
-                            std::mem::swap(queued, &mut datagrams);
-                        }
-                        _ => {
-                            sending.remove(&key);
-                            break;
-                        }
-                    }
-                }
+            for (key, datagrams) in mine.drain(..) {
+                self.shared
+                    .send_claimed(key, datagrams, |transmit| self.send(transmit));
             }
         }
     }
@@ -379,19 +403,20 @@ impl Reader {
     }
 
     fn send(&self, transmit: &Transmit) {
-        trace_sending(&transmit.destination, &transmit.bytes);
-        let out = match transmit.destination.side {
-            Side::Edge => &self.out[0],
-            Side::Core => &self.out[1],
-        };
         if let Some(threaded) = self.sockets.first() {
-            out.send(
-                &transmit.destination,
-                &transmit.bytes,
-                &threaded.context.stats,
-            );
+            send_udp(&self.out, transmit, &threaded.context.stats);
         }
     }
+}
+
+/// Sends one UDP datagram the engine made from its side's sockets (`out`: edge, core).
+fn send_udp(out: &[UdpOut; 2], transmit: &Transmit, stats: &Stats) {
+    trace_sending(&transmit.destination, &transmit.bytes);
+    let out = match transmit.destination.side {
+        Side::Edge => &out[0],
+        Side::Core => &out[1],
+    };
+    out.send(&transmit.destination, &transmit.bytes, stats);
 }
 
 /// Whether the engine's next deadline is now earlier than `before` (or there was none):
@@ -435,6 +460,7 @@ impl Driver {
             replies: HashMap::new(),
             waits: JoinSet::new(),
             wait_owners: HashMap::new(),
+            readers: false,
         }
     }
 
@@ -601,7 +627,7 @@ impl Driver {
     /// Starts the threads that read each [`udp::Listener::Threaded`] socket; they stop
     /// within [`udp::READ_WAIT`] of `cancel`.
     fn start_readers(
-        &self,
+        &mut self,
         handed: &mpsc::UnboundedSender<Output>,
         cancel: &CancellationToken,
     ) -> std::io::Result<()> {
@@ -639,6 +665,7 @@ impl Driver {
                 let _runtime = runtime.enter();
                 reader.run(&cancel);
             })?;
+            self.readers = true;
         }
         Ok(())
     }
@@ -707,9 +734,38 @@ impl Driver {
     fn flush(&mut self) {
         loop {
             // The lock is let go before the output is done: doing it may need the engine.
-            let next = next_output(&mut self.engine());
+            let next = {
+                let mut engine = self.engine();
+                match next_output(&mut engine) {
+                    Some(Output::Transmit(transmit))
+                        if self.readers && transmit.destination.transport == Transport::Udp =>
+                    {
+                        // Claimed while the engine is held, as a reader claims, so that a
+                        // call's datagrams leave in the engine's order.
+                        let key = transmit_key(&transmit);
+                        let mut sending = self.shared.sending();
+                        match sending.get_mut(&key) {
+                            Some(queued) => {
+                                queued.push(transmit);
+                                continue;
+                            }
+                            None => {
+                                sending.insert(key, Vec::new());
+                                Some(Err((key, transmit)))
+                            }
+                        }
+                    }
+                    other => other.map(Ok),
+                }
+            };
             match next {
-                Some(output) => self.output(output),
+                Some(Ok(output)) => self.output(output),
+                Some(Err((key, transmit))) => {
+                    let (out, stats) = (&self.udp_out, &self.stats);
+                    self.shared.send_claimed(key, vec![transmit], |transmit| {
+                        send_udp(out, transmit, stats);
+                    });
+                }
                 None => return,
             }
         }
