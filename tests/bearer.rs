@@ -406,9 +406,7 @@ async fn cancel_arriving_during_the_resend_ends_the_invite_with_487_and_nothing_
     )
     .await;
     tokio::time::sleep(Duration::from_millis(200)).await;
-    let cancel = request
-        .replacen("INVITE sip", "CANCEL sip", 1)
-        .replace("1 INVITE", "1 CANCEL");
+    let cancel = common::raw::as_cancel(&request);
     edge.send(&cancel, proxy).await;
     let mut codes = Vec::new();
     while !codes.contains(&(200, "1 CANCEL".to_string()))

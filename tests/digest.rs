@@ -515,9 +515,8 @@ async fn a_cancel_after_the_answered_challenge_goes_on_the_new_branch() {
             break;
         }
     }
-    let cancel = invite(rig.edge.addr, rig.proxy, "z9hG4bKcancel", "cancel")
-        .replacen("INVITE sip", "CANCEL sip", 1)
-        .replace("1 INVITE", "1 CANCEL");
+    let cancel =
+        common::raw::as_cancel(&invite(rig.edge.addr, rig.proxy, "z9hG4bKcancel", "cancel"));
     rig.edge.send(&cancel, rig.proxy).await;
     let (core_cancel, from) = next_request(&rig.core, Method::Cancel).await;
     assert_eq!(top_branch(&core_cancel), top_branch(&second));
@@ -552,14 +551,12 @@ async fn an_invite_cancelled_before_its_challenge_is_not_re_sent() {
     let rig = DigestRig::start("wonderland").await;
     rig.call("early-cancel", 1, "").await;
     let (first, from) = next_request(&rig.core, Method::Invite).await;
-    let cancel = invite(
+    let cancel = common::raw::as_cancel(&invite(
         rig.edge.addr,
         rig.proxy,
         "z9hG4bKearly-cancel",
         "early-cancel",
-    )
-    .replacen("INVITE sip", "CANCEL sip", 1)
-    .replace("1 INVITE", "1 CANCEL");
+    ));
     rig.edge.send(&cancel, rig.proxy).await;
     let cancelled = loop {
         let response = final_response(&rig.edge).await;

@@ -212,9 +212,12 @@ async fn a_cancel_before_any_answer_ends_the_call_with_487_and_blames_no_host() 
     rig.call("cancel1").await;
     let (at_a, _) = raw::next_request(&rig.a, Method::Invite).await;
     let target = rig.target();
-    let cancel = raw::invite(rig.edge.addr, target, "z9hG4bKcancel1", "cancel1")
-        .replacen("INVITE sip", "CANCEL sip", 1)
-        .replace("1 INVITE", "1 CANCEL");
+    let cancel = raw::as_cancel(&raw::invite(
+        rig.edge.addr,
+        target,
+        "z9hG4bKcancel1",
+        "cancel1",
+    ));
     rig.edge.send(&cancel, target).await;
     // The CANCEL's own 200 at once, the INVITE's 487 when core a's transaction ends.
     let mut finals = Vec::new();

@@ -140,9 +140,8 @@ async fn cancel_without_matching_invite_gets_481() {
     let sidecar = Sidecar::start("udp:127.0.0.1:9", "udp:127.0.0.1:9", "").await;
     let edge = RawPeer::bind().await;
     let proxy = sidecar.addr(Side::Edge, Transport::Udp);
-    let cancel = invite(edge.addr, proxy, "z9hG4bKnothing", "nothing@test")
-        .replace("INVITE sip", "CANCEL sip")
-        .replace("1 INVITE", "1 CANCEL");
+    let cancel =
+        common::raw::as_cancel(&invite(edge.addr, proxy, "z9hG4bKnothing", "nothing@test"));
     edge.send(&cancel, proxy).await;
     assert_eq!(status(&edge.receive(WAIT, "481").await.0), 481);
     sidecar.stop().await;
@@ -711,33 +710,37 @@ async fn per_call(
     seen
 }
 
+/// The INVITE of call `call` of a burst from the Edge; `tag` keeps two tests' calls apart.
+fn burst_invite(edge: &RawPeer, proxy: std::net::SocketAddr, tag: &str, call: usize) -> String {
+    let (branch, call_id) = (format!("z9hG4bK{tag}{call}"), format!("{tag}{call}"));
+    invite(edge.addr, proxy, &branch, &call_id)
+}
+
+/// Every call of a burst saw exactly `expected`, in that order.
+fn every_call_saw(seen: std::collections::HashMap<String, Vec<String>>, expected: &[&str]) {
+    assert_eq!(seen.len(), BURST_CALLS);
+    for (call, what) in seen {
+        assert_eq!(what, expected, "{call}");
+    }
+}
+
 #[tokio::test]
 async fn a_calls_back_to_back_answers_reach_the_edge_in_the_order_the_core_sent_them() {
     // The UDP sockets are read by several threads (the default): two of a call's
     // answers queued together must still be handled and sent in the order they came.
-    let Rig {
-        core,
-        sidecar,
-        edge,
-        proxy,
-    } = Rig::start("").await;
+    let rig = Rig::start("").await;
     // The Edge reads while the calls go on, at most [`WINDOW`] calls behind.
     let finished = std::cell::Cell::new(0);
     let at_edge = per_call(
-        &edge,
+        &rig.edge,
         |message| (status(message) != 100).then(|| status(message).to_string()),
         |code| code == "200",
         &finished,
     );
     let calls = async {
         for call in 0..BURST_CALLS {
-            let request = invite(
-                edge.addr,
-                proxy,
-                &format!("z9hG4bKo{call}"),
-                &format!("o{call}"),
-            );
-            edge.send(&request, proxy).await;
+            let request = burst_invite(&rig.edge, rig.proxy, "o", call);
+            rig.edge.send(&request, rig.proxy).await;
             pace(call, &finished).await;
         }
     };
@@ -745,37 +748,29 @@ async fn a_calls_back_to_back_answers_reach_the_edge_in_the_order_the_core_sent_
         // Each call's INVITE answered once, whatever the proxy retransmitted meanwhile.
         let mut answered = std::collections::HashSet::new();
         while answered.len() < BURST_CALLS {
-            let (request, from) = common::raw::next_request(&core, rsip::Method::Invite).await;
+            let (request, from) = common::raw::next_request(&rig.core, rsip::Method::Invite).await;
             if !answered.insert(header_values(&request, "Call-ID")[0].clone()) {
                 continue;
             }
             for (code, reason) in [(180, "Ringing"), (183, "Session Progress"), (200, "OK")] {
                 let answer = common::raw::answer(&request, code, reason, "core-tag");
-                core.send(&answer, from).await;
+                rig.core.send(&answer, from).await;
             }
         }
     };
     let (seen, (), ()) = tokio::join!(at_edge, calls, answers);
-    assert_eq!(seen.len(), BURST_CALLS);
-    for (call, codes) in seen {
-        assert_eq!(codes, ["180", "183", "200"], "{call}");
-    }
-    sidecar.stop().await;
+    every_call_saw(seen, &["180", "183", "200"]);
+    rig.sidecar.stop().await;
 }
 
 #[tokio::test]
 async fn a_cancel_right_behind_its_invite_finds_the_invite() {
     // Were the CANCEL handled before its INVITE, it would find no transaction (481)
     // and the INVITE would ring on.
-    let Rig {
-        core: _core,
-        sidecar,
-        edge,
-        proxy,
-    } = Rig::start("").await;
+    let rig = Rig::start("").await;
     let finished = std::cell::Cell::new(0);
     let at_edge = per_call(
-        &edge,
+        &rig.edge,
         |message| {
             let cseq = header_values(message, "CSeq")[0].clone();
             cseq.ends_with("CANCEL")
@@ -786,24 +781,15 @@ async fn a_cancel_right_behind_its_invite_finds_the_invite() {
     );
     let calls = async {
         for call in 0..BURST_CALLS {
-            let request = invite(
-                edge.addr,
-                proxy,
-                &format!("z9hG4bKc{call}"),
-                &format!("c{call}"),
-            );
-            let cancel = request
-                .replacen("INVITE sip", "CANCEL sip", 1)
-                .replace("1 INVITE", "1 CANCEL");
-            edge.send(&request, proxy).await;
-            edge.send(&cancel, proxy).await;
+            let request = burst_invite(&rig.edge, rig.proxy, "c", call);
+            rig.edge.send(&request, rig.proxy).await;
+            rig.edge
+                .send(&common::raw::as_cancel(&request), rig.proxy)
+                .await;
             pace(call, &finished).await;
         }
     };
     let (seen, ()) = tokio::join!(at_edge, calls);
-    assert_eq!(seen.len(), BURST_CALLS);
-    for (call, codes) in seen {
-        assert_eq!(codes, ["200"], "{call}");
-    }
-    sidecar.stop().await;
+    every_call_saw(seen, &["200"]);
+    rig.sidecar.stop().await;
 }

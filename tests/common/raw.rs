@@ -254,6 +254,13 @@ pub fn as_ack(invite: &str) -> String {
         .replace("1 INVITE", "1 ACK")
 }
 
+/// The text of an [`invite`] turned into the CANCEL of the same transaction.
+pub fn as_cancel(invite: &str) -> String {
+    invite
+        .replacen("INVITE sip", "CANCEL sip", 1)
+        .replace("1 INVITE", "1 CANCEL")
+}
+
 /// The branch of a message's top Via.
 pub fn top_branch(message: &SipMessage) -> String {
     message::top_via(rsip::message::HasHeaders::headers(message))
